@@ -1,0 +1,64 @@
+"""Exception types shared by the whole package.
+
+Every error carries what was given and what is allowed, so that the API layer
+(the only place that maps errors to HTTP codes) can answer with a useful message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MatryoshkaError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(MatryoshkaError, ValueError):
+    """A setting or argument is invalid: `given` is what came in, `allowed` what would be accepted."""
+
+    def __init__(self, what: str, given: Any, allowed: Any):
+        self.what, self.given, self.allowed = what, given, allowed
+        super().__init__(f"invalid {what}: got {given!r}, allowed: {allowed}")
+
+
+class InvalidRankError(ConfigError):
+    """A rank outside what an adapter offers."""
+
+    def __init__(self, given: Any, allowed: Any, adapter: str | None = None):
+        self.adapter = adapter
+        what = f"rank for adapter {adapter!r}" if adapter else "rank"
+        super().__init__(what, given, allowed)
+
+
+class ModelNotFoundError(MatryoshkaError, FileNotFoundError):
+    """The base model is missing (not installed, or the directory holds no model)."""
+
+
+class AdapterFormatError(MatryoshkaError, ValueError):
+    """An adapter directory is missing, corrupt, or does not match its manifest."""
+
+
+class BaseModelMismatchError(AdapterFormatError):
+    """An adapter was trained on another base model than the one it is loaded onto."""
+
+    def __init__(self, adapter: str, expected: str, actual: str):
+        self.adapter, self.expected, self.actual = adapter, expected, actual
+        super().__init__(
+            f"adapter {adapter!r} was trained on base model fingerprint {expected}, "
+            f"but the loaded base model has fingerprint {actual}"
+        )
+
+
+class TargetModuleError(ConfigError):
+    """A LoRA target name matched no module of the model."""
+
+
+class UnknownAdapterError(MatryoshkaError, KeyError):
+    """A request named an adapter that is not loaded."""
+
+    def __init__(self, given: str, allowed: list[str]):
+        self.given, self.allowed = given, allowed
+        super().__init__(f"unknown adapter {given!r}; loaded adapters: {allowed}")
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return self.args[0]
