@@ -62,3 +62,20 @@ class UnknownAdapterError(MatryoshkaError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return self.args[0]
+
+
+class QueueFullError(MatryoshkaError):
+    """The engine's waiting queue is full (the server answers 503); `limit` is its length."""
+
+    def __init__(self, limit: int, what: str = "the engine's waiting queue is full"):
+        self.limit = limit
+        super().__init__(f"{what} ({limit} requests waiting); retry later")
+
+
+class EngineStoppedError(QueueFullError):
+    """The engine is shutting down (or not started) and admits no new request."""
+
+    def __init__(self, state: str = "shutting down"):
+        self.state = state
+        MatryoshkaError.__init__(self, f"the engine is {state} and admits no new request")
+        self.limit = 0

@@ -82,6 +82,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(tmp)
     if gguf_model.generation_config is not None:
         gguf_model.generation_config.save_pretrained(tmp)
+    for path in tmp.iterdir():  # safetensors writes 0600; a server running as another user must read it
+        path.chmod(0o644)
     if out_dir.exists():
         import shutil
 

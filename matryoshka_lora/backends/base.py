@@ -25,6 +25,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class GenerationRequest:
     adapter: str | None = None  # None = base model
     rank: int | None = None
     latency_budget_ms: float | None = None
+    max_rank: int | None = None  # the tenant's cap: a budget never picks a rank above it
     tenant: str = "default"  # for fair share between tenants
 
 

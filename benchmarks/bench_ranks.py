@@ -1,0 +1,194 @@
+"""Throughput and latency of the native engine per rank, against transformers peers, in one run.
+
+Workload: N requests (fixed chat prompts), M output tokens each, greedy, EOS ignored, all enqueued at
+once. Rows: our engine at base, ranks 1, 8, 32, r_max and a mixed-rank / mixed-adapter batch; then
+transformers static-batch `generate` (base, and an unmerged PEFT adapter at r_max) and transformers
+continuous batching `generate_batch` (base). Adapters: random A and non-zero B at r_max 64 on the
+default model (or the adapters in --adapters).
+
+    python benchmarks/bench_ranks.py [--quick] [--threads 2] [--skip-peers]
+
+Numbers depend on what else runs on the machine: measure on a quiet one. Engine rows are the best of
+--repeats runs; peers run once (they take longer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("bench_ranks")
+
+PROMPTS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis simply.",
+    "List three prime numbers.", "How do I boil an egg?", "Translate 'good morning' to Spanish.",
+    "What is 17 times 3?", "Name a famous painter.", "Why is the sky blue?", "Give me a synonym for happy.",
+    "What does a CPU do?", "Suggest a name for a cat.", "How many legs does a spider have?",
+    "What is the boiling point of water?", "Describe a rainbow.", "Tell me a fun fact about octopuses.",
+]
+
+
+def encode_prompts(tokenizer, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                            add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def summary(name: str, num_tokens: int, wall: float, latencies: list[float]) -> dict:
+    lat = sorted(latencies)
+    p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
+    return {"name": name, "tok_s": num_tokens / wall, "wall_s": wall, "p50_s": statistics.median(lat), "p95_s": p95}
+
+
+def bench_engine(engine, name: str, prompts, cases, max_tokens: int) -> dict:
+    """cases[i] = (adapter, rank) of request i; all enqueued at once, stepped until idle."""
+    from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    finals = []
+    started = time.perf_counter()
+    for i, (prompt, (adapter, rank)) in enumerate(zip(prompts, cases)):
+        engine.add_request(GenerationRequest(f"{name}-{i}", tuple(prompt), params, adapter, rank),
+                           lambda e: finals.append(e) if e.finished else None)
+    while engine.scheduler.has_work():
+        engine.step()
+    wall = time.perf_counter() - started
+    row = summary(name, sum(e.num_output_tokens for e in finals), wall, [e.total_s for e in finals])
+    log.info("%s: %.1f tok/s", name, row["tok_s"])
+    return row
+
+
+def bench_hf_static(model, tokenizer, name: str, prompts, max_tokens: int) -> dict:
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    config = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    wall = time.perf_counter() - started
+    row = summary(name, (out.shape[1] - width) * len(prompts), wall, [wall] * len(prompts))
+    log.info("%s: %.1f tok/s", name, row["tok_s"])
+    return row
+
+
+def bench_generate_batch(model, name: str, prompts, max_tokens: int) -> dict:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    extra = {}
+    try:  # bound its KV cache: by default it sizes the cache from free memory (tens of GB on CPU)
+        from transformers import ContinuousBatchingConfig
+
+        num_tokens = sum(len(p) + max_tokens for p in prompts)
+        extra["continuous_batching_config"] = ContinuousBatchingConfig(
+            num_blocks=num_tokens // 256 + len(prompts) + 1, max_batch_tokens=512)
+    except ImportError:
+        pass
+    started = time.perf_counter()
+    with torch.no_grad():  # generate_batch updates its own tensors in place: not under inference_mode
+        out = model.generate_batch(inputs=prompts, generation_config=config, **extra)
+    wall = time.perf_counter() - started
+    num = sum(len(o.generated_tokens) for o in out.values())
+    return summary(name, num, wall, [wall] * len(prompts))
+
+
+def make_adapters(model, root: Path, r_max: int) -> list[Path]:
+    from matryoshka_lora.engine.random_adapter import save_random_adapter
+
+    return [save_random_adapter(model, root / name, name, r_max, seed=seed, std=0.02)
+            for seed, name in enumerate(("bench-a", "bench-b"))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 requests x 16 tokens; ranks 1 and r_max only")
+    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--r-max", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per engine workload; the best is reported")
+    parser.add_argument("--adapters", help="a folder of adapters to use instead of random ones")
+    parser.add_argument("--skip-peers", action="store_true", help="only the native engine")
+    parser.add_argument("--model", help="a local HF model directory instead of the default model")
+    parser.add_argument("--random-init", action="store_true",
+                        help="random weights of --model's architecture (timing only, where the weights are absent)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.quick:
+        args.num_requests, args.max_tokens, args.repeats = 8, 16, 1
+    torch.set_num_threads(args.threads)
+
+    from matryoshka_lora.engine.adapter_slots import adapter_dirs
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.engine import LLMEngine
+    from matryoshka_lora.models import load_base_model
+
+    if args.random_init:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = load_base_model(args.model)
+    prompts = encode_prompts(tokenizer, args.num_requests)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
+    paths = adapter_dirs(args.adapters) if args.adapters else make_adapters(model, tmp, args.r_max)
+    engine = LLMEngine(EngineConfig(adapters=[str(p) for p in paths], max_num_seqs=max(args.num_requests, 1),
+                                    max_model_len=min(512, model.config.max_position_embeddings), num_threads=args.threads), hf_model=model, tokenizer=tokenizer)
+    names = engine.adapters.names()
+    first = engine.adapters.get(names[0])
+    r_max = first.r_max
+    bench_engine(engine, "warmup", prompts[:4], [(names[0], r_max)] * 4, 4)
+
+    def best(name, prompts, cases, max_tokens):
+        runs = [bench_engine(engine, name, prompts, cases, max_tokens) for _ in range(max(args.repeats, 1))]
+        return max(runs, key=lambda r: r["tok_s"])
+
+    rows = []
+    n = args.num_requests
+    rank_list = [1, r_max] if args.quick else sorted({1, 8, 32, r_max} & set(range(1, r_max + 1)))
+    rows.append(best("engine base", prompts, [(None, None)] * n, args.max_tokens))
+    for rank in rank_list:
+        rows.append(best(f"engine rank {rank}", prompts, [(names[0], rank)] * n, args.max_tokens))
+    mixed_ranks = [r for r in (1, 8, 32, r_max) if r <= r_max]
+    mixed = [(names[i % len(names)], mixed_ranks[i % len(mixed_ranks)]) for i in range(n)]
+    rows.append(best("engine mixed ranks+adapters", prompts, mixed, args.max_tokens))
+    if not args.skip_peers:
+        rows.append(bench_hf_static(model, tokenizer, "hf generate base", prompts, args.max_tokens))
+        try:
+            from peft import PeftModel
+
+            from matryoshka_lora.adapters.peft_io import export_peft
+
+            peft_dir = export_peft(paths[0], r_max, tmp / "peft")
+            peft_model = PeftModel.from_pretrained(model, str(peft_dir)).eval()
+            rows.append(bench_hf_static(peft_model, tokenizer, f"hf generate peft r{r_max}", prompts, args.max_tokens))
+            model = peft_model.unload()
+        except ImportError as exc:
+            log.warning("PEFT peer skipped: %s", exc)
+        try:
+            rows.append(bench_generate_batch(model, "hf generate_batch base", prompts, args.max_tokens))
+        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:  # its API moves between versions
+            log.warning("generate_batch failed: %s", exc)
+    print(f"\n{n} requests x {args.max_tokens} tokens, greedy, {args.threads} threads, r_max {r_max}")
+    print(f"{'workload':32s} {'tok/s':>8s} {'wall s':>8s} {'p50 s':>8s} {'p95 s':>8s}")
+    for r in rows:
+        print(f"{r['name']:32s} {r['tok_s']:8.1f} {r['wall_s']:8.2f} {r['p50_s']:8.2f} {r['p95_s']:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Loaded adapters, their weights stored once at r_max in the engine's fused layout.
+
+Each adapter occupies a slot 0..max_adapters-1. For every layer and fused group
+(qkv = q,k,v; o; gate_up = gate,up; down) the table holds one `FusedLoRA` per slot, or None where
+the adapter does not target that group. A rank is never a copy: a request at rank r reads the first
+k * r columns of A and rows of B (see lora_ops.FusedLoRA).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from matryoshka_lora.adapters.store import MANIFEST_FILE
+from matryoshka_lora.engine.lora_ops import FusedLoRA
+from matryoshka_lora.engine.weights import ModelSpec
+from matryoshka_lora.errors import AdapterFormatError, ConfigError, InvalidRankError
+
+log = logging.getLogger(__name__)
+
+GROUP_MEMBERS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+GROUPS = tuple(GROUP_MEMBERS)
+SUPPORTED_TARGETS = tuple(m for members in GROUP_MEMBERS.values() for m in members)
+_PATH = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+
+
+@dataclass(frozen=True)
+class SlotEntry:
+    """What the engine keeps about one loaded adapter besides its weights."""
+
+    name: str
+    slot: int
+    r_max: int
+    train_ranks: tuple[int, ...]
+    scaling: str
+    alpha: float
+    path: str
+    manifest: object  # the core's AdapterManifest
+
+    def check_rank(self, rank: int) -> None:
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.r_max:
+            raise InvalidRankError(rank, f"1..{self.r_max}", adapter=self.name)
+
+    def scale(self, rank: int) -> float:
+        """alpha * s_rank, the factor of the rank-r delta."""
+        from matryoshka_lora.adapters.p import rank_scale
+
+        return self.alpha * rank_scale(rank, self.scaling)
+
+
+def member_columns(spec: ModelSpec, group: str) -> dict[str, tuple[int, int]]:
+    """Output column range of each member inside the fused group's output."""
+    out, start = {}, 0
+    for member in GROUP_MEMBERS[group]:
+        width = spec.module_shape(member)[1]
+        out[member], start = (start, start + width), start + width
+    return out
+
+
+def fuse_group(spec: ModelSpec, group: str, members: dict[str, tuple[torch.Tensor, torch.Tensor]], r_max: int) -> FusedLoRA:
+    """Interleave the present members' A columns and place their B rows block-wise (see FusedLoRA)."""
+    present = [m for m in GROUP_MEMBERS[group] if m in members]
+    k = len(present)
+    cols = member_columns(spec, group)
+    in_features = spec.module_shape(present[0])[0]
+    out_features = max(c[1] for c in cols.values())
+    lora_A = torch.empty(in_features, k * r_max)
+    lora_B = torch.zeros(k * r_max, out_features)
+    for m, name in enumerate(present):
+        a, b = members[name]
+        lora_A[:, m::k] = a
+        c0, c1 = cols[name]
+        lora_B[m::k, c0:c1] = b
+    return FusedLoRA(lora_A, lora_B, k)
+
+
+def fuse_adapter(spec: ModelSpec, weights: dict, r_max: int) -> list[dict[str, FusedLoRA]]:
+    """Module path -> (A, B) dict of the core's Adapter -> per layer {group: FusedLoRA}."""
+    per_layer: list[dict[str, dict]] = [{} for _ in range(spec.num_layers)]
+    for path, (lora_A, lora_B) in weights.items():
+        match = _PATH.search(path)
+        if match is None or match.group(2) not in SUPPORTED_TARGETS:
+            raise ConfigError("adapter target module", path, f"layers.N.(self_attn|mlp).{{{','.join(SUPPORTED_TARGETS)}}}")
+        layer, name = int(match.group(1)), match.group(2)
+        if layer >= spec.num_layers:
+            raise AdapterFormatError(f"adapter module {path!r}: layer {layer} >= the model's {spec.num_layers} layers")
+        in_f, out_f = spec.module_shape(name)
+        if tuple(lora_A.shape) != (in_f, r_max) or tuple(lora_B.shape) != (r_max, out_f):
+            raise AdapterFormatError(
+                f"adapter module {path!r}: got A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}; "
+                f"the model needs A ({in_f}, {r_max}), B ({r_max}, {out_f})"
+            )
+        group = next(g for g, ms in GROUP_MEMBERS.items() if name in ms)
+        per_layer[layer].setdefault(group, {})[name] = (lora_A.float(), lora_B.float())
+    return [{g: fuse_group(spec, g, members, r_max) for g, members in layer.items()} for layer in per_layer]
+
+
+class AdapterSlots:
+    """Slot table of loaded adapters. Mutated only by the engine thread (install/remove)."""
+
+    def __init__(self, spec: ModelSpec, max_adapters: int):
+        self.spec, self.max_adapters = spec, max_adapters
+        self.table: list[dict[str, list[FusedLoRA | None]]] = [
+            {g: [None] * max_adapters for g in GROUPS} for _ in range(spec.num_layers)
+        ]
+        self.entries: dict[str, SlotEntry] = {}
+        self._free = list(range(max_adapters))
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def get(self, name: str) -> SlotEntry | None:
+        return self.entries.get(name)
+
+    def by_slot(self, slot: int) -> SlotEntry:
+        return next(e for e in self.entries.values() if e.slot == slot)
+
+    def install(self, name: str, manifest, path: str, fused: list[dict[str, FusedLoRA]]) -> SlotEntry:
+        """Put prepared weights (from fuse_adapter) into the lowest free slot under `name`.
+
+        `manifest` is the core's AdapterManifest (or anything with r_max, train_ranks, scaling, alpha)."""
+        if name in self.entries:
+            raise ConfigError("adapter name to install", name, "a name not loaded (unregister the old one first)")
+        if not self._free:
+            raise ConfigError("number of loaded adapters", self.max_adapters + 1, f"at most max_adapters={self.max_adapters}")
+        slot = heapq.heappop(self._free)
+        m = manifest
+        entry = SlotEntry(name, slot, int(m.r_max), tuple(m.train_ranks), m.scaling, float(m.alpha), str(path), m)
+        for layer, groups in zip(self.table, fused):
+            for group in GROUPS:
+                layer[group][slot] = groups.get(group)
+        self.entries[name] = entry
+        log.info("adapter %r in slot %d (r_max %d, scaling %s)", name, slot, entry.r_max, entry.scaling)
+        return entry
+
+    def unregister(self, name: str) -> SlotEntry:
+        """Forget the name (new requests can no longer use it); its slot stays until `free_slot`."""
+        return self.entries.pop(name)
+
+    def free_slot(self, slot: int) -> None:
+        """Drop the weights of a slot no sequence uses any more and make it available."""
+        for layer in self.table:
+            for group in GROUPS:
+                layer[group][slot] = None
+        heapq.heappush(self._free, slot)
+        log.info("adapter slot %d freed", slot)
+
+
+def adapter_dirs(path: str | os.PathLike) -> list[Path]:
+    """An adapter directory (it holds manifest.json) -> [it]; a folder of adapter directories -> each of them."""
+    path = Path(path).expanduser()
+    if (path / MANIFEST_FILE).is_file():
+        return [path]
+    found = sorted(p for p in path.iterdir() if (p / MANIFEST_FILE).is_file()) if path.is_dir() else []
+    if not found:
+        raise AdapterFormatError(f"{path} holds no adapter: no {MANIFEST_FILE} in it or in its subdirectories")
+    return found
+
+
+def random_fused_adapter(spec: ModelSpec, r_max: int, seed: int = 0) -> list[dict[str, FusedLoRA]]:
+    """Random weights on every target at r_max, in the fused layout (for warm-up timing only)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(spec.num_layers):
+        layer = {}
+        for group, members in GROUP_MEMBERS.items():
+            weights = {}
+            for m in members:
+                i, o = spec.module_shape(m)
+                weights[m] = (torch.randn(i, r_max, generator=gen) * i**-0.5, torch.randn(r_max, o, generator=gen) * 1e-3)
+            layer[group] = fuse_group(spec, group, weights, r_max)
+        out.append(layer)
+    return out

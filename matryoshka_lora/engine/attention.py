@@ -1,0 +1,109 @@
+"""Attention over the slot KV cache for a flat token batch, and its per-step metadata.
+
+A step's tokens are rows of one [T, ...] batch. Each row belongs either to a prefill chunk (a run of
+consecutive prompt tokens of one sequence) or is the single decode token of a running sequence.
+
+    prefill chunk (slot s, positions p..p+n-1):
+        out[i] = softmax(q[i] . K[s, :p+i+1]^T / sqrt(d)) V[s, :p+i+1]      (causal)
+    decode token of slot s at position p:
+        out = softmax(q . K[s, :p+1]^T / sqrt(d)) V[s, :p+1]
+All decode tokens are done in one batched matmul over the slot range [lo, hi) as cache views; the
+rows of slots in that range that are not decoding are computed on a dummy mask and dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from matryoshka_lora.engine.kv_cache import KVCache
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    start: int  # first token row in the batch
+    end: int  # one past the last row
+    slot: int
+    position: int  # position of the first token in its sequence
+
+
+@dataclass
+class DecodeMeta:
+    rows: torch.Tensor  # [B] token rows of the decode tokens
+    offsets: torch.Tensor  # [B] slot - lo for each decode row
+    lo: int
+    hi: int
+    length: int  # max context length among decoding sequences (incl. the new token)
+    mask: torch.Tensor  # [hi - lo, 1, 1, length] additive: 0 where attended, -inf elsewhere
+
+
+@dataclass
+class AttentionMeta:
+    positions: torch.Tensor  # [T]
+    cache_rows: torch.Tensor  # [T] slot * max_model_len + position
+    cos: torch.Tensor  # [T, 1, head_dim]
+    sin: torch.Tensor
+    prefills: list[PrefillChunk]
+    decode: DecodeMeta | None
+    sample_rows: torch.Tensor  # [N] rows whose logits are needed
+
+
+def build_decode_meta(rows: list[int], slots: list[int], lengths: list[int]) -> DecodeMeta:
+    """Decode metadata for tokens at batch `rows`, in `slots`, each attending to `lengths[i]` positions."""
+    lo, hi, length = min(slots), max(slots) + 1, max(lengths)
+    mask = torch.full((hi - lo, 1, 1, length), NEG_INF)
+    mask[:, :, :, 0] = 0.0  # rows of non-decoding slots: attend to position 0 only, result dropped
+    for slot, n in zip(slots, lengths):
+        mask[slot - lo, :, :, :n] = 0.0
+    offsets = torch.tensor([s - lo for s in slots], dtype=torch.long)
+    return DecodeMeta(torch.tensor(rows, dtype=torch.long), offsets, lo, hi, length, mask)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: int) -> torch.Tensor:
+    """q [n, heads, d]; k, v [position + n, kv_heads, d] -> [n, heads, d], causal with offset `position`."""
+    n, ctx = q.shape[0], k.shape[0]
+    qt, kt, vt = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+    if position == 0:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    else:
+        mask = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=position)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:
+    """q [B, heads, d] of the decode rows; k, v [hi - lo, kv_heads, length, d] cache views -> [B, heads, d].
+
+    GQA without repeating K/V: the `heads // kv_heads` query heads sharing a KV head become extra query
+    rows of that head, so one batched matmul serves them all.
+    """
+    num_slots, kv_heads, _, d = k.shape
+    group = q.shape[1] // kv_heads
+    qs = q.new_zeros(num_slots, kv_heads * group, d)
+    qs.index_copy_(0, meta.offsets, q)
+    qs = qs.view(num_slots, kv_heads, group, d)
+    scores = torch.matmul(qs, k.transpose(-1, -2)).mul_(d**-0.5).add_(meta.mask)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v).view(num_slots, kv_heads * group, d)
+    return out.index_select(0, meta.offsets)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache) -> torch.Tensor:
+    """Write this step's k, v into the cache, then attend every row. q [T, heads, d] -> [T, heads, d]."""
+    kv.write(layer, meta.cache_rows, k, v)
+    out = torch.empty_like(q)
+    for c in meta.prefills:
+        if c.position == 0:
+            out[c.start:c.end] = prefill_attention(q[c.start:c.end], k[c.start:c.end], v[c.start:c.end], 0)
+        else:
+            kc, vc = kv.seq_view(layer, c.slot, c.position + c.end - c.start)
+            out[c.start:c.end] = prefill_attention(q[c.start:c.end], kc, vc, c.position)
+    if meta.decode is not None:
+        d = meta.decode
+        kc, vc = kv.range_view(layer, d.lo, d.hi, d.length)
+        out.index_copy_(0, d.rows, decode_attention(q.index_select(0, d.rows), kc, vc, d))
+    return out

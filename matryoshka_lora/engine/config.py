@@ -1,0 +1,56 @@
+"""EngineConfig: every knob of the native engine, validated once where it enters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from matryoshka_lora.errors import ConfigError
+
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one engine instance.
+
+    model: a local Hugging Face directory, or None for the embedded default model.
+    adapters: adapter directories; a directory holding several adapter subdirectories loads each.
+    max_num_seqs: sequences running at once (= KV cache slots).
+    max_model_len: prompt + output tokens per sequence; None = min(2048, the model's maximum).
+    max_num_batched_tokens: tokens per forward step (decode tokens + prefill chunks).
+    max_queue_len: waiting requests before `generate` raises QueueFullError.
+    max_adapters: adapters loaded at once.
+    num_threads: torch intra-op threads; None leaves torch's default.
+    seed: seeds the sampler of requests that carry no seed.
+    warmup: run the warm-up and cost-model calibration at start.
+    """
+
+    model: str | None = None
+    adapters: list[str] = field(default_factory=list)
+    max_num_seqs: int = 32
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 512
+    max_queue_len: int = 1024
+    max_adapters: int = 16
+    num_threads: int | None = None
+    seed: int = 0
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        self.adapters = [str(a) for a in self.adapters]
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue_len", "max_adapters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(name, value, "an integer >= 1")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ConfigError("max_model_len", self.max_model_len, "None or an integer >= 2")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ConfigError("num_threads", self.num_threads, "None or an integer >= 1")
+
+    def resolve_max_model_len(self, model_max: int) -> int:
+        """The effective max_model_len: the configured one (refused above the model's), else min(2048, model's)."""
+        if self.max_model_len is None:
+            return min(DEFAULT_MAX_MODEL_LEN, model_max)
+        if self.max_model_len > model_max:
+            raise ConfigError("max_model_len", self.max_model_len, f"<= the model's max_position_embeddings {model_max}")
+        return self.max_model_len

@@ -1,0 +1,299 @@
+"""The engine: owns the model, the KV cache and the adapters; one loop thread runs steps while there is work.
+
+Other threads only call `add_request`, `abort`, `load_adapter`, `unload_adapter`, `stats` and
+`shutdown`; each takes the engine lock briefly. The loop thread alone runs the model:
+
+    while running:
+        wait until there is work
+        with lock: apply aborts; work = scheduler.schedule()
+        logits = model_runner.execute(work)            # outside the lock
+        tokens = sample(logits); detokenise; stop checks; emit events
+        with lock: remove finished sequences (their KV slots and adapter references)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from matryoshka_lora.backends.base import (
+    EngineStats,
+    GenerationRequest,
+)
+from matryoshka_lora.engine.adapter_slots import (
+    AdapterSlots,
+    SlotEntry,
+    adapter_dirs,
+    fuse_adapter,
+)
+from matryoshka_lora.engine.config import EngineConfig
+from matryoshka_lora.engine.cost_model import CostModel, StepFeatures
+from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
+from matryoshka_lora.engine.kv_cache import KVCache
+from matryoshka_lora.engine.model_runner import BASE_SLOT, ModelRunner, StepItem
+from matryoshka_lora.engine.rank_policy import resolve_rank
+from matryoshka_lora.engine.sampler import sample
+from matryoshka_lora.engine.scheduler import Scheduler
+from matryoshka_lora.engine.sequence import Sequence
+from matryoshka_lora.engine.weights import fuse_weights
+from matryoshka_lora.errors import ConfigError, EngineStoppedError
+
+log = logging.getLogger(__name__)
+
+
+def eos_token_ids(hf_model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_model, "generation_config", None), hf_model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+    return frozenset(ids)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, hf_model=None, tokenizer=None):
+        from matryoshka_lora.models import load_base_model, model_fingerprint, model_id
+
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        if hf_model is None:
+            hf_model, tokenizer = load_base_model(config.model)
+        self.tokenizer = tokenizer
+        self.model_name = model_id(hf_model)
+        self.weights = fuse_weights(hf_model)
+        self.fingerprint = model_fingerprint(hf_model)
+        self.eos_ids = eos_token_ids(hf_model, tokenizer)
+        self.max_model_len = config.resolve_max_model_len(self.weights.spec.max_position_embeddings)
+        self.kv = KVCache(self.weights.spec, config.max_num_seqs, self.max_model_len)
+        self.adapters = AdapterSlots(self.weights.spec, config.max_adapters)
+        self.runner = ModelRunner(self.weights, self.kv, self.adapters.table)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len)
+        self.cost_model = CostModel()
+        self.lock = threading.Condition()
+        self._seqs: dict[int, Sequence] = {}
+        self._aborts: set[int] = set()
+        self._slot_users: dict[int, int] = {}  # adapter slot -> sequences holding it
+        self._retired: set[int] = set()  # adapter slots unloaded/replaced, freed when unused
+        self._next_id = 0
+        self._admitting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.num_steps = 0
+        for path in config.adapters:
+            for directory in adapter_dirs(path):
+                self.load_adapter(str(directory))
+
+    # --- adapters -------------------------------------------------------------------------------
+    def load_adapter(self, path: str, name: str | None = None) -> SlotEntry:
+        """Load (or replace) an adapter; requests running on a replaced one finish on its old weights."""
+        from matryoshka_lora.adapters.store import load_adapter
+
+        adapter = load_adapter(path, base_fingerprint=self.fingerprint)
+        name = name or adapter.manifest.name
+        fused = fuse_adapter(self.weights.spec, adapter.weights, adapter.manifest.r_max)  # heavy part, no lock
+        with self.lock:
+            if name in self.adapters.entries:
+                self._retire(self.adapters.unregister(name))
+            return self.adapters.install(name, adapter.manifest, str(path), fused)
+
+    def unload_adapter(self, name: str) -> None:
+        """Refuse new requests on it at once; its slot is freed when its last sequence finishes."""
+        from matryoshka_lora.errors import UnknownAdapterError
+
+        with self.lock:
+            if name not in self.adapters.entries:
+                raise UnknownAdapterError(name, self.adapters.names())
+            self._retire(self.adapters.unregister(name))
+
+    def _retire(self, entry: SlotEntry) -> None:
+        self._retired.add(entry.slot)
+        self._release_slots()
+
+    def _release_slots(self) -> None:
+        for slot in [s for s in self._retired if self._slot_users.get(s, 0) == 0]:
+            self._retired.discard(slot)
+            self.adapters.free_slot(slot)
+
+    # --- requests -------------------------------------------------------------------------------
+    def add_request(self, request: GenerationRequest, emit) -> int:
+        """Validate, choose the rank, enqueue. Raises before enqueueing; returns the sequence key."""
+        params = request.sampling
+        n = len(request.prompt_token_ids)
+        if n == 0 or n >= self.max_model_len:
+            raise ConfigError("prompt length", n, f"1..{self.max_model_len - 1} tokens (max_model_len {self.max_model_len})")
+        if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
+            raise ConfigError("max_tokens", params.max_tokens, "an integer >= 1")
+        with self.lock:
+            if not self._admitting:
+                raise EngineStoppedError()
+            choice = resolve_rank(request, self.adapters, self.cost_model, self.scheduler, self.max_model_len)
+            entry = choice.entry
+            generator = None
+            if params.temperature > 0:
+                seed = params.seed if params.seed is not None else self.config.seed + self._next_id
+                generator = torch.Generator().manual_seed(seed)
+            seq = Sequence(
+                request=request, emit=emit, adapter=entry.name if entry else None,
+                adapter_slot=entry.slot if entry else BASE_SLOT, rank=choice.rank,
+                scale=entry.scale(choice.rank) if entry else 0.0, rank_reason=choice.reason,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids),
+                stop_filter=StopStringFilter(params.stop), generator=generator,
+                max_len=min(self.max_model_len, n + params.max_tokens), predicted_latency_s=choice.predicted_s,
+            )
+            self.scheduler.add(seq)  # may raise QueueFullError
+            key, self._next_id = self._next_id, self._next_id + 1
+            self._seqs[key] = seq
+            seq.key = key
+            if entry:
+                self._slot_users[entry.slot] = self._slot_users.get(entry.slot, 0) + 1
+            self.lock.notify()
+        return key
+
+    def abort(self, key: int) -> None:
+        """Abort a request (its consumer went away); the loop frees its slot before the next step."""
+        with self.lock:
+            if key in self._seqs:
+                self._aborts.add(key)
+                self.lock.notify()
+
+    def _finish(self, seq: Sequence) -> None:
+        """Under the lock: drop the sequence, its KV slot and its adapter reference."""
+        self.scheduler.remove(seq)
+        self._seqs.pop(seq.key, None)
+        if seq.adapter_slot != BASE_SLOT:
+            self._slot_users[seq.adapter_slot] -= 1
+            self._release_slots()
+
+    def _apply_aborts(self) -> None:
+        for key in self._aborts:
+            seq = self._seqs.get(key)
+            if seq is not None:
+                seq.finish_reason = "abort"
+                self._finish(seq)
+                seq.emit(seq.finished_event())
+        self._aborts.clear()
+
+    # --- the step -------------------------------------------------------------------------------
+    def step(self) -> int:
+        """Run one forward over the scheduled work; returns the number of tokens computed."""
+        with self.lock:
+            self._apply_aborts()
+            work = self.scheduler.schedule()
+        if not work:
+            return 0
+        items = [
+            StepItem(s.token_ids[s.num_computed : s.num_computed + n], s.kv_slot, s.num_computed,
+                     s.num_computed + n == len(s.token_ids), s.adapter_slot, s.rank, s.scale)
+            for s, n in work
+        ]
+        started = time.perf_counter()
+        idx, logits = self.runner.execute(items)
+        for s, n in work:
+            s.num_computed += n
+        sampled = [work[i][0] for i in idx]
+        tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
+        self.cost_model.observe(step_features(items), time.perf_counter() - started)
+        self.num_steps += 1
+        done = [s for s, t in zip(sampled, tokens) if self._append_token(s, t)]
+        with self.lock:
+            for s in done:
+                if s.key in self._seqs:
+                    self._finish(s)
+            self._apply_aborts()
+        return sum(n for _, n in work)
+
+    def _append_token(self, seq: Sequence, token: int) -> bool:
+        """Record a sampled token and emit its event; True when the sequence finished."""
+        seq.token_ids.append(token)
+        if seq.first_token_t is None:
+            seq.first_token_t = time.perf_counter()
+        params = seq.request.sampling
+        finish, text = None, ""
+        if token in self.eos_ids and not getattr(params, "ignore_eos", False):
+            finish = "stop"
+            text = seq.stop_filter.flush()
+        else:
+            text, hit = seq.stop_filter.push(seq.detokenizer.step(token))
+            if hit:
+                finish = "stop"
+            elif len(seq.token_ids) >= seq.max_len:
+                finish = "length"
+                text += seq.stop_filter.flush()
+        if finish is None:
+            seq.emit(seq.event(text, [token]))
+            return False
+        seq.finish_reason = finish
+        seq.emit(seq.finished_event(text, [token]))
+        return True
+
+    # --- the loop -------------------------------------------------------------------------------
+    def start_loop(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="matryoshka-engine", daemon=True)
+        self._thread.start()
+
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self._stop and not self.scheduler.has_work() and not self._aborts:
+                    self.lock.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # never let one bad step kill the engine silently
+                log.exception("engine step failed")
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _fail_all(self, error: str) -> None:
+        with self.lock:
+            for seq in list(self._seqs.values()):
+                seq.finish_reason = "error"
+                self._finish(seq)
+                seq.emit(seq.finished_event(error=error))
+
+    def shutdown(self, drain_timeout_s: float) -> None:
+        """Stop admitting, let in-flight requests finish up to the timeout, abort the rest, stop the loop."""
+        deadline = time.monotonic() + max(drain_timeout_s, 0.0)
+        with self.lock:
+            self._admitting = False
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.scheduler.has_work():
+                    break
+            time.sleep(0.01)
+        with self.lock:
+            self._aborts.update(self._seqs)
+            self._apply_aborts()
+            self._stop = True
+            self.lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def stats(self) -> EngineStats:
+        with self.lock:
+            running = self.scheduler.running
+            waiting = self.scheduler.waiting_seqs()
+            return EngineStats(
+                num_running=len(running),
+                num_waiting=len(waiting),
+                kv_cache_usage=self.kv.usage(),
+                max_num_seqs=self.config.max_num_seqs,
+                running_adapters=tuple(sorted({s.adapter for s in running if s.adapter})),
+                waiting_adapters=tuple(sorted({s.adapter for s in waiting if s.adapter})),
+            )
+
+
+def step_features(items: list[StepItem]) -> StepFeatures:
+    """The cost model's features of a step (see cost_model)."""
+    groups = {(it.adapter_slot, it.rank) for it in items if it.rank > 0}
+    return StepFeatures(
+        num_tokens=sum(len(it.token_ids) for it in items),
+        lora_work=sum(len(it.token_ids) * it.rank for it in items),
+        num_segments=len(groups),
+        attn_work=sum(len(it.token_ids) * (it.position + len(it.token_ids)) for it in items),
+        num_sampled=sum(1 for it in items if it.sample),
+    )

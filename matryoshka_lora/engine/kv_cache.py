@@ -1,0 +1,82 @@
+"""A slot-based KV cache: one slot (a full max_model_len row) per running sequence.
+
+    cache: [num_layers, 2 (k, v), max_num_seqs, max_model_len, num_kv_heads, head_dim]
+
+A sequence owns slot s from admission to finish; token at position p of it lives at cache[l, :, s, p].
+Slots are handed out lowest-first, so the running set stays packed at the low end and decode
+attention can read the slot range [lo, hi) as a view instead of gathering rows. The tensor is
+allocated with numpy's calloc-backed `zeros`, whose pages the OS maps lazily on first write: untouched
+slots and positions cost no memory (`torch.zeros` would write, and so commit, every page).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+import torch
+
+from matryoshka_lora.engine.weights import ModelSpec
+from matryoshka_lora.errors import ConfigError
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose memory is committed page by page as it is written (numpy's calloc)."""
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}.get(dtype)
+    if np_dtype is None:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
+
+
+class KVCache:
+    def __init__(self, spec: ModelSpec, max_num_seqs: int, max_model_len: int, dtype: torch.dtype = torch.float32):
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.cache = lazy_zeros(
+            (spec.num_layers, 2, max_num_seqs, max_model_len, spec.num_kv_heads, spec.head_dim), dtype
+        )
+        # Flat row views for writes: row = slot * max_model_len + position.
+        self._flat = [
+            (self.cache[i, 0].view(-1, spec.num_kv_heads, spec.head_dim), self.cache[i, 1].view(-1, spec.num_kv_heads, spec.head_dim))
+            for i in range(spec.num_layers)
+        ]
+        self._free = list(range(max_num_seqs))
+        heapq.heapify(self._free)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_slots(self) -> int:
+        return self.max_num_seqs - len(self._free)
+
+    def usage(self) -> float:
+        """Fraction of slots held by sequences (each slot reserves max_model_len positions)."""
+        return self.num_used_slots / self.max_num_seqs
+
+    def allocate(self) -> int:
+        """Take the lowest free slot."""
+        if not self._free:
+            raise ConfigError("KV cache slot", "none free", f"at most {self.max_num_seqs} running sequences")
+        return heapq.heappop(self._free)
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.max_num_seqs or slot in self._free:
+            raise ConfigError("KV cache slot to free", slot, "a slot currently allocated")
+        heapq.heappush(self._free, slot)
+
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """cache[layer, 0/1].flat[rows[t]] = k[t] / v[t]; rows = slot * max_model_len + position."""
+        k_flat, v_flat = self._flat[layer]
+        k_flat.index_copy_(0, rows, k)
+        v_flat.index_copy_(0, rows, v)
+
+    def seq_view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of one sequence's first `length` positions: [length, kv_heads, head_dim] views."""
+        return self.cache[layer, 0, slot, :length], self.cache[layer, 1, slot, :length]
+
+    def range_view(self, layer: int, lo: int, hi: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of slots [lo, hi), positions [0, length): [hi - lo, kv_heads, length, head_dim] views, no copy."""
+        k = self.cache[layer, 0, lo:hi, :length].permute(0, 2, 1, 3)
+        v = self.cache[layer, 1, lo:hi, :length].permute(0, 2, 1, 3)
+        return k, v

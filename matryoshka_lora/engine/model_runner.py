@@ -1,0 +1,97 @@
+"""Scheduled work of one step -> flat token batch + metadata -> one forward -> logits.
+
+Each `StepItem` is one sequence's share of the step: a prompt chunk (prefill) or its one new token
+(decode). The runner orders items by (adapter slot, rank) so every LoRA group is one contiguous run
+of rows, builds the attention and LoRA metadata once, runs `llama.forward`, and returns the logits of
+the items that sample, in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from matryoshka_lora.engine import llama
+from matryoshka_lora.engine.attention import (
+    AttentionMeta,
+    PrefillChunk,
+    build_decode_meta,
+)
+from matryoshka_lora.engine.kv_cache import KVCache
+from matryoshka_lora.engine.lora_batch import LoRABatch, build_segments
+from matryoshka_lora.engine.lora_ops import FusedLoRA
+from matryoshka_lora.engine.weights import ModelWeights, rope_tables
+
+BASE_SLOT = -1
+
+
+@dataclass(frozen=True)
+class StepItem:
+    token_ids: Sequence[int]  # this step's tokens of the sequence
+    slot: int  # its KV cache slot
+    position: int  # position of token_ids[0] in the sequence
+    sample: bool  # whether the logits at its last token are needed
+    adapter_slot: int = BASE_SLOT
+    rank: int = 0  # 0 = base model
+    scale: float = 0.0  # alpha * s_rank
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor
+    meta: AttentionMeta
+    lora: LoRABatch | None
+    sample_items: list[int]  # item index of each logits row
+    num_tokens: int
+
+
+class ModelRunner:
+    def __init__(self, weights: ModelWeights, kv: KVCache, lora_table: list[dict[str, list[FusedLoRA | None]]] | None = None):
+        self.weights, self.kv, self.lora_table = weights, kv, lora_table
+        self.cos, self.sin = rope_tables(weights, kv.max_model_len)
+
+    def prepare(self, items: list[StepItem]) -> StepBatch:
+        order = sorted(range(len(items)), key=lambda i: (items[i].adapter_slot, items[i].rank))
+        max_len = self.kv.max_model_len
+        input_ids: list[int] = []
+        positions: list[int] = []
+        cache_rows: list[int] = []
+        prefills: list[PrefillChunk] = []
+        dec_rows, dec_slots, dec_lens = [], [], []
+        sample_rows, sample_items, row_groups = [], [], []
+        for i in order:
+            it = items[i]
+            start, n = len(input_ids), len(it.token_ids)
+            input_ids.extend(it.token_ids)
+            pos = range(it.position, it.position + n)
+            positions.extend(pos)
+            cache_rows.extend(it.slot * max_len + p for p in pos)
+            if n == 1:
+                dec_rows.append(start), dec_slots.append(it.slot), dec_lens.append(it.position + 1)
+            else:
+                prefills.append(PrefillChunk(start, start + n, it.slot, it.position))
+            if it.sample:
+                sample_rows.append(start + n - 1), sample_items.append(i)
+            row_groups.append((start, start + n, it.adapter_slot, it.rank, it.scale))
+        pos_t = torch.tensor(positions, dtype=torch.long)
+        meta = AttentionMeta(
+            positions=pos_t,
+            cache_rows=torch.tensor(cache_rows, dtype=torch.long),
+            cos=self.cos.index_select(0, pos_t).unsqueeze(1),
+            sin=self.sin.index_select(0, pos_t).unsqueeze(1),
+            prefills=prefills,
+            decode=build_decode_meta(dec_rows, dec_slots, dec_lens) if dec_rows else None,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long),
+        )
+        segments = build_segments(row_groups)
+        lora = LoRABatch(segments, self.lora_table) if segments and self.lora_table is not None else None
+        return StepBatch(torch.tensor(input_ids, dtype=torch.long), meta, lora, sample_items, len(input_ids))
+
+    @torch.inference_mode()
+    def execute(self, items: list[StepItem]) -> tuple[list[int], torch.Tensor]:
+        """Run one step; returns (item index per logits row, logits [num_sampled, vocab])."""
+        batch = self.prepare(items)
+        logits = llama.forward(self.weights, batch.input_ids, batch.meta, self.kv, batch.lora)
+        return batch.sample_items, logits

@@ -1,0 +1,74 @@
+"""The cost model recovers step-time coefficients and picks ranks as specified."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from matryoshka_lora.engine.cost_model import (
+    CostModel,
+    LoadSnapshot,
+    StepFeatures,
+    nnls,
+)
+
+TRUE = np.array([4e-3, 2e-4, 5e-7, 1e-4, 3e-8, 6e-4])
+
+
+def synthetic(n=60, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        f = StepFeatures(int(rng.integers(1, 256)), int(rng.integers(0, 4096)), int(rng.integers(0, 6)),
+                         int(rng.integers(0, 20000)), int(rng.integers(1, 32)))
+        t = float(f.vector() @ TRUE) * (1 + noise * rng.standard_normal())
+        samples.append((f, t))
+    return samples
+
+
+def test_fit_recovers_coefficients():
+    model = CostModel()
+    model.fit(synthetic())
+    np.testing.assert_allclose(model.coef, TRUE, rtol=1e-6)
+
+
+def test_nnls_never_negative():
+    x = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
+    y = np.array([3.0, 2.0, 1.0])  # decreasing: plain least squares gives a negative slope
+    coef = nnls(x, y)
+    assert (coef >= 0).all() and coef[1] == 0.0
+
+
+def test_online_correction_tracks_a_slower_machine():
+    model = CostModel(ema=0.2)
+    model.fit(synthetic())
+    f = StepFeatures(16, 16 * 8, 1, 16 * 100, 16)
+    for _ in range(60):
+        model.observe(f, 2.0 * float(f.vector() @ TRUE))
+    assert model.predict_step(f) == pytest.approx(2.0 * float(f.vector() @ TRUE), rel=1e-3)
+
+
+def load(num_running=4, num_waiting=0, max_num_seqs=8) -> LoadSnapshot:
+    return LoadSnapshot(num_running, num_waiting, max_num_seqs, lora_work=4 * 8, num_segments=2,
+                        context_sum=4 * 50, mean_remaining=20.0, max_num_batched_tokens=256)
+
+
+def test_latency_grows_with_rank_and_load():
+    model = CostModel(coef=TRUE.copy())
+    ranks = [model.predict_latency(load(), 20, 32, r) for r in (0, 1, 8, 64)]
+    assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
+    assert model.predict_latency(load(num_running=8, num_waiting=8), 20, 32, 8) > model.predict_latency(load(), 20, 32, 8)
+
+
+@pytest.mark.parametrize("budget_factor, expected_rank, met", [
+    (10.0, 64, True),  # generous: the highest candidate
+    (1.0, None, True),  # exactly the rank-8 prediction: rank 8 meets it, 64 does not
+    (0.01, 1, False),  # impossible: the lowest, flagged unmet
+])
+def test_choose_rank(budget_factor, expected_rank, met):
+    model = CostModel(coef=TRUE.copy())
+    snap = load()
+    budget = model.predict_latency(snap, 20, 32, 8) * budget_factor
+    rank, ok, predicted = model.choose_rank(snap, 20, 32, [1, 2, 4, 8, 16, 32, 64], budget)
+    assert rank == (expected_rank or 8) and ok is met
+    assert predicted == pytest.approx(model.predict_latency(snap, 20, 32, rank))
