@@ -36,6 +36,309 @@ def _configure(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="De
 # --- subcommands are added below, one block each -------------------------------------------------
 
 
+# --- export / import / demo (issue 2) -------------------------------------------------------------
+
+
+@app.command("export")
+def export_(
+    adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory (manifest.json + adapter.safetensors).")],
+    rank: Annotated[int, typer.Option("--rank", help="The rank R of the slice to export (1..r_max).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for the PEFT adapter.")],
+) -> None:
+    """Export the rank-R slice of an adapter as a standard PEFT LoRA adapter (for PEFT, vLLM, ...).
+
+    The first R columns of A and rows of B are written with PEFT key names; lora_alpha is set so that
+    PEFT's lora_alpha / r equals the adapter's alpha * s_R, so the PEFT model reproduces rank R exactly.
+    """
+    from matryoshka_lora.adapters.peft_io import export_peft
+
+    typer.echo(str(export_peft(adapter_dir, rank, out)))
+
+
+@app.command("import")
+def import_(
+    peft_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory (adapter_config.json + weights).")],
+    out: Annotated[Path, typer.Option("--out", help="Output adapter directory in this project's format.")],
+    model: ModelOpt = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Adapter name; default: the PEFT directory's name.")] = None,
+) -> None:
+    """Import a PEFT LoRA adapter by SVD: every rank-k slice becomes its best rank-k approximation.
+
+    The base model (--model) must be the one the PEFT adapter was trained on; its fingerprint is stored
+    in the manifest. DoRA, bias training, modules_to_save and rank/alpha patterns are refused.
+    """
+    from matryoshka_lora.adapters.peft_io import import_peft
+    from matryoshka_lora.models import load_base_model
+
+    base, _ = load_base_model(model)
+    adapter = import_peft(peft_dir, out, base, name=name)
+    typer.echo(f"{adapter.path} (r_max={adapter.manifest.r_max}, {len(adapter.weights)} modules)")
+
+
+def _rank_list(text: str) -> list[int]:
+    from matryoshka_lora.errors import ConfigError
+
+    try:
+        ranks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ConfigError("--ranks", text, "comma-separated integers, e.g. 1,4,16") from None
+    if not ranks or ranks[0] < 0:
+        raise ConfigError("--ranks", text, "one or more ranks >= 0 (0 = the base model)")
+    return ranks
+
+
+@app.command()
+def demo(
+    model: ModelOpt = None,
+    ranks: Annotated[str, typer.Option("--ranks", help="Comma-separated ranks to generate at (0 = base model).")] = "1,4,16",
+    prompt: Annotated[str, typer.Option("--prompt", help="The user message.")] = "Give me three short tips for learning to cook.",
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory; default: the first shipped one in adapters/ that fits the model.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate per rank.")] = 48,
+) -> None:
+    """Generate greedily from one prompt at several ranks of one Matryoshka adapter.
+
+    Without a shipped adapter for the model, a fresh one (random A, zero B) is attached: it equals the
+    base model at every rank, which the log says.
+    """
+    from matryoshka_lora.adapters import demo as demo_mod
+
+    for rank, text in demo_mod.run_demo(model, _rank_list(ranks), prompt, adapter, max_new_tokens):
+        typer.echo(f"[rank {rank}] {text}")
+
+
+# --- end export / import / demo ------------------------------------------------------------------
+
+
+# --- train / eval (issue 3) ----------------------------------------------------------------------
+
+
+def _int_list(text: str | None, what: str) -> tuple[int, ...] | None:
+    """Parse "1,2,4" into (1, 2, 4); None stays None."""
+    from matryoshka_lora.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(what, text, "comma-separated integers, e.g. 1,2,4,8") from None
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Output adapter directory (checkpoints go to <out>-checkpoints/).")],
+    task: Annotated[Optional[str], typer.Option("--task", help="Built-in task (add3, sort5, caesar, reverse).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help='JSONL of {"prompt","completion"} or {"messages": [...]}.')] = None,
+    method: Annotated[str, typer.Option("--method", help="lora | dylora | matryoshka (only the diagonal p differs).")] = "matryoshka",
+    rank: Annotated[int, typer.Option("--rank", help="r_max: the adapter's largest rank.")] = 32,
+    train_ranks: Annotated[Optional[str], typer.Option("--train-ranks", help="Nested ranks S, e.g. 1,2,4,8; default: powers of two up to r_max.")] = None,
+    scaling: Annotated[str, typer.Option("--scaling", help="Per-rank scale s_r: none | rank (1/r) | sqrt (1/sqrt r).")] = "none",
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (the update is alpha * s_r * x A B).")] = 1.0,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated module names; default: all attention and MLP projections.")] = None,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    epochs: Annotated[float, typer.Option("--epochs")] = 1.0,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps; overrides --epochs.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Per device.")] = 16,
+    grad_accum: Annotated[int, typer.Option("--grad-accum")] = 1,
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Longer records are skipped (counted, logged).")] = 64,
+    num_train: Annotated[int, typer.Option("--num-train", help="Examples drawn from a built-in task.")] = 4000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N optimizer steps.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of --out.")] = False,
+    name: Annotated[Optional[str], typer.Option("--name", help="Adapter name; default: the --out directory's name.")] = None,
+    model: ModelOpt = None,
+) -> None:
+    """Train a LoRA / DyLoRA / Matryoshka adapter (Hugging Face Trainer; works under torchrun / accelerate launch)."""
+    from matryoshka_lora.adapters.inject import DEFAULT_TARGET_MODULES
+    from matryoshka_lora.training.trainer import TrainConfig
+    from matryoshka_lora.training.trainer import train as run_training
+
+    cfg = TrainConfig(
+        out=out, method=method, r_max=rank, train_ranks=_int_list(train_ranks, "--train-ranks"), scaling=scaling,
+        alpha=alpha, target_modules=tuple(t.strip() for t in targets.split(",")) if targets else DEFAULT_TARGET_MODULES,
+        lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        max_seq_len=max_seq_len, num_train=num_train, seed=seed, save_every=save_every, resume=resume,
+        task=task, data=data, model=model, name=name,
+    )
+    run_training(cfg.validate())
+
+
+@app.command("eval")
+def eval_(
+    adapters: Annotated[list[Path], typer.Argument(help="One or more adapter directories.")],
+    task: Annotated[str, typer.Option("--task", help="Built-in task to evaluate on.")],
+    ranks: Annotated[Optional[str], typer.Option("--ranks", help="e.g. 1,2,4,8,16,32; default: each adapter's train ranks.")] = None,
+    num_test: Annotated[int, typer.Option("--num-test", help="Test examples (a fixed, seeded split).")] = 200,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default: the task's.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the result JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the rank-accuracy curves to this PNG.")] = None,
+    no_manifest: Annotated[bool, typer.Option("--no-manifest", help="Do not store the accuracies in the manifests.")] = False,
+    model: ModelOpt = None,
+) -> None:
+    """Accuracy of each adapter at every rank (greedy, exact match), AURAC (log2, linear) and the base model's accuracy."""
+    from matryoshka_lora.training.evaluate import EvalConfig, evaluate, format_table, write_result
+    from matryoshka_lora.training.plots import plot_rank_curves
+
+    cfg = EvalConfig(
+        adapters=tuple(adapters), task=task, ranks=_int_list(ranks, "--ranks"), num_test=num_test,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, model=model, update_manifests=not no_manifest,
+    )
+    result = evaluate(cfg)
+    typer.echo(format_table(result))
+    if out is not None:
+        write_result(result, out)
+    if plot is not None:
+        plot_rank_curves(result, plot)
+
+
+# --- end train / eval ----------------------------------------------------------------------------
+
+
+# --- serve (issue 4) ------------------------------------------------------------------------------
+
+
+def _hash_key_from_stdin() -> None:
+    import sys
+
+    from matryoshka_lora.server.tenants import hash_key
+
+    key = typer.prompt("API key", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    if not key:
+        raise typer.BadParameter("empty API key", param_hint="stdin")
+    typer.echo(hash_key(key))
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind [MATRYOSHKA_HOST; 127.0.0.1]. "
+                                                 "A non-loopback address needs --tenants (or --allow-open).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port [MATRYOSHKA_PORT; 8000].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Local Hugging Face model directory [MATRYOSHKA_MODEL; "
+                                                  "default: the embedded SmolLM2-135M-Instruct].")] = None,
+    adapters: Annotated[Optional[list[Path]], typer.Option("--adapters", help="Adapter directory, or a directory of "
+                        "adapter directories; repeatable [MATRYOSHKA_ADAPTERS, comma-separated; default ./adapters "
+                        "if it exists].")] = None,
+    tenants: Annotated[Optional[Path], typer.Option("--tenants", help="Tenants file, TOML or YAML: API key hashes, "
+                       "allowed adapters, max_rank, rate limits, admin [MATRYOSHKA_TENANTS; none = open server, "
+                       "loopback only]. See deploy/tenants.example.toml.")] = None,
+    allow_open: Annotated[bool, typer.Option("--allow-open", help="Serve without a tenants file on a non-loopback "
+                          "host (no API keys!) [MATRYOSHKA_ALLOW_OPEN].")] = False,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="native (CPU engine) | vllm (GPU) | auto (vllm "
+                       "when importable with CUDA, else native) [MATRYOSHKA_BACKEND; native].")] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option("--max-num-seqs", help="Requests running at once "
+                            "[MATRYOSHKA_MAX_NUM_SEQS; 32].")] = None,
+    max_queue_len: Annotated[Optional[int], typer.Option("--max-queue-len", help="Requests waiting before the server "
+                             "answers 503 [MATRYOSHKA_MAX_QUEUE_LEN; 256].")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", help="Prompt + output tokens per request "
+                             "[MATRYOSHKA_MAX_MODEL_LEN; engine default].")] = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens", help="Longest prompt in tokens; "
+                                 "longer: 413 [MATRYOSHKA_MAX_PROMPT_TOKENS; 2048].")] = None,
+    max_output_tokens: Annotated[Optional[int], typer.Option("--max-output-tokens", help="Largest max_tokens of a "
+                                 "request; larger: 422 [MATRYOSHKA_MAX_OUTPUT_TOKENS; 1024].")] = None,
+    max_body_bytes: Annotated[Optional[int], typer.Option("--max-body-bytes", help="Largest request body; larger: 413 "
+                              "[MATRYOSHKA_MAX_BODY_BYTES; 1048576].")] = None,
+    drain_timeout: Annotated[Optional[float], typer.Option("--drain-timeout", help="Seconds requests in flight may "
+                             "take to finish after SIGTERM [MATRYOSHKA_DRAIN_TIMEOUT_S; 30].")] = None,
+    num_threads: Annotated[Optional[int], typer.Option("--num-threads", help="Torch threads of the engine "
+                           "[MATRYOSHKA_NUM_THREADS; torch default].")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of requests without one [MATRYOSHKA_SEED; 0].")] = None,
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug | info | warning | error "
+                         "[MATRYOSHKA_LOG_LEVEL; info].")] = None,
+    hash_key: Annotated[bool, typer.Option("--hash-key", help="Read an API key from stdin, print its sha256 for the "
+                        "tenants file, and exit (serves nothing).")] = False,
+) -> None:
+    """Serve adapters over HTTP: /generate, OpenAI-compatible /v1/*, admin, /health, /ready, /metrics.
+
+    Flags override MATRYOSHKA_* environment variables. SIGTERM drains requests in flight before exiting.
+    """
+    if hash_key:
+        _hash_key_from_stdin()
+        return
+    from matryoshka_lora.server.run import run_server
+    from matryoshka_lora.server.settings import load_settings
+
+    settings = load_settings(
+        host=host, port=port, model=model, adapters=adapters or None, tenants=tenants, allow_open=allow_open or None,
+        backend=backend, max_num_seqs=max_num_seqs, max_queue_len=max_queue_len, max_model_len=max_model_len,
+        max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens, max_body_bytes=max_body_bytes,
+        drain_timeout_s=drain_timeout, num_threads=num_threads, seed=seed, log_level=log_level,
+    )
+    run_server(settings)
+
+
+# --- end serve -----------------------------------------------------------------------------------
+
+
+# --- loadtest (issue 7) ---------------------------------------------------------------------------
+
+
+def _float_list(text: str | None, what: str) -> tuple[float, ...] | None:
+    from matryoshka_lora.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(what, text, "comma-separated numbers, e.g. 0.5,1,2") from None
+
+
+@app.command()
+def loadtest(
+    scenario: Annotated[str, typer.Argument(help="rank-sweep | mixed | budget | tenants | overload | soak | peers")],
+    url: Annotated[Optional[str], typer.Option("--url", help="A running server; default: start `serve` on a free "
+                                               "127.0.0.1 port (stopped at the end).")] = None,
+    model: ModelOpt = None,
+    adapters: Annotated[Optional[list[Path]], typer.Option("--adapters", help="Adapter directory (or a directory of "
+                        "them) for the server it starts; repeatable. Default: random adapters at --r-max.")] = None,
+    duration: Annotated[Optional[float], typer.Option("--duration", help="Seconds per phase (a rank x users cell, "
+                        "a rate step, ...); default per scenario: see loadtests/README.md.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory; default "
+                   "loadtest-results/SCENARIO-TIME.")] = None,
+    users: Annotated[str, typer.Option("--users", help="Concurrent users (rank-sweep; the largest: mixed, peers).")] = "1,4,16",
+    ranks: Annotated[Optional[str], typer.Option("--ranks", help="Ranks to sweep; default 1,8,32,r_max.")] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Tokens of the fixed prompt.")] = 128,
+    output_tokens: Annotated[int, typer.Option("--output-tokens", help="Tokens generated per request (EOS ignored).")] = 64,
+    max_requests: Annotated[int, typer.Option("--max-requests", help="Most requests per phase.")] = 20_000,
+    num_threads: Annotated[Optional[int], typer.Option("--num-threads", help="Torch threads of the server it "
+                           "starts and of the in-process peers.")] = None,
+    max_queue_len: Annotated[int, typer.Option("--max-queue-len", help="overload: the server's queue bound (passed "
+                             "to the server it starts; give the server's own value with --url).")] = 32,
+    r_max: Annotated[int, typer.Option("--r-max", help="r_max of the random adapters made without --adapters.")] = 64,
+    budget_ms: Annotated[Optional[float], typer.Option("--budget-ms", help="budget: the latency budget; default "
+                         "3 x the unloaded latency at r_max.")] = None,
+    rates: Annotated[Optional[str], typer.Option("--rates", help="budget: offered rates in requests/s; default "
+                     "0.25..1.5 x the rank-1 capacity.")] = None,
+    peers: Annotated[bool, typer.Option("--peers", help="rank-sweep: then run the peers scenario.")] = False,
+    vllm_python: Annotated[Optional[Path], typer.Option("--vllm-python", help="Python of a venv with vLLM "
+                           "(e.g. .venv-vllm/bin/python) for the vLLM peer.")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MATRYOSHKA_API_KEY", help="Bearer key for "
+                       "a --url server with tenants [MATRYOSHKA_API_KEY].")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Load-test the server (Locust + an open-loop generator): latency per rank, the budget-to-rank
+    controller, tenants, overload, soak, peers. Writes OUT/report.md, OUT/result.json and PNG plots;
+    exits 1 if an invariant failed (lost or miscounted requests, 5xx, unbounded queue)."""
+    from matryoshka_lora.loadtest.config import LoadTestConfig, Workload
+    from matryoshka_lora.loadtest.runner import run
+
+    config = LoadTestConfig(
+        scenario=scenario, out=out, url=url, model=model, adapters=adapters or [], duration_s=duration,
+        max_requests=max_requests, workload=Workload(prompt_tokens=prompt_tokens, output_tokens=output_tokens),
+        ranks=_int_list(ranks, "--ranks"), users=_int_list(users, "--users") or (), num_threads=num_threads,
+        max_queue_len=max_queue_len, r_max=r_max, budget_ms=budget_ms, rates=_float_list(rates, "--rates"),
+        peers=peers, vllm_python=vllm_python, api_key=api_key, seed=seed,
+    )
+    result, report_path = run(config)
+    typer.echo(str(report_path))
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+# --- end loadtest --------------------------------------------------------------------------------
+
+
 def main() -> None:
     from matryoshka_lora.errors import MatryoshkaError
 
