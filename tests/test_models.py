@@ -8,7 +8,7 @@ from matryoshka_lora.models import DEFAULT_MODEL_ID, model_fingerprint, model_id
 
 
 def tiny(seed, **overrides):
-    from conftest import tiny_llama_config
+    from tiny_config import tiny_llama_config
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)

@@ -17,7 +17,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def fresh_tiny():
     from transformers import LlamaForCausalLM
 
-    from conftest import tiny_llama_config
+    from tiny_config import tiny_llama_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
@@ -148,7 +148,7 @@ def test_import_refuses_missing_files_and_foreign_modules(tmp_path):
     make_peft_adapter(tmp_path / "peft")
     from transformers import LlamaForCausalLM
 
-    from conftest import tiny_llama_config
+    from tiny_config import tiny_llama_config
 
     one_layer = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1))
     with pytest.raises(AdapterFormatError, match="does not exist"):

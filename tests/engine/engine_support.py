@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tiny_config import tiny_llama_config as tiny_config  # noqa: F401  (re-exported for the engine tests)
+
 from matryoshka_lora.backends.base import (
     GenerationEvent,
     GenerationRequest,
@@ -33,13 +35,3 @@ def tokens(events: list[GenerationEvent]) -> list[int]:
 
 def text(events: list[GenerationEvent]) -> str:
     return "".join(e.text_delta for e in events)
-
-def tiny_config(**overrides):
-    """The tiny Llama config of tests/conftest.py (kept in step with it), for models built in a test."""
-    from transformers import LlamaConfig
-
-    values = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 256, "tie_word_embeddings": True,
-                  "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    values.update(overrides)
-    return LlamaConfig(**values)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from engine_support import request, run, tokens
+
+from .engine_support import request, run, tokens
 
 
 @pytest.mark.slow

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_support import request, run, text, tokens
 
 from matryoshka_lora.errors import InvalidRankError, QueueFullError, UnknownAdapterError
+
+from .engine_support import request, run, text, tokens
 
 CASES = [(None, None), ("alpha", 1), ("alpha", 8), ("beta", 2), ("alpha", 3), ("beta", 4)]
 

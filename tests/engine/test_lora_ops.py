@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_support import tiny_config as tiny_llama_config
 
 from matryoshka_lora.adapters.layer import LoRALinear
 from matryoshka_lora.engine.adapter_slots import fuse_group
 from matryoshka_lora.engine.lora_batch import build_segments
 from matryoshka_lora.engine.lora_ops import lora_reference, lora_segmented_
 from matryoshka_lora.engine.weights import model_spec
+
+from .engine_support import tiny_config as tiny_llama_config
 
 R_MAX = 8
 

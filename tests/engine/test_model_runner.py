@@ -64,8 +64,9 @@ def test_prefill_then_decode_equals_hf(tiny_model, prompt_lens, chunk):
 @pytest.mark.parametrize("overrides", [{"attention_bias": True}, {"num_key_value_heads": 4}, {"tie_word_embeddings": False}])
 def test_config_variants_equal_hf(overrides):
     """qkv bias, no GQA, untied lm_head."""
-    from engine_support import tiny_config as tiny_llama_config
     from transformers import LlamaForCausalLM
+
+    from .engine_support import tiny_config as tiny_llama_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
@@ -85,8 +86,9 @@ def test_config_variants_equal_hf(overrides):
 
 
 def test_llama3_rope_scaling_equals_hf():
-    from engine_support import tiny_config as tiny_llama_config
     from transformers import LlamaForCausalLM
+
+    from .engine_support import tiny_config as tiny_llama_config
 
     rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
