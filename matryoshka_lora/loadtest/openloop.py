@@ -1,0 +1,120 @@
+"""Open-loop load (asyncio + httpx): requests arrive on a Poisson clock whether or not earlier ones are
+done, which Locust's closed-loop users cannot do cleanly. Also a small closed loop for probes.
+
+    arrival times: t_0 = 0; t_{i+1} = t_i + Exp(rate)  while t < duration_s and i < max_requests
+    each arrival: draw a mix entry (seeded), stream `POST /generate`, keep its RequestRecord
+    wait for every request in flight (each bounded by `request_timeout_s`)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.loadtest.plan import Plan
+from matryoshka_lora.loadtest.records import RequestRecord, StreamTracker, parse_sse_line, refused
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """A Poisson arrival process of `rate_rps` requests/s for `duration_s`, at most `max_requests`."""
+
+    rate_rps: float
+    duration_s: float
+    max_requests: int = 1_000_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.rate_rps > 0:
+            raise ConfigError("arrival rate", self.rate_rps, "requests/s > 0")
+        if not self.duration_s > 0:
+            raise ConfigError("duration", self.duration_s, "seconds > 0")
+
+    def times(self) -> list[float]:
+        """Arrival offsets in seconds from the start."""
+        rng, t, out = random.Random(self.seed), 0.0, []
+        while len(out) < self.max_requests:
+            t += rng.expovariate(self.rate_rps)
+            if t >= self.duration_s:
+                break
+            out.append(t)
+        return out
+
+
+def make_client(url: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0),
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+
+async def send(client: httpx.AsyncClient, plan: Plan, entry: dict) -> RequestRecord:
+    """One streamed `POST /generate`; never raises for HTTP trouble (the record says what happened)."""
+    record = RequestRecord(adapter=entry.get("adapter"), requested_rank=entry.get("rank"),
+                           budget_ms=entry.get("latency_budget_ms"), tag=plan.tag, start=time.time())
+    headers = {"Accept": "text/event-stream"}
+    if plan.api_key:
+        headers["Authorization"] = f"Bearer {plan.api_key}"
+    sent = time.perf_counter()
+    try:
+        async with client.stream("POST", "/generate", json=plan.body(entry), headers=headers) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode("utf-8", errors="replace")
+                return refused(record, resp.status_code, resp.headers.get("retry-after"), text, sent,
+                               time.perf_counter())
+            tracker = StreamTracker(record, sent)
+            try:
+                async for line in resp.aiter_lines():
+                    event = parse_sse_line(line)
+                    if event is not None:
+                        tracker.on_event(event, time.perf_counter())
+                tracker.finish(time.perf_counter())
+            except httpx.HTTPError as exc:
+                tracker.finish(time.perf_counter(), error=repr(exc))
+    except httpx.HTTPError as exc:  # no answer at all: status 0, never counted by the server
+        record.error, record.e2e_s = repr(exc), time.perf_counter() - sent
+    return record
+
+
+def _picker(plan: Plan, seed: int):
+    rng = random.Random(seed)
+    weights = [float(e.get("weight", 1.0)) for e in plan.mix]
+    return lambda: rng.choices(plan.mix, weights=weights)[0]
+
+
+async def open_loop(url: str, plan: Plan, arrivals: Arrivals) -> list[RequestRecord]:
+    """Send `plan`'s requests at `arrivals`' times; return every record once all have ended."""
+    pick = _picker(plan, arrivals.seed + 1)
+    async with make_client(url) as client:
+        started = time.perf_counter()
+        tasks = []
+        for offset in arrivals.times():
+            delay = started + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(send(client, plan, pick())))
+        return list(await asyncio.gather(*tasks))
+
+
+async def closed_loop(url: str, plan: Plan, concurrency: int, num_requests: int, seed: int = 0) -> list[RequestRecord]:
+    """`concurrency` clients send back to back until `num_requests` requests have been sent."""
+    pick = _picker(plan, seed)
+    remaining = [num_requests]
+    records: list[RequestRecord] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            records.append(await send(client, plan, pick()))
+
+    async with make_client(url) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    return records

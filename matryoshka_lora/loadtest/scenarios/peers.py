@@ -1,0 +1,80 @@
+"""peers: this server against transformers and vLLM on the same prompts, side by side, as ratios.
+
+    ours     the `mixed` scenario's mix (every adapter x ranks 1, 8, 32, r_max) at U users (16) over
+             HTTP for --duration s; output tokens/s over the run
+    then the server is stopped (when this run started it) and, on the same fixed prompt, U requests x
+    the workload's output tokens at once:
+             transformers generate / generate_batch, base and PEFT adapter (the first adapter at r_max)
+             vLLM base and LoRA, when --vllm-python names a venv with vLLM
+    goals    ours > vLLM base; >= 4 x vLLM LoRA; >= 1.5 x static generate with PEFT;
+             >= 2 x generate_batch (its PEFT run; the base run if PEFT failed)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.loadtest import peers, plots
+from matryoshka_lora.loadtest.checks import Check
+from matryoshka_lora.loadtest.phases import RunContext, ScenarioResult
+from matryoshka_lora.loadtest.scenarios.mixed import run_mix
+
+log = logging.getLogger(__name__)
+
+GOALS = (  # (peer system prefix, factor ours must reach, wording)
+    ("vLLM (base)", 1.0, "more tok/s than vLLM CPU base"),
+    ("vLLM (LoRA", 4.0, ">= 4x vLLM CPU with LoRA"),
+    ("transformers generate (PEFT", 1.5, ">= 1.5x static generate with PEFT"),
+    ("transformers generate_batch (PEFT", 2.0, ">= 2x generate_batch"),
+)
+
+
+def peer_goal(ours: float | None, rows: list[dict], prefix: str, factor: float, wording: str) -> Check:
+    """Met / not met; `passed=None` when the peer was not measured."""
+    row = next((r for r in rows if r["system"].startswith(prefix) and r["output_tok_s"]), None)
+    if row is None and prefix.startswith("transformers generate_batch"):
+        row = next((r for r in rows if r["system"] == "transformers generate_batch (base)" and r["output_tok_s"]), None)
+    if row is None or not ours:
+        return Check(wording, None, "not measured", "goal")
+    ratio = ours / row["output_tok_s"]
+    return Check(wording, ratio >= factor if factor > 1 else ratio > factor,
+                 f"{ours:.1f} vs {row['output_tok_s']:.1f} tok/s ({row['system']}): {ratio:.2f}x", "goal")
+
+
+def run(ctx: RunContext) -> ScenarioResult:
+    result = ScenarioResult("peers")
+    dirs = ctx.state.get("adapter_dirs", {})
+    adapter = ctx.primary
+    if adapter.name not in dirs:
+        raise ConfigError("--adapters", sorted(dirs), f"the directory of adapter {adapter.name!r} (peers load it)")
+    users = max(ctx.config.users)
+    mix_phase = run_mix(ctx, users, ctx.config.phase_s)
+    result.phases.append(mix_phase)
+    ours = mix_phase.summary["output_tok_s"]
+    if ctx.server is not None:
+        ctx.server.stop()  # the peers get the whole machine, as the server had it
+    from matryoshka_lora.adapters.peft_io import export_peft
+
+    peft_dir = export_peft(dirs[adapter.name], adapter.r_max, ctx.out / "peers" / f"peft-{adapter.name}-r{adapter.r_max}")
+    prompts = [list(ctx.prompt_ids) for _ in range(users)]
+    max_tokens = ctx.workload.output_tokens
+    results = peers.transformers_peers(ctx.config.model, peft_dir, prompts, max_tokens, ctx.config.num_threads)
+    if ctx.config.vllm_python is not None:
+        from matryoshka_lora.models import resolve_model_dir
+
+        results += peers.vllm_peers(ctx.config.vllm_python, resolve_model_dir(ctx.config.model), peft_dir, prompts,
+                                    max_tokens, ctx.config.num_threads, ctx.out / "peers")
+    else:
+        result.notes.append("vLLM not run: pass --vllm-python VENV/bin/python (a venv with vLLM, e.g. .venv-vllm)")
+    rows = [{"system": f"matryoshka-lora (mixed ranks, {users} users, HTTP streaming)", "output_tok_s": ours,
+             "ratio_ours_over": 1.0, "ours": True}]
+    for r in peers.as_rows(results):
+        r["ratio_ours_over"] = round(ours / r["output_tok_s"], 3) if ours and r["output_tok_s"] else None
+        rows.append(r)
+    result.tables["throughput vs peers"] = rows
+    result.checks += [peer_goal(ours, rows, *g) for g in GOALS]
+    result.notes.append(f"peers: {users} requests at once x {max_tokens} tokens on the fixed {len(ctx.prompt_ids)}-token "
+                        "prompt, in process (vLLM offline); ours: closed-loop users over HTTP")
+    result.plots.append(plots.peers_bars(rows, ctx.out / "peers_throughput.png"))
+    return result

@@ -1,0 +1,106 @@
+"""tenants: one tenant floods past its limits while another sends a steady trickle.
+
+A tenants file with fresh random keys is written to OUT/tenants.toml and the server started with it:
+
+    flood    rate_limit_rps 2, burst 2, max_concurrency 2   sends 20 req/s (10 x its rate limit)
+    trickle  no limits                                        sends T = 0.2 / L_0 req/s (20 % busy alone)
+
+    probe    L_0 = the trickle's unloaded e2e (4 requests at rank 8 or r_max, one at a time)
+    phase 1  trickle alone, --duration s (60)
+    phase 2  trickle + flood together, --duration s
+
+Invariants: no 5xx at all; the flood gets 429s (with Retry-After); the trickle gets none.
+Goal: the trickle's p50 e2e under the flood within 20 % of the trickle alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import Counter
+from pathlib import Path
+
+from matryoshka_lora.loadtest.checks import Check, goal, refusals_have_retry_after
+from matryoshka_lora.loadtest.config import LoadTestConfig, MixEntry
+from matryoshka_lora.loadtest.openloop import Arrivals, open_loop
+from matryoshka_lora.loadtest.phases import RunContext, ScenarioResult, measure
+from matryoshka_lora.loadtest.probe import unloaded
+from matryoshka_lora.loadtest.stats import ms, percentiles
+
+FLOOD_LIMITS = {"rate_limit_rps": 2.0, "burst": 2, "max_concurrency": 2}
+FLOOD_FACTOR = 10.0  # the flood sends this many times its rate limit
+TRICKLE_UTILISATION = 0.2
+LATENCY_TOLERANCE = 0.20
+
+
+def write_tenants(path: Path, keys: dict[str, str]) -> Path:
+    from matryoshka_lora.server.tenants import hash_key
+
+    limits = "\n".join(f"{k} = {v}" for k, v in FLOOD_LIMITS.items())
+    path.write_text(f"""# written by `matryoshka-lora loadtest tenants` (random keys, this run only)
+[tenants.flood]
+api_key_sha256 = "{hash_key(keys['flood'])}"
+adapters = "*"
+{limits}
+
+[tenants.trickle]
+api_key_sha256 = "{hash_key(keys['trickle'])}"
+adapters = "*"
+""", encoding="utf-8")
+    return path
+
+
+def prepare(config: LoadTestConfig, out: Path) -> dict:
+    keys = {name: secrets.token_urlsafe(24) for name in ("flood", "trickle")}
+    path = write_tenants(out / "tenants.toml", keys)
+    return {"serve": {"tenants": path}, "api_key": keys["trickle"], "state": {"keys": keys}}
+
+
+def p50(records) -> float | None:
+    return percentiles(r.e2e_s for r in records if r.ok)["p50"]
+
+
+def run(ctx: RunContext) -> ScenarioResult:
+    result = ScenarioResult("tenants")
+    cfg, keys = ctx.config, ctx.state["keys"]
+    adapter = ctx.primary
+    entry = MixEntry(adapter.name, min(8, adapter.r_max))
+    l_0, phase = unloaded(ctx, entry, tag="probe trickle")
+    result.phases.append(phase)
+    trickle_rate = TRICKLE_UTILISATION / l_0
+    flood_rate = FLOOD_FACTOR * FLOOD_LIMITS["rate_limit_rps"]
+    trickle = ctx.plan([entry], tag="trickle", api_key=keys["trickle"])
+    flood = ctx.plan([entry], tag="flood", api_key=keys["flood"])
+    arrivals = Arrivals(trickle_rate, cfg.phase_s, cfg.max_requests, seed=cfg.seed)
+    alone = measure(ctx, "trickle alone", lambda: asyncio.run(open_loop(ctx.url, trickle, arrivals)))
+    result.phases.append(alone)
+
+    async def both():
+        flood_arrivals = Arrivals(flood_rate, cfg.phase_s, cfg.max_requests, seed=cfg.seed + 1)
+        a, b = await asyncio.gather(open_loop(ctx.url, trickle, arrivals), open_loop(ctx.url, flood, flood_arrivals))
+        return a + b
+
+    loaded = measure(ctx, "trickle + flood", lambda: asyncio.run(both()))
+    result.phases.append(loaded)
+    flood_records = [r for r in loaded.records if r.tag == "flood"]
+    trickle_records = [r for r in loaded.records if r.tag == "trickle"]
+    num_429 = sum(1 for r in flood_records if r.status == 429)
+    trickle_refused = sum(1 for r in trickle_records if r.status != 200)
+    loaded.checks += [
+        Check("flood gets 429s", num_429 > 0, f"{num_429} of {len(flood_records)} flood requests answered 429"),
+        Check("trickle is never refused", trickle_refused == 0,
+              f"{trickle_refused} of {len(trickle_records)} trickle requests not 200"),
+        refusals_have_retry_after(loaded.records),
+    ]
+    base, under = p50(alone.records), p50(trickle_records)
+    result.checks.append(goal(f"trickle p50 under the flood within {LATENCY_TOLERANCE:.0%} of alone",
+                              base is not None and under is not None and under <= (1 + LATENCY_TOLERANCE) * base,
+                              f"alone {ms(base)} ms, under flood {ms(under)} ms"))
+    result.tables["tenants"] = [{
+        "trickle_rps": round(trickle_rate, 3), "flood_rps": flood_rate, "flood_limits": FLOOD_LIMITS,
+        "trickle_p50_alone_ms": ms(base), "trickle_p50_flood_ms": ms(under),
+        "trickle_p95_alone_ms": ms(percentiles(r.e2e_s for r in alone.records if r.ok)["p95"]),
+        "trickle_p95_flood_ms": ms(percentiles(r.e2e_s for r in trickle_records if r.ok)["p95"]),
+        "flood_statuses": dict(sorted(Counter(str(r.status) for r in flood_records).items())),
+    }]
+    return result
