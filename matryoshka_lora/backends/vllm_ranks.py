@@ -21,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from matryoshka_lora.backends.base import GenerationRequest, RankReason
+from matryoshka_lora.backends.rank_rules import decide_rank, is_base_request
 from matryoshka_lora.backends.vllm_adapters import ServedAdapter
-from matryoshka_lora.errors import ConfigError, InvalidRankError, UnknownAdapterError
+from matryoshka_lora.errors import ConfigError, UnknownAdapterError
 
 
 @dataclass(frozen=True)
@@ -67,30 +68,16 @@ def resolve_rank(
     request: GenerationRequest, adapters: dict[str, ServedAdapter], table: RankLatencyTable, max_tokens: int
 ) -> RankChoice:
     """Apply the module docstring's rules; raises before anything is enqueued."""
-    if request.rank is not None and request.latency_budget_ms is not None:
-        raise ConfigError("rank / latency_budget_ms", (request.rank, request.latency_budget_ms), "at most one of them")
-    if request.adapter is None:
-        if request.rank not in (None, 0):
-            raise InvalidRankError(request.rank, "none or 0 for the base model")
+    if is_base_request(request):
         return RankChoice(None, 0, "base")
     adapter = adapters.get(request.adapter)
     if adapter is None:
         raise UnknownAdapterError(request.adapter, sorted(adapters))
-    cap = adapter.r_max
-    if request.max_rank is not None:
-        if not isinstance(request.max_rank, int) or isinstance(request.max_rank, bool) or request.max_rank < 1:
-            raise ConfigError("max_rank", request.max_rank, "an integer >= 1")
-        cap = min(cap, request.max_rank)
-    if request.rank is not None:
-        if not isinstance(request.rank, int) or isinstance(request.rank, bool) or not 1 <= request.rank <= cap:
-            raise InvalidRankError(request.rank, f"1..{cap}", adapter=adapter.name)
-        return RankChoice(adapter, request.rank, "requested")
-    if request.latency_budget_ms is None:
-        return RankChoice(adapter, cap, "default")
-    if not request.latency_budget_ms > 0:
-        raise ConfigError("latency_budget_ms", request.latency_budget_ms, "a number > 0")
+    decision = decide_rank(request, adapter.name, adapter.r_max, tuple(adapter.train_ranks))
+    if decision.rank is not None:
+        return RankChoice(adapter, decision.rank, decision.reason)
+    candidates = list(decision.candidates)
     budget_s = request.latency_budget_ms / 1000.0
-    candidates = [r for r in adapter.train_ranks if r <= cap] or [cap]
     for rank in sorted(candidates, reverse=True):
         predicted = table.predict(rank, max_tokens)
         if predicted <= budget_s:

@@ -13,10 +13,11 @@ import statistics
 from dataclasses import dataclass
 
 from matryoshka_lora.backends.base import GenerationRequest, RankReason
+from matryoshka_lora.backends.rank_rules import decide_rank, is_base_request
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
 from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot
 from matryoshka_lora.engine.scheduler import Scheduler
-from matryoshka_lora.errors import ConfigError, InvalidRankError, UnknownAdapterError
+from matryoshka_lora.errors import UnknownAdapterError
 
 
 @dataclass(frozen=True)
@@ -45,29 +46,15 @@ def load_snapshot(scheduler: Scheduler) -> LoadSnapshot:
 def resolve_rank(
     request: GenerationRequest, adapters: AdapterSlots, cost_model: CostModel, scheduler: Scheduler, max_model_len: int
 ) -> RankChoice:
-    if request.rank is not None and request.latency_budget_ms is not None:
-        raise ConfigError("rank / latency_budget_ms", (request.rank, request.latency_budget_ms), "at most one of them")
-    if request.adapter is None:
-        if request.rank not in (None, 0):
-            raise InvalidRankError(request.rank, "none or 0 for the base model")
+    if is_base_request(request):
         return RankChoice(None, 0, "base")
     entry = adapters.get(request.adapter)
     if entry is None:
         raise UnknownAdapterError(request.adapter, adapters.names())
-    cap = entry.r_max
-    if request.max_rank is not None:
-        if not isinstance(request.max_rank, int) or request.max_rank < 1:
-            raise ConfigError("max_rank", request.max_rank, "an integer >= 1")
-        cap = min(cap, request.max_rank)
-    if request.rank is not None:
-        if not isinstance(request.rank, int) or isinstance(request.rank, bool) or not 1 <= request.rank <= cap:
-            raise InvalidRankError(request.rank, f"1..{cap}", adapter=entry.name)
-        return RankChoice(entry, request.rank, "requested")
-    if request.latency_budget_ms is None:
-        return RankChoice(entry, cap, "default")
-    if not request.latency_budget_ms > 0:
-        raise ConfigError("latency_budget_ms", request.latency_budget_ms, "a number > 0")
-    candidates = [r for r in entry.train_ranks if r <= cap] or [cap]
+    decision = decide_rank(request, entry.name, entry.r_max, tuple(entry.train_ranks))
+    if decision.rank is not None:
+        return RankChoice(entry, decision.rank, decision.reason)
+    candidates = list(decision.candidates)
     num_prompt = len(request.prompt_token_ids)
     max_tokens = min(request.sampling.max_tokens, max_model_len - num_prompt)
     rank, met, predicted = cost_model.choose_rank(

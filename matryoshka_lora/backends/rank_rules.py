@@ -1,0 +1,56 @@
+"""The rank rules every backend applies at admission, before any cost prediction.
+
+    rank and latency_budget_ms both given -> ConfigError
+    cap = min(r_max, max_rank)                      (max_rank: the tenant's cap, when given)
+    rank given                            -> that rank if 1 <= rank <= cap, "requested"; else InvalidRankError
+    neither given                         -> cap, "default"
+    latency_budget_ms given (> 0)         -> no rank yet: the backend picks among `candidates`
+                                             (the train ranks <= cap, or [cap] when none is)
+
+    adapter None                          -> the base model, rank none or 0 (`is_base_request`)
+
+The adapter lookup stays with each backend, which knows its adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from matryoshka_lora.backends.base import GenerationRequest, RankReason
+from matryoshka_lora.errors import ConfigError, InvalidRankError
+
+
+@dataclass(frozen=True)
+class RankDecision:
+    rank: int | None  # None: to be chosen for the budget among `candidates`
+    reason: RankReason | None
+    candidates: tuple[int, ...] = ()
+
+
+def is_base_request(request: GenerationRequest) -> bool:
+    """Check rank/budget exclusivity; True when the request is for the base model (rank none or 0)."""
+    if request.rank is not None and request.latency_budget_ms is not None:
+        raise ConfigError("rank / latency_budget_ms", (request.rank, request.latency_budget_ms), "at most one of them")
+    if request.adapter is not None:
+        return False
+    if request.rank not in (None, 0):
+        raise InvalidRankError(request.rank, "none or 0 for the base model")
+    return True
+
+
+def decide_rank(request: GenerationRequest, adapter: str, r_max: int, train_ranks: tuple[int, ...]) -> RankDecision:
+    """Apply the module docstring's rules for a request on `adapter` (already found)."""
+    cap = r_max
+    if request.max_rank is not None:
+        if not isinstance(request.max_rank, int) or isinstance(request.max_rank, bool) or request.max_rank < 1:
+            raise ConfigError("max_rank", request.max_rank, "an integer >= 1")
+        cap = min(cap, request.max_rank)
+    if request.rank is not None:
+        if not isinstance(request.rank, int) or isinstance(request.rank, bool) or not 1 <= request.rank <= cap:
+            raise InvalidRankError(request.rank, f"1..{cap}", adapter=adapter)
+        return RankDecision(request.rank, "requested")
+    if request.latency_budget_ms is None:
+        return RankDecision(cap, "default")
+    if not request.latency_budget_ms > 0:
+        raise ConfigError("latency_budget_ms", request.latency_budget_ms, "a number > 0")
+    return RankDecision(None, None, tuple(r for r in train_ranks if r <= cap) or (cap,))
