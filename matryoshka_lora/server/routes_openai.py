@@ -165,14 +165,7 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant 
         return FlightStreamingResponse(_chunks(flight, make, _include_usage(body)), flight)
     flight, text = await complete(ctx, tenant, request, job)
     raise_if_failed(flight)
-    return CompletionResponse(
-        id=flight.gen.request_id,
-        created=created,
-        model=body.model,
-        choices=[CompletionChoice(text=text, finish_reason=flight.last.finish_reason)],
-        usage=usage_of(flight),
-        matryoshka=info_of(flight),
-    )
+    return make(text, flight.last.finish_reason, info_of(flight), usage_of(flight))
 
 
 @router.post(
