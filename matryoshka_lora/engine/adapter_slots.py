@@ -3,7 +3,7 @@
 Each adapter occupies a slot 0..max_adapters-1. For every layer and fused group
 (qkv = q,k,v; o; gate_up = gate,up; down) the table holds one `FusedLoRA` per slot, or None where
 the adapter does not target that group. A rank is never a copy: a request at rank r reads the first
-k * r columns of A and rows of B (see lora_ops.FusedLoRA).
+k * r columns of A and the first r rows of each member's B (see lora_ops.FusedLoRA).
 """
 
 from __future__ import annotations
@@ -69,20 +69,17 @@ def member_columns(spec: ModelSpec, group: str) -> dict[str, tuple[int, int]]:
 
 
 def fuse_group(spec: ModelSpec, group: str, members: dict[str, tuple[torch.Tensor, torch.Tensor]], r_max: int) -> FusedLoRA:
-    """Interleave the present members' A columns and place their B rows block-wise (see FusedLoRA)."""
+    """Interleave the present members' A columns; keep each member's B with its output columns (see FusedLoRA)."""
     present = [m for m in GROUP_MEMBERS[group] if m in members]
     k = len(present)
     cols = member_columns(spec, group)
-    in_features = spec.module_shape(present[0])[0]
-    out_features = max(c[1] for c in cols.values())
-    lora_A = torch.empty(in_features, k * r_max)
-    lora_B = torch.zeros(k * r_max, out_features)
+    lora_A = torch.empty(spec.module_shape(present[0])[0], k * r_max)
+    lora_B = []
     for m, name in enumerate(present):
         a, b = members[name]
         lora_A[:, m::k] = a
-        c0, c1 = cols[name]
-        lora_B[m::k, c0:c1] = b
-    return FusedLoRA(lora_A, lora_B, k)
+        lora_B.append((b.contiguous(), *cols[name]))
+    return FusedLoRA(lora_A, tuple(lora_B))
 
 
 def fuse_adapter(spec: ModelSpec, weights: dict, r_max: int) -> list[dict[str, FusedLoRA]]:

@@ -44,7 +44,7 @@ class DecodeMeta:
 @dataclass
 class AttentionMeta:
     positions: torch.Tensor  # [T]
-    cache_rows: torch.Tensor  # [T] slot * max_model_len + position
+    cache_rows: torch.Tensor  # [T * kv_heads] flat KV cache rows (KVCache.write_rows)
     cos: torch.Tensor  # [T, 1, head_dim]
     sin: torch.Tensor
     prefills: list[PrefillChunk]
@@ -64,9 +64,9 @@ def build_decode_meta(rows: list[int], slots: list[int], lengths: list[int]) -> 
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: int) -> torch.Tensor:
-    """q [n, heads, d]; k, v [position + n, kv_heads, d] -> [n, heads, d], causal with offset `position`."""
-    n, ctx = q.shape[0], k.shape[0]
-    qt, kt, vt = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+    """q [n, heads, d]; k, v [kv_heads, position + n, d] -> [n, heads, d], causal with offset `position`."""
+    n, ctx = q.shape[0], k.shape[1]
+    qt, kt, vt = q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     if position == 0:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
     else:
@@ -98,7 +98,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, met
     out = torch.empty_like(q)
     for c in meta.prefills:
         if c.position == 0:
-            out[c.start:c.end] = prefill_attention(q[c.start:c.end], k[c.start:c.end], v[c.start:c.end], 0)
+            kc, vc = k[c.start:c.end].transpose(0, 1), v[c.start:c.end].transpose(0, 1)
+            out[c.start:c.end] = prefill_attention(q[c.start:c.end], kc, vc, 0)
         else:
             kc, vc = kv.seq_view(layer, c.slot, c.position + c.end - c.start)
             out[c.start:c.end] = prefill_attention(q[c.start:c.end], kc, vc, c.position)

@@ -63,7 +63,7 @@ class LLMEngine:
             hf_model, tokenizer = load_base_model(config.model)
         self.tokenizer = tokenizer
         self.model_name = model_id(hf_model)
-        self.weights = fuse_weights(hf_model)
+        self.weights = fuse_weights(hf_model, batch_size_hint=min(config.max_num_seqs, 64))
         self.fingerprint = model_fingerprint(hf_model)
         self.eos_ids = eos_token_ids(hf_model, tokenizer)
         self.max_model_len = config.resolve_max_model_len(self.weights.spec.max_position_embeddings)

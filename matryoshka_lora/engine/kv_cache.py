@@ -1,10 +1,11 @@
 """A slot-based KV cache: one slot (a full max_model_len row) per running sequence.
 
-    cache: [num_layers, 2 (k, v), max_num_seqs, max_model_len, num_kv_heads, head_dim]
+    cache: [num_layers, 2 (k, v), max_num_seqs, num_kv_heads, max_model_len, head_dim]
 
-A sequence owns slot s from admission to finish; token at position p of it lives at cache[l, :, s, p].
-Slots are handed out lowest-first, so the running set stays packed at the low end and decode
-attention can read the slot range [lo, hi) as a view instead of gathering rows. The tensor is
+A sequence owns slot s from admission to finish; head h of its token at position p lives at
+cache[l, :, s, h, p]. Slots are handed out lowest-first, so the running set stays packed at the low
+end and decode attention reads the slot range [lo, hi) as a view whose [position, head_dim]
+matrices are contiguous: the batched matmuls take it as is, without copying K or V. The tensor is
 allocated with numpy's calloc-backed `zeros`, whose pages the OS maps lazily on first write: untouched
 slots and positions cost no memory (`torch.zeros` would write, and so commit, every page).
 """
@@ -32,13 +33,13 @@ class KVCache:
     def __init__(self, spec: ModelSpec, max_num_seqs: int, max_model_len: int, dtype: torch.dtype = torch.float32):
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.cache = lazy_zeros(
-            (spec.num_layers, 2, max_num_seqs, max_model_len, spec.num_kv_heads, spec.head_dim), dtype
+            (spec.num_layers, 2, max_num_seqs, spec.num_kv_heads, max_model_len, spec.head_dim), dtype
         )
-        # Flat row views for writes: row = slot * max_model_len + position.
-        self._flat = [
-            (self.cache[i, 0].view(-1, spec.num_kv_heads, spec.head_dim), self.cache[i, 1].view(-1, spec.num_kv_heads, spec.head_dim))
-            for i in range(spec.num_layers)
-        ]
+        self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
+        # Flat row views for writes: row = (slot * num_kv_heads + head) * max_model_len + position.
+        self._flat = [(self.cache[i, 0].view(-1, spec.head_dim), self.cache[i, 1].view(-1, spec.head_dim))
+                      for i in range(spec.num_layers)]
+        self._head_rows = torch.arange(spec.num_kv_heads) * max_model_len
         self._free = list(range(max_num_seqs))
         heapq.heapify(self._free)
 
@@ -65,18 +66,22 @@ class KVCache:
             raise ConfigError("KV cache slot to free", slot, "a slot currently allocated")
         heapq.heappush(self._free, slot)
 
+    def write_rows(self, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """The flat cache rows of tokens (slots[t], positions[t]), all heads: [T * num_kv_heads], made once per step."""
+        base = torch.tensor(slots, dtype=torch.long) * (self.num_kv_heads * self.max_model_len)
+        base += torch.tensor(positions, dtype=torch.long)
+        return (base.unsqueeze(1) + self._head_rows).reshape(-1)
+
     def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """cache[layer, 0/1].flat[rows[t]] = k[t] / v[t]; rows = slot * max_model_len + position."""
+        """k, v [T, kv_heads, head_dim] into their rows from `write_rows`."""
         k_flat, v_flat = self._flat[layer]
-        k_flat.index_copy_(0, rows, k)
-        v_flat.index_copy_(0, rows, v)
+        k_flat.index_copy_(0, rows, k.reshape(-1, self.head_dim))
+        v_flat.index_copy_(0, rows, v.reshape(-1, self.head_dim))
 
     def seq_view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of one sequence's first `length` positions: [length, kv_heads, head_dim] views."""
-        return self.cache[layer, 0, slot, :length], self.cache[layer, 1, slot, :length]
+        """K, V of one sequence's first `length` positions: [kv_heads, length, head_dim] views."""
+        return self.cache[layer, 0, slot, :, :length], self.cache[layer, 1, slot, :, :length]
 
     def range_view(self, layer: int, lo: int, hi: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of slots [lo, hi), positions [0, length): [hi - lo, kv_heads, length, head_dim] views, no copy."""
-        k = self.cache[layer, 0, lo:hi, :length].permute(0, 2, 1, 3)
-        v = self.cache[layer, 1, lo:hi, :length].permute(0, 2, 1, 3)
-        return k, v
+        return self.cache[layer, 0, lo:hi, :, :length], self.cache[layer, 1, lo:hi, :, :length]

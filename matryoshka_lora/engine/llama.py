@@ -2,7 +2,7 @@
 
     x = embed[input_ids]                                         [T, hidden]
     for each layer:
-        h = rms_norm(x);  qkv = h @ W_qkv (+ b) (+ LoRA_qkv(h))
+        h = rms_norm(x);  qkv = h @ W_qkv (+ b) (+ LoRA_qkv(h))      (each W a PackedLinear)
         q, k = rope(q, k);  cache <- k, v;  a = attention(q, cache)
         x = x + a @ W_o (+ LoRA_o(a))
         h = rms_norm(x);  gu = h @ W_gate_up (+ LoRA_gate_up(h))
@@ -44,7 +44,7 @@ def attention_block(
 ) -> torch.Tensor:
     spec = w.spec
     num_tokens = h.shape[0]
-    qkv = h @ lw.qkv if lw.qkv_bias is None else torch.addmm(lw.qkv_bias, h, lw.qkv)
+    qkv = lw.qkv(h)
     if lora is not None:
         lora.apply(qkv, h, layer, "qkv")
     qk = qkv[:, : spec.q_size + spec.kv_size].view(num_tokens, spec.num_heads + spec.num_kv_heads, spec.head_dim)
@@ -52,19 +52,19 @@ def attention_block(
     q, k = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
     v = qkv[:, spec.q_size + spec.kv_size :].view(num_tokens, spec.num_kv_heads, spec.head_dim)
     a = attention(q, k, v, layer, meta, kv).reshape(num_tokens, spec.q_size)
-    out = a @ lw.o if lw.o_bias is None else torch.addmm(lw.o_bias, a, lw.o)
+    out = lw.o(a)
     if lora is not None:
         lora.apply(out, a, layer, "o")
     return out
 
 
 def mlp_block(h: torch.Tensor, lw: LayerWeights, layer: int, lora: LoRAApplier | None) -> torch.Tensor:
-    gu = h @ lw.gate_up
+    gu = lw.gate_up(h)
     if lora is not None:
         lora.apply(gu, h, layer, "gate_up")
     size = gu.shape[1] // 2
     m = F.silu(gu[:, :size]).mul_(gu[:, size:])
-    out = m @ lw.down
+    out = lw.down(m)
     if lora is not None:
         lora.apply(out, m, layer, "down")
     return out
@@ -80,4 +80,4 @@ def forward(
         x.add_(attention_block(rms_norm(x, lw.input_norm, eps), lw, i, w, meta, kv, lora))
         x.add_(mlp_block(rms_norm(x, lw.post_norm, eps), lw, i, lora))
     x = rms_norm(x.index_select(0, meta.sample_rows), w.norm, eps)
-    return x @ w.lm_head
+    return w.lm_head(x)

@@ -5,9 +5,19 @@ Semantics (docs/architecture.md, "Per-token rank op"), for each token t with ada
     y[t] += scale_t * (x[t] @ A[a_t][:, :r_t]) @ B[a_t][:r_t]        r_t = 0: nothing added
 
 `lora_reference` computes this literally, per token, with full-width weights and a column mask.
-`lora_segmented_` assumes the tokens are ordered so that each (adapter, rank) group is a contiguous
-segment and does two small matmuls per segment; its cost is O(r) per segment, so a rank-1 token never
-pays for a rank-64 neighbour.
+`lora_grouped_` is the fast op. The tokens are ordered by (adapter, rank), so each adapter's rows are
+one contiguous run, and the runner cuts them into `LoRAGroup`s (lora_batch.build_groups):
+
+  * a group of one rank (a prefill chunk, or every decode token of that adapter at one rank) is two
+    matmuls at exactly that rank: its cost is O(r);
+  * a group of a few decode rows at several ranks is two matmuls at the largest of them, the columns
+    above each row's own rank zeroed between the two (the row's scale folded into the same mask).
+    With few rows the op is bound by reading the weights, and the rank-r slices are nested prefixes
+    of the rank-R one: reading it once costs less than reading every slice, one dispatch instead of
+    one per rank. The result equals the per-rank slices exactly (the masked columns add 0).
+
+Either way the step reads each adapter's weights at most once, at the largest rank it serves in that
+step: a step of only rank-1 requests reads 1/64 of what rank 64 reads.
 """
 
 from __future__ import annotations
@@ -28,27 +38,59 @@ class LoRASegment:
     scale: float
 
 
+@dataclass(eq=False)
+class LoRAGroup:
+    """Rows [start, end) of the batch use adapter `slot`, every row at a rank <= `rank`.
+
+    row_ranks / row_scales: None when every row is at `rank` with `scale`; else each row's own.
+    """
+
+    start: int
+    end: int
+    slot: int
+    rank: int
+    scale: float
+    row_ranks: torch.Tensor | None = None
+    row_scales: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def mask(self, num_members: int) -> torch.Tensor:
+        """[rows, k * rank]: row t's scale on the columns of its own rank (c < k * r_t), 0 above."""
+        mask = self._masks.get(num_members)
+        if mask is None:
+            columns = torch.arange(num_members * self.rank)
+            keep = columns.unsqueeze(0) < (num_members * self.row_ranks).unsqueeze(1)
+            mask = self._masks[num_members] = keep * self.row_scales.unsqueeze(1)
+        return mask
+
+
 @dataclass(frozen=True, eq=False)
 class FusedLoRA:
     """One adapter's weights for one (layer, group) of k fused modules, stored once at r_max.
 
-    lora_A [in, k * r_max]: member-interleaved, column j * k + m = column j of member m's A.
-    lora_B [k * r_max, out]: block-structured, row j * k + m = row j of member m's B, placed in member
-    m's output columns, zeros elsewhere. So the rank-r adapter of all k members is the first k * r
-    columns of A and rows of B:  x @ A[:, :k r] @ B[:k r] = concat_m(x @ A_m[:, :r] @ B_m[:r]).
+    lora_A [in, k * r_max]: member-interleaved, column j * k + m = column j of member m's A, so the
+        rank-r shrink of all k members is one matmul with the first k * r columns.
+    lora_B: per member m, B_m [r_max, out_m], and columns [c0_m, c1_m) of the group's output it writes.
+        The rank-r expand of member m is h[:, m::k] @ B_m[:r] (its own rows only, no zero blocks).
     """
 
     lora_A: torch.Tensor
-    lora_B: torch.Tensor
-    num_members: int
+    lora_B: tuple[tuple[torch.Tensor, int, int], ...]
     _slices: dict = field(default_factory=dict, repr=False)
 
-    def at_rank(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A[:, :k r], B[:k r]) as views, made once per rank (slicing costs dispatch time every step)."""
+    @property
+    def num_members(self) -> int:
+        return len(self.lora_B)
+
+    def at_rank(self, rank: int) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, int, int], ...]]:
+        """(A[:, :k r], ((B_m[:r], c0_m, c1_m) per member)) as views, made once per rank (slicing costs
+        dispatch time every step)."""
         views = self._slices.get(rank)
         if views is None:
-            width = self.num_members * rank
-            views = self._slices[rank] = (self.lora_A[:, :width], self.lora_B[:width])
+            views = self._slices[rank] = (
+                self.lora_A[:, : self.num_members * rank],
+                tuple((b[:rank], c0, c1) for b, c0, c1 in self.lora_B),
+            )
         return views
 
 
@@ -76,21 +118,30 @@ def lora_reference(
     return torch.bmm(h.unsqueeze(1), b).squeeze(1) * token_scales.unsqueeze(1)
 
 
-def lora_segmented_(
-    y: torch.Tensor, x: torch.Tensor, segments: list[LoRASegment], weights: list[FusedLoRA | None]
-) -> torch.Tensor:
+def lora_grouped_(y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup], weights: list[FusedLoRA | None]) -> torch.Tensor:
     """The fast op, in place on y.
 
-        for seg in segments:                     # one (adapter, rank) group each
-            A, B, k = weights[seg.slot]          # stored once at r_max
-            w = k * seg.rank                     # the rank-r slice of k fused modules
-            y[seg.start:seg.end] += seg.scale * (x[seg.start:seg.end] @ A[:, :w]) @ B[:w]
-    A segment whose adapter has no weights for this module (weights[slot] is None) adds nothing.
+        for g in groups:
+            A, B, k = weights[g.slot]                 # stored once at r_max
+            h = x[g.start:g.end] @ A[:, :k * g.rank]  # the rank-R shrink of all k fused modules
+            if g.row_ranks is not None:
+                h *= g.mask(k)                        # per row: zero above its rank, times its scale
+            for m, (B_m, c0, c1) in enumerate(B):     # expand each member into its output columns
+                y[g.start:g.end, c0:c1] += (g.scale if g.row_ranks is None else 1) * h[:, m::k] @ B_m[:g.rank]
+    A group whose adapter has no weights for this module (weights[slot] is None) adds nothing.
     """
-    for seg in segments:
-        w = weights[seg.slot]
-        if w is None or seg.rank == 0:
+    for g in groups:
+        w = weights[g.slot]
+        if w is None:
             continue
-        lora_A, lora_B = w.at_rank(seg.rank)
-        y[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ lora_A, lora_B, alpha=seg.scale)
+        lora_A, lora_B = w.at_rank(g.rank)
+        h = x[g.start : g.end] @ lora_A
+        alpha = g.scale
+        if g.row_ranks is not None:
+            h.mul_(g.mask(len(lora_B)))
+            alpha = 1.0
+        k = len(lora_B)
+        rows = y[g.start : g.end]
+        for m, (lora_B_m, c0, c1) in enumerate(lora_B):
+            rows[:, c0:c1].addmm_(h[:, m::k] if k > 1 else h, lora_B_m, alpha=alpha)
     return y

@@ -20,7 +20,12 @@ from matryoshka_lora.engine.attention import (
     build_decode_meta,
 )
 from matryoshka_lora.engine.kv_cache import KVCache
-from matryoshka_lora.engine.lora_batch import LoRABatch, build_segments
+from matryoshka_lora.engine.lora_batch import (
+    MAX_MASKED_ROWS,
+    LoRABatch,
+    build_groups,
+    build_segments,
+)
 from matryoshka_lora.engine.lora_ops import FusedLoRA
 from matryoshka_lora.engine.weights import ModelWeights, rope_tables
 
@@ -51,13 +56,13 @@ class ModelRunner:
     def __init__(self, weights: ModelWeights, kv: KVCache, lora_table: list[dict[str, list[FusedLoRA | None]]] | None = None):
         self.weights, self.kv, self.lora_table = weights, kv, lora_table
         self.cos, self.sin = rope_tables(weights, kv.max_model_len)
+        self.max_masked_rows = MAX_MASKED_ROWS
 
     def prepare(self, items: list[StepItem]) -> StepBatch:
         order = sorted(range(len(items)), key=lambda i: (items[i].adapter_slot, items[i].rank))
-        max_len = self.kv.max_model_len
         input_ids: list[int] = []
         positions: list[int] = []
-        cache_rows: list[int] = []
+        cache_slots: list[int] = []
         prefills: list[PrefillChunk] = []
         dec_rows, dec_slots, dec_lens = [], [], []
         sample_rows, sample_items, row_groups = [], [], []
@@ -67,7 +72,7 @@ class ModelRunner:
             input_ids.extend(it.token_ids)
             pos = range(it.position, it.position + n)
             positions.extend(pos)
-            cache_rows.extend(it.slot * max_len + p for p in pos)
+            cache_slots.extend([it.slot] * n)
             if n == 1:
                 dec_rows.append(start), dec_slots.append(it.slot), dec_lens.append(it.position + 1)
             else:
@@ -78,15 +83,15 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long)
         meta = AttentionMeta(
             positions=pos_t,
-            cache_rows=torch.tensor(cache_rows, dtype=torch.long),
+            cache_rows=self.kv.write_rows(cache_slots, positions),
             cos=self.cos.index_select(0, pos_t).unsqueeze(1),
             sin=self.sin.index_select(0, pos_t).unsqueeze(1),
             prefills=prefills,
             decode=build_decode_meta(dec_rows, dec_slots, dec_lens) if dec_rows else None,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long),
         )
-        segments = build_segments(row_groups)
-        lora = LoRABatch(segments, self.lora_table) if segments and self.lora_table is not None else None
+        groups = build_groups(build_segments(row_groups), self.max_masked_rows)
+        lora = LoRABatch(groups, self.lora_table) if groups and self.lora_table is not None else None
         return StepBatch(torch.tensor(input_ids, dtype=torch.long), meta, lora, sample_items, len(input_ids))
 
     @torch.inference_mode()

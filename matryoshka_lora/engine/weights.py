@@ -1,11 +1,11 @@
 """Hugging Face Llama-family checkpoint -> the engine's fused, pre-transposed weight layout.
 
-Layout (every matmul is `x @ W`):
-    qkv      [hidden, (num_heads + 2 * num_kv_heads) * head_dim]   = [q_proj.T | k_proj.T | v_proj.T]
-    o        [num_heads * head_dim, hidden]
-    gate_up  [hidden, 2 * intermediate]                            = [gate_proj.T | up_proj.T]
-    down     [intermediate, hidden]
-    lm_head  [hidden, vocab]  (a transposed view of the embedding when the checkpoint ties them)
+Layout (each a `PackedLinear`, y = x @ W.T + b, W as nn.Linear stores it: [out, in]):
+    qkv      [(num_heads + 2 * num_kv_heads) * head_dim, hidden]   = [q_proj; k_proj; v_proj] (+ bias)
+    o        [hidden, num_heads * head_dim]
+    gate_up  [2 * intermediate, hidden]                            = [gate_proj; up_proj]
+    down     [hidden, intermediate]
+    lm_head  [vocab, hidden]  (a copy of the embedding when the checkpoint ties them)
 cos/sin tables come from HF's own rotary-embedding module, so every rope variant it knows works.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from matryoshka_lora.engine.linear import PackedLinear
 from matryoshka_lora.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,11 @@ class ModelSpec:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: PackedLinear
+    o: PackedLinear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: PackedLinear
+    down: PackedLinear
 
 
 @dataclass
@@ -71,7 +70,7 @@ class ModelWeights:
     embed: torch.Tensor  # [vocab, hidden]
     layers: list[LayerWeights]
     norm: torch.Tensor
-    lm_head: torch.Tensor  # [hidden, vocab]
+    lm_head: PackedLinear  # hidden -> vocab
     rotary: torch.nn.Module  # HF's rotary embedding: (x, position_ids) -> (cos, sin)
 
 
@@ -105,38 +104,39 @@ def model_spec(config) -> ModelSpec:
     )
 
 
-def _t(linear: torch.nn.Linear) -> torch.Tensor:
-    return linear.weight.detach().t().contiguous()
+def _w(linear: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    return linear.weight.detach().to(dtype)
 
 
-def fuse_weights(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> ModelWeights:
-    """Copy a loaded HF CausalLM's weights into the fused layout (the HF model can be dropped after)."""
+def _b(linear: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
+    return linear.bias.detach().to(dtype) if linear.bias is not None else None
+
+
+def fuse_weights(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32, batch_size_hint: int = 16) -> ModelWeights:
+    """Copy a loaded HF CausalLM's weights into the fused, packed layout (the HF model can be dropped after)."""
     config = hf_model.config
     check_supported(config, type(hf_model).__name__)
     spec = model_spec(config)
     base = hf_model.model
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
+        return PackedLinear(weight, bias, batch_size_hint)
+
     layers = []
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = torch.cat([_t(attn.q_proj), _t(attn.k_proj), _t(attn.v_proj)], dim=1)
-        bias = None
-        if attn.q_proj.bias is not None:
-            bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().to(dtype)
-        o_bias = attn.o_proj.bias.detach().to(dtype).clone() if attn.o_proj.bias is not None else None
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        qkv_bias = torch.cat([_b(p, dtype) for p in projections]) if attn.q_proj.bias is not None else None
         layers.append(LayerWeights(
             input_norm=layer.input_layernorm.weight.detach().to(dtype).clone(),
-            qkv=qkv.to(dtype),
-            qkv_bias=bias,
-            o=_t(attn.o_proj).to(dtype),
-            o_bias=o_bias,
+            qkv=linear(torch.cat([_w(p, dtype) for p in projections]), qkv_bias),
+            o=linear(_w(attn.o_proj, dtype), _b(attn.o_proj, dtype)),
             post_norm=layer.post_attention_layernorm.weight.detach().to(dtype).clone(),
-            gate_up=torch.cat([_t(mlp.gate_proj), _t(mlp.up_proj)], dim=1).to(dtype),
-            down=_t(mlp.down_proj).to(dtype),
+            gate_up=linear(torch.cat([_w(mlp.gate_proj, dtype), _w(mlp.up_proj, dtype)])),
+            down=linear(_w(mlp.down_proj, dtype)),
         ))
     embed = base.embed_tokens.weight.detach().to(dtype).clone()
-    head = hf_model.lm_head.weight.detach()
-    tied = head.data_ptr() == base.embed_tokens.weight.data_ptr()
-    lm_head = embed.t() if tied else head.to(dtype).t().contiguous()
+    lm_head = linear(_w(hf_model.lm_head, dtype))
     return ModelWeights(spec, embed, layers, base.norm.weight.detach().to(dtype).clone(), lm_head, base.rotary_emb)
 
 

@@ -1,4 +1,5 @@
-"""The segmented LoRA op == the per-token masked reference == the core's LoRALinear at each token's rank."""
+"""The grouped LoRA op (per-rank groups, and masked multi-rank groups) == the per-token masked reference
+== the core's LoRALinear at each token's rank."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import torch
 
 from matryoshka_lora.adapters.layer import LoRALinear
 from matryoshka_lora.engine.adapter_slots import fuse_group
-from matryoshka_lora.engine.lora_batch import build_segments
-from matryoshka_lora.engine.lora_ops import lora_reference, lora_segmented_
+from matryoshka_lora.engine.lora_batch import build_groups, build_segments
+from matryoshka_lora.engine.lora_ops import lora_grouped_, lora_reference
 from matryoshka_lora.engine.weights import model_spec
 
 from .engine_support import tiny_config as tiny_llama_config
@@ -51,7 +52,8 @@ def expand(layout):
 @pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
 @pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])
 @pytest.mark.parametrize("scale_of", [lambda r: 1.0, lambda r: 2.0 / r], ids=["none", "alpha2-rank"])
-def test_segmented_equals_reference_and_layer(layout, group, scale_of):
+@pytest.mark.parametrize("max_masked_rows", [0, 3, 64], ids=["per-rank", "some-masked", "all-masked"])
+def test_grouped_equals_reference_and_layer(layout, group, scale_of, max_masked_rows):
     from matryoshka_lora.engine.adapter_slots import GROUP_MEMBERS, member_columns
 
     spec = model_spec(tiny_llama_config())
@@ -63,7 +65,7 @@ def test_segmented_equals_reference_and_layer(layout, group, scale_of):
     x = torch.randn(len(slots), in_f, generator=gen)
     scales = torch.tensor([scale_of(int(r)) if r > 0 else 0.0 for r in ranks])
 
-    # fast: fused weights, segments
+    # fast: fused weights, groups
     fused = [fuse_group(spec, group, a, R_MAX) for a in adapters]
     rows, start = [], 0
     for slot, rank, n in layout:
@@ -71,7 +73,8 @@ def test_segmented_equals_reference_and_layer(layout, group, scale_of):
         start += n
     cols = member_columns(spec, group)
     out_f = max(c[1] for c in cols.values())
-    fast = lora_segmented_(torch.zeros(len(slots), out_f), x, build_segments(rows), fused)
+    groups = build_groups(build_segments(rows), max_masked_rows)
+    fast = lora_grouped_(torch.zeros(len(slots), out_f), x, groups, fused)
 
     # reference: per member, unfused weights, masked per token
     ref = torch.cat([
@@ -124,8 +127,29 @@ def test_partial_targets_fuse():
     fused = fuse_group(spec, "qkv", members, R_MAX)
     assert fused.num_members == 2
     x = torch.randn(3, spec.hidden_size, generator=gen)
-    y = lora_segmented_(torch.zeros(3, spec.q_size + 2 * spec.kv_size), x, build_segments([(0, 3, 0, 3, 1.0)]), [fused])
-    q = x @ members["q_proj"][0][:, :3] @ members["q_proj"][1][:3]
-    v = x @ members["v_proj"][0][:, :3] @ members["v_proj"][1][:3]
+    groups = build_groups(build_segments([(0, 1, 0, 3, 1.0), (1, 3, 0, 2, 1.0)]))
+    y = lora_grouped_(torch.zeros(3, spec.q_size + 2 * spec.kv_size), x, groups, [fused])
+    ranks = torch.tensor([3, 2, 2]).unsqueeze(1)
+    def delta(a, b):  # each row at its own rank
+        return torch.cat([x[t : t + 1] @ a[:, : ranks[t]] @ b[: ranks[t]] for t in range(3)])
+    q, v = delta(*members["q_proj"]), delta(*members["v_proj"])
     expected = torch.cat([q, torch.zeros(3, spec.kv_size), v], dim=1)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "segments, max_rows, expected",
+    [
+        # (start, end, slot, rank) -> groups as (start, end, slot, max rank, masked?)
+        ([(0, 2, 0, 1), (2, 3, 0, 8)], 64, [(0, 3, 0, 8, True)]),  # one adapter, two ranks: one masked group
+        ([(0, 2, 0, 1), (2, 3, 0, 8)], 2, [(0, 2, 0, 1, False), (2, 3, 0, 8, False)]),  # too many rows to mask
+        ([(0, 2, 0, 4), (2, 3, 1, 4)], 64, [(0, 2, 0, 4, False), (2, 3, 1, 4, False)]),  # adapters never merge
+        ([(0, 100, 0, 2), (100, 101, 0, 8)], 64, [(0, 100, 0, 2, False), (100, 101, 0, 8, False)]),  # prefill alone
+        ([(0, 1, 0, 1), (1, 2, 0, 2), (2, 3, 0, 4), (3, 4, 0, 8)], 2, [(0, 2, 0, 2, True), (2, 4, 0, 8, True)]),
+    ],
+)
+def test_build_groups(segments, max_rows, expected):
+    from matryoshka_lora.engine.lora_ops import LoRASegment
+
+    groups = build_groups([LoRASegment(*s, 1.0) for s in segments], max_rows)
+    assert [(g.start, g.end, g.slot, g.rank, g.row_ranks is not None) for g in groups] == expected
