@@ -1,15 +1,17 @@
 """Throughput and latency of the native engine per rank, against transformers peers, in one run.
 
 Workload: N requests (fixed chat prompts), M output tokens each, greedy, EOS ignored, all enqueued at
-once. Rows: our engine at base, ranks 1, 8, 32, r_max and a mixed-rank / mixed-adapter batch; then
-transformers static-batch `generate` (base, and an unmerged PEFT adapter at r_max) and transformers
-continuous batching `generate_batch` (base). Adapters: random A and non-zero B at r_max 64 on the
-default model (or the adapters in --adapters).
+once. Rows: our engine at base, ranks 1, 8, 32, r_max and a mixed-rank / mixed-adapter batch; then,
+on the same prompts, the peers of matryoshka_lora/loadtest/peers.py: transformers static-batch
+`generate` and continuous batching `generate_batch`, each on the base model and with the first adapter
+exported as PEFT at r_max (unmerged), and vLLM offline (base and LoRA) when --vllm-python names a venv
+with vLLM. Adapters: random A and non-zero B on every target module at r_max 64 on the default model
+(or the adapters in --adapters).
 
-    python benchmarks/bench_ranks.py [--quick] [--threads 2] [--skip-peers]
+    python benchmarks/bench_ranks.py [--quick] [--threads 2] [--skip-peers] [--vllm-python .venv-vllm/bin/python]
 
 Numbers depend on what else runs on the machine: measure on a quiet one. Engine rows are the best of
---repeats runs; peers run once (they take longer).
+--repeats runs; peer rows the mean of --repeats runs after a warm-up.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 log = logging.getLogger("bench_ranks")
 
@@ -67,42 +70,25 @@ def bench_engine(engine, name: str, prompts, cases, max_tokens: int) -> dict:
     return row
 
 
-def bench_hf_static(model, tokenizer, name: str, prompts, max_tokens: int) -> dict:
-    from transformers import GenerationConfig
+def peer_rows(args, model, adapter_dir: Path, r_max: int, prompts, tmp: Path) -> list[dict]:
+    """The peers of the load tests' `peers` scenario, on these prompts, as rows of this table."""
+    from matryoshka_lora.adapters.peft_io import export_peft
+    from matryoshka_lora.loadtest import peers
+    from matryoshka_lora.models import resolve_model_dir
 
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    config = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    wall = time.perf_counter() - started
-    row = summary(name, (out.shape[1] - width) * len(prompts), wall, [wall] * len(prompts))
-    log.info("%s: %.1f tok/s", name, row["tok_s"])
-    return row
-
-
-def bench_generate_batch(model, name: str, prompts, max_tokens: int) -> dict:
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    extra = {}
-    try:  # bound its KV cache: by default it sizes the cache from free memory (tens of GB on CPU)
-        from transformers import ContinuousBatchingConfig
-
-        num_tokens = sum(len(p) + max_tokens for p in prompts)
-        extra["continuous_batching_config"] = ContinuousBatchingConfig(
-            num_blocks=num_tokens // 256 + len(prompts) + 1, max_batch_tokens=512)
-    except ImportError:
-        pass
-    started = time.perf_counter()
-    with torch.no_grad():  # generate_batch updates its own tensors in place: not under inference_mode
-        out = model.generate_batch(inputs=prompts, generation_config=config, **extra)
-    wall = time.perf_counter() - started
-    num = sum(len(o.generated_tokens) for o in out.values())
-    return summary(name, num, wall, [wall] * len(prompts))
+    if args.random_init:  # the peers load the model from a directory: give them these random weights
+        model_dir = tmp / "model"
+        model.save_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(args.model).save_pretrained(model_dir)
+    else:
+        model_dir = resolve_model_dir(args.model)
+    peft_dir = export_peft(adapter_dir, r_max, tmp / "peft")
+    results = peers.transformers_peers(str(model_dir), peft_dir, prompts, args.max_tokens, args.threads, args.repeats)
+    if args.vllm_python:
+        results += peers.vllm_peers(Path(args.vllm_python), model_dir, peft_dir, prompts, args.max_tokens,
+                                    args.threads, tmp / "vllm")
+    return [{"name": r.system, "tok_s": r.output_tok_s or float("nan"), "wall_s": r.wall_s or float("nan"),
+             "p50_s": r.wall_s or float("nan"), "p95_s": r.wall_s or float("nan")} for r in results]
 
 
 def make_adapters(model, root: Path, r_max: int) -> list[Path]:
@@ -123,6 +109,7 @@ def main() -> None:
     parser.add_argument("--adapters", help="a folder of adapters to use instead of random ones")
     parser.add_argument("--skip-peers", action="store_true", help="only the native engine")
     parser.add_argument("--model", help="a local HF model directory instead of the default model")
+    parser.add_argument("--vllm-python", help="python of a venv with vLLM (e.g. .venv-vllm/bin/python): adds vLLM rows")
     parser.add_argument("--random-init", action="store_true",
                         help="random weights of --model's architecture (timing only, where the weights are absent)")
     args = parser.parse_args()
@@ -137,7 +124,7 @@ def main() -> None:
     from matryoshka_lora.models import load_base_model
 
     if args.random_init:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32).eval()
@@ -168,26 +155,11 @@ def main() -> None:
     mixed = [(names[i % len(names)], mixed_ranks[i % len(mixed_ranks)]) for i in range(n)]
     rows.append(best("engine mixed ranks+adapters", prompts, mixed, args.max_tokens))
     if not args.skip_peers:
-        rows.append(bench_hf_static(model, tokenizer, "hf generate base", prompts, args.max_tokens))
-        try:
-            from peft import PeftModel
-
-            from matryoshka_lora.adapters.peft_io import export_peft
-
-            peft_dir = export_peft(paths[0], r_max, tmp / "peft")
-            peft_model = PeftModel.from_pretrained(model, str(peft_dir)).eval()
-            rows.append(bench_hf_static(peft_model, tokenizer, f"hf generate peft r{r_max}", prompts, args.max_tokens))
-            model = peft_model.unload()
-        except ImportError as exc:
-            log.warning("PEFT peer skipped: %s", exc)
-        try:
-            rows.append(bench_generate_batch(model, "hf generate_batch base", prompts, args.max_tokens))
-        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:  # its API moves between versions
-            log.warning("generate_batch failed: %s", exc)
+        rows += peer_rows(args, model, paths[0], r_max, prompts, tmp)
     print(f"\n{n} requests x {args.max_tokens} tokens, greedy, {args.threads} threads, r_max {r_max}")
-    print(f"{'workload':32s} {'tok/s':>8s} {'wall s':>8s} {'p50 s':>8s} {'p95 s':>8s}")
+    print(f"{'workload':45s} {'tok/s':>8s} {'wall s':>8s} {'p50 s':>8s} {'p95 s':>8s}")
     for r in rows:
-        print(f"{r['name']:32s} {r['tok_s']:8.1f} {r['wall_s']:8.2f} {r['p50_s']:8.2f} {r['p95_s']:8.2f}")
+        print(f"{r['name']:45s} {r['tok_s']:8.1f} {r['wall_s']:8.2f} {r['p50_s']:8.2f} {r['p95_s']:8.2f}")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,10 @@ class AdapterSlots:
     def names(self) -> list[str]:
         return sorted(self.entries)
 
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
     def get(self, name: str) -> SlotEntry | None:
         return self.entries.get(name)
 

@@ -1,41 +1,55 @@
-"""Latency budget -> rank: a per-step cost model, fitted at warm-up and corrected online.
+"""Latency budget -> rank: a per-step cost model, fitted at warm-up and refitted from observed steps.
 
-    step_time = a + b * num_tokens + c * lora_work + d * num_segments + e * attn_work + f * num_sampled
-        lora_work  = sum over LoRA segments of (segment tokens * rank)
+    step_time = a + b * num_tokens + c * lora_flops + d * lora_reads + e * num_groups
+                  + f * attn_work + g * num_sampled
+        lora_flops = sum over the step's LoRA groups of (group rows * group rank)    the op's matmuls
+        lora_reads = sum over the groups of the group rank              weights read, once per group
+        num_groups = LoRA groups (lora_batch.build_groups): dispatches of the op
         attn_work  = sum over the step's tokens of the context length they attend to
-Coefficients come from non-negative least squares on warm-up steps; afterwards every observed step
-updates a correction factor (EMA of observed / predicted) that multiplies all predictions.
+Coefficients come from non-negative least squares on the warm-up steps (the median of repeats per
+case). Every observed step then goes into a window of recent steps, and the model is refitted on
+warm-up + recent steps every `refit_every` observations; between refits a correction factor (EMA of
+observed / predicted) follows drift quickly.
 
-A request's end-to-end latency at rank r under the current load is predicted as
-    queue wait  (waves of max_num_seqs ahead of it x decode steps of the running set)
-  + prefill     (its prompt in chunks, each alongside the running set's decode tokens)
-  + decode      (max_tokens - 1 steps of the running set plus it, contexts growing)
-and `choose_rank` serves the highest candidate rank predicted to meet the budget.
+A request's end-to-end latency at rank r of adapter slot a, under the current load, is predicted as
+    queue wait  (waves of max_num_seqs ahead of it x decode steps of the active set)
+  + prefill     (the active set's pending prompt tokens, then its own, in chunks alongside the decode
+                 tokens of the running sequences)
+  + decode      (max_tokens - 1 steps of the active set plus it, contexts growing)
+where the active set is the running sequences plus the waiting ones that free slots admit first, and
+its decode rows of one adapter form one group at the largest rank among them, as
+the op computes them (so joining an adapter already served at rank 64 costs rank 64 whatever its
+rank). `choose_rank` serves the highest candidate rank predicted to meet the budget.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from matryoshka_lora.engine.lora_batch import MAX_MASKED_ROWS
+
 log = logging.getLogger(__name__)
 
-FEATURES = ("const", "num_tokens", "lora_work", "num_segments", "attn_work", "num_sampled")
+FEATURES = ("const", "num_tokens", "lora_flops", "lora_reads", "num_groups", "attn_work", "num_sampled")
 
 
 @dataclass(frozen=True)
 class StepFeatures:
     num_tokens: int
-    lora_work: int
-    num_segments: int
+    lora_flops: int
+    lora_reads: int
+    num_groups: int
     attn_work: int
     num_sampled: int
 
     def vector(self) -> np.ndarray:
-        return np.array([1.0, self.num_tokens, self.lora_work, self.num_segments, self.attn_work, self.num_sampled])
+        return np.array([1.0, self.num_tokens, self.lora_flops, self.lora_reads, self.num_groups, self.attn_work,
+                         self.num_sampled])
 
 
 @dataclass(frozen=True)
@@ -45,11 +59,28 @@ class LoadSnapshot:
     num_running: int
     num_waiting: int
     max_num_seqs: int
-    lora_work: int  # sum of ranks of the running decoders (1 token each per step)
-    num_segments: int  # distinct (adapter, rank) groups running
-    context_sum: int  # sum of the running sequences' current lengths
-    mean_remaining: float  # mean output tokens the running sequences still have to produce
+    # The active set: the running sequences and the waiting ones free slots admit next (`num_admitted`).
+    adapters: tuple[tuple[int, int, int], ...]  # (adapter slot, active sequences, largest rank) per adapter
+    context_sum: int  # sum of the active sequences' current lengths
+    mean_remaining: float  # mean output tokens the active sequences still have to produce
     max_num_batched_tokens: int
+    num_admitted: int = 0
+    pending_prefill: int = 0  # prompt tokens of the active set not computed yet (prefilled before ours)
+
+
+def decode_lora(adapters: tuple[tuple[int, int, int], ...], slot: int, rank: int) -> tuple[int, int, int]:
+    """(lora_flops, lora_reads, num_groups) of a decode step of the running set plus one row of `slot`
+    at `rank` (rank 0: a base-model row): each adapter's rows are groups of up to MAX_MASKED_ROWS rows
+    at the adapter's largest rank."""
+    per = {s: (n, r) for s, n, r in adapters}
+    if rank > 0:
+        n, r = per.get(slot, (0, 0))
+        per[slot] = (n + 1, max(r, rank))
+    flops = reads = groups = 0
+    for n, r in per.values():
+        g = math.ceil(n / MAX_MASKED_ROWS)
+        flops, reads, groups = flops + n * r, reads + g * r, groups + g
+    return flops, reads, groups
 
 
 def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -67,62 +98,81 @@ def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 class CostModel:
-    def __init__(self, coef: np.ndarray | None = None, ema: float = 0.1):
+    def __init__(self, coef: np.ndarray | None = None, ema: float = 0.1, refit_every: int = 128, max_recent: int = 512):
         # An uncalibrated default (seconds) so that predictions exist before warm-up.
-        self.coef = coef if coef is not None else np.array([5e-3, 5e-4, 1e-7, 2e-4, 1e-7, 5e-4])
+        self.coef = coef if coef is not None else np.array([5e-3, 5e-4, 1e-7, 1e-5, 2e-4, 1e-7, 5e-4])
         self.correction = 1.0
-        self.ema = ema
+        self.ema, self.refit_every = ema, refit_every
+        self.warmup_samples: list[tuple[StepFeatures, float]] = []
+        self.recent: collections.deque[tuple[StepFeatures, float]] = collections.deque(maxlen=max_recent)
+        self._since_refit = 0
 
     def fit(self, samples: list[tuple[StepFeatures, float]]) -> None:
+        """Fit on warm-up samples (kept: every later refit includes them)."""
+        self.warmup_samples = list(samples)
+        self._refit()
+        log.info("cost model: %s", ", ".join(f"{n}={c:.3g}" for n, c in zip(FEATURES, self.coef)))
+
+    def _refit(self) -> None:
+        samples = self.warmup_samples + list(self.recent)
         x = np.stack([f.vector() for f, _ in samples])
         y = np.array([t for _, t in samples])
         self.coef = nnls(x, y)
-        self.correction = 1.0
-        log.info("cost model: %s", ", ".join(f"{n}={c:.3g}" for n, c in zip(FEATURES, self.coef)))
+        self.correction, self._since_refit = 1.0, 0
 
     def predict_step(self, f: StepFeatures) -> float:
         return float(f.vector() @ self.coef) * self.correction
 
     def observe(self, f: StepFeatures, seconds: float) -> None:
-        """Online correction: correction <- (1 - ema) * correction + ema * observed / raw prediction."""
+        """A step as it ran: correction <- (1 - ema) * correction + ema * observed / raw prediction, and a
+        refit on warm-up + recent steps every `refit_every` observations (once warm-up has fitted)."""
+        if seconds <= 0:
+            return
         raw = float(f.vector() @ self.coef)
-        if raw > 0 and seconds > 0:
+        if raw > 0:
             self.correction = (1 - self.ema) * self.correction + self.ema * (seconds / raw)
+        self.recent.append((f, seconds))
+        self._since_refit += 1
+        if self.warmup_samples and self._since_refit >= self.refit_every:
+            self._refit()
 
-    def predict_latency(self, load: LoadSnapshot, num_prompt_tokens: int, max_tokens: int, rank: int) -> float:
-        """Predicted seconds from enqueue to the last token for a new request at `rank` (0 = base)."""
-        n = load.num_running
-        decode_step = StepFeatures(n, load.lora_work, load.num_segments, load.context_sum, n)
+    def predict_latency(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, rank: int) -> float:
+        """Predicted seconds from enqueue to the last token for a new request on adapter `slot` at `rank`
+        (0 = base)."""
+        n, active = load.num_running, load.num_running + load.num_admitted
+        running = decode_lora(load.adapters, slot, 0)
+        decode_step = StepFeatures(active, *running, load.context_sum, active)
         free = load.max_num_seqs - load.num_running
         ahead = load.num_waiting + 1 - free
         queue = 0.0
         if ahead > 0:
             waves = math.ceil(ahead / load.max_num_seqs)
             queue = waves * max(load.mean_remaining, 1.0) * self.predict_step(decode_step)
-        new_segment = 1 if rank > 0 else 0
-        prefill, left = 0.0, num_prompt_tokens
-        while left > 0:
+        total = load.pending_prefill + num_prompt_tokens
+        prefill, left = 0.0, total
+        while left > 0:  # a prompt chunk is a group of its own beside the running set's groups
             chunk = min(left, max(load.max_num_batched_tokens - n, 1))
-            done = num_prompt_tokens - left
+            done = max(num_prompt_tokens - left, 0)
+            flops, reads, groups = running
+            if rank > 0:
+                flops, reads, groups = flops + chunk * rank, reads + rank, groups + 1
             prefill += self.predict_step(StepFeatures(
-                n + chunk, load.lora_work + chunk * rank, load.num_segments + new_segment,
-                load.context_sum + chunk * (done + chunk), n + (1 if left == chunk else 0),
+                n + chunk, flops, reads, groups, load.context_sum + chunk * (done + chunk), n + (1 if left == chunk else 0),
             ))
             left -= chunk
         steps = max(max_tokens - 1, 0)
         # contexts grow by one token per sequence per step: use the mean context over the decode
-        mean_ctx = load.context_sum + n * steps / 2 + num_prompt_tokens + steps / 2
-        decode = steps * self.predict_step(StepFeatures(
-            n + 1, load.lora_work + rank, load.num_segments + new_segment, int(mean_ctx), n + 1,
-        ))
+        mean_ctx = load.context_sum + active * steps / 2 + num_prompt_tokens + steps / 2
+        decode = steps * self.predict_step(StepFeatures(active + 1, *decode_lora(load.adapters, slot, rank), int(mean_ctx),
+                                                        active + 1))
         return queue + prefill + decode
 
     def choose_rank(
-        self, load: LoadSnapshot, num_prompt_tokens: int, max_tokens: int, candidates: list[int], budget_s: float
+        self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, candidates: list[int], budget_s: float
     ) -> tuple[int, bool, float]:
         """(rank, met, predicted seconds): the highest candidate predicted within budget, else the lowest."""
         ranks = sorted(set(candidates))
-        predictions = {r: self.predict_latency(load, num_prompt_tokens, max_tokens, r) for r in ranks}
+        predictions = {r: self.predict_latency(load, slot, num_prompt_tokens, max_tokens, r) for r in ranks}
         meeting = [r for r in ranks if predictions[r] <= budget_s]
         if meeting:
             return meeting[-1], True, predictions[meeting[-1]]

@@ -33,6 +33,7 @@ from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.engine.cost_model import CostModel, StepFeatures
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.engine.kv_cache import KVCache
+from matryoshka_lora.engine.lora_batch import build_groups, build_segments
 from matryoshka_lora.engine.model_runner import BASE_SLOT, ModelRunner, StepItem
 from matryoshka_lora.engine.rank_policy import resolve_rank
 from matryoshka_lora.engine.sampler import sample
@@ -288,12 +289,17 @@ class LLMEngine:
 
 
 def step_features(items: list[StepItem]) -> StepFeatures:
-    """The cost model's features of a step (see cost_model)."""
-    groups = {(it.adapter_slot, it.rank) for it in items if it.rank > 0}
+    """The cost model's features of a step (see cost_model), from the LoRA groups the runner will form."""
+    rows, start = [], 0
+    for it in sorted(items, key=lambda it: (it.adapter_slot, it.rank)):
+        rows.append((start, start + len(it.token_ids), it.adapter_slot, it.rank, it.scale))
+        start += len(it.token_ids)
+    groups = build_groups(build_segments(rows))
     return StepFeatures(
-        num_tokens=sum(len(it.token_ids) for it in items),
-        lora_work=sum(len(it.token_ids) * it.rank for it in items),
-        num_segments=len(groups),
+        num_tokens=start,
+        lora_flops=sum((g.end - g.start) * g.rank for g in groups),
+        lora_reads=sum(g.rank for g in groups),
+        num_groups=len(groups),
         attn_work=sum(len(it.token_ids) * (it.position + len(it.token_ids)) for it in items),
         num_sampled=sum(1 for it in items if it.sample),
     )

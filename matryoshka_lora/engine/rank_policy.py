@@ -29,17 +29,26 @@ class RankChoice:
 
 
 def load_snapshot(scheduler: Scheduler) -> LoadSnapshot:
+    """The running set plus the waiting requests that free KV slots will admit next: they all run together."""
     running = scheduler.running
-    remaining = [max(s.max_len - len(s.token_ids), 0) for s in running]
+    admitted = scheduler.waiting_seqs()[: scheduler.kv.num_free_slots]
+    active = running + admitted
+    remaining = [max(s.max_len - len(s.token_ids), 0) for s in active]
+    adapters: dict[int, tuple[int, int]] = {}  # slot -> (sequences, largest rank)
+    for s in active:
+        if s.rank > 0:
+            n, r = adapters.get(s.adapter_slot, (0, 0))
+            adapters[s.adapter_slot] = (n + 1, max(r, s.rank))
     return LoadSnapshot(
         num_running=len(running),
         num_waiting=scheduler.num_waiting,
         max_num_seqs=scheduler.kv.max_num_seqs,
-        lora_work=sum(s.rank for s in running),
-        num_segments=len({(s.adapter_slot, s.rank) for s in running if s.rank > 0}),
-        context_sum=sum(len(s.token_ids) for s in running),
+        adapters=tuple((slot, n, r) for slot, (n, r) in sorted(adapters.items())),
+        context_sum=sum(len(s.token_ids) for s in active),
         mean_remaining=statistics.fmean(remaining) if remaining else 0.0,
         max_num_batched_tokens=scheduler.max_num_batched_tokens,
+        num_admitted=len(admitted),
+        pending_prefill=sum(max(s.num_prompt_tokens - s.num_computed, 0) for s in active),
     )
 
 
@@ -58,6 +67,6 @@ def resolve_rank(
     num_prompt = len(request.prompt_token_ids)
     max_tokens = min(request.sampling.max_tokens, max_model_len - num_prompt)
     rank, met, predicted = cost_model.choose_rank(
-        load_snapshot(scheduler), num_prompt, max_tokens, candidates, request.latency_budget_ms / 1000.0
+        load_snapshot(scheduler), entry.slot, num_prompt, max_tokens, candidates, request.latency_budget_ms / 1000.0
     )
     return RankChoice(entry, rank, "budget" if met else "budget_unmet", predicted)

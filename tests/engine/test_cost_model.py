@@ -12,15 +12,15 @@ from matryoshka_lora.engine.cost_model import (
     nnls,
 )
 
-TRUE = np.array([4e-3, 2e-4, 5e-7, 1e-4, 3e-8, 6e-4])
+TRUE = np.array([4e-3, 2e-4, 5e-7, 2e-5, 1e-4, 3e-8, 6e-4])
 
 
 def synthetic(n=60, noise=0.0, seed=0):
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n):
-        f = StepFeatures(int(rng.integers(1, 256)), int(rng.integers(0, 4096)), int(rng.integers(0, 6)),
-                         int(rng.integers(0, 20000)), int(rng.integers(1, 32)))
+        f = StepFeatures(int(rng.integers(1, 256)), int(rng.integers(0, 4096)), int(rng.integers(0, 256)),
+                         int(rng.integers(0, 6)), int(rng.integers(0, 20000)), int(rng.integers(1, 32)))
         t = float(f.vector() @ TRUE) * (1 + noise * rng.standard_normal())
         samples.append((f, t))
     return samples
@@ -42,22 +42,22 @@ def test_nnls_never_negative():
 def test_online_correction_tracks_a_slower_machine():
     model = CostModel(ema=0.2)
     model.fit(synthetic())
-    f = StepFeatures(16, 16 * 8, 1, 16 * 100, 16)
+    f = StepFeatures(16, 16 * 8, 8, 1, 16 * 100, 16)
     for _ in range(60):
         model.observe(f, 2.0 * float(f.vector() @ TRUE))
     assert model.predict_step(f) == pytest.approx(2.0 * float(f.vector() @ TRUE), rel=1e-3)
 
 
 def load(num_running=4, num_waiting=0, max_num_seqs=8) -> LoadSnapshot:
-    return LoadSnapshot(num_running, num_waiting, max_num_seqs, lora_work=4 * 8, num_segments=2,
+    return LoadSnapshot(num_running, num_waiting, max_num_seqs, adapters=((0, 2, 8), (1, 2, 4)),
                         context_sum=4 * 50, mean_remaining=20.0, max_num_batched_tokens=256)
 
 
 def test_latency_grows_with_rank_and_load():
     model = CostModel(coef=TRUE.copy())
-    ranks = [model.predict_latency(load(), 20, 32, r) for r in (0, 1, 8, 64)]
+    ranks = [model.predict_latency(load(), 2, 20, 32, r) for r in (0, 1, 8, 64)]
     assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
-    assert model.predict_latency(load(num_running=8, num_waiting=8), 20, 32, 8) > model.predict_latency(load(), 20, 32, 8)
+    assert model.predict_latency(load(num_running=8, num_waiting=8), 2, 20, 32, 8) > model.predict_latency(load(), 2, 20, 32, 8)
 
 
 @pytest.mark.parametrize("budget_factor, expected_rank, met", [
@@ -68,7 +68,32 @@ def test_latency_grows_with_rank_and_load():
 def test_choose_rank(budget_factor, expected_rank, met):
     model = CostModel(coef=TRUE.copy())
     snap = load()
-    budget = model.predict_latency(snap, 20, 32, 8) * budget_factor
-    rank, ok, predicted = model.choose_rank(snap, 20, 32, [1, 2, 4, 8, 16, 32, 64], budget)
+    budget = model.predict_latency(snap, 2, 20, 32, 8) * budget_factor
+    rank, ok, predicted = model.choose_rank(snap, 2, 20, 32, [1, 2, 4, 8, 16, 32, 64], budget)
     assert rank == (expected_rank or 8) and ok is met
-    assert predicted == pytest.approx(model.predict_latency(snap, 20, 32, rank))
+    assert predicted == pytest.approx(model.predict_latency(snap, 2, 20, 32, rank))
+
+
+@pytest.mark.parametrize("adapters, slot, rank, expected", [
+    ((), 0, 0, (0, 0, 0)),  # base only
+    ((), 0, 8, (8, 8, 1)),  # the first LoRA row: one group at its rank
+    (((0, 3, 64),), 0, 1, (4 * 64, 64, 1)),  # joins a rank-64 group: computed at 64
+    (((0, 3, 8),), 0, 32, (4 * 32, 32, 1)),  # raises its adapter's group to 32
+    (((0, 3, 8),), 1, 2, (3 * 8 + 2, 8 + 2, 2)),  # another adapter: a group of its own
+    (((0, 64, 4),), 0, 4, (65 * 4, 2 * 4, 2)),  # past MAX_MASKED_ROWS rows: two groups
+])
+def test_decode_lora_follows_the_op_grouping(adapters, slot, rank, expected):
+    from matryoshka_lora.engine.cost_model import decode_lora
+
+    assert decode_lora(adapters, slot, rank) == expected
+
+
+def test_refits_on_observed_steps():
+    """A machine twice as slow per token as warm-up measured: after refits the per-token cost follows."""
+    model = CostModel(refit_every=32, ema=0.0)
+    model.fit(synthetic(n=40))
+    slow = TRUE * np.array([1, 4, 1, 1, 1, 1, 1])
+    for f, _ in synthetic(n=320, seed=1):
+        model.observe(f, float(f.vector() @ slow))
+    f = StepFeatures(200, 0, 0, 0, 0, 1)
+    assert model.predict_step(f) == pytest.approx(float(f.vector() @ slow), rel=0.2)
