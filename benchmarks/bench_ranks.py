@@ -6,7 +6,7 @@ on the same prompts, the peers of matryoshka_lora/loadtest/peers.py: transformer
 `generate` and continuous batching `generate_batch`, each on the base model and with the first adapter
 exported as PEFT at r_max (unmerged), and vLLM offline (base and LoRA) when --vllm-python names a venv
 with vLLM. Adapters: random A and non-zero B on every target module at r_max 64 on the default model
-(or the adapters in --adapters).
+(or --targets only, or the adapters in --adapters).
 
     python benchmarks/bench_ranks.py [--quick] [--threads 2] [--skip-peers] [--vllm-python .venv-vllm/bin/python]
 
@@ -91,10 +91,14 @@ def peer_rows(args, model, adapter_dir: Path, r_max: int, prompts, tmp: Path) ->
              "p50_s": r.wall_s or float("nan"), "p95_s": r.wall_s or float("nan")} for r in results]
 
 
-def make_adapters(model, root: Path, r_max: int) -> list[Path]:
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+def make_adapters(model, root: Path, r_max: int, targets: tuple[str, ...] | None = None) -> list[Path]:
+    from matryoshka_lora.engine.random_adapter import (
+        DEFAULT_TARGET_MODULES,
+        save_random_adapter,
+    )
 
-    return [save_random_adapter(model, root / name, name, r_max, seed=seed, std=0.02)
+    return [save_random_adapter(model, root / name, name, r_max, target_modules=targets or DEFAULT_TARGET_MODULES,
+                                seed=seed, std=0.02)
             for seed, name in enumerate(("bench-a", "bench-b"))]
 
 
@@ -107,6 +111,8 @@ def main() -> None:
     parser.add_argument("--r-max", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="runs per engine workload; the best is reported")
     parser.add_argument("--adapters", help="a folder of adapters to use instead of random ones")
+    parser.add_argument("--targets", help="modules of the random adapters, comma-separated (default: all seven "
+                                          "q,k,v,o,gate,up,down projections), e.g. q_proj,v_proj")
     parser.add_argument("--skip-peers", action="store_true", help="only the native engine")
     parser.add_argument("--model", help="a local HF model directory instead of the default model")
     parser.add_argument("--vllm-python", help="python of a venv with vLLM (e.g. .venv-vllm/bin/python): adds vLLM rows")
@@ -133,7 +139,7 @@ def main() -> None:
         model, tokenizer = load_base_model(args.model)
     prompts = encode_prompts(tokenizer, args.num_requests)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
-    paths = adapter_dirs(args.adapters) if args.adapters else make_adapters(model, tmp, args.r_max)
+    paths = adapter_dirs(args.adapters) if args.adapters else make_adapters(model, tmp, args.r_max, tuple(args.targets.split(",")) if args.targets else None)
     engine = LLMEngine(EngineConfig(adapters=[str(p) for p in paths], max_num_seqs=max(args.num_requests, 1),
                                     max_model_len=min(512, model.config.max_position_embeddings), num_threads=args.threads), hf_model=model, tokenizer=tokenizer)
     names = engine.adapters.names()
