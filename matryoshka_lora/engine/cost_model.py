@@ -16,8 +16,10 @@ A request's end-to-end latency at rank r of adapter slot a, under the current lo
   + prefill     (the active set's pending prompt tokens, then its own, in chunks alongside the decode
                  tokens of the running sequences)
   + decode      (max_tokens - 1 steps of the active set plus it, contexts growing)
-where the active set is the running sequences plus the waiting ones that free slots admit first, and
-its decode rows of one adapter form one group at the largest rank among them, as
+where the active set is the running sequences plus the waiting ones that free slots admit first;
+prefill and decode are then stretched by 1 / (1 - rho), rho = the share of the machine that prompts
+arriving meanwhile will take (their observed token rate x the fitted per-token cost): while this
+request runs, later arrivals' prefill chunks share its steps. The active set's decode rows of one adapter form one group at the largest rank among them, as
 the op computes them (so joining an adapter already served at rank 64 costs rank 64 whatever its
 rank). `choose_rank` serves the highest candidate rank predicted to meet the budget.
 """
@@ -66,6 +68,26 @@ class LoadSnapshot:
     max_num_batched_tokens: int
     num_admitted: int = 0
     pending_prefill: int = 0  # prompt tokens of the active set not computed yet (prefilled before ours)
+    prompt_tokens_per_s: float = 0.0  # recent arrival rate of prompt tokens (RateMeter)
+
+
+class RateMeter:
+    """An exponentially decaying rate: rate = sum of amounts weighted by exp(-age / window_s) / window_s."""
+
+    def __init__(self, window_s: float = 20.0):
+        self.window_s, self._sum, self._t = window_s, 0.0, None
+
+    def _decayed(self, now: float) -> float:
+        return 0.0 if self._t is None else self._sum * math.exp(-(now - self._t) / self.window_s)
+
+    def add(self, amount: float, now: float) -> None:
+        self._sum, self._t = self._decayed(now) + amount, now
+
+    def rate(self, now: float) -> float:
+        return self._decayed(now) / self.window_s
+
+
+MAX_STRETCH = 20.0  # rho -> 1: the prediction says "far beyond any budget" rather than infinity
 
 
 def decode_lora(adapters: tuple[tuple[int, int, int], ...], slot: int, rank: int) -> tuple[int, int, int]:
@@ -165,7 +187,12 @@ class CostModel:
         mean_ctx = load.context_sum + active * steps / 2 + num_prompt_tokens + steps / 2
         decode = steps * self.predict_step(StepFeatures(active + 1, *decode_lora(load.adapters, slot, rank), int(mean_ctx),
                                                         active + 1))
-        return queue + prefill + decode
+        return queue + (prefill + decode) * self.arrival_stretch(load.prompt_tokens_per_s)
+
+    def arrival_stretch(self, prompt_tokens_per_s: float) -> float:
+        """1 / (1 - rho), rho = prompt tokens/s arriving x seconds per prefill token (capped at MAX_STRETCH)."""
+        rho = prompt_tokens_per_s * self.coef[FEATURES.index("num_tokens")] * self.correction
+        return MAX_STRETCH if rho >= 1 - 1 / MAX_STRETCH else 1.0 / (1.0 - rho)
 
     def choose_rank(
         self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, candidates: list[int], budget_s: float

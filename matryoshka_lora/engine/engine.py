@@ -30,7 +30,7 @@ from matryoshka_lora.engine.adapter_slots import (
     fuse_adapter,
 )
 from matryoshka_lora.engine.config import EngineConfig
-from matryoshka_lora.engine.cost_model import CostModel, StepFeatures
+from matryoshka_lora.engine.cost_model import CostModel, RateMeter, StepFeatures
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.lora_batch import build_groups, build_segments
@@ -73,6 +73,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.weights, self.kv, self.adapters.table)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len)
         self.cost_model = CostModel()
+        self.prompt_arrivals = RateMeter()  # prompt tokens/s arriving, for the budget predictions
         self.lock = threading.Condition()
         self._seqs: dict[int, Sequence] = {}
         self._aborts: set[int] = set()
@@ -130,7 +131,9 @@ class LLMEngine:
         with self.lock:
             if not self._admitting:
                 raise EngineStoppedError()
-            choice = resolve_rank(request, self.adapters, self.cost_model, self.scheduler, self.max_model_len)
+            choice = resolve_rank(request, self.adapters, self.cost_model, self.scheduler, self.max_model_len,
+                                  self.prompt_arrivals)
+            self.prompt_arrivals.add(n, time.perf_counter())
             entry = choice.entry
             generator = None
             if params.temperature > 0:

@@ -97,3 +97,27 @@ def test_refits_on_observed_steps():
         model.observe(f, float(f.vector() @ slow))
     f = StepFeatures(200, 0, 0, 0, 0, 1)
     assert model.predict_step(f) == pytest.approx(float(f.vector() @ slow), rel=0.2)
+
+
+def test_rate_meter_decays():
+    from matryoshka_lora.engine.cost_model import RateMeter
+
+    meter = RateMeter(window_s=10.0)
+    assert meter.rate(0.0) == 0.0
+    for t in range(100):  # 128 tokens every second for 100 s: ~128 tokens/s
+        meter.add(128, float(t))
+    assert meter.rate(99.0) == pytest.approx(128 * (1 - np.exp(-10.0)) / (1 - np.exp(-0.1)) / 10, rel=1e-9)
+    assert meter.rate(99.0) == pytest.approx(128, rel=0.06)
+    assert meter.rate(199.0) < 1e-2  # quiet for 100 s: gone
+
+
+@pytest.mark.parametrize("tokens_per_s, expected", [(0.0, 1.0), (0.5 / TRUE[1], 2.0), (1.0 / TRUE[1], 20.0)])
+def test_arrivals_stretch_the_prediction(tokens_per_s, expected):
+    """rho = arriving prompt tokens/s x s per token: half the machine taken by arrivals doubles the time."""
+    from dataclasses import replace
+
+    model = CostModel(coef=TRUE.copy())
+    quiet = model.predict_latency(load(), 2, 20, 32, 8)
+    busy = model.predict_latency(replace(load(), prompt_tokens_per_s=tokens_per_s), 2, 20, 32, 8)
+    assert model.arrival_stretch(tokens_per_s) == pytest.approx(expected)
+    assert busy == pytest.approx(quiet * expected)  # no queue in load(): all of it is stretched
