@@ -3,14 +3,16 @@
 A tenants file with fresh random keys is written to OUT/tenants.toml and the server started with it:
 
     flood    rate_limit_rps 2, burst 2, max_concurrency 2   sends 20 req/s (10 x its rate limit)
-    trickle  no limits                                        sends T = 0.2 / L_0 req/s (20 % busy alone)
+    trickle  no limits                                        sends T = max(0.2 / L_0, 10 / duration) req/s
+                                                              (20 % busy alone, and >= ~10 requests a phase)
 
     probe    L_0 = the trickle's unloaded e2e (4 requests at rank 8 or r_max, one at a time)
     phase 1  trickle alone, --duration s (60)
     phase 2  trickle + flood together, --duration s
 
 Invariants: no 5xx at all; the flood gets 429s (with Retry-After); the trickle gets none.
-Goal: the trickle's p50 e2e under the flood within 20 % of the trickle alone.
+Goal: the trickle's p50 e2e under the flood within 20 % of the trickle alone (not measured when a
+phase got no trickle request).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from matryoshka_lora.loadtest.stats import ms, percentiles
 FLOOD_LIMITS = {"rate_limit_rps": 2.0, "burst": 2, "max_concurrency": 2}
 FLOOD_FACTOR = 10.0  # the flood sends this many times its rate limit
 TRICKLE_UTILISATION = 0.2
+MIN_TRICKLE_REQUESTS = 10  # per phase, expected: on a slow machine 0.2 / L_0 alone may send none in a phase
 LATENCY_TOLERANCE = 0.20
 
 
@@ -67,7 +70,7 @@ def run(ctx: RunContext) -> ScenarioResult:
     entry = MixEntry(adapter.name, min(8, adapter.r_max))
     l_0, phase = unloaded(ctx, entry, tag="probe trickle")
     result.phases.append(phase)
-    trickle_rate = TRICKLE_UTILISATION / l_0
+    trickle_rate = max(TRICKLE_UTILISATION / l_0, MIN_TRICKLE_REQUESTS / cfg.phase_s)
     flood_rate = FLOOD_FACTOR * FLOOD_LIMITS["rate_limit_rps"]
     trickle = ctx.plan([entry], tag="trickle", api_key=keys["trickle"])
     flood = ctx.plan([entry], tag="flood", api_key=keys["flood"])
@@ -93,9 +96,12 @@ def run(ctx: RunContext) -> ScenarioResult:
         refusals_have_retry_after(loaded.records),
     ]
     base, under = p50(alone.records), p50(trickle_records)
-    result.checks.append(goal(f"trickle p50 under the flood within {LATENCY_TOLERANCE:.0%} of alone",
-                              base is not None and under is not None and under <= (1 + LATENCY_TOLERANCE) * base,
-                              f"alone {ms(base)} ms, under flood {ms(under)} ms"))
+    name = f"trickle p50 under the flood within {LATENCY_TOLERANCE:.0%} of alone"
+    if base is None or under is None:
+        result.checks.append(Check(name, None, "not measured: a phase completed no trickle request", "goal"))
+    else:
+        result.checks.append(goal(name, under <= (1 + LATENCY_TOLERANCE) * base,
+                                  f"alone {ms(base)} ms, under flood {ms(under)} ms ({under / base:.2f}x)"))
     result.tables["tenants"] = [{
         "trickle_rps": round(trickle_rate, 3), "flood_rps": flood_rate, "flood_limits": FLOOD_LIMITS,
         "trickle_p50_alone_ms": ms(base), "trickle_p50_flood_ms": ms(under),
