@@ -1,0 +1,149 @@
+"""The engine's hot ops, one at a time, on SmolLM2-135M shapes: what the decode step is made of.
+
+    python benchmarks/bench_ops.py [--threads 2] [--step]
+
+1. linear: MKL `x @ W` on a row-major weight vs `PackedLinear` (oneDNN, weight packed once), per row count.
+2. LoRA expand layout, cache-cold (a 64 MB buffer is written between calls, as the base model's 540 MB
+   of weights evict the adapter during a real step): block-structured B with zero blocks (one matmul)
+   vs one B per member (k matmuls), rank 8 and 64, 16 rows.
+3. `--step`: whole decode steps of 16 sequences on the real default model (ModelRunner.execute on fixed
+   items, median of 10 after 2), with random all-module adapters at r_max 64: base, rank 1, rank 64,
+   and the mixed batch (2 adapters x ranks 1/8/32/64) with masked groups vs one group per rank.
+Prints µs (ms for steps) per call. Measure on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from matryoshka_lora.engine.linear import PackedLinear
+
+HIDDEN, INTERMEDIATE, VOCAB = 576, 1536, 49152
+LINEARS = {"qkv": (HIDDEN, 960), "o": (HIDDEN, HIDDEN), "gate_up": (HIDDEN, 2 * INTERMEDIATE),
+           "down": (INTERMEDIATE, HIDDEN), "lm_head": (HIDDEN, VOCAB)}
+LORA_GROUPS = {"qkv": (HIDDEN, (576, 192, 192)), "gate_up": (HIDDEN, (1536, 1536)), "down": (INTERMEDIATE, (576,))}
+_flush = torch.zeros(16 * 1024 * 1024)
+
+
+def per_call_us(fn, *args, n: int = 100, cold: bool = False) -> float:
+    """Median µs of `fn(*args)` over n calls after 5 warm-ups; cold: evict the caches before each call."""
+    times = []
+    for i in range(n + 5):
+        if cold:
+            _flush.add_(1.0)
+        started = time.perf_counter()
+        fn(*args)
+        if i >= 5:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+@torch.inference_mode()
+def bench_linear() -> None:
+    print("\n1. linear, µs per call: x @ W (row-major [in, out]) vs PackedLinear (oneDNN, packed for 16 rows)")
+    print(f"{'weight':10s} {'rows':>5s} {'x @ W':>9s} {'packed':>9s} {'speed-up':>9s}")
+    for name, (i, o) in LINEARS.items():
+        weight = torch.randn(o, i)
+        w_t = weight.t().contiguous()
+        packed = PackedLinear(weight, batch_size_hint=16)
+        for rows in (1, 16, 64, 300):
+            x = torch.randn(rows, i)
+            n = 10 if name == "lm_head" and rows == 300 else 50
+            plain, fast = per_call_us(torch.matmul, x, w_t, n=n), per_call_us(packed, x, n=n)
+            print(f"{name:10s} {rows:5d} {plain:9.0f} {fast:9.0f} {plain / fast:8.2f}x")
+
+
+def expand_block(y, x, lora_A, block_B) -> None:
+    y.addmm_(x @ lora_A, block_B)
+
+
+def expand_per_member(y, x, lora_A, members) -> None:
+    h, k = x @ lora_A, len(members)
+    for m, (lora_B, c0, c1) in enumerate(members):
+        y[:, c0:c1].addmm_(h[:, m::k], lora_B)
+
+
+@torch.inference_mode()
+def bench_lora_layout(rows: int = 16, r_max: int = 64) -> None:
+    print(f"\n2. LoRA shrink + expand, {rows} rows, cache-cold, µs per call: block-structured B vs B per member")
+    print(f"{'group':8s} {'rank':>5s} {'block B':>9s} {'per member':>11s}")
+    for name, (i, outs) in LORA_GROUPS.items():
+        k, out = len(outs), sum(outs)
+        lora_A = torch.randn(i, k * r_max)
+        members, block, col = [], torch.zeros(k * r_max, out), 0
+        for m, width in enumerate(outs):
+            b = torch.randn(r_max, width)
+            block[m::k, col:col + width] = b
+            members.append((b, col, col + width))
+            col += width
+        x, y = torch.randn(rows, i), torch.zeros(rows, out)
+        for rank in (8, 64):
+            a, blk = lora_A[:, :k * rank], block[:k * rank]
+            per_rank = [(b[:rank], c0, c1) for b, c0, c1 in members]
+            block_us = per_call_us(expand_block, y, x, a, blk, cold=True)
+            member_us = per_call_us(expand_per_member, y, x, a, per_rank, cold=True)
+            print(f"{name:8s} {rank:5d} {block_us:9.0f} {member_us:11.0f}")
+
+
+def bench_steps(threads: int) -> None:
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.engine import LLMEngine
+    from matryoshka_lora.engine.model_runner import StepItem
+    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.models import load_base_model
+
+    model, tokenizer = load_base_model(None)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ops-"))
+    paths = [save_random_adapter(model, tmp / n, n, 64, seed=s, std=0.02) for s, n in enumerate(("a", "b"))]
+    engine = LLMEngine(EngineConfig(adapters=[str(p) for p in paths], max_num_seqs=16, max_model_len=512,
+                                    num_threads=threads, warmup=False), hf_model=model, tokenizer=tokenizer)
+    slot_a, slot_b = (engine.adapters.get(n).slot for n in ("a", "b"))
+
+    def items(kind: str) -> list[StepItem]:
+        out = []
+        for i in range(16):
+            if kind == "base":
+                slot, rank = -1, 0
+            elif kind == "mixed":
+                slot, rank = (slot_a, slot_b)[i % 2], (1, 8, 32, 64)[i % 4]
+            else:
+                slot, rank = slot_a, int(kind)
+            out.append(StepItem([100 + i], i, 100, True, slot, rank, 1.0 if rank else 0.0))
+        return out
+
+    cases = {"base": (items("base"), 64), "rank 1": (items("1"), 64), "rank 64": (items("64"), 64),
+             "mixed, masked groups": (items("mixed"), 64), "mixed, a group per rank": (items("mixed"), 0)}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for repeat in range(12):  # interleaved, so drift hits every case alike
+        for name, (its, max_masked_rows) in cases.items():
+            engine.runner.max_masked_rows = max_masked_rows
+            started = time.perf_counter()
+            engine.runner.execute(its)
+            if repeat >= 2:
+                times[name].append(time.perf_counter() - started)
+    print("\n3. decode step, 16 sequences at context 100, real SmolLM2 weights, ms (median of 10)")
+    for name, t in times.items():
+        print(f"{name:26s} {statistics.median(t) * 1e3:7.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--step", action="store_true", help="also time whole decode steps on the default model")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, oneDNN {torch.backends.mkldnn.is_available()}")
+    bench_linear()
+    bench_lora_layout()
+    if args.step:
+        bench_steps(args.threads)
+
+
+if __name__ == "__main__":
+    main()
