@@ -89,9 +89,10 @@ def warmup(engine: LLMEngine, repeats: int = 3) -> None:
             times = []
             for _ in range(repeats + 1):
                 t0 = time.perf_counter()
-                engine.runner.execute(items)
+                batch = engine.runner.prepare(items)  # timed as LLMEngine.step times it: prepare + run
+                engine.runner.run(batch)
                 times.append(time.perf_counter() - t0)
-            samples.append((step_features(items), statistics.median(times[1:])))
+            samples.append((step_features(items, batch.lora_groups), statistics.median(times[1:])))
         engine.cost_model.fit(samples)
     finally:
         with engine.lock:

@@ -6,7 +6,7 @@ Other threads only call `add_request`, `abort`, `load_adapter`, `unload_adapter`
     while running:
         wait until there is work
         with lock: apply aborts; work = scheduler.schedule()
-        logits = model_runner.execute(work)            # outside the lock
+        logits = model_runner.run(model_runner.prepare(work))   # outside the lock
         tokens = sample(logits); detokenise; stop checks; emit events
         with lock: remove finished sequences (their KV slots and adapter references)
 """
@@ -33,7 +33,7 @@ from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.engine.cost_model import CostModel, RateMeter, StepFeatures
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.engine.kv_cache import KVCache
-from matryoshka_lora.engine.lora_batch import build_groups, build_segments
+from matryoshka_lora.engine.lora_ops import LoRAGroup
 from matryoshka_lora.engine.model_runner import BASE_SLOT, ModelRunner, StepItem
 from matryoshka_lora.engine.rank_policy import resolve_rank
 from matryoshka_lora.engine.sampler import sample
@@ -194,12 +194,13 @@ class LLMEngine:
             for s, n in work
         ]
         started = time.perf_counter()
-        idx, logits = self.runner.execute(items)
+        batch = self.runner.prepare(items)
+        idx, logits = self.runner.run(batch)
         for s, n in work:
             s.num_computed += n
         sampled = [work[i][0] for i in idx]
         tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
-        self.cost_model.observe(step_features(items), time.perf_counter() - started)
+        self.cost_model.observe(step_features(items, batch.lora_groups), time.perf_counter() - started)
         self.num_steps += 1
         done = [s for s, t in zip(sampled, tokens) if self._append_token(s, t)]
         with self.lock:
@@ -291,18 +292,13 @@ class LLMEngine:
             )
 
 
-def step_features(items: list[StepItem]) -> StepFeatures:
-    """The cost model's features of a step (see cost_model), from the LoRA groups the runner will form."""
-    rows, start = [], 0
-    for it in sorted(items, key=lambda it: (it.adapter_slot, it.rank)):
-        rows.append((start, start + len(it.token_ids), it.adapter_slot, it.rank, it.scale))
-        start += len(it.token_ids)
-    groups = build_groups(build_segments(rows))
+def step_features(items: list[StepItem], lora_groups: list[LoRAGroup]) -> StepFeatures:
+    """The cost model's features of a step (see cost_model), its LoRA groups as the runner formed them."""
     return StepFeatures(
-        num_tokens=start,
-        lora_flops=sum((g.end - g.start) * g.rank for g in groups),
-        lora_reads=sum(g.rank for g in groups),
-        num_groups=len(groups),
+        num_tokens=sum(len(it.token_ids) for it in items),
+        lora_flops=sum((g.end - g.start) * g.rank for g in lora_groups),
+        lora_reads=sum(g.rank for g in lora_groups),
+        num_groups=len(lora_groups),
         attn_work=sum(len(it.token_ids) * (it.position + len(it.token_ids)) for it in items),
         num_sampled=sum(1 for it in items if it.sample),
     )

@@ -26,7 +26,7 @@ from matryoshka_lora.engine.lora_batch import (
     build_groups,
     build_segments,
 )
-from matryoshka_lora.engine.lora_ops import FusedLoRA
+from matryoshka_lora.engine.lora_ops import FusedLoRA, LoRAGroup
 from matryoshka_lora.engine.weights import ModelWeights, rope_tables
 
 BASE_SLOT = -1
@@ -50,6 +50,7 @@ class StepBatch:
     lora: LoRABatch | None
     sample_items: list[int]  # item index of each logits row
     num_tokens: int
+    lora_groups: list[LoRAGroup]  # the step's LoRA groups (also what the cost model's features count)
 
 
 class ModelRunner:
@@ -92,11 +93,14 @@ class ModelRunner:
         )
         groups = build_groups(build_segments(row_groups), self.max_masked_rows)
         lora = LoRABatch(groups, self.lora_table) if groups and self.lora_table is not None else None
-        return StepBatch(torch.tensor(input_ids, dtype=torch.long), meta, lora, sample_items, len(input_ids))
+        return StepBatch(torch.tensor(input_ids, dtype=torch.long), meta, lora, sample_items, len(input_ids), groups)
 
-    @torch.inference_mode()
     def execute(self, items: list[StepItem]) -> tuple[list[int], torch.Tensor]:
         """Run one step; returns (item index per logits row, logits [num_sampled, vocab])."""
-        batch = self.prepare(items)
+        return self.run(self.prepare(items))
+
+    @torch.inference_mode()
+    def run(self, batch: StepBatch) -> tuple[list[int], torch.Tensor]:
+        """The forward of a prepared step: (item index per logits row, logits [num_sampled, vocab])."""
         logits = llama.forward(self.weights, batch.input_ids, batch.meta, self.kv, batch.lora)
         return batch.sample_items, logits
