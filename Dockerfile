@@ -32,6 +32,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MATRYOSHKA_HOST=0.0.0.0 \
     MATRYOSHKA_PORT=8000
 
+# A C compiler for the engine's fused CPU kernels, built for the host's CPU at the first start
+# (engine/cpu_kernels.py; without one the engine runs plain torch ops, ~15% slower). libc6-dev is not
+# pinned: it must equal the base image's libc6, which moves with Debian's security updates.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc=4:12.2.0-3 libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --system --gid 10001 matryoshka \
     && useradd --system --uid 10001 --gid matryoshka --create-home --home-dir /home/matryoshka matryoshka \
     && python3 -m venv /opt/venv

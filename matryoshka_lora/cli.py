@@ -242,6 +242,9 @@ def serve(
                              "take to finish after SIGTERM [MATRYOSHKA_DRAIN_TIMEOUT_S; 30].")] = None,
     num_threads: Annotated[Optional[int], typer.Option("--num-threads", help="Torch threads of the engine "
                            "[MATRYOSHKA_NUM_THREADS; torch default].")] = None,
+    fused_kernels: Annotated[Optional[bool], typer.Option("--fused-kernels/--no-fused-kernels", help="Native engine: "
+                             "RMSNorm, RoPE + KV write and decode attention as C kernels compiled once with the "
+                             "system C compiler (torch ops without one) [MATRYOSHKA_FUSED_KERNELS; on].")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of requests without one [MATRYOSHKA_SEED; 0].")] = None,
     log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug | info | warning | error "
                          "[MATRYOSHKA_LOG_LEVEL; info].")] = None,
@@ -262,7 +265,8 @@ def serve(
         host=host, port=port, model=model, adapters=adapters or None, tenants=tenants, allow_open=allow_open or None,
         backend=backend, max_num_seqs=max_num_seqs, max_queue_len=max_queue_len, max_model_len=max_model_len,
         max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens, max_body_bytes=max_body_bytes,
-        drain_timeout_s=drain_timeout, num_threads=num_threads, seed=seed, log_level=log_level,
+        drain_timeout_s=drain_timeout, num_threads=num_threads, fused_kernels=fused_kernels, seed=seed,
+        log_level=log_level,
     )
     run_server(settings)
 

@@ -7,8 +7,10 @@ consecutive prompt tokens of one sequence) or is the single decode token of a ru
         out[i] = softmax(q[i] . K[s, :p+i+1]^T / sqrt(d)) V[s, :p+i+1]      (causal)
     decode token of slot s at position p:
         out = softmax(q . K[s, :p+1]^T / sqrt(d)) V[s, :p+1]
-All decode tokens are done in one batched matmul over the slot range [lo, hi) as cache views; the
-rows of slots in that range that are not decoding are computed on a dummy mask and dropped.
+The reference decode path (`decode_attention`, used by torch_ops.TorchOps) does all decode tokens in one
+batched matmul over the slot range [lo, hi) as cache views; the rows of slots in that range that are
+not decoding are computed on a dummy mask and dropped. The fused C kernel (cpu_kernels.c) reads each
+sequence's own positions only.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class PrefillChunk:
 @dataclass
 class DecodeMeta:
     rows: torch.Tensor  # [B] token rows of the decode tokens
+    slots: torch.Tensor  # [B] their KV cache slots
+    lengths: torch.Tensor  # [B] positions each attends to (incl. the new token)
     offsets: torch.Tensor  # [B] slot - lo for each decode row
     lo: int
     hi: int
@@ -44,6 +48,7 @@ class DecodeMeta:
 @dataclass
 class AttentionMeta:
     positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] KV cache slot of each row
     cache_rows: torch.Tensor  # [T * kv_heads] flat KV cache rows (KVCache.write_rows)
     cos: torch.Tensor  # [T, 1, head_dim]
     sin: torch.Tensor
@@ -60,7 +65,8 @@ def build_decode_meta(rows: list[int], slots: list[int], lengths: list[int]) -> 
     for slot, n in zip(slots, lengths):
         mask[slot - lo, :, :, :n] = 0.0
     offsets = torch.tensor([s - lo for s in slots], dtype=torch.long)
-    return DecodeMeta(torch.tensor(rows, dtype=torch.long), offsets, lo, hi, length, mask)
+    as_long = (torch.tensor(v, dtype=torch.long) for v in (rows, slots, lengths))
+    return DecodeMeta(*as_long, offsets, lo, hi, length, mask)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: int) -> torch.Tensor:
@@ -92,10 +98,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: De
     return out.index_select(0, meta.offsets)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache) -> torch.Tensor:
-    """Write this step's k, v into the cache, then attend every row. q [T, heads, d] -> [T, heads, d]."""
-    kv.write(layer, meta.cache_rows, k, v)
-    out = torch.empty_like(q)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache,
+              ops) -> torch.Tensor:
+    """Attend every row; this step's k, v are already in the cache. q [T, heads, d] -> [T, heads, d].
+
+    Prefill chunks go through SDPA; the decode rows through `ops.decode_attention` (torch_ops.TorchOps
+    or the fused kernel of cpu_kernels.CKernelOps).
+    """
+    out = torch.empty(q.shape, dtype=q.dtype)
     for c in meta.prefills:
         if c.position == 0:
             kc, vc = k[c.start:c.end].transpose(0, 1), v[c.start:c.end].transpose(0, 1)
@@ -104,7 +114,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, met
             kc, vc = kv.seq_view(layer, c.slot, c.position + c.end - c.start)
             out[c.start:c.end] = prefill_attention(q[c.start:c.end], kc, vc, c.position)
     if meta.decode is not None:
-        d = meta.decode
-        kc, vc = kv.range_view(layer, d.lo, d.hi, d.length)
-        out.index_copy_(0, d.rows, decode_attention(q.index_select(0, d.rows), kc, vc, d))
+        ops.decode_attention(q, layer, meta, kv, out)
     return out

@@ -21,6 +21,8 @@ class EngineConfig:
     max_queue_len: waiting requests before `generate` raises QueueFullError.
     max_adapters: adapters loaded at once.
     num_threads: torch intra-op threads; None leaves torch's default.
+    fused_kernels: run RMSNorm, RoPE + KV-cache write, and decode attention as fused C kernels
+        (compiled once with the system C compiler; falls back to torch ops, with a warning, without one).
     seed: seeds the sampler of requests that carry no seed.
     warmup: run the warm-up and cost-model calibration at start.
     """
@@ -33,6 +35,7 @@ class EngineConfig:
     max_queue_len: int = 1024
     max_adapters: int = 16
     num_threads: int | None = None
+    fused_kernels: bool = True
     seed: int = 0
     warmup: bool = True
 

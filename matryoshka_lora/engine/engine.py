@@ -31,6 +31,7 @@ from matryoshka_lora.engine.adapter_slots import (
 )
 from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.engine.cost_model import CostModel, RateMeter, StepFeatures
+from matryoshka_lora.engine.cpu_kernels import load_step_ops
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.lora_ops import LoRAGroup
@@ -70,7 +71,7 @@ class LLMEngine:
         self.max_model_len = config.resolve_max_model_len(self.weights.spec.max_position_embeddings)
         self.kv = KVCache(self.weights.spec, config.max_num_seqs, self.max_model_len)
         self.adapters = AdapterSlots(self.weights.spec, config.max_adapters)
-        self.runner = ModelRunner(self.weights, self.kv, self.adapters.table)
+        self.runner = ModelRunner(self.weights, self.kv, self.adapters.table, load_step_ops(config.fused_kernels, self.weights.embed.dtype))
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len)
         self.cost_model = CostModel()
         self.prompt_arrivals = RateMeter()  # prompt tokens/s arriving, for the budget predictions

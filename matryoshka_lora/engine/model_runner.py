@@ -27,6 +27,7 @@ from matryoshka_lora.engine.lora_batch import (
     build_segments,
 )
 from matryoshka_lora.engine.lora_ops import FusedLoRA, LoRAGroup
+from matryoshka_lora.engine.torch_ops import TorchOps
 from matryoshka_lora.engine.weights import ModelWeights, rope_tables
 
 BASE_SLOT = -1
@@ -54,8 +55,9 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, weights: ModelWeights, kv: KVCache, lora_table: list[dict[str, list[FusedLoRA | None]]] | None = None):
-        self.weights, self.kv, self.lora_table = weights, kv, lora_table
+    def __init__(self, weights: ModelWeights, kv: KVCache, lora_table: list[dict[str, list[FusedLoRA | None]]] | None = None,
+                 ops: TorchOps = llama.TORCH_OPS):
+        self.weights, self.kv, self.lora_table, self.ops = weights, kv, lora_table, ops
         self.cos, self.sin = rope_tables(weights, kv.max_model_len)
         self.max_masked_rows = MAX_MASKED_ROWS
 
@@ -84,6 +86,7 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long)
         meta = AttentionMeta(
             positions=pos_t,
+            slots=torch.tensor(cache_slots, dtype=torch.long),
             cache_rows=self.kv.write_rows(cache_slots, positions),
             cos=self.cos.index_select(0, pos_t).unsqueeze(1),
             sin=self.sin.index_select(0, pos_t).unsqueeze(1),
@@ -102,5 +105,5 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> tuple[list[int], torch.Tensor]:
         """The forward of a prepared step: (item index per logits row, logits [num_sampled, vocab])."""
-        logits = llama.forward(self.weights, batch.input_ids, batch.meta, self.kv, batch.lora)
+        logits = llama.forward(self.weights, batch.input_ids, batch.meta, self.kv, batch.lora, self.ops)
         return batch.sample_items, logits

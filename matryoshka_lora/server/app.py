@@ -72,6 +72,7 @@ def build_backend(settings: ServerSettings) -> EngineBackend:
         max_model_len=settings.max_model_len,
         max_queue_len=settings.max_queue_len,
         num_threads=settings.num_threads,
+        fused_kernels=settings.fused_kernels,
         seed=settings.seed,
     )
     return NativeBackend(config)

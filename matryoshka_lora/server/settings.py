@@ -68,6 +68,10 @@ class ServerSettings(BaseSettings):
         30.0, ge=0, description="On shutdown, how long in-flight requests may take to finish."
     )
     num_threads: int | None = Field(None, ge=1, description="Torch threads of the engine; None = torch's default.")
+    fused_kernels: bool = Field(
+        True, description="Native engine: RMSNorm, RoPE + KV write and decode attention as fused C kernels "
+        "(built once with the system C compiler; torch ops when there is none)."
+    )
     seed: int = Field(0, description="Seed of requests that carry none.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 

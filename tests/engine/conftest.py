@@ -45,3 +45,19 @@ def make_engine(tiny_hf, tiny_model_dir, engine_adapters):
         return LLMEngine(EngineConfig(**values), hf_model=model, tokenizer=tokenizer)
 
     return make
+
+
+@pytest.fixture(params=["torch", "c-kernels"])
+def step_ops(request):
+    """Each of the step's op sets: the torch reference and the fused C kernels (skipped where they cannot build)."""
+    from matryoshka_lora.engine.cpu_kernels import KernelBuildError, build_library, load_step_ops
+
+    if request.param == "torch":
+        return load_step_ops(enabled=False)
+    try:
+        build_library()
+    except KernelBuildError as exc:
+        pytest.skip(f"C kernels unavailable here: {exc}")
+    ops = load_step_ops()
+    assert ops.name == "c-kernels"
+    return ops

@@ -12,10 +12,10 @@ from matryoshka_lora.engine.weights import fuse_weights
 ATOL = 1e-4
 
 
-def make_runner(hf_model, max_num_seqs=4, max_model_len=64):
+def make_runner(hf_model, ops, max_num_seqs=4, max_model_len=64):
     weights = fuse_weights(hf_model)
     kv = KVCache(weights.spec, max_num_seqs, max_model_len)
-    return ModelRunner(weights, kv), kv
+    return ModelRunner(weights, kv, ops=ops), kv
 
 
 def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
@@ -27,9 +27,9 @@ def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
     "prompt_lens, chunk",
     [([5], None), ([7, 3, 1], None), ([9, 4], 3), ([6, 6, 2, 11], 4)],
 )
-def test_prefill_then_decode_equals_hf(tiny_model, prompt_lens, chunk):
+def test_prefill_then_decode_equals_hf(tiny_model, step_ops, prompt_lens, chunk):
     """Prefill (whole or chunked, several sequences in one step), then decode with cache == HF recompute."""
-    runner, kv = make_runner(tiny_model)
+    runner, kv = make_runner(tiny_model, step_ops)
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in prompt_lens]
     slots = [kv.allocate() for _ in seqs]
@@ -62,7 +62,7 @@ def test_prefill_then_decode_equals_hf(tiny_model, prompt_lens, chunk):
 
 
 @pytest.mark.parametrize("overrides", [{"attention_bias": True}, {"num_key_value_heads": 4}, {"tie_word_embeddings": False}])
-def test_config_variants_equal_hf(overrides):
+def test_config_variants_equal_hf(overrides, step_ops):
     """qkv bias, no GQA, untied lm_head."""
     from transformers import LlamaForCausalLM
 
@@ -76,7 +76,7 @@ def test_config_variants_equal_hf(overrides):
                 attn = layer.self_attn
                 for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                     proj.bias.normal_()
-    runner, kv = make_runner(model)
+    runner, kv = make_runner(model, step_ops)
     ids = list(range(5, 17))
     slot = kv.allocate()
     _, logits = runner.execute([StepItem(ids[:-1], slot, 0, True)])
@@ -85,7 +85,7 @@ def test_config_variants_equal_hf(overrides):
     torch.testing.assert_close(logits[0], hf_logits(model, ids)[-1], atol=ATOL, rtol=0)
 
 
-def test_llama3_rope_scaling_equals_hf():
+def test_llama3_rope_scaling_equals_hf(step_ops):
     from transformers import LlamaForCausalLM
 
     from .engine_support import tiny_config as tiny_llama_config
@@ -94,7 +94,7 @@ def test_llama3_rope_scaling_equals_hf():
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(rope_parameters=rope)).eval()
-    runner, kv = make_runner(model)
+    runner, kv = make_runner(model, step_ops)
     ids = list(range(3, 60))
     _, logits = runner.execute([StepItem(ids, kv.allocate(), 0, True)])
     torch.testing.assert_close(logits[0], hf_logits(model, ids)[-1], atol=ATOL, rtol=0)
@@ -111,7 +111,7 @@ def test_unsupported_architecture_is_refused():
 
 
 @pytest.mark.parametrize("scaling, alpha", [("none", 1.0), ("sqrt", 2.0)])
-def test_mixed_adapters_and_ranks_equal_hf_at_that_rank(tiny_model, tmp_path, scaling, alpha):
+def test_mixed_adapters_and_ranks_equal_hf_at_that_rank(tiny_model, tmp_path, step_ops, scaling, alpha):
     """One step holding base, adapter a at ranks 1 and 8, adapter b at rank 3 == HF with the adapter attached."""
     import copy
 
@@ -129,7 +129,7 @@ def test_mixed_adapters_and_ranks_equal_hf_at_that_rank(tiny_model, tmp_path, sc
         adapter = load_adapter(tmp_path / name)
         adapters[name] = (adapter, slots_table.install(name, adapter.manifest, adapter.path, fuse_adapter(weights.spec, adapter.weights, 8)))
     kv = KVCache(weights.spec, 4, 64)
-    runner = ModelRunner(weights, kv, slots_table.table)
+    runner = ModelRunner(weights, kv, slots_table.table, step_ops)
     cases = [(None, 0), ("a", 1), ("a", 8), ("b", 3)]
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (6, 4, 7, 5)]

@@ -1,0 +1,163 @@
+"""The fused C kernels of `cpu_kernels.c`: built once per machine with the system C compiler, loaded with ctypes.
+
+    ops = load_step_ops(enabled=True)   # CKernelOps, or TorchOps where no compiler / not x86-64 / disabled
+
+The shared library is compiled with `-O3 -march=native` into `<cache>/kernels/` (see models.cache_root;
+a temporary directory when that is not writable), named by a hash of the source, the flags and the
+compiler, so a new source or another CPU builds its own copy and concurrent starts do not clash.
+`CKernelOps` has the same methods and semantics as the reference `torch_ops.TorchOps`; tests hold
+them equal. The kernels are float32 only: other dtypes get TorchOps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from matryoshka_lora.engine.attention import AttentionMeta
+from matryoshka_lora.engine.kv_cache import KVCache
+from matryoshka_lora.engine.torch_ops import TorchOps
+from matryoshka_lora.engine.weights import ModelSpec
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
+         "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast")
+i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {
+    "ml_rms_norm": (None, [ptr, i64, ptr, ptr, i64, i64, f32]),
+    "ml_rope_and_cache": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]),
+    "ml_decode_attention": (ctypes.c_int, [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32]),
+}
+
+
+class KernelBuildError(RuntimeError):
+    """The C kernels could not be compiled or loaded (the engine then runs its torch ops)."""
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise KernelBuildError("no C compiler found (tried $CC, cc, gcc, clang); install gcc for the fused kernels")
+
+
+def _build_dir() -> Path:
+    from matryoshka_lora.models import cache_root
+
+    for root in (cache_root() / "kernels", Path(tempfile.gettempdir()) / f"matryoshka-lora-kernels-{os.getuid()}"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if os.access(root, os.W_OK):
+                return root
+        except OSError:
+            continue
+    raise KernelBuildError("no writable directory for the compiled kernels")
+
+
+def build_library() -> Path:
+    """Compile cpu_kernels.c (once per source, flags, compiler and CPU) and return the .so path."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        raise KernelBuildError(f"unsupported machine {platform.machine()!r}")
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+                         + platform.processor().encode() + _cpu_model().encode()).hexdigest()[:16]
+    directory = _build_dir()
+    target = directory / f"cpu_kernels-{key}.so"
+    if target.is_file():
+        return target
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        raise KernelBuildError(f"{cc} failed: {result.stderr.strip()[-2000:]}")
+    os.replace(tmp, target)  # atomic: concurrent builders each write their own tmp
+    log.info("built the fused CPU kernels: %s", target)
+    return target
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+class CKernelOps(TorchOps):
+    """TorchOps with RMSNorm, RoPE + cache write and decode attention as the fused C kernels.
+
+    For the engine's float32 CPU tensors in the layouts llama.forward makes (rows with unit stride in
+    their last dimension, the KVCache tensor, contiguous cos/sin): the engine checks the dtype once
+    (load_step_ops), so the per-call wrappers stay a few microseconds.
+    """
+
+    name = "c-kernels"
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rows, dim = x.shape
+        out = torch.empty((rows, dim), dtype=x.dtype)
+        self.lib.ml_rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps)
+        return out
+
+    @staticmethod
+    def _cache_ptrs(kv: KVCache, layer: int) -> tuple[int, int, int]:
+        """Addresses of cache[layer, 0] and cache[layer, 1], and the slot stride (elements)."""
+        cache = kv.cache
+        k = cache.data_ptr() + layer * cache.stride(0) * cache.element_size()
+        return k, k + cache.stride(1) * cache.element_size(), cache.stride(2)
+
+    def rope_and_cache(self, qkv: torch.Tensor, spec: ModelSpec, layer: int, meta: AttentionMeta, kv: KVCache):
+        k_cache, v_cache, slot_stride = self._cache_ptrs(kv, layer)
+        self.lib.ml_rope_and_cache(
+            qkv.data_ptr(), qkv.shape[0], qkv.stride(0), spec.num_heads, spec.num_kv_heads, spec.head_dim,
+            meta.cos.data_ptr(), meta.sin.data_ptr(), k_cache, v_cache,
+            meta.slots.data_ptr(), meta.positions.data_ptr(), slot_stride, kv.max_model_len)
+        return self.split_qkv(qkv, spec)
+
+    def decode_attention(self, q: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache, out: torch.Tensor) -> None:
+        d = meta.decode
+        k_cache, v_cache, slot_stride = self._cache_ptrs(kv, layer)
+        status = self.lib.ml_decode_attention(
+            q.data_ptr(), q.stride(0), k_cache, v_cache, d.rows.data_ptr(), d.slots.data_ptr(),
+            d.lengths.data_ptr(), out.data_ptr(), out.stride(0), d.rows.shape[0], q.shape[1], kv.num_kv_heads,
+            kv.head_dim, slot_stride, kv.max_model_len, kv.head_dim ** -0.5)
+        if status != 0:
+            raise MemoryError("ml_decode_attention could not allocate its scratch buffers")
+
+
+def load_step_ops(enabled: bool = True, dtype: torch.dtype = torch.float32) -> TorchOps:
+    """CKernelOps when enabled, float32 and buildable here, else the torch reference ops (reason logged)."""
+    if not enabled or dtype != torch.float32:
+        log.info("fused CPU kernels off (%s): the step runs torch ops", "disabled" if not enabled else dtype)
+        return TorchOps()
+    try:
+        return CKernelOps(_load(build_library()))
+    except (KernelBuildError, OSError, AttributeError) as exc:
+        log.warning("fused CPU kernels unavailable (%s): the step runs torch ops, somewhat slower", exc)
+        return TorchOps()

@@ -1,0 +1,59 @@
+"""The step's small ops in plain PyTorch: the reference that the fused C kernels (cpu_kernels.py) must equal.
+
+    rms_norm(x, w, eps)                   x * rsqrt(mean(x^2, -1) + eps) * w
+    silu_mul(gu)                          silu(gu[:, :n]) * gu[:, n:]            (n = gu.shape[1] // 2)
+    rope_and_cache(qkv, spec, layer, ..)  q, k = rope(q, k) at each row's position; cache[layer] <- k, v;
+                                          returns the views (q [T, heads, d], k, v [T, kv_heads, d])
+    decode_attention(q, layer, meta, kv, out)
+                                          out[r] = attention of decode row r over its cache slot
+                                          (attention.decode_attention); other rows of out untouched
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from matryoshka_lora.engine.attention import AttentionMeta, decode_attention
+from matryoshka_lora.engine.kv_cache import KVCache
+from matryoshka_lora.engine.weights import ModelSpec
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d]; cos, sin [T, 1, d] -> x * cos + rotate_half(x) * sin (HF's convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, rotated, sin)
+
+
+class TorchOps:
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        n = gu.shape[1] // 2
+        return F.silu(gu[:, :n]).mul_(gu[:, n:])
+
+    @staticmethod
+    def split_qkv(qkv: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = qkv.shape[0]
+        q = qkv[:, : spec.q_size].view(t, spec.num_heads, spec.head_dim)
+        k = qkv[:, spec.q_size : spec.q_size + spec.kv_size].view(t, spec.num_kv_heads, spec.head_dim)
+        v = qkv[:, spec.q_size + spec.kv_size :].view(t, spec.num_kv_heads, spec.head_dim)
+        return q, k, v
+
+    def rope_and_cache(self, qkv: torch.Tensor, spec: ModelSpec, layer: int, meta: AttentionMeta, kv: KVCache):
+        t = qkv.shape[0]
+        qk = qkv[:, : spec.q_size + spec.kv_size].view(t, spec.num_heads + spec.num_kv_heads, spec.head_dim)
+        qk = apply_rope(qk, meta.cos, meta.sin)
+        q, k = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
+        v = qkv[:, spec.q_size + spec.kv_size :].view(t, spec.num_kv_heads, spec.head_dim)
+        kv.write(layer, meta.cache_rows, k, v)
+        return q, k, v
+
+    def decode_attention(self, q: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache, out: torch.Tensor) -> None:
+        d = meta.decode
+        kc, vc = kv.range_view(layer, d.lo, d.hi, d.length)
+        out.index_copy_(0, d.rows, decode_attention(q.index_select(0, d.rows), kc, vc, d))

@@ -1,0 +1,102 @@
+"""The fused C kernels equal the torch reference ops (torch_ops.TorchOps), and the engine falls back without them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from matryoshka_lora.engine import cpu_kernels
+from matryoshka_lora.engine.attention import AttentionMeta, build_decode_meta
+from matryoshka_lora.engine.kv_cache import KVCache
+from matryoshka_lora.engine.torch_ops import TorchOps
+from matryoshka_lora.engine.weights import ModelSpec
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def c_ops():
+    try:
+        cpu_kernels.build_library()
+    except cpu_kernels.KernelBuildError as exc:
+        pytest.skip(f"C kernels unavailable here: {exc}")
+    return cpu_kernels.load_step_ops()
+
+
+@pytest.mark.parametrize("rows, dim, stride_pad", [(1, 8, 0), (16, 576, 0), (300, 64, 0), (5, 32, 96)])
+def test_rms_norm_equals_torch(c_ops, rows, dim, stride_pad):
+    """Row counts from one decode row to a prefill chunk; a row stride wider than the row (a column slice)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, dim + stride_pad, generator=gen) * 3)[:, :dim]
+    weight = torch.randn(dim, generator=gen)
+    torch.testing.assert_close(c_ops.rms_norm(x, weight, 1e-5), TorchOps().rms_norm(x, weight, 1e-5), atol=ATOL, rtol=1e-5)
+
+
+def _step(spec: ModelSpec, max_num_seqs: int, max_model_len: int, items: list[tuple[int, int, int]], seed: int):
+    """A step of items (slot, first position, num tokens) on a cache with random contents: (qkv, meta, kv)."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = KVCache(spec, max_num_seqs, max_model_len)
+    kv.cache.copy_(torch.randn(kv.cache.shape, generator=gen))
+    slots, positions, dec_rows, dec_slots, dec_lens = [], [], [], [], []
+    for slot, start, n in items:
+        if n == 1:
+            dec_rows.append(len(slots)), dec_slots.append(slot), dec_lens.append(start + 1)
+        slots += [slot] * n
+        positions += range(start, start + n)
+    num_tokens = len(slots)
+    angles = torch.randn(num_tokens, 1, spec.head_dim // 2, generator=gen)
+    meta = AttentionMeta(
+        positions=torch.tensor(positions), slots=torch.tensor(slots), cache_rows=kv.write_rows(slots, positions),
+        cos=torch.cat([angles.cos()] * 2, dim=-1), sin=torch.cat([angles.sin()] * 2, dim=-1), prefills=[],
+        decode=build_decode_meta(dec_rows, dec_slots, dec_lens) if dec_rows else None,
+        sample_rows=torch.arange(num_tokens))
+    qkv = torch.randn(num_tokens, spec.q_size + 2 * spec.kv_size, generator=gen)
+    return qkv, meta, kv
+
+
+SPECS = {  # (num_heads, num_kv_heads, head_dim): GQA groups of 2 and 3 (SmolLM2's 9/3/64), none
+    "gqa2": (4, 2, 8), "smollm2": (9, 3, 64), "mha": (4, 4, 16),
+}
+STEPS = {  # (slot, first position, num tokens) per item: decode rows (n = 1) and prefill chunks
+    "decode, scattered slots": [(5, 9, 1), (1, 0, 1), (3, 30, 1)],
+    "decode at the last position": [(0, 31, 1), (2, 4, 1)],
+    "prefill + decode": [(2, 0, 6), (0, 12, 1), (1, 3, 4), (3, 7, 1)],
+}
+
+
+@pytest.mark.parametrize("step", STEPS, ids=list(STEPS))
+@pytest.mark.parametrize("shape", SPECS, ids=list(SPECS))
+def test_rope_cache_and_decode_attention_equal_torch(c_ops, shape, step):
+    heads, kv_heads, head_dim = SPECS[shape]
+    spec = ModelSpec(1, heads * head_dim, heads, kv_heads, head_dim, 64, 32, 1e-5, 32)
+    results = []
+    for ops in (TorchOps(), c_ops):
+        qkv, meta, kv = _step(spec, 6, 32, STEPS[step], seed=7)
+        q, k, v = ops.rope_and_cache(qkv, spec, 0, meta, kv)
+        out = torch.zeros(q.shape)
+        if meta.decode is not None:
+            ops.decode_attention(q, 0, meta, kv, out)
+        results.append((q.clone(), k.clone(), v.clone(), kv.cache.clone(), out))
+    for name, want, got in zip(("q", "k", "v", "cache", "decode attention"), results[0], results[1]):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert results[1][4].abs().sum() > 0 or not any(n == 1 for _, _, n in STEPS[step])
+
+
+def test_load_step_ops_falls_back_without_a_compiler(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="matryoshka_lora.engine.cpu_kernels"):
+        ops = cpu_kernels.load_step_ops()
+    assert type(ops) is TorchOps
+    assert "no C compiler" in caplog.text
+
+
+@pytest.mark.parametrize("enabled, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_load_step_ops_off_or_not_float32_is_torch(enabled, dtype):
+    assert type(cpu_kernels.load_step_ops(enabled, dtype)) is TorchOps
+
+
+def test_build_is_cached_per_source(c_ops):
+    first = cpu_kernels.build_library()
+    assert cpu_kernels.build_library() == first and first.is_file()
