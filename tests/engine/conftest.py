@@ -50,7 +50,11 @@ def make_engine(tiny_hf, tiny_model_dir, engine_adapters):
 @pytest.fixture(params=["torch", "c-kernels"])
 def step_ops(request):
     """Each of the step's op sets: the torch reference and the fused C kernels (skipped where they cannot build)."""
-    from matryoshka_lora.engine.cpu_kernels import KernelBuildError, build_library, load_step_ops
+    from matryoshka_lora.engine.cpu_kernels import (
+        KernelBuildError,
+        build_library,
+        load_step_ops,
+    )
 
     if request.param == "torch":
         return load_step_ops(enabled=False)
