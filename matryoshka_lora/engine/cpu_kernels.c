@@ -11,6 +11,9 @@
                              out[row[b], head] = softmax(q[row[b], head] . K[slot, kv(head), :len]^T * scale)
                                                  @ V[slot, kv(head), :len]
                          with kv(head) = head / (num_heads / num_kv_heads) (grouped-query attention)
+     ml_lora_group:      one LoRAGroup of one adapter's fused module group (lora_ops.lora_grouped_):
+                             h[t] = x[t] @ A[:, :k * r_t] * scale_t       (r_t, scale_t: the row's own)
+                             y[t, c0_m:c1_m] += h[t, m::k] @ B_m[:r_t]    for each member m of k
 
    Loops are written for the auto-vectoriser (-O3 -march=native, reassociation allowed); exp is a
    Cephes-style polynomial that vectorises (relative error ~2e-7), so results match torch to float
@@ -129,4 +132,37 @@ int ml_decode_attention(const float *q, int64_t q_stride, const float *k_cache, 
     free(scores);
     free(acc);
     return 0;
+}
+
+void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *lora_A,
+                   int64_t a_stride, int64_t k, int64_t rank, const int64_t *row_ranks, const float *row_scales,
+                   float scale, const int64_t *lora_B, const int64_t *b_strides, const int64_t *c0,
+                   const int64_t *c1, float *y, int64_t y_stride, float *h) {
+    /* h [rows, k * rank] scratch. Shrink: A's rows are streamed once; row t only computes its own
+       k * r_t columns, so a rank-1 row costs 1/rank of a rank-`rank` row. */
+    const int64_t width = k * rank;
+    for (int64_t t = 0; t < rows; t++) memset(h + t * width, 0, sizeof(float) * width);
+    for (int64_t i = 0; i < in_features; i++) {
+        const float *a = lora_A + i * a_stride;
+        for (int64_t t = 0; t < rows; t++) {
+            const int64_t w = row_ranks ? k * row_ranks[t] : width;
+            const float xv = x[t * x_stride + i];
+            float *ht = h + t * width;
+            for (int64_t c = 0; c < w; c++) ht[c] += xv * a[c];
+        }
+    }
+    /* Expand: each member's B rows are streamed once, added into its output columns of every row. */
+    for (int64_t m = 0; m < k; m++) {
+        const float *b = (const float *)(intptr_t)lora_B[m];
+        const int64_t n = c1[m] - c0[m];
+        for (int64_t j = 0; j < rank; j++) {
+            const float *bj = b + j * b_strides[m];
+            for (int64_t t = 0; t < rows; t++) {
+                if (row_ranks && j >= row_ranks[t]) continue;
+                const float coef = h[t * width + j * k + m] * (row_scales ? row_scales[t] : scale);
+                float *yt = y + t * y_stride + c0[m];
+                for (int64_t o = 0; o < n; o++) yt[o] += coef * bj[o];
+            }
+        }
+    }
 }

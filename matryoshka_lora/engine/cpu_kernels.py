@@ -19,12 +19,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 
 from matryoshka_lora.engine.attention import AttentionMeta
 from matryoshka_lora.engine.kv_cache import KVCache
+from matryoshka_lora.engine.lora_ops import FusedLoRA, LoRAGroup, lora_grouped_
 from matryoshka_lora.engine.torch_ops import TorchOps
 from matryoshka_lora.engine.weights import ModelSpec
 
@@ -38,7 +40,11 @@ SIGNATURES = {
     "ml_rms_norm": (None, [ptr, i64, ptr, ptr, i64, i64, f32]),
     "ml_rope_and_cache": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]),
     "ml_decode_attention": (ctypes.c_int, [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32]),
+    "ml_lora_group": (None, [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, i64, ptr]),
 }
+# Groups of up to this many rows (decode rows) take the C LoRA kernel; larger ones (prefill chunks)
+# are matmuls that torch's threaded GEMM does better.
+MAX_KERNEL_LORA_ROWS = 64
 
 
 class KernelBuildError(RuntimeError):
@@ -118,6 +124,7 @@ class CKernelOps(TorchOps):
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
+        self._lora_args: weakref.WeakKeyDictionary[FusedLoRA, tuple] = weakref.WeakKeyDictionary()
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows, dim = x.shape
@@ -149,6 +156,39 @@ class CKernelOps(TorchOps):
             kv.head_dim, slot_stride, kv.max_model_len, kv.head_dim ** -0.5)
         if status != 0:
             raise MemoryError("ml_decode_attention could not allocate its scratch buffers")
+
+    def _b_args(self, w: FusedLoRA) -> tuple:
+        """(B pointers, B row strides, c0s, c1s) as int64 tensors, made once per adapter weights."""
+        args = self._lora_args.get(w)
+        if args is None:
+            columns = [[b.data_ptr(), b.stride(0), c0, c1] for b, c0, c1 in w.lora_B]
+            table = torch.tensor(columns, dtype=torch.long).t().contiguous()
+            args = self._lora_args[w] = (table, *(int(table[i].data_ptr()) for i in range(4)))
+        return args
+
+    def lora_grouped_(self, y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup],
+                      weights: list[FusedLoRA | None]) -> torch.Tensor:
+        """lora_ops.lora_grouped_, each group of <= MAX_KERNEL_LORA_ROWS rows in one C call."""
+        large = []
+        for g in groups:
+            w = weights[g.slot]
+            if w is None:
+                continue
+            rows = g.end - g.start
+            if rows > MAX_KERNEL_LORA_ROWS:
+                large.append(g)
+                continue
+            _, b_ptrs, b_strides, c0, c1 = self._b_args(w)
+            k = w.num_members
+            h = torch.empty(rows * k * g.rank)
+            self.lib.ml_lora_group(
+                x.data_ptr() + g.start * x.stride(0) * 4, x.stride(0), rows, x.shape[1], w.lora_A.data_ptr(),
+                w.lora_A.stride(0), k, g.rank, 0 if g.row_ranks is None else g.row_ranks.data_ptr(),
+                0 if g.row_scales is None else g.row_scales.data_ptr(), g.scale, b_ptrs, b_strides, c0, c1,
+                y.data_ptr() + g.start * y.stride(0) * 4, y.stride(0), h.data_ptr())
+        if large:
+            lora_grouped_(y, x, large, weights)
+        return y
 
 
 def load_step_ops(enabled: bool = True, dtype: torch.dtype = torch.float32) -> TorchOps:

@@ -7,6 +7,7 @@ contiguous run; base-model tokens (rank 0) get no group at all. `build_groups` c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,11 @@ MAX_MASKED_ROWS = 64
 class LoRABatch:
     groups: list[LoRAGroup]
     table: list[dict[str, list[FusedLoRA | None]]]  # AdapterSlots.table: layer -> group -> slot -> weights
+    op: Callable = lora_grouped_  # lora_ops.lora_grouped_, or CKernelOps.lora_grouped_ (same semantics)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
         """y[rows of each group] += its adapter's per-row rank-r delta for this (layer, group)."""
-        lora_grouped_(y, x, self.groups, self.table[layer][group])
+        self.op(y, x, self.groups, self.table[layer][group])
 
 
 def build_segments(row_groups: list[tuple[int, int, int, int, float]]) -> list[LoRASegment]:

@@ -95,7 +95,7 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows, dtype=torch.long),
         )
         groups = build_groups(build_segments(row_groups), self.max_masked_rows)
-        lora = LoRABatch(groups, self.lora_table) if groups and self.lora_table is not None else None
+        lora = LoRABatch(groups, self.lora_table, self.ops.lora_grouped_) if groups and self.lora_table is not None else None
         return StepBatch(torch.tensor(input_ids, dtype=torch.long), meta, lora, sample_items, len(input_ids), groups)
 
     def execute(self, items: list[StepItem]) -> tuple[list[int], torch.Tensor]:

@@ -7,6 +7,7 @@
     decode_attention(q, layer, meta, kv, out)
                                           out[r] = attention of decode row r over its cache slot
                                           (attention.decode_attention); other rows of out untouched
+    lora_grouped_(y, x, groups, weights)  y += each group's per-row rank-r LoRA delta (lora_ops)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from matryoshka_lora.engine.attention import AttentionMeta, decode_attention
 from matryoshka_lora.engine.kv_cache import KVCache
+from matryoshka_lora.engine.lora_ops import lora_grouped_
 from matryoshka_lora.engine.weights import ModelSpec
 
 
@@ -28,6 +30,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class TorchOps:
     name = "torch"
+    lora_grouped_ = staticmethod(lora_grouped_)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)

@@ -9,7 +9,7 @@ import torch
 from matryoshka_lora.adapters.layer import LoRALinear
 from matryoshka_lora.engine.adapter_slots import fuse_group
 from matryoshka_lora.engine.lora_batch import build_groups, build_segments
-from matryoshka_lora.engine.lora_ops import lora_grouped_, lora_reference
+from matryoshka_lora.engine.lora_ops import lora_reference
 from matryoshka_lora.engine.weights import model_spec
 
 from .engine_support import tiny_config as tiny_llama_config
@@ -24,6 +24,7 @@ LAYOUTS = {
     "with-base": [(-1, 0, 2), (0, 3, 1), (1, 8, 2)],
     "rank0-only": [(-1, 0, 4)],
     "one-token-each": [(1, 1, 1), (1, 5, 1), (0, 8, 1), (0, 2, 1)],
+    "long-prefill": [(0, 4, 70), (1, 2, 1), (1, 8, 2)],  # > MAX_KERNEL_LORA_ROWS: the C ops' torch path
 }
 
 
@@ -53,7 +54,8 @@ def expand(layout):
 @pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])
 @pytest.mark.parametrize("scale_of", [lambda r: 1.0, lambda r: 2.0 / r], ids=["none", "alpha2-rank"])
 @pytest.mark.parametrize("max_masked_rows", [0, 3, 64], ids=["per-rank", "some-masked", "all-masked"])
-def test_grouped_equals_reference_and_layer(layout, group, scale_of, max_masked_rows):
+def test_grouped_equals_reference_and_layer(layout, group, scale_of, max_masked_rows, step_ops):
+    """Both op sets: lora_ops.lora_grouped_ (torch_ops) and the C kernel (cpu_kernels)."""
     from matryoshka_lora.engine.adapter_slots import GROUP_MEMBERS, member_columns
 
     spec = model_spec(tiny_llama_config())
@@ -74,7 +76,7 @@ def test_grouped_equals_reference_and_layer(layout, group, scale_of, max_masked_
     cols = member_columns(spec, group)
     out_f = max(c[1] for c in cols.values())
     groups = build_groups(build_segments(rows), max_masked_rows)
-    fast = lora_grouped_(torch.zeros(len(slots), out_f), x, groups, fused)
+    fast = step_ops.lora_grouped_(torch.zeros(len(slots), out_f), x, groups, fused)
 
     # reference: per member, unfused weights, masked per token
     ref = torch.cat([
@@ -118,7 +120,7 @@ def test_build_segments(rows, expected):
     assert [(s.start, s.end, s.slot, s.rank) for s in build_segments(rows)] == expected
 
 
-def test_partial_targets_fuse():
+def test_partial_targets_fuse(step_ops):
     """An adapter on q and v only: k's output columns get nothing, q and v get their deltas."""
     spec = model_spec(tiny_llama_config())
     gen = torch.Generator().manual_seed(1)
@@ -128,7 +130,7 @@ def test_partial_targets_fuse():
     assert fused.num_members == 2
     x = torch.randn(3, spec.hidden_size, generator=gen)
     groups = build_groups(build_segments([(0, 1, 0, 3, 1.0), (1, 3, 0, 2, 1.0)]))
-    y = lora_grouped_(torch.zeros(3, spec.q_size + 2 * spec.kv_size), x, groups, [fused])
+    y = step_ops.lora_grouped_(torch.zeros(3, spec.q_size + 2 * spec.kv_size), x, groups, [fused])
     ranks = torch.tensor([3, 2, 2]).unsqueeze(1)
     def delta(a, b):  # each row at its own rank
         return torch.cat([x[t : t + 1] @ a[:, : ranks[t]] @ b[: ranks[t]] for t in range(3)])
