@@ -6,9 +6,13 @@
 2. LoRA expand layout, cache-cold (a 64 MB buffer is written between calls, as the base model's 540 MB
    of weights evict the adapter during a real step): block-structured B with zero blocks (one matmul)
    vs one B per member (k matmuls), rank 8 and 64, 16 rows.
-3. `--step`: whole decode steps of 16 sequences on the real default model (ModelRunner.execute on fixed
+3. the fused C kernels (engine/cpu_kernels.c) vs the torch ops they replace, per call: RMSNorm at 16
+   rows, decode attention of 16 sequences at context ~100 over 30 layers' caches, the grouped LoRA op
+   (4 module groups of one layer, all-module r_max 64, cache-cold) for uniform and mixed-rank groups.
+4. `--step`: whole decode steps of 16 sequences on the real default model (ModelRunner.execute on fixed
    items, median of 10 after 2), with random all-module adapters at r_max 64: base, rank 1, rank 64,
-   and the mixed batch (2 adapters x ranks 1/8/32/64) with masked groups vs one group per rank.
+   and the mixed batch (2 adapters x ranks 1/8/32/64) with masked groups vs one group per rank, each
+   with torch ops and with the C kernels.
 Prints µs (ms for steps) per call. Measure on a quiet machine.
 """
 
@@ -91,11 +95,63 @@ def bench_lora_layout(rows: int = 16, r_max: int = 64) -> None:
             print(f"{name:8s} {rank:5d} {block_us:9.0f} {member_us:11.0f}")
 
 
+@torch.inference_mode()
+def bench_kernels(r_max: int = 64) -> None:
+    from types import SimpleNamespace
+
+    from matryoshka_lora.engine.attention import build_decode_meta
+    from matryoshka_lora.engine.cpu_kernels import load_step_ops
+    from matryoshka_lora.engine.kv_cache import KVCache
+    from matryoshka_lora.engine.lora_batch import build_groups, build_segments
+    from matryoshka_lora.engine.lora_ops import FusedLoRA
+    from matryoshka_lora.engine.torch_ops import TorchOps
+
+    ref, fused = TorchOps(), load_step_ops()
+    if fused.name == "torch":
+        print("\n3. C kernels: not available here (see the log)")
+        return
+    print("\n3. fused C kernels vs torch ops, µs per call")
+    x, w = torch.randn(16, HIDDEN), torch.randn(HIDDEN)
+    print(f"{'RMSNorm, 16 rows':36s} torch {per_call_us(ref.rms_norm, x, w, 1e-5):7.0f}   C {per_call_us(fused.rms_norm, x, w, 1e-5):7.0f}")
+    spec = SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64)
+    kv = KVCache(spec, 16, 512)
+    kv.cache.normal_()
+    meta = SimpleNamespace(decode=build_decode_meta(list(range(16)), list(range(16)), [90 + i for i in range(16)]))
+    q, out = torch.randn(16, 9, 64), torch.empty(16, 9, 64)
+
+    def attention_30_layers(ops):
+        for layer in range(30):
+            ops.decode_attention(q, layer, meta, kv, out)
+    print(f"{'decode attention, 16 seqs x 30 layers':36s} torch {per_call_us(attention_30_layers, ref, n=20, cold=True):7.0f}"
+          f"   C {per_call_us(attention_30_layers, fused, n=20, cold=True):7.0f}")
+    layer = []
+    for name, (i, outs) in LORA_GROUPS.items():
+        members, col = [], 0
+        for width in outs:
+            members.append((torch.randn(r_max, width) * 0.02, col, col + width))
+            col += width
+        layer.append((FusedLoRA(torch.randn(i, len(outs) * r_max) * 0.02, tuple(members)), i, col))
+    cases = {"16 rows at rank 1": [(0, 16, 0, 1, 1.0)], "16 rows at rank 64": [(0, 16, 0, 64, 1.0)],
+             "4 rows at rank 64": [(0, 4, 0, 64, 1.0)],
+             "8 rows at ranks 1/8/32/64 (masked)": [(2 * j, 2 * j + 2, 0, r, 1.0) for j, r in enumerate((1, 8, 32, 64))]}
+    for case, rows in cases.items():
+        groups = build_groups(build_segments(rows))
+        n = rows[-1][1]
+        inputs = [(torch.zeros(n, out), torch.randn(n, i), [w]) for w, i, out in layer]
+
+        def lora_layer(op):
+            for y, xs, weights in inputs:
+                op(y, xs, groups, weights)
+        print(f"{'LoRA layer, ' + case:36s} torch {per_call_us(lora_layer, ref.lora_grouped_, cold=True):7.0f}"
+              f"   C {per_call_us(lora_layer, fused.lora_grouped_, cold=True):7.0f}")
+
+
 def bench_steps(threads: int) -> None:
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
     from matryoshka_lora.engine.model_runner import StepItem
     from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.engine.torch_ops import TorchOps
     from matryoshka_lora.models import load_base_model
 
     model, tokenizer = load_base_model(None)
@@ -119,17 +175,20 @@ def bench_steps(threads: int) -> None:
 
     cases = {"base": (items("base"), 64), "rank 1": (items("1"), 64), "rank 64": (items("64"), 64),
              "mixed, masked groups": (items("mixed"), 64), "mixed, a group per rank": (items("mixed"), 0)}
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    op_sets = {"torch ops": TorchOps(), "C kernels": engine.runner.ops}
+    times: dict[tuple[str, str], list[float]] = {(name, o): [] for name in cases for o in op_sets}
     for repeat in range(12):  # interleaved, so drift hits every case alike
         for name, (its, max_masked_rows) in cases.items():
-            engine.runner.max_masked_rows = max_masked_rows
-            started = time.perf_counter()
-            engine.runner.execute(its)
-            if repeat >= 2:
-                times[name].append(time.perf_counter() - started)
-    print("\n3. decode step, 16 sequences at context 100, real SmolLM2 weights, ms (median of 10)")
-    for name, t in times.items():
-        print(f"{name:26s} {statistics.median(t) * 1e3:7.1f}")
+            for o, ops in op_sets.items():
+                engine.runner.max_masked_rows, engine.runner.ops = max_masked_rows, ops
+                started = time.perf_counter()
+                engine.runner.execute(its)
+                if repeat >= 2:
+                    times[name, o].append(time.perf_counter() - started)
+    print("\n4. decode step, 16 sequences at context 100, real SmolLM2 weights, ms (median of 10)")
+    print(f"{'':26s} " + " ".join(f"{o:>10s}" for o in op_sets))
+    for name in cases:
+        print(f"{name:26s} " + " ".join(f"{statistics.median(times[name, o]) * 1e3:10.1f}" for o in op_sets))
 
 
 def main() -> None:
@@ -141,6 +200,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, oneDNN {torch.backends.mkldnn.is_available()}")
     bench_linear()
     bench_lora_layout()
+    bench_kernels()
     if args.step:
         bench_steps(args.threads)
 

@@ -42,9 +42,11 @@ SIGNATURES = {
     "ml_decode_attention": (ctypes.c_int, [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32]),
     "ml_lora_group": (None, [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, i64, ptr]),
 }
-# Groups of up to this many rows (decode rows) take the C LoRA kernel; larger ones (prefill chunks)
-# are matmuls that torch's threaded GEMM does better.
-MAX_KERNEL_LORA_ROWS = 64
+# Which LoRA groups take the C kernel (benchmarks/README.md, "C LoRA kernel"): masked multi-rank groups
+# (each row computes only its own rank's columns; these have <= lora_batch.MAX_MASKED_ROWS rows) and
+# single-rank groups of a few rows, where reading the weights dominates. Larger single-rank groups
+# (16 decode rows at one rank, prefill chunks) are matmuls that torch's blocked GEMM does better.
+MAX_KERNEL_LORA_ROWS = 8
 
 
 class KernelBuildError(RuntimeError):
@@ -168,14 +170,14 @@ class CKernelOps(TorchOps):
 
     def lora_grouped_(self, y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup],
                       weights: list[FusedLoRA | None]) -> torch.Tensor:
-        """lora_ops.lora_grouped_, each group of <= MAX_KERNEL_LORA_ROWS rows in one C call."""
+        """lora_ops.lora_grouped_: masked groups and groups of <= MAX_KERNEL_LORA_ROWS rows in one C call each."""
         large = []
         for g in groups:
             w = weights[g.slot]
             if w is None:
                 continue
             rows = g.end - g.start
-            if rows > MAX_KERNEL_LORA_ROWS:
+            if g.row_ranks is None and rows > MAX_KERNEL_LORA_ROWS:
                 large.append(g)
                 continue
             _, b_ptrs, b_strides, c0, c1 = self._b_args(w)

@@ -24,7 +24,7 @@ LAYOUTS = {
     "with-base": [(-1, 0, 2), (0, 3, 1), (1, 8, 2)],
     "rank0-only": [(-1, 0, 4)],
     "one-token-each": [(1, 1, 1), (1, 5, 1), (0, 8, 1), (0, 2, 1)],
-    "long-prefill": [(0, 4, 70), (1, 2, 1), (1, 8, 2)],  # > MAX_KERNEL_LORA_ROWS: the C ops' torch path
+    "long-prefill": [(0, 4, 70), (1, 2, 1), (1, 8, 2)],  # a big single-rank group: the C ops' torch path
 }
 
 
