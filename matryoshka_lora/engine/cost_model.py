@@ -16,12 +16,18 @@ A request's end-to-end latency at rank r of adapter slot a, under the current lo
   + prefill     (the active set's pending prompt tokens, then its own, in chunks alongside the decode
                  tokens of the running sequences)
   + decode      (max_tokens - 1 steps of the active set plus it, contexts growing)
-where the active set is the running sequences plus the waiting ones that free slots admit first;
-prefill and decode are then stretched by 1 / (1 - rho), rho = the share of the machine that prompts
-arriving meanwhile will take (their observed token rate x the fitted per-token cost): while this
-request runs, later arrivals' prefill chunks share its steps. The active set's decode rows of one adapter form one group at the largest rank among them, as
-the op computes them (so joining an adapter already served at rank 64 costs rank 64 whatever its
-rank). `choose_rank` serves the highest candidate rank predicted to meet the budget.
+where the active set is the running sequences plus the waiting ones that free slots admit first.
+Requests arriving during this one's life are counted from two arrival rates (RateMeter):
+  * prompts: prefill and decode are stretched by 1 / (1 - rho_p), rho_p = prompt tokens/s arriving x
+    the fitted per-token cost (later arrivals' prefill chunks share this request's steps);
+  * decode demand D (output tokens/s asked for): by Little's law the decode batch settles at N rows
+    with N = D * t(N) / (1 - rho_p), t(N) the step time at N rows; this request's decode steps are
+    predicted at max(active set + 1, N) rows. When even max_num_seqs rows cannot serve D
+    (D * t(S) / S >= 1 - rho_p) the machine is saturated: the queue grows for as long as the overload
+    lasts, no rank can promise a budget, and the prediction is multiplied by MAX_STRETCH.
+The active set's decode rows of one adapter form one group at the largest rank among them, as the op
+computes them (so joining an adapter already served at rank 64 costs rank 64 whatever its rank).
+`choose_rank` serves the highest candidate rank predicted to meet the budget.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class LoadSnapshot:
     num_admitted: int = 0
     pending_prefill: int = 0  # prompt tokens of the active set not computed yet (prefilled before ours)
     prompt_tokens_per_s: float = 0.0  # recent arrival rate of prompt tokens (RateMeter)
+    decode_tokens_per_s: float = 0.0  # recent arrival rate of output tokens asked for (RateMeter)
 
 
 class RateMeter:
@@ -87,6 +94,25 @@ class RateMeter:
         return self._decayed(now) / self.window_s
 
 
+class Arrivals:
+    """What arrives, for the budget predictions: prompt tokens/s and output tokens/s asked for.
+
+    The output demand counts each request's max_tokens times `output_fill`, the EMA of generated / asked
+    over finished requests (requests that stop at EOS ask for less than their max_tokens)."""
+
+    def __init__(self, window_s: float = 20.0, ema: float = 0.1):
+        self.prompt_tokens, self.decode_tokens = RateMeter(window_s), RateMeter(window_s)
+        self.output_fill, self.ema = 1.0, ema
+
+    def add(self, num_prompt_tokens: int, max_tokens: int, now: float) -> None:
+        self.prompt_tokens.add(num_prompt_tokens, now)
+        self.decode_tokens.add(max_tokens * self.output_fill, now)
+
+    def finished(self, num_generated: int, num_asked: int) -> None:
+        if num_asked > 0:
+            self.output_fill = (1 - self.ema) * self.output_fill + self.ema * min(num_generated / num_asked, 1.0)
+
+
 MAX_STRETCH = 20.0  # rho -> 1: the prediction says "far beyond any budget" rather than infinity
 
 
@@ -103,6 +129,21 @@ def decode_lora(adapters: tuple[tuple[int, int, int], ...], slot: int, rank: int
         g = math.ceil(n / MAX_MASKED_ROWS)
         flops, reads, groups = flops + n * r, reads + g * r, groups + g
     return flops, reads, groups
+
+
+def sustained_rows(decode_tokens_per_s: float, free_share: float, min_rows: int, max_rows: int,
+                   step_time) -> float | None:
+    """Little's law for the decode batch: the rows N at which N / t(N) * free_share = decode_tokens_per_s
+    (t = step_time, free_share = the machine's share left by prefill), at least min_rows; None when even
+    max_rows rows cannot serve the demand (saturated)."""
+    if decode_tokens_per_s <= 0:
+        return float(min_rows)
+    if decode_tokens_per_s * step_time(max_rows) >= max_rows * free_share:
+        return None
+    rows = float(min_rows)
+    for _ in range(32):  # t is linear in rows with D * dt/dN < 1 here: a contraction
+        rows = min(float(max_rows), max(float(min_rows), decode_tokens_per_s * step_time(rows) / free_share))
+    return rows
 
 
 def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -185,9 +226,18 @@ class CostModel:
         steps = max(max_tokens - 1, 0)
         # contexts grow by one token per sequence per step: use the mean context over the decode
         mean_ctx = load.context_sum + active * steps / 2 + num_prompt_tokens + steps / 2
-        decode = steps * self.predict_step(StepFeatures(active + 1, *decode_lora(load.adapters, slot, rank), int(mean_ctx),
-                                                        active + 1))
-        return queue + (prefill + decode) * self.arrival_stretch(load.prompt_tokens_per_s)
+        lora_flops, lora_reads, num_groups = decode_lora(load.adapters, slot, rank)
+
+        def step_at(rows: float) -> float:  # a decode step at `rows` rows with the active set's mix
+            grow = rows / (active + 1)
+            return self.predict_step(StepFeatures(round(rows), round(lora_flops * grow), lora_reads, num_groups,
+                                                  round(mean_ctx * grow), round(rows)))
+
+        stretch = self.arrival_stretch(load.prompt_tokens_per_s)
+        rows = sustained_rows(load.decode_tokens_per_s, 1.0 / stretch, active + 1, load.max_num_seqs, step_at)
+        if rows is None:  # saturated
+            return (queue + prefill + steps * step_at(load.max_num_seqs)) * MAX_STRETCH
+        return queue + (prefill + steps * step_at(rows)) * stretch
 
     def arrival_stretch(self, prompt_tokens_per_s: float) -> float:
         """1 / (1 - rho), rho = prompt tokens/s arriving x seconds per prefill token (capped at MAX_STRETCH)."""

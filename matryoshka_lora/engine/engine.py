@@ -30,7 +30,7 @@ from matryoshka_lora.engine.adapter_slots import (
     fuse_adapter,
 )
 from matryoshka_lora.engine.config import EngineConfig
-from matryoshka_lora.engine.cost_model import CostModel, RateMeter, StepFeatures
+from matryoshka_lora.engine.cost_model import Arrivals, CostModel, StepFeatures
 from matryoshka_lora.engine.cpu_kernels import load_step_ops
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.engine.kv_cache import KVCache
@@ -74,7 +74,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.weights, self.kv, self.adapters.table, load_step_ops(config.fused_kernels, self.weights.embed.dtype))
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len)
         self.cost_model = CostModel()
-        self.prompt_arrivals = RateMeter()  # prompt tokens/s arriving, for the budget predictions
+        self.arrivals = Arrivals()  # prompt and output tokens/s arriving, for the budget predictions
         self.lock = threading.Condition()
         self._seqs: dict[int, Sequence] = {}
         self._aborts: set[int] = set()
@@ -133,8 +133,8 @@ class LLMEngine:
             if not self._admitting:
                 raise EngineStoppedError()
             choice = resolve_rank(request, self.adapters, self.cost_model, self.scheduler, self.max_model_len,
-                                  self.prompt_arrivals)
-            self.prompt_arrivals.add(n, time.perf_counter())
+                                  self.arrivals)
+            self.arrivals.add(n, min(params.max_tokens, self.max_model_len - n), time.perf_counter())
             entry = choice.entry
             generator = None
             if params.temperature > 0:
@@ -206,6 +206,7 @@ class LLMEngine:
         done = [s for s, t in zip(sampled, tokens) if self._append_token(s, t)]
         with self.lock:
             for s in done:
+                self.arrivals.finished(s.num_output_tokens, s.max_len - s.num_prompt_tokens)
                 if s.key in self._seqs:
                     self._finish(s)
             self._apply_aborts()

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from matryoshka_lora.backends.base import GenerationRequest, RankReason
 from matryoshka_lora.backends.rank_rules import decide_rank, is_base_request
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
-from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot, RateMeter
+from matryoshka_lora.engine.cost_model import Arrivals, CostModel, LoadSnapshot
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.errors import UnknownAdapterError
 
@@ -29,9 +29,9 @@ class RankChoice:
     predicted_s: float | None = None
 
 
-def load_snapshot(scheduler: Scheduler, prompt_arrivals: RateMeter | None = None) -> LoadSnapshot:
+def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None) -> LoadSnapshot:
     """The running set plus the waiting requests that free KV slots will admit next: they all run together;
-    and the recent arrival rate of prompt tokens."""
+    and the recent arrival rates of prompt tokens and of output tokens asked for."""
     running = scheduler.running
     admitted = scheduler.waiting_seqs()[: scheduler.kv.num_free_slots]
     active = running + admitted
@@ -41,7 +41,7 @@ def load_snapshot(scheduler: Scheduler, prompt_arrivals: RateMeter | None = None
         if s.rank > 0:
             n, r = adapters.get(s.adapter_slot, (0, 0))
             adapters[s.adapter_slot] = (n + 1, max(r, s.rank))
-    return LoadSnapshot(
+    snapshot = LoadSnapshot(
         num_running=len(running),
         num_waiting=scheduler.num_waiting,
         max_num_seqs=scheduler.kv.max_num_seqs,
@@ -51,13 +51,17 @@ def load_snapshot(scheduler: Scheduler, prompt_arrivals: RateMeter | None = None
         max_num_batched_tokens=scheduler.max_num_batched_tokens,
         num_admitted=len(admitted),
         pending_prefill=sum(max(s.num_prompt_tokens - s.num_computed, 0) for s in active),
-        prompt_tokens_per_s=prompt_arrivals.rate(time.perf_counter()) if prompt_arrivals is not None else 0.0,
     )
+    if arrivals is None:
+        return snapshot
+    now = time.perf_counter()
+    return replace(snapshot, prompt_tokens_per_s=arrivals.prompt_tokens.rate(now),
+                   decode_tokens_per_s=arrivals.decode_tokens.rate(now))
 
 
 def resolve_rank(
     request: GenerationRequest, adapters: AdapterSlots, cost_model: CostModel, scheduler: Scheduler, max_model_len: int,
-    prompt_arrivals: RateMeter | None = None,
+    arrivals: Arrivals | None = None,
 ) -> RankChoice:
     if is_base_request(request):
         return RankChoice(None, 0, "base")
@@ -71,6 +75,6 @@ def resolve_rank(
     num_prompt = len(request.prompt_token_ids)
     max_tokens = min(request.sampling.max_tokens, max_model_len - num_prompt)
     rank, met, predicted = cost_model.choose_rank(
-        load_snapshot(scheduler, prompt_arrivals), entry.slot, num_prompt, max_tokens, candidates, request.latency_budget_ms / 1000.0
+        load_snapshot(scheduler, arrivals), entry.slot, num_prompt, max_tokens, candidates, request.latency_budget_ms / 1000.0
     )
     return RankChoice(entry, rank, "budget" if met else "budget_unmet", predicted)

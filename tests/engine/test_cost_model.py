@@ -121,3 +121,55 @@ def test_arrivals_stretch_the_prediction(tokens_per_s, expected):
     busy = model.predict_latency(replace(load(), prompt_tokens_per_s=tokens_per_s), 2, 20, 32, 8)
     assert model.arrival_stretch(tokens_per_s) == pytest.approx(expected)
     assert busy == pytest.approx(quiet * expected)  # no queue in load(): all of it is stretched
+
+
+def linear_step(t0: float, per_row: float):
+    return lambda rows: t0 + per_row * rows
+
+
+@pytest.mark.parametrize("demand, free_share, expected", [
+    (0.0, 1.0, 4.0),  # nothing arriving: the active set alone
+    (10.0, 1.0, 4.0),  # N = 10 * (0.1 + 0.01 N) -> 1.11 rows < the 4 active: stays 4
+    (50.0, 1.0, 10.0),  # N = 50 * (0.1 + 0.01 N) -> N = 5 / 0.5 = 10
+    (25.0, 0.5, 10.0),  # half the machine on prefill: the same rows as twice the demand
+    (100.0, 1.0, None),  # 16 rows serve 16 / 0.26 = 61.5 tok/s < 100: saturated
+    (62.0, 1.0, None),  # just past capacity
+])
+def test_sustained_rows_is_littles_law(demand, free_share, expected):
+    from matryoshka_lora.engine.cost_model import sustained_rows
+
+    rows = sustained_rows(demand, free_share, 4, 16, linear_step(0.1, 0.01))
+    assert rows == (pytest.approx(expected, rel=1e-6) if expected is not None else None)
+
+
+def test_decode_demand_past_capacity_makes_every_budget_unmet():
+    """Below capacity the arrivals' decode rows slow the prediction down; past it no rank is promised."""
+    from dataclasses import replace
+
+    from matryoshka_lora.engine.cost_model import MAX_STRETCH
+
+    model = CostModel(coef=TRUE.copy())
+    quiet = load()
+    t_full = model.predict_step(StepFeatures(8, 0, 0, 0, 0, 8))  # ~ a full 8-row step, base
+    busy = replace(quiet, decode_tokens_per_s=0.8 * 8 / t_full)
+    flooded = replace(quiet, decode_tokens_per_s=3.0 * 8 / t_full)
+    at = {name: model.predict_latency(snap, 2, 20, 32, 8) for name, snap in
+          (("quiet", quiet), ("busy", busy), ("flooded", flooded))}
+    assert at["quiet"] < at["busy"] < at["flooded"]
+    assert at["flooded"] >= MAX_STRETCH * at["quiet"]
+    budget = 3 * at["quiet"]  # ample when quiet
+    assert model.choose_rank(quiet, 2, 20, 32, [1, 8, 64], budget)[:2] == (64, True)
+    assert model.choose_rank(flooded, 2, 20, 32, [1, 8, 64], budget)[:2] == (1, False)
+
+
+def test_arrivals_count_what_requests_generate():
+    """Requests that stop at EOS after a quarter of max_tokens: the output demand follows (EMA)."""
+    from matryoshka_lora.engine.cost_model import Arrivals
+
+    arrivals = Arrivals(window_s=10.0, ema=0.5)
+    for _ in range(20):
+        arrivals.finished(16, 64)
+    assert arrivals.output_fill == pytest.approx(0.25, rel=1e-3)
+    arrivals.add(10, 64, now=0.0)
+    assert arrivals.decode_tokens.rate(0.0) == pytest.approx(0.25 * 64 / 10.0, rel=1e-3)
+    assert arrivals.prompt_tokens.rate(0.0) == pytest.approx(10 / 10.0)
