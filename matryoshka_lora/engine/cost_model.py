@@ -97,27 +97,16 @@ class RateMeter:
 class Arrivals:
     """What arrives, for the budget predictions: prompt tokens/s and output tokens/s asked for.
 
-    Each rate is the larger of a fast (`fast_s`) and a slow (`window_s`) RateMeter: a rise in the arrival
-    rate shows within seconds, a lull does not make a steady load look light. The output demand counts
-    each request's max_tokens times `output_fill`, the EMA of generated / asked over finished requests
-    (requests that stop at EOS ask for less than their max_tokens)."""
+    The output demand counts each request's max_tokens times `output_fill`, the EMA of generated / asked
+    over finished requests (requests that stop at EOS ask for less than their max_tokens)."""
 
-    def __init__(self, window_s: float = 20.0, fast_s: float = 5.0, ema: float = 0.1):
-        self._prompt = (RateMeter(fast_s), RateMeter(window_s))
-        self._decode = (RateMeter(fast_s), RateMeter(window_s))
+    def __init__(self, window_s: float = 20.0, ema: float = 0.1):
+        self.prompt_tokens, self.decode_tokens = RateMeter(window_s), RateMeter(window_s)
         self.output_fill, self.ema = 1.0, ema
 
     def add(self, num_prompt_tokens: int, max_tokens: int, now: float) -> None:
-        for meter in self._prompt:
-            meter.add(num_prompt_tokens, now)
-        for meter in self._decode:
-            meter.add(max_tokens * self.output_fill, now)
-
-    def prompt_tokens_per_s(self, now: float) -> float:
-        return max(meter.rate(now) for meter in self._prompt)
-
-    def decode_tokens_per_s(self, now: float) -> float:
-        return max(meter.rate(now) for meter in self._decode)
+        self.prompt_tokens.add(num_prompt_tokens, now)
+        self.decode_tokens.add(max_tokens * self.output_fill, now)
 
     def finished(self, num_generated: int, num_asked: int) -> None:
         if num_asked > 0:

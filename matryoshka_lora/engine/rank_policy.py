@@ -55,8 +55,8 @@ def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None) -> Loa
     if arrivals is None:
         return snapshot
     now = time.perf_counter()
-    return replace(snapshot, prompt_tokens_per_s=arrivals.prompt_tokens_per_s(now),
-                   decode_tokens_per_s=arrivals.decode_tokens_per_s(now))
+    return replace(snapshot, prompt_tokens_per_s=arrivals.prompt_tokens.rate(now),
+                   decode_tokens_per_s=arrivals.decode_tokens.rate(now))
 
 
 def resolve_rank(

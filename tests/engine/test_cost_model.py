@@ -166,23 +166,10 @@ def test_arrivals_count_what_requests_generate():
     """Requests that stop at EOS after a quarter of max_tokens: the output demand follows (EMA)."""
     from matryoshka_lora.engine.cost_model import Arrivals
 
-    arrivals = Arrivals(window_s=20.0, fast_s=10.0, ema=0.5)
+    arrivals = Arrivals(window_s=10.0, ema=0.5)
     for _ in range(20):
         arrivals.finished(16, 64)
     assert arrivals.output_fill == pytest.approx(0.25, rel=1e-3)
     arrivals.add(10, 64, now=0.0)
-    assert arrivals.decode_tokens_per_s(0.0) == pytest.approx(0.25 * 64 / 10.0, rel=1e-3)  # the fast meter
-    assert arrivals.prompt_tokens_per_s(0.0) == pytest.approx(10 / 10.0)
-
-
-def test_arrivals_rise_fast_and_fall_slowly():
-    """A step up in the arrival rate shows within a few seconds (fast meter); a lull keeps the slow one's rate."""
-    from matryoshka_lora.engine.cost_model import Arrivals, RateMeter
-
-    arrivals, slow_only = Arrivals(window_s=20.0, fast_s=5.0), RateMeter(20.0)
-    for t in range(60):  # 64 prompt tokens/s for a minute
-        arrivals.add(64, 0, float(t)), slow_only.add(64, float(t))
-    for t in range(60, 65):  # then 4x as much for 5 s
-        arrivals.add(4 * 64, 0, float(t)), slow_only.add(4 * 64, float(t))
-    assert arrivals.prompt_tokens_per_s(64.0) > 1.3 * slow_only.rate(64.0) > 1.3 * 64
-    assert arrivals.prompt_tokens_per_s(74.0) == pytest.approx(slow_only.rate(74.0))  # 10 s quiet: the slow one
+    assert arrivals.decode_tokens.rate(0.0) == pytest.approx(0.25 * 64 / 10.0, rel=1e-3)
+    assert arrivals.prompt_tokens.rate(0.0) == pytest.approx(10 / 10.0)
