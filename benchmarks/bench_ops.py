@@ -125,7 +125,7 @@ def bench_kernels(r_max: int = 64) -> None:
     print(f"{'decode attention, 16 seqs x 30 layers':36s} torch {per_call_us(attention_30_layers, ref, n=20, cold=True):7.0f}"
           f"   C {per_call_us(attention_30_layers, fused, n=20, cold=True):7.0f}")
     layer = []
-    for name, (i, outs) in LORA_GROUPS.items():
+    for i, outs in LORA_GROUPS.values():
         members, col = [], 0
         for width in outs:
             members.append((torch.randn(r_max, width) * 0.02, col, col + width))
@@ -138,12 +138,15 @@ def bench_kernels(r_max: int = 64) -> None:
         groups = build_groups(build_segments(rows))
         n = rows[-1][1]
         inputs = [(torch.zeros(n, out), torch.randn(n, i), [w]) for w, i, out in layer]
+        torch_us = per_call_us(lora_layer, ref.lora_grouped_, inputs, groups, cold=True)
+        c_us = per_call_us(lora_layer, fused.lora_grouped_, inputs, groups, cold=True)
+        print(f"{'LoRA layer, ' + case:36s} torch {torch_us:7.0f}   C {c_us:7.0f}")
 
-        def lora_layer(op):
-            for y, xs, weights in inputs:
-                op(y, xs, groups, weights)
-        print(f"{'LoRA layer, ' + case:36s} torch {per_call_us(lora_layer, ref.lora_grouped_, cold=True):7.0f}"
-              f"   C {per_call_us(lora_layer, fused.lora_grouped_, cold=True):7.0f}")
+
+def lora_layer(op, inputs, groups) -> None:
+    """The grouped LoRA op over every module group of one layer."""
+    for y, x, weights in inputs:
+        op(y, x, groups, weights)
 
 
 def bench_steps(threads: int) -> None:
