@@ -115,7 +115,8 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 class CKernelOps(TorchOps):
-    """TorchOps with RMSNorm, RoPE + cache write and decode attention as the fused C kernels.
+    """TorchOps with RMSNorm, RoPE + cache write, decode attention and the LoRA groups that few rows
+    read (masked multi-rank groups, single-rank groups of <= MAX_KERNEL_LORA_ROWS) as the fused C kernels.
 
     For the engine's float32 CPU tensors in the layouts llama.forward makes (rows with unit stride in
     their last dimension, the KVCache tensor, contiguous cos/sin): the engine checks the dtype once
@@ -184,10 +185,10 @@ class CKernelOps(TorchOps):
             k = w.num_members
             h = torch.empty(rows * k * g.rank)
             self.lib.ml_lora_group(
-                x.data_ptr() + g.start * x.stride(0) * 4, x.stride(0), rows, x.shape[1], w.lora_A.data_ptr(),
+                x.data_ptr() + g.start * x.stride(0) * x.element_size(), x.stride(0), rows, x.shape[1], w.lora_A.data_ptr(),
                 w.lora_A.stride(0), k, g.rank, 0 if g.row_ranks is None else g.row_ranks.data_ptr(),
                 0 if g.row_scales is None else g.row_scales.data_ptr(), g.scale, b_ptrs, b_strides, c0, c1,
-                y.data_ptr() + g.start * y.stride(0) * 4, y.stride(0), h.data_ptr())
+                y.data_ptr() + g.start * y.stride(0) * y.element_size(), y.stride(0), h.data_ptr())
         if large:
             lora_grouped_(y, x, large, weights)
         return y

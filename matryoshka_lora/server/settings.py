@@ -69,7 +69,7 @@ class ServerSettings(BaseSettings):
     )
     num_threads: int | None = Field(None, ge=1, description="Torch threads of the engine; None = torch's default.")
     fused_kernels: bool = Field(
-        True, description="Native engine: RMSNorm, RoPE + KV write and decode attention as fused C kernels "
+        True, description="Native engine: RMSNorm, RoPE + KV write, decode attention and mixed-rank LoRA groups as fused C kernels "
         "(built once with the system C compiler; torch ops when there is none)."
     )
     seed: int = Field(0, description="Seed of requests that carry none.")

@@ -47,17 +47,15 @@ def make_engine(tiny_hf, tiny_model_dir, engine_adapters):
     return make
 
 
-@pytest.fixture(params=["torch", "c-kernels"])
-def step_ops(request):
-    """Each of the step's op sets: the torch reference and the fused C kernels (skipped where they cannot build)."""
+@pytest.fixture(scope="session")
+def c_ops():
+    """The fused C kernels' op set (skipped where they cannot build)."""
     from matryoshka_lora.engine.cpu_kernels import (
         KernelBuildError,
         build_library,
         load_step_ops,
     )
 
-    if request.param == "torch":
-        return load_step_ops(enabled=False)
     try:
         build_library()
     except KernelBuildError as exc:
@@ -65,3 +63,11 @@ def step_ops(request):
     ops = load_step_ops()
     assert ops.name == "c-kernels"
     return ops
+
+
+@pytest.fixture(params=["torch", "c-kernels"])
+def step_ops(request):
+    """Each of the step's op sets: the torch reference and the fused C kernels."""
+    from matryoshka_lora.engine.torch_ops import TorchOps
+
+    return TorchOps() if request.param == "torch" else request.getfixturevalue("c_ops")

@@ -16,15 +16,6 @@ from matryoshka_lora.engine.weights import ModelSpec
 ATOL = 2e-5
 
 
-@pytest.fixture(scope="module")
-def c_ops():
-    try:
-        cpu_kernels.build_library()
-    except cpu_kernels.KernelBuildError as exc:
-        pytest.skip(f"C kernels unavailable here: {exc}")
-    return cpu_kernels.load_step_ops()
-
-
 @pytest.mark.parametrize("rows, dim, stride_pad", [(1, 8, 0), (16, 576, 0), (300, 64, 0), (5, 32, 96)])
 def test_rms_norm_equals_torch(c_ops, rows, dim, stride_pad):
     """Row counts from one decode row to a prefill chunk; a row stride wider than the row (a column slice)."""
