@@ -2,17 +2,20 @@
 
     python benchmarks/bench_ops.py [--threads 2] [--step]
 
-1. linear: MKL `x @ W` on a row-major weight vs `PackedLinear` (oneDNN, weight packed once), per row count.
+1. linear, cache-cold: MKL `x @ W` on a row-major weight vs `PackedLinear` (oneDNN, weight packed once)
+   vs `PanelLinear` (the C kernels' panels, cpu_gemm.c), per row count.
 2. LoRA expand layout, cache-cold (a 64 MB buffer is written between calls, as the base model's 540 MB
    of weights evict the adapter during a real step): block-structured B with zero blocks (one matmul)
    vs one B per member (k matmuls), rank 8 and 64, 16 rows.
-3. the fused C kernels (engine/cpu_kernels.c) vs the torch ops they replace, per call: RMSNorm at 16
+3. the fused C kernels (engine/cpu_kernels.c) on 1 and on --threads OpenMP threads vs the torch ops
+   they replace, per call: RMSNorm at 16
    rows, decode attention of 16 sequences at context ~100 over 30 layers' caches, the grouped LoRA op
    (4 module groups of one layer, all-module r_max 64, cache-cold) for uniform and mixed-rank groups.
 4. `--step`: whole decode steps of 16 sequences on the real default model (ModelRunner.execute on fixed
    items, median of 10 after 2), with random all-module adapters at r_max 64: base, rank 1, rank 64,
    and the mixed batch (2 adapters x ranks 1/8/32/64) with masked groups vs one group per rank, each
-   with torch ops and with the C kernels.
+   with torch ops (oneDNN-packed linears), the C kernels with oneDNN linears, and the C kernels with
+   their own linears (cpu_gemm.c) on 1 and on --threads threads.
 Prints µs (ms for steps) per call. Measure on a quiet machine.
 """
 
@@ -50,17 +53,23 @@ def per_call_us(fn, *args, n: int = 100, cold: bool = False) -> float:
 
 @torch.inference_mode()
 def bench_linear() -> None:
-    print("\n1. linear, µs per call: x @ W (row-major [in, out]) vs PackedLinear (oneDNN, packed for 16 rows)")
-    print(f"{'weight':10s} {'rows':>5s} {'x @ W':>9s} {'packed':>9s} {'speed-up':>9s}")
+    from matryoshka_lora.engine.cpu_kernels import load_step_ops
+
+    c_ops = load_step_ops()
+    print("\n1. linear, µs per call, cache-cold (a decode step reads each weight once from memory):\n"
+          "   x @ W (MKL, row-major [in, out]) vs PackedLinear (oneDNN, packed for 16 rows) vs PanelLinear (cpu_gemm.c)")
+    print(f"{'weight':10s} {'rows':>5s} {'x @ W':>9s} {'oneDNN':>9s} {'C panels':>9s} {'C/oneDNN':>9s}")
     for name, (i, o) in LINEARS.items():
         weight = torch.randn(o, i)
         w_t = weight.t().contiguous()
         packed = PackedLinear(weight, batch_size_hint=16)
+        panels = c_ops.pack_linear(weight) if c_ops.name == "c-kernels" else None
         for rows in (1, 16, 64, 300):
             x = torch.randn(rows, i)
-            n = 10 if name == "lm_head" and rows == 300 else 50
-            plain, fast = per_call_us(torch.matmul, x, w_t, n=n), per_call_us(packed, x, n=n)
-            print(f"{name:10s} {rows:5d} {plain:9.0f} {fast:9.0f} {plain / fast:8.2f}x")
+            n = 10 if name == "lm_head" and rows == 300 else 30
+            plain, onednn = per_call_us(torch.matmul, x, w_t, n=n, cold=True), per_call_us(packed, x, n=n, cold=True)
+            c = per_call_us(panels, x, n=n, cold=True) if panels is not None else float("nan")
+            print(f"{name:10s} {rows:5d} {plain:9.0f} {onednn:9.0f} {c:9.0f} {onednn / c:8.2f}x")
 
 
 def expand_block(y, x, lora_A, block_B) -> None:
@@ -100,7 +109,7 @@ def bench_kernels(r_max: int = 64) -> None:
     from types import SimpleNamespace
 
     from matryoshka_lora.engine.attention import build_decode_meta
-    from matryoshka_lora.engine.cpu_kernels import load_step_ops
+    from matryoshka_lora.engine.cpu_kernels import CKernelOps, load_step_ops
     from matryoshka_lora.engine.kv_cache import KVCache
     from matryoshka_lora.engine.lora_batch import build_groups, build_segments
     from matryoshka_lora.engine.lora_ops import FusedLoRA
@@ -110,9 +119,11 @@ def bench_kernels(r_max: int = 64) -> None:
     if fused.name == "torch":
         print("\n3. C kernels: not available here (see the log)")
         return
-    print("\n3. fused C kernels vs torch ops, µs per call")
+    serial, threads = CKernelOps(fused.lib, 1), torch.get_num_threads()
+    print(f"\n3. fused C kernels (1 thread, {threads} threads) vs torch ops, µs per call")
+    print(f"{'':36s} {'torch':>7s} {'C 1 thr':>8s} {f'C {threads} thr':>8s}")
     x, w = torch.randn(16, HIDDEN), torch.randn(HIDDEN)
-    print(f"{'RMSNorm, 16 rows':36s} torch {per_call_us(ref.rms_norm, x, w, 1e-5):7.0f}   C {per_call_us(fused.rms_norm, x, w, 1e-5):7.0f}")
+    print(f"{'RMSNorm, 16 rows':36s} {per_call_us(ref.rms_norm, x, w, 1e-5):7.0f} {per_call_us(fused.rms_norm, x, w, 1e-5):8.0f}")
     spec = SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64)
     kv = KVCache(spec, 16, 512)
     kv.cache.normal_()
@@ -122,8 +133,9 @@ def bench_kernels(r_max: int = 64) -> None:
     def attention_30_layers(ops):
         for layer in range(30):
             ops.decode_attention(q, layer, meta, kv, out)
-    print(f"{'decode attention, 16 seqs x 30 layers':36s} torch {per_call_us(attention_30_layers, ref, n=20, cold=True):7.0f}"
-          f"   C {per_call_us(attention_30_layers, fused, n=20, cold=True):7.0f}")
+    print(f"{'decode attention, 16 seqs x 30 layers':36s} "
+          + " ".join(f"{per_call_us(attention_30_layers, ops, n=20, cold=True):{w}.0f}"
+                     for ops, w in ((ref, 7), (serial, 8), (fused, 8))))
     layer = []
     for i, outs in LORA_GROUPS.values():
         members, col = [], 0
@@ -138,9 +150,9 @@ def bench_kernels(r_max: int = 64) -> None:
         groups = build_groups(build_segments(rows))
         n = rows[-1][1]
         inputs = [(torch.zeros(n, out), torch.randn(n, i), [w]) for w, i, out in layer]
-        torch_us = per_call_us(lora_layer, ref.lora_grouped_, inputs, groups, cold=True)
-        c_us = per_call_us(lora_layer, fused.lora_grouped_, inputs, groups, cold=True)
-        print(f"{'LoRA layer, ' + case:36s} torch {torch_us:7.0f}   C {c_us:7.0f}")
+        print(f"{'LoRA layer, ' + case:36s} " + " ".join(
+            f"{per_call_us(lora_layer, ops.lora_grouped_, inputs, groups, cold=True):{w}.0f}"
+            for ops, w in ((ref, 7), (serial, 8), (fused, 8))))
 
 
 def lora_layer(op, inputs, groups) -> None:
@@ -151,10 +163,12 @@ def lora_layer(op, inputs, groups) -> None:
 
 def bench_steps(threads: int) -> None:
     from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.cpu_kernels import CKernelOps
     from matryoshka_lora.engine.engine import LLMEngine
-    from matryoshka_lora.engine.model_runner import StepItem
+    from matryoshka_lora.engine.model_runner import ModelRunner, StepItem
     from matryoshka_lora.engine.random_adapter import save_random_adapter
     from matryoshka_lora.engine.torch_ops import TorchOps
+    from matryoshka_lora.engine.weights import fuse_weights
     from matryoshka_lora.models import load_base_model
 
     model, tokenizer = load_base_model(None)
@@ -178,20 +192,27 @@ def bench_steps(threads: int) -> None:
 
     cases = {"base": (items("base"), 64), "rank 1": (items("1"), 64), "rank 64": (items("64"), 64),
              "mixed, masked groups": (items("mixed"), 64), "mixed, a group per rank": (items("mixed"), 0)}
-    op_sets = {"torch ops": TorchOps(), "C kernels": engine.runner.ops}
-    times: dict[tuple[str, str], list[float]] = {(name, o): [] for name in cases for o in op_sets}
+    c_ops = engine.runner.ops
+    onednn = fuse_weights(model, batch_size_hint=16)  # the torch ops' linears: oneDNN-packed weights
+    runners = {  # one KV cache and adapter table; each op set with the linears it packs
+        "torch ops": ModelRunner(onednn, engine.kv, engine.adapters.table, TorchOps()),
+        "C, oneDNN lin.": ModelRunner(onednn, engine.kv, engine.adapters.table, c_ops),
+        "C 1 thread": ModelRunner(engine.weights, engine.kv, engine.adapters.table, CKernelOps(c_ops.lib, 1)),
+        f"C {threads} threads": engine.runner,
+    }
+    times: dict[tuple[str, str], list[float]] = {(name, o): [] for name in cases for o in runners}
     for repeat in range(12):  # interleaved, so drift hits every case alike
         for name, (its, max_masked_rows) in cases.items():
-            for o, ops in op_sets.items():
-                engine.runner.max_masked_rows, engine.runner.ops = max_masked_rows, ops
+            for o, runner in runners.items():
+                runner.max_masked_rows = max_masked_rows
                 started = time.perf_counter()
-                engine.runner.execute(its)
+                runner.execute(its)
                 if repeat >= 2:
                     times[name, o].append(time.perf_counter() - started)
     print("\n4. decode step, 16 sequences at context 100, real SmolLM2 weights, ms (median of 10)")
-    print(f"{'':26s} " + " ".join(f"{o:>10s}" for o in op_sets))
+    print(f"{'':26s} " + " ".join(f"{o:>14s}" for o in runners))
     for name in cases:
-        print(f"{name:26s} " + " ".join(f"{statistics.median(times[name, o]) * 1e3:10.1f}" for o in op_sets))
+        print(f"{name:26s} " + " ".join(f"{statistics.median(times[name, o]) * 1e3:14.1f}" for o in runners))
 
 
 def main() -> None:

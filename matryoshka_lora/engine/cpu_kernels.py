@@ -1,10 +1,14 @@
-"""The fused C kernels of `cpu_kernels.c`: built once per machine with the system C compiler, loaded with ctypes.
+"""The C kernels of `cpu_kernels.c` and `cpu_gemm.c`: built once per machine with the system C compiler,
+loaded with ctypes.
 
     ops = load_step_ops(enabled=True)   # CKernelOps, or TorchOps where no compiler / not x86-64 / disabled
 
-The shared library is compiled with `-O3 -march=native` into `<cache>/kernels/` (see models.cache_root;
-a temporary directory when that is not writable), named by a hash of the source, the flags and the
-compiler, so a new source or another CPU builds its own copy and concurrent starts do not clash.
+The shared library is compiled with `-O3 -march=native -fopenmp` into `<cache>/kernels/` (see
+models.cache_root; a temporary directory when that is not writable), named by a hash of the source, the
+flags and the compiler, so a new source or another CPU builds its own copy and concurrent starts do not
+clash. It links `libgomp.so.1` by name, and torch (imported first) has already loaded its own copy of
+that library, so the kernels' threads are torch's OpenMP pool, not a second one competing for the
+cores. A compiler without OpenMP builds it single-threaded.
 `CKernelOps` has the same methods and semantics as the reference `torch_ops.TorchOps`; tests hold
 them equal. The kernels are float32 only: other dtypes get TorchOps.
 """
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 
 from matryoshka_lora.engine.attention import AttentionMeta
+from matryoshka_lora.engine.cpu_linear import PanelLinear
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.lora_ops import FusedLoRA, LoRAGroup, lora_grouped_
 from matryoshka_lora.engine.torch_ops import TorchOps
@@ -32,15 +37,16 @@ from matryoshka_lora.engine.weights import ModelSpec
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCES = (Path(__file__).with_name("cpu_kernels.c"), Path(__file__).with_name("cpu_gemm.c"))
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
          "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast")
 i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     "ml_rms_norm": (None, [ptr, i64, ptr, ptr, i64, i64, f32]),
     "ml_rope_and_cache": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]),
-    "ml_decode_attention": (ctypes.c_int, [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32]),
-    "ml_lora_group": (None, [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, i64, ptr]),
+    "ml_decode_attention": (ctypes.c_int, [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32, i64]),
+    "ml_lora_group": (None, [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64]),
+    "ml_linear": (None, [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64]),
 }
 # Which LoRA groups take the C kernel (benchmarks/README.md, "C LoRA kernel"): masked multi-rank groups
 # (each row computes only its own rank's columns; these have <= lora_batch.MAX_MASKED_ROWS rows) and
@@ -73,13 +79,17 @@ def _build_dir() -> Path:
     raise KernelBuildError("no writable directory for the compiled kernels")
 
 
-def build_library() -> Path:
-    """Compile cpu_kernels.c (once per source, flags, compiler and CPU) and return the .so path."""
+def build_library(extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the C sources (once per source, flags, compiler and CPU) and return the .so path.
+
+    extra_flags: more compiler flags (tests build the portable GEMM with -DML_PORTABLE_GEMM).
+    """
     if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
         raise KernelBuildError(f"unsupported machine {platform.machine()!r}")
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+    flags = (*FLAGS, *extra_flags)
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(flags).encode() + version.encode()
                          + platform.processor().encode() + _cpu_model().encode()).hexdigest()[:16]
     directory = _build_dir()
     target = directory / f"cpu_kernels-{key}.so"
@@ -87,10 +97,18 @@ def build_library() -> Path:
         return target
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
-    result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
+    errors = ""
+    for extra in (["-fopenmp"], []):  # a compiler without OpenMP (clang without libomp) builds it serial
+        result = subprocess.run([cc, *flags, *extra, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
+                                text=True, check=False)
+        if result.returncode == 0:
+            break
+        errors = result.stderr.strip()[-2000:]
+    else:
         os.unlink(tmp)
-        raise KernelBuildError(f"{cc} failed: {result.stderr.strip()[-2000:]}")
+        raise KernelBuildError(f"{cc} failed: {errors}")
+    if not extra:
+        log.warning("%s could not build with -fopenmp: the fused kernels run on one thread (%s)", cc, errors[-200:])
     os.replace(tmp, target)  # atomic: concurrent builders each write their own tmp
     log.info("built the fused CPU kernels: %s", target)
     return target
@@ -121,13 +139,26 @@ class CKernelOps(TorchOps):
     For the engine's float32 CPU tensors in the layouts llama.forward makes (rows with unit stride in
     their last dimension, the KVCache tensor, contiguous cos/sin): the engine checks the dtype once
     (load_step_ops), so the per-call wrappers stay a few microseconds.
+
+    num_threads: the OpenMP threads of decode attention and the LoRA groups; None follows
+    torch.get_num_threads() at each call (the engine's num_threads).
     """
 
     name = "c-kernels"
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, num_threads: int | None = None):
         self.lib = lib
+        self.num_threads = num_threads
         self._lora_args: weakref.WeakKeyDictionary[FusedLoRA, tuple] = weakref.WeakKeyDictionary()
+
+    def _threads(self) -> int:
+        return self.num_threads or torch.get_num_threads()
+
+    def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16):
+        """The model's frozen linears as PanelLinear (cpu_gemm.c); other dtypes as TorchOps packs them."""
+        if weight.dtype != torch.float32:
+            return super().pack_linear(weight, bias, batch_size_hint)
+        return PanelLinear(self.lib, weight, bias, self._threads)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows, dim = x.shape
@@ -156,7 +187,7 @@ class CKernelOps(TorchOps):
         status = self.lib.ml_decode_attention(
             q.data_ptr(), q.stride(0), k_cache, v_cache, d.rows.data_ptr(), d.slots.data_ptr(),
             d.lengths.data_ptr(), out.data_ptr(), out.stride(0), d.rows.shape[0], q.shape[1], kv.num_kv_heads,
-            kv.head_dim, slot_stride, kv.max_model_len, kv.head_dim ** -0.5)
+            kv.head_dim, slot_stride, kv.max_model_len, kv.head_dim ** -0.5, self._threads())
         if status != 0:
             raise MemoryError("ml_decode_attention could not allocate its scratch buffers")
 
@@ -172,7 +203,7 @@ class CKernelOps(TorchOps):
     def lora_grouped_(self, y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup],
                       weights: list[FusedLoRA | None]) -> torch.Tensor:
         """lora_ops.lora_grouped_: masked groups and groups of <= MAX_KERNEL_LORA_ROWS rows in one C call each."""
-        large = []
+        large, threads = [], self._threads()
         for g in groups:
             w = weights[g.slot]
             if w is None:
@@ -183,12 +214,12 @@ class CKernelOps(TorchOps):
                 continue
             _, b_ptrs, b_strides, c0, c1 = self._b_args(w)
             k = w.num_members
-            h = torch.empty(rows * k * g.rank)
+            h = torch.empty(threads * rows * k * g.rank)  # a partial shrink per thread
             self.lib.ml_lora_group(
                 x.data_ptr() + g.start * x.stride(0) * x.element_size(), x.stride(0), rows, x.shape[1], w.lora_A.data_ptr(),
                 w.lora_A.stride(0), k, g.rank, 0 if g.row_ranks is None else g.row_ranks.data_ptr(),
                 0 if g.row_scales is None else g.row_scales.data_ptr(), g.scale, b_ptrs, b_strides, c0, c1,
-                y.data_ptr() + g.start * y.stride(0) * y.element_size(), y.stride(0), h.data_ptr())
+                y.data_ptr() + g.start * y.stride(0) * y.element_size(), y.stride(0), h.data_ptr(), threads)
         if large:
             lora_grouped_(y, x, large, weights)
         return y

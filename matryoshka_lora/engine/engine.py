@@ -65,13 +65,14 @@ class LLMEngine:
             hf_model, tokenizer = load_base_model(config.model)
         self.tokenizer = tokenizer
         self.model_name = model_id(hf_model)
-        self.weights = fuse_weights(hf_model, batch_size_hint=min(config.max_num_seqs, 64))
+        ops = load_step_ops(config.fused_kernels, torch.float32)  # fuse_weights stores float32
+        self.weights = fuse_weights(hf_model, batch_size_hint=min(config.max_num_seqs, 64), pack_linear=ops.pack_linear)
         self.fingerprint = model_fingerprint(hf_model)
         self.eos_ids = eos_token_ids(hf_model, tokenizer)
         self.max_model_len = config.resolve_max_model_len(self.weights.spec.max_position_embeddings)
         self.kv = KVCache(self.weights.spec, config.max_num_seqs, self.max_model_len)
         self.adapters = AdapterSlots(self.weights.spec, config.max_adapters)
-        self.runner = ModelRunner(self.weights, self.kv, self.adapters.table, load_step_ops(config.fused_kernels, self.weights.embed.dtype))
+        self.runner = ModelRunner(self.weights, self.kv, self.adapters.table, ops)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len)
         self.cost_model = CostModel()
         self.arrivals = Arrivals()  # prompt and output tokens/s arriving, for the budget predictions

@@ -2,7 +2,7 @@
 
     x = embed[input_ids]                                         [T, hidden]
     for each layer:
-        h = rms_norm(x);  qkv = h @ W_qkv (+ b) (+ LoRA_qkv(h))      (each W a PackedLinear)
+        h = rms_norm(x);  qkv = h @ W_qkv (+ b) (+ LoRA_qkv(h))      (each W a frozen Linear: weights.py)
         q, k = rope(q, k);  cache <- k, v;  a = attention(q, cache)
         x = x + a @ W_o (+ LoRA_o(a))
         h = rms_norm(x);  gu = h @ W_gate_up (+ LoRA_gate_up(h))

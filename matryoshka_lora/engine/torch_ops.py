@@ -8,6 +8,8 @@
                                           out[r] = attention of decode row r over its cache slot
                                           (attention.decode_attention); other rows of out untouched
     lora_grouped_(y, x, groups, weights)  y += each group's per-row rank-r LoRA delta (lora_ops)
+    pack_linear(weight, bias)             the frozen linear the model's weights are stored as:
+                                          y = x @ weight.T + bias (linear.PackedLinear here)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from matryoshka_lora.engine.attention import AttentionMeta, decode_attention
 from matryoshka_lora.engine.kv_cache import KVCache
+from matryoshka_lora.engine.linear import PackedLinear
 from matryoshka_lora.engine.lora_ops import lora_grouped_
 from matryoshka_lora.engine.weights import ModelSpec
 
@@ -31,6 +34,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class TorchOps:
     name = "torch"
     lora_grouped_ = staticmethod(lora_grouped_)
+
+    def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16) -> PackedLinear:
+        return PackedLinear(weight, bias, batch_size_hint)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)

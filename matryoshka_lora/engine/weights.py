@@ -1,6 +1,7 @@
 """Hugging Face Llama-family checkpoint -> the engine's fused, pre-transposed weight layout.
 
-Layout (each a `PackedLinear`, y = x @ W.T + b, W as nn.Linear stores it: [out, in]):
+Layout (each a frozen `Linear`, y = x @ W.T + b, W as nn.Linear stores it: [out, in]; stored as the
+step's op set packs it: linear.PackedLinear for the torch ops, cpu_linear.PanelLinear for the C kernels):
     qkv      [(num_heads + 2 * num_kv_heads) * head_dim, hidden]   = [q_proj; k_proj; v_proj] (+ bias)
     o        [hidden, num_heads * head_dim]
     gate_up  [2 * intermediate, hidden]                            = [gate_proj; up_proj]
@@ -12,6 +13,7 @@ cos/sin tables come from HF's own rotary-embedding module, so every rope variant
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,8 @@ from matryoshka_lora.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+Linear = Callable[[torch.Tensor], torch.Tensor]  # a frozen linear layer: x [T, in] -> x @ W.T + b [T, out]
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,11 @@ class ModelSpec:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: PackedLinear
-    o: PackedLinear
+    qkv: Linear
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: PackedLinear
-    down: PackedLinear
+    gate_up: Linear
+    down: Linear
 
 
 @dataclass
@@ -70,7 +74,7 @@ class ModelWeights:
     embed: torch.Tensor  # [vocab, hidden]
     layers: list[LayerWeights]
     norm: torch.Tensor
-    lm_head: PackedLinear  # hidden -> vocab
+    lm_head: Linear  # hidden -> vocab
     rotary: torch.nn.Module  # HF's rotary embedding: (x, position_ids) -> (cos, sin)
 
 
@@ -112,15 +116,20 @@ def _b(linear: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
     return linear.bias.detach().to(dtype) if linear.bias is not None else None
 
 
-def fuse_weights(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32, batch_size_hint: int = 16) -> ModelWeights:
-    """Copy a loaded HF CausalLM's weights into the fused, packed layout (the HF model can be dropped after)."""
+def fuse_weights(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32, batch_size_hint: int = 16,
+                 pack_linear: Callable[..., Linear] = PackedLinear) -> ModelWeights:
+    """Copy a loaded HF CausalLM's weights into the fused, packed layout (the HF model can be dropped after).
+
+    pack_linear(weight, bias, batch_size_hint): stores each frozen linear; the step's op set decides
+    (TorchOps / CKernelOps.pack_linear: oneDNN's packed weight, or the C kernels' panels).
+    """
     config = hf_model.config
     check_supported(config, type(hf_model).__name__)
     spec = model_spec(config)
     base = hf_model.model
 
-    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
-        return PackedLinear(weight, bias, batch_size_hint)
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        return pack_linear(weight, bias, batch_size_hint)
 
     layers = []
     for layer in base.layers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,13 +58,15 @@ STEPS = {  # (slot, first position, num tokens) per item: decode rows (n = 1) an
 }
 
 
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
 @pytest.mark.parametrize("step", STEPS, ids=list(STEPS))
 @pytest.mark.parametrize("shape", SPECS, ids=list(SPECS))
-def test_rope_cache_and_decode_attention_equal_torch(c_ops, shape, step):
+def test_rope_cache_and_decode_attention_equal_torch(c_ops, shape, step, num_threads):
+    """At any OpenMP thread count (3: more threads than this machine's cores, an uneven split)."""
     heads, kv_heads, head_dim = SPECS[shape]
     spec = ModelSpec(1, heads * head_dim, heads, kv_heads, head_dim, 64, 32, 1e-5, 32)
     results = []
-    for ops in (TorchOps(), c_ops):
+    for ops in (TorchOps(), cpu_kernels.CKernelOps(c_ops.lib, num_threads)):
         qkv, meta, kv = _step(spec, 6, 32, STEPS[step], seed=7)
         q, k, v = ops.rope_and_cache(qkv, spec, 0, meta, kv)
         out = torch.zeros(q.shape)
@@ -73,6 +76,46 @@ def test_rope_cache_and_decode_attention_equal_torch(c_ops, shape, step):
     for name, want, got in zip(("q", "k", "v", "cache", "decode attention"), results[0], results[1]):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert results[1][4].abs().sum() > 0 or not any(n == 1 for _, _, n in STEPS[step])
+
+
+SMOLLM2 = ModelSpec(1, 576, 9, 3, 64, 1536, 32, 1e-5, 32)
+
+
+@pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
+@pytest.mark.parametrize("row_ranks", [[64] * 5, [1, 8, 8, 32, 64], [2, 3, 1]], ids=["uniform", "masked", "small"])
+def test_lora_group_at_every_thread_count_equals_torch(c_ops, group, row_ranks):
+    """SmolLM2's shapes at r_max 64, above PARALLEL_MIN_FLOATS (the columns split across threads) and
+    below it ("small": one thread): every thread count gives the torch op's result."""
+    from matryoshka_lora.engine.adapter_slots import (
+        GROUP_MEMBERS,
+        fuse_group,
+        member_columns,
+    )
+    from matryoshka_lora.engine.lora_batch import build_groups, build_segments
+    from matryoshka_lora.engine.lora_ops import lora_grouped_
+
+    gen = torch.Generator().manual_seed(len(row_ranks))
+    members = {}
+    for name in GROUP_MEMBERS[group]:
+        i, o = SMOLLM2.module_shape(name)
+        members[name] = (torch.randn(i, 64, generator=gen), torch.randn(64, o, generator=gen) * 0.1)
+    fused = [fuse_group(SMOLLM2, group, members, 64)]
+    in_f = SMOLLM2.module_shape(GROUP_MEMBERS[group][0])[0]
+    out_f = max(c1 for _, c1 in member_columns(SMOLLM2, group).values())
+    x = torch.randn(len(row_ranks), in_f, generator=gen)
+    groups = build_groups(build_segments([(t, t + 1, 0, r, 0.5 / r) for t, r in enumerate(row_ranks)]))
+    want = lora_grouped_(torch.zeros(len(row_ranks), out_f), x, groups, fused)
+    got = [cpu_kernels.CKernelOps(c_ops.lib, n).lora_grouped_(torch.zeros_like(want), x, groups, fused)
+           for n in (1, 2, 3)]
+    for result in got:
+        torch.testing.assert_close(result, want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_kernels_share_torchs_openmp_runtime(c_ops):
+    """One libgomp in the process: the kernels' threads are torch's pool, not a second one."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    assert len({line.split()[-1] for line in maps if "libgomp" in line}) <= 1
 
 
 def test_load_step_ops_falls_back_without_a_compiler(monkeypatch, caplog):

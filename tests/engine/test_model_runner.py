@@ -13,7 +13,7 @@ ATOL = 1e-4
 
 
 def make_runner(hf_model, ops, max_num_seqs=4, max_model_len=64):
-    weights = fuse_weights(hf_model)
+    weights = fuse_weights(hf_model, pack_linear=ops.pack_linear)
     kv = KVCache(weights.spec, max_num_seqs, max_model_len)
     return ModelRunner(weights, kv, ops=ops), kv
 
@@ -120,7 +120,7 @@ def test_mixed_adapters_and_ranks_equal_hf_at_that_rank(tiny_model, tmp_path, st
     from matryoshka_lora.engine.adapter_slots import AdapterSlots, fuse_adapter
     from matryoshka_lora.engine.random_adapter import save_random_adapter
 
-    weights = fuse_weights(tiny_model)
+    weights = fuse_weights(tiny_model, pack_linear=step_ops.pack_linear)
     slots_table = AdapterSlots(weights.spec, max_adapters=2)
     adapters = {}
     for name, seed, targets in [("a", 1, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),

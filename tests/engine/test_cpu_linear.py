@@ -1,0 +1,76 @@
+"""PanelLinear (cpu_gemm.c's ml_linear) == nn.Linear's math: every row-tile remainder, partial panels, bias,
+any thread count, the AVX2 micro-kernel and the portable one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matryoshka_lora.engine import cpu_kernels
+from matryoshka_lora.engine.cpu_linear import PanelLinear, pack_panels
+
+SHAPES = {  # (out, in): below the threading threshold, a partial last panel, SmolLM2's qkv and down
+    "tiny": (5, 3), "partial-panel": (40, 24), "qkv": (960, 576), "down": (576, 1536),
+}
+ROWS = [0, 1, 5, 6, 7, 16, 61]  # MR = 6: every remainder of a row tile, and several tiles
+
+
+@pytest.fixture(scope="module", params=["avx2-or-native", "portable"])
+def lib(request, c_ops):
+    if request.param == "avx2-or-native":
+        return c_ops.lib
+    try:
+        return cpu_kernels._load(cpu_kernels.build_library(("-DML_PORTABLE_GEMM",)))
+    except cpu_kernels.KernelBuildError as exc:
+        pytest.skip(f"portable build failed: {exc}")
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_panel_linear_equals_linear(lib, shape, rows, with_bias):
+    out_f, in_f = SHAPES[shape]
+    gen = torch.Generator().manual_seed(rows * 7 + out_f)
+    weight = torch.randn(out_f, in_f, generator=gen) / in_f ** 0.5
+    bias = torch.randn(out_f, generator=gen) if with_bias else None
+    x = torch.randn(rows, in_f, generator=gen)
+    got = PanelLinear(lib, weight, bias, lambda: 2)(x)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_panel_linear_at_any_thread_count(c_ops, num_threads):
+    gen = torch.Generator().manual_seed(num_threads)
+    weight, x = torch.randn(100, 64, generator=gen), torch.randn(9, 64, generator=gen)
+    big = torch.randn(700, 300, generator=gen)  # above the threading threshold: the panels split
+    for w in (weight, big):
+        xs = x if w is weight else torch.randn(9, 300, generator=gen)
+        got = PanelLinear(c_ops.lib, w, None, lambda: num_threads)(xs)
+        torch.testing.assert_close(got, F.linear(xs, w), atol=1e-4, rtol=1e-4)
+
+
+def test_panel_linear_takes_strided_rows(c_ops):
+    """A column slice (row stride > in_features), and a transposed view (made contiguous first)."""
+    weight = torch.randn(48, 32)
+    wide = torch.randn(7, 50)[:, 3:35]
+    layer = PanelLinear(c_ops.lib, weight, None, lambda: 2)
+    torch.testing.assert_close(layer(wide), F.linear(wide, weight), atol=1e-4, rtol=1e-4)
+    transposed = torch.randn(32, 7).t()
+    torch.testing.assert_close(layer(transposed), F.linear(transposed, weight), atol=1e-4, rtol=1e-4)
+
+
+def test_pack_panels_layout():
+    """panels[p, k, j] = W[16 p + j, k], zero past the last output."""
+    weight = torch.arange(20 * 3, dtype=torch.float32).reshape(20, 3)
+    panels = pack_panels(weight)
+    assert panels.shape == (2, 3, 16)
+    assert panels[1, 2, 3] == weight[19, 2] and panels[0, 0, 5] == weight[5, 0]
+    assert torch.all(panels[1, :, 4:] == 0)
+
+
+def test_panel_linear_is_float32_only(c_ops):
+    with pytest.raises(TypeError, match="float32"):
+        PanelLinear(c_ops.lib, torch.randn(4, 4, dtype=torch.float64), None, lambda: 1)
+    assert type(c_ops.pack_linear(torch.randn(4, 4, dtype=torch.float64))).__name__ == "PackedLinear"
+    assert isinstance(c_ops.pack_linear(torch.randn(4, 4)), PanelLinear)
