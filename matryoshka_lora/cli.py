@@ -243,8 +243,8 @@ def serve(
     num_threads: Annotated[Optional[int], typer.Option("--num-threads", help="Torch threads of the engine "
                            "[MATRYOSHKA_NUM_THREADS; torch default].")] = None,
     fused_kernels: Annotated[Optional[bool], typer.Option("--fused-kernels/--no-fused-kernels", help="Native engine: "
-                             "RMSNorm, RoPE + KV write, decode attention and mixed-rank LoRA groups as C kernels compiled once with the "
-                             "system C compiler (torch ops without one) [MATRYOSHKA_FUSED_KERNELS; on].")] = None,
+                             "the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C kernels compiled once "
+                             "with the system C compiler (torch ops without one) [MATRYOSHKA_FUSED_KERNELS; on].")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of requests without one [MATRYOSHKA_SEED; 0].")] = None,
     log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug | info | warning | error "
                          "[MATRYOSHKA_LOG_LEVEL; info].")] = None,

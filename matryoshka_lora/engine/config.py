@@ -21,9 +21,9 @@ class EngineConfig:
     max_queue_len: waiting requests before `generate` raises QueueFullError.
     max_adapters: adapters loaded at once.
     num_threads: torch intra-op threads; None leaves torch's default.
-    fused_kernels: run RMSNorm, RoPE + KV-cache write, decode attention and the mixed-rank LoRA groups as
-        fused C kernels (compiled once with the system C compiler; falls back to torch ops, with a
-        warning, without one).
+    fused_kernels: run the model's linears, the decode LoRA groups, RMSNorm, RoPE + KV-cache write and
+        decode attention as C kernels (compiled once with the system C compiler; falls back to torch ops
+        and oneDNN linears, with a warning, without one).
     seed: seeds the sampler of requests that carry no seed.
     warmup: run the warm-up and cost-model calibration at start.
     """

@@ -1,21 +1,35 @@
-/* The engine's frozen linears on the CPU: y = x @ W.T + b for few rows (plain C, built with cpu_kernels.c).
+/* The engine's matmuls on the CPU (plain C, built with cpu_kernels.c): the frozen linears and the LoRA groups.
 
-     ml_linear: y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])      for m < rows, n < out_features
+     ml_linear:      y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])              m < rows, n < out_features
+     ml_lora_group:  one LoRAGroup of one adapter's fused module group (lora_ops.lora_grouped_):
+                         h[t] = x[t] @ A[:, :k * R]                          R = the group's rank
+                         h[t, c] *= scale_t if c < k * r_t else 0             (r_t, scale_t: row t's own)
+                         y[t, c0_m:c1_m] += h[t, m::k] @ B_m[:R]              for each member m of k
 
-   W is stored once as panels (cpu_linear.PanelLinear): out_features cut into panels of NR = 16 rows of
-   W, each stored k-major, [num_panels][in_features][NR], zero-padded past out_features. A decode step
-   reads every weight of the model once, so the loop is built to stream them: each thread takes a
-   contiguous run of panels (one sequential read), and for each panel a register-blocked micro-kernel
-   computes MR = 6 rows x NR = 16 outputs at a time (12 AVX2 accumulators, the panel's two vectors per
-   k loaded once and used by 6 rows), while the next panel is prefetched: the rows after the first 6
-   then find the panel in cache, and the memory stream does not stall between panels. On the AMD EPYC
-   it was measured on this is faster than oneDNN's packed weights at every row count of the engine's
-   steps (benchmarks/README.md, "C linear").
+   Both run one routine, `tile_gemm`: y[rows, cols] (=|+=) x[rows, K] @ w[K, cols] for a panel w of
+   NR = 16 columns (cols <= 16 of them kept), w's rows `w_stride` apart. Its register-blocked
+   micro-kernel computes MR = 6 rows x 16 columns at a time (12 AVX2 accumulators; each k's two
+   vectors of w are loaded once and used by 6 rows).
 
-   Without AVX2 + FMA (or with ML_PORTABLE_GEMM defined) the same loop runs a plain C micro-kernel. */
+   Weights: a linear's W is stored once as panels (cpu_linear.PanelLinear): its outputs cut into panels
+   of 16, each k-major, [num_panels][in_features][16], zero-padded, so each panel is one sequential
+   read and the next is prefetched while the row tiles after the first find the current one in cache.
+   A LoRA's A [in, k * r_max] and each B_m [r_max, out_m] are kept as panels of 16 columns the same way
+   (cpu_kernels.CKernelOps packs them once per adapter): a rank-r group reads A's first ceil(k r / 16)
+   panels and the first r rows of each B panel, each one sequential read, so its cost is O(r). In a
+   masked group (several ranks) every row computes at the group's rank R and the mask zeroes the
+   columns above its own: the weights, read once at R, are the cost; the extra multiply-adds are cheap
+   beside them.
+
+   Threads: each call splits its column blocks over `num_threads` OpenMP threads (torch's pool: see
+   cpu_kernels.py), one contiguous run each; calls that read under PARALLEL_MIN_WEIGHTS floats stay on
+   the calling thread. Each output element is computed by one thread in a fixed order, so results do
+   not depend on the thread count or on the other rows of the batch.
+
+   Without AVX2 + FMA (or with ML_PORTABLE_GEMM defined) a plain C micro-kernel runs the same loops. */
 
 #include <stdint.h>
-#include <stddef.h>
+#include <stdlib.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -23,11 +37,21 @@
 
 #define NR 16
 #define MR 6
-#define PARALLEL_MIN_WEIGHTS 16384 /* below 64 KB of weights, waking the thread pool costs more than it saves */
+#define PARALLEL_MIN_WEIGHTS 16384 /* 64 KB: below it, waking the thread pool costs more than it saves */
 
-static inline void store_rows(const float *acc, int mr, float *y, int64_t y_stride, int64_t cols, const float *bias) {
-    for (int r = 0; r < mr; r++)
-        for (int64_t j = 0; j < cols; j++) y[r * y_stride + j] = acc[r * NR + j] + (bias ? bias[j] : 0.0f);
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* y[r, :cols] = acc[r] + bias, or += acc[r] (accumulate) */
+static inline void store_rows(const float *acc, int mr, float *y, int64_t y_stride, int64_t cols,
+                              const float *bias, int accumulate) {
+    for (int r = 0; r < mr; r++) {
+        float *yr = y + r * y_stride;
+        const float *a = acc + r * NR;
+        if (accumulate)
+            for (int64_t j = 0; j < cols; j++) yr[j] += a[j];
+        else
+            for (int64_t j = 0; j < cols; j++) yr[j] = a[j] + (bias ? bias[j] : 0.0f);
+    }
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(ML_PORTABLE_GEMM)
@@ -40,43 +64,64 @@ static inline void store_rows(const float *acc, int mr, float *y, int64_t y_stri
         lo = _mm256_fmadd_ps(a, b0, lo);                             \
         hi = _mm256_fmadd_ps(a, b1, hi);                             \
     }
-#define SAVE_ROW(r, lo, hi)                        \
-    if (mr > r) {                                 \
-        _mm256_storeu_ps(acc + r * NR, lo);       \
-        _mm256_storeu_ps(acc + r * NR + 8, hi);   \
+#define SAVE_ROW(r, lo, hi)                      \
+    if (mr > r) {                               \
+        _mm256_storeu_ps(acc + r * NR, lo);     \
+        _mm256_storeu_ps(acc + r * NR + 8, hi); \
     }
 
+/* acc[mr, 16] = x[mr, :k] @ w[:k, :16] (w's rows w_stride apart), prefetching `next` the same way. */
 static inline __attribute__((always_inline)) void micro(const int mr, int64_t k, const float *x, int64_t x_stride,
-                                                        const float *w, const float *next, float *y,
-                                                        int64_t y_stride, int64_t cols, const float *bias) {
+                                                        const float *w, int64_t w_stride, const float *next,
+                                                        float *acc) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
            c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int64_t kk = 0; kk < k; kk++) {
-        if (next) _mm_prefetch((const char *)(next + kk * NR), _MM_HINT_T0);
-        const __m256 b0 = _mm256_loadu_ps(w + kk * NR), b1 = _mm256_loadu_ps(w + kk * NR + 8);
+        if (next) _mm_prefetch((const char *)(next + kk * w_stride), _MM_HINT_T0);
+        const __m256 b0 = _mm256_loadu_ps(w + kk * w_stride), b1 = _mm256_loadu_ps(w + kk * w_stride + 8);
         FMA_ROW(0, c00, c01) FMA_ROW(1, c10, c11) FMA_ROW(2, c20, c21)
         FMA_ROW(3, c30, c31) FMA_ROW(4, c40, c41) FMA_ROW(5, c50, c51)
     }
-    float acc[MR * NR];
     SAVE_ROW(0, c00, c01) SAVE_ROW(1, c10, c11) SAVE_ROW(2, c20, c21)
     SAVE_ROW(3, c30, c31) SAVE_ROW(4, c40, c41) SAVE_ROW(5, c50, c51)
-    store_rows(acc, mr, y, y_stride, cols, bias);
 }
 #else
 static inline void micro(const int mr, int64_t k, const float *x, int64_t x_stride, const float *w,
-                         const float *next, float *y, int64_t y_stride, int64_t cols, const float *bias) {
+                         int64_t w_stride, const float *next, float *acc) {
     (void)next;
-    float acc[MR * NR] = {0};
+    for (int i = 0; i < MR * NR; i++) acc[i] = 0.0f;
     for (int64_t kk = 0; kk < k; kk++) {
-        const float *b = w + kk * NR;
+        const float *b = w + kk * w_stride;
         for (int r = 0; r < mr; r++) {
             const float a = x[r * x_stride + kk];
             for (int j = 0; j < NR; j++) acc[r * NR + j] += a * b[j];
         }
     }
-    store_rows(acc, mr, y, y_stride, cols, bias);
 }
 #endif
+
+/* y[rows, :cols] (=|+=) x[rows, :k] @ w[:k, :cols] for a panel w: rows w_stride apart, NR readable floats
+   each (zero past cols), next: the panel to prefetch meanwhile (or NULL). */
+static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const float *w, int64_t w_stride,
+                      int64_t cols, const float *next, float *y, int64_t y_stride, const float *bias, int accumulate) {
+    float acc[MR * NR];
+    for (int64_t m0 = 0; m0 < rows; m0 += MR) {
+        const float *xm = x + m0 * x_stride;
+        const int mr = (int)min64(rows - m0, MR);
+        /* a constant mr per call: the unused rows compile away */
+#define MICRO(n) micro(n, k, xm, x_stride, w, w_stride, next, acc)
+        switch (mr) {
+            case 1: MICRO(1); break;
+            case 2: MICRO(2); break;
+            case 3: MICRO(3); break;
+            case 4: MICRO(4); break;
+            case 5: MICRO(5); break;
+            default: MICRO(6); break;
+        }
+#undef MICRO
+        store_rows(acc, mr, y + m0 * y_stride, y_stride, cols, bias, accumulate);
+    }
+}
 
 void ml_linear(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *panels,
                int64_t out_features, const float *bias, float *y, int64_t y_stride, int64_t num_threads) {
@@ -85,20 +130,51 @@ void ml_linear(const float *x, int64_t x_stride, int64_t rows, int64_t in_featur
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < num_panels; p++) {
         const float *w = panels + p * in_features * NR;
-        const float *next = p + 1 < num_panels ? w + in_features * NR : NULL;
-        const int64_t c0 = p * NR, cols = out_features - c0 < NR ? out_features - c0 : NR;
-        const float *b = bias ? bias + c0 : NULL;
-        for (int64_t m0 = 0; m0 < rows; m0 += MR) {
-            const float *xm = x + m0 * x_stride;
-            float *ym = y + m0 * y_stride + c0;
-            switch (rows - m0 < MR ? rows - m0 : MR) { /* a constant mr: the unused rows compile away */
-                case 1: micro(1, in_features, xm, x_stride, w, next, ym, y_stride, cols, b); break;
-                case 2: micro(2, in_features, xm, x_stride, w, next, ym, y_stride, cols, b); break;
-                case 3: micro(3, in_features, xm, x_stride, w, next, ym, y_stride, cols, b); break;
-                case 4: micro(4, in_features, xm, x_stride, w, next, ym, y_stride, cols, b); break;
-                case 5: micro(5, in_features, xm, x_stride, w, next, ym, y_stride, cols, b); break;
-                default: micro(6, in_features, xm, x_stride, w, next, ym, y_stride, cols, b); break;
-            }
+        const int64_t c0 = p * NR;
+        tile_gemm(rows, in_features, x, x_stride, w, NR, min64(out_features - c0, NR),
+                  p + 1 < num_panels ? w + in_features * NR : NULL, y + c0, y_stride, bias ? bias + c0 : NULL, 0);
+    }
+}
+
+void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *a_panels,
+                   int64_t k, int64_t rank, int64_t r_max, const int64_t *row_ranks, const float *row_scales,
+                   float scale, const int64_t *b_panels, const int64_t *c0, const int64_t *c1, float *y,
+                   int64_t y_stride, float *h, int64_t num_threads) {
+    /* h: [rows, k * rank] (the shrink) then [k][rows, rank] (per member, masked and scaled) */
+    const int64_t width = k * rank;
+    float *hm = h + rows * width;
+    const int64_t shrink_blocks = (width + NR - 1) / NR;
+    int64_t weight_floats = in_features * shrink_blocks * NR, expand_blocks = 0;
+    for (int64_t m = 0; m < k; m++) {
+        weight_floats += rank * (c1[m] - c0[m]);
+        expand_blocks += (c1[m] - c0[m] + NR - 1) / NR;
+    }
+    const int64_t threads = weight_floats < PARALLEL_MIN_WEIGHTS ? 1 : num_threads;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < shrink_blocks; b++) {
+            const float *w = a_panels + b * in_features * NR;
+            tile_gemm(rows, in_features, x, x_stride, w, NR, min64(width - b * NR, NR),
+                      b + 1 < shrink_blocks ? w + in_features * NR : NULL, h + b * NR, width, NULL, 0);
+        }
+        /* implicit barrier; then one thread per row: mask, scale, and split the members apart */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < rows; t++) {
+            const int64_t keep = row_ranks ? row_ranks[t] : rank;
+            const float s = row_scales ? row_scales[t] : scale;
+            for (int64_t m = 0; m < k; m++)
+                for (int64_t j = 0; j < rank; j++)
+                    hm[(m * rows + t) * rank + j] = j < keep ? h[t * width + j * k + m] * s : 0.0f;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < expand_blocks; b++) {
+            int64_t m = 0, panel = b; /* block b -> (member m, its panel) */
+            while (panel >= (c1[m] - c0[m] + NR - 1) / NR) panel -= (c1[m] - c0[m] + NR - 1) / NR, m++;
+            const int64_t out_m = c1[m] - c0[m], col = panel * NR;
+            const float *w = (const float *)(intptr_t)b_panels[m] + panel * r_max * NR;
+            tile_gemm(rows, rank, hm + m * rows * rank, rank, w, NR, min64(out_m - col, NR),
+                      col + NR < out_m ? w + r_max * NR : NULL, y + c0[m] + col, y_stride, NULL, 1);
         }
     }
 }

@@ -11,44 +11,21 @@
                              out[row[b], head] = softmax(q[row[b], head] . K[slot, kv(head), :len]^T * scale)
                                                  @ V[slot, kv(head), :len]
                          with kv(head) = head / (num_heads / num_kv_heads) (grouped-query attention)
-     ml_lora_group:      one LoRAGroup of one adapter's fused module group (lora_ops.lora_grouped_):
-                             h[t] = x[t] @ A[:, :k * r_t] * scale_t       (r_t, scale_t: the row's own)
-                             y[t, c0_m:c1_m] += h[t, m::k] @ B_m[:r_t]    for each member m of k
 
    Loops are written for the auto-vectoriser (-O3 -march=native, reassociation allowed); exp is a
    Cephes-style polynomial that vectorises (relative error ~2e-7), so results match torch to float
    rounding, not bit for bit. SiLU-mul is left to torch: its division made a C loop no faster on the
    AMD EPYC it was measured on.
 
-   Threads: decode attention (over sequence x KV head) and the LoRA group (the shrink over slices of
-   A's rows, summed after; the expand over output columns) run `num_threads` OpenMP threads when built
-   with -fopenmp and linked to torch's own libgomp, so they share its thread pool instead of competing
-   with it. Groups that read under PARALLEL_MIN_FLOATS of weights stay on the calling thread: waking
-   the pool costs more than they do. A row's result depends on the thread count (the shrink's
-   summation order), never on the other rows of the batch. Built without OpenMP, everything runs on
-   the calling thread. */
+   Threads: decode attention runs `num_threads` OpenMP threads over (sequence, KV head) pairs when
+   built with -fopenmp and linked to torch's own libgomp (cpu_kernels.py), so they share its thread
+   pool instead of competing with it. Built without OpenMP, it runs on the calling thread. The
+   matmuls (linears, LoRA groups) are in cpu_gemm.c. */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static inline int omp_get_thread_num(void) { return 0; }
-static inline int omp_get_num_threads(void) { return 1; }
-#endif
-
-#define PARALLEL_MIN_FLOATS 16384  /* 64 KB of weights */
-
-/* Thread `part` of `parts` takes columns [*lo, *hi) of [0, n), cut at multiples of 16 floats (64 bytes,
-   a cache line) so no two threads write one line. */
-static inline void column_chunk(int64_t n, int part, int parts, int64_t *lo, int64_t *hi) {
-    const int64_t size = ((n + parts - 1) / parts + 15) & ~(int64_t)15;
-    *lo = part * size < n ? part * size : n;
-    *hi = (part + 1) * size < n ? (part + 1) * size : n;
-}
 
 static inline float exp_poly(float x) {
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
@@ -166,57 +143,4 @@ int ml_decode_attention(const float *q, int64_t q_stride, const float *k_cache, 
         free(acc);
     }
     return failed;
-}
-
-void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *lora_A,
-                   int64_t a_stride, int64_t k, int64_t rank, const int64_t *row_ranks, const float *row_scales,
-                   float scale, const int64_t *lora_B, const int64_t *b_strides, const int64_t *c0,
-                   const int64_t *c1, float *y, int64_t y_stride, float *h, int64_t num_threads) {
-    /* h [num_threads, rows, k * rank] scratch; h[0] ends up holding x @ A. */
-    const int64_t width = k * rank, size = rows * k * rank;
-    int64_t weight_floats = in_features * width;
-    for (int64_t m = 0; m < k; m++) weight_floats += rank * (c1[m] - c0[m]);
-    const int64_t threads = weight_floats < PARALLEL_MIN_FLOATS ? 1 : num_threads;
-#pragma omp parallel num_threads(threads)
-    {
-        const int part = omp_get_thread_num(), parts = omp_get_num_threads();
-        /* Shrink: each thread streams its own contiguous slice of A's rows into its own partial h; row t
-           only computes its own k * r_t columns, so a rank-1 row costs 1/rank of a rank-`rank` row. */
-        const int64_t span = (in_features + parts - 1) / parts;
-        const int64_t i0 = part * span < in_features ? part * span : in_features;
-        const int64_t i1 = i0 + span < in_features ? i0 + span : in_features;
-        float *hp = h + part * size;
-        memset(hp, 0, sizeof(float) * size);
-        for (int64_t i = i0; i < i1; i++) {
-            const float *a = lora_A + i * a_stride;
-            for (int64_t t = 0; t < rows; t++) {
-                const int64_t w = row_ranks ? k * row_ranks[t] : width;
-                const float xv = x[t * x_stride + i];
-                float *ht = hp + t * width;
-                for (int64_t c = 0; c < w; c++) ht[c] += xv * a[c];
-            }
-        }
-        int64_t lo, hi;
-        if (parts > 1) {
-#pragma omp barrier
-            column_chunk(size, part, parts, &lo, &hi);
-            for (int q = 1; q < parts; q++)
-                for (int64_t c = lo; c < hi; c++) h[c] += h[q * size + c];
-#pragma omp barrier
-        }
-        /* Expand: each thread streams its columns of every member's B rows, added into every row's output. */
-        for (int64_t m = 0; m < k; m++) {
-            const float *b = (const float *)(intptr_t)lora_B[m];
-            column_chunk(c1[m] - c0[m], part, parts, &lo, &hi);
-            for (int64_t j = 0; j < rank; j++) {
-                const float *bj = b + j * b_strides[m];
-                for (int64_t t = 0; t < rows; t++) {
-                    if (row_ranks && j >= row_ranks[t]) continue;
-                    const float coef = h[t * width + j * k + m] * (row_scales ? row_scales[t] : scale);
-                    float *yt = y + t * y_stride + c0[m];
-                    for (int64_t o = lo; o < hi; o++) yt[o] += coef * bj[o];
-                }
-            }
-        }
-    }
 }

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from matryoshka_lora.engine.attention import AttentionMeta
-from matryoshka_lora.engine.cpu_linear import PanelLinear
+from matryoshka_lora.engine.cpu_linear import PanelLinear, pack_panels
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.lora_ops import FusedLoRA, LoRAGroup, lora_grouped_
 from matryoshka_lora.engine.torch_ops import TorchOps
@@ -45,14 +45,13 @@ SIGNATURES = {
     "ml_rms_norm": (None, [ptr, i64, ptr, ptr, i64, i64, f32]),
     "ml_rope_and_cache": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]),
     "ml_decode_attention": (ctypes.c_int, [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32, i64]),
-    "ml_lora_group": (None, [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64]),
+    "ml_lora_group": (None, [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i64, ptr, i64]),
     "ml_linear": (None, [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64]),
 }
-# Which LoRA groups take the C kernel (benchmarks/README.md, "C LoRA kernel"): masked multi-rank groups
-# (each row computes only its own rank's columns; these have <= lora_batch.MAX_MASKED_ROWS rows) and
-# single-rank groups of a few rows, where reading the weights dominates. Larger single-rank groups
-# (16 decode rows at one rank, prefill chunks) are matmuls that torch's blocked GEMM does better.
-MAX_KERNEL_LORA_ROWS = 8
+# Which LoRA groups take the C kernel (cpu_gemm.c; benchmarks/README.md, "C LoRA kernel"): every group
+# of up to this many rows, so every masked group (<= lora_batch.MAX_MASKED_ROWS rows) and every decode
+# group; longer prefill chunks take torch's GEMM, which runs them as fast (measured equal at 64-512 rows).
+MAX_KERNEL_LORA_ROWS = 64
 
 
 class KernelBuildError(RuntimeError):
@@ -133,8 +132,8 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 class CKernelOps(TorchOps):
-    """TorchOps with RMSNorm, RoPE + cache write, decode attention and the LoRA groups that few rows
-    read (masked multi-rank groups, single-rank groups of <= MAX_KERNEL_LORA_ROWS) as the fused C kernels.
+    """TorchOps with RMSNorm, RoPE + cache write, decode attention, the LoRA groups of <= MAX_KERNEL_LORA_ROWS
+    rows (cpu_kernels.c, cpu_gemm.c) and the model's linears (pack_linear: cpu_linear.PanelLinear) in C.
 
     For the engine's float32 CPU tensors in the layouts llama.forward makes (rows with unit stride in
     their last dimension, the KVCache tensor, contiguous cos/sin): the engine checks the dtype once
@@ -191,18 +190,21 @@ class CKernelOps(TorchOps):
         if status != 0:
             raise MemoryError("ml_decode_attention could not allocate its scratch buffers")
 
-    def _b_args(self, w: FusedLoRA) -> tuple:
-        """(B pointers, B row strides, c0s, c1s) as int64 tensors, made once per adapter weights."""
+    def _panels(self, w: FusedLoRA) -> tuple:
+        """w's A and B_m as cpu_gemm.c's 16-column panels, with the pointer tables the kernel takes; made
+        once per adapter weights (a second copy of the adapter, freed with it)."""
         args = self._lora_args.get(w)
         if args is None:
-            columns = [[b.data_ptr(), b.stride(0), c0, c1] for b, c0, c1 in w.lora_B]
-            table = torch.tensor(columns, dtype=torch.long).t().contiguous()
-            args = self._lora_args[w] = (table, *(int(table[i].data_ptr()) for i in range(4)))
+            a_panels = pack_panels(w.lora_A.t())  # [in, k r_max] -> [ceil(k r_max / 16), in, 16]
+            b_panels = [pack_panels(b.t()) for b, _, _ in w.lora_B]  # [r_max, out] -> [ceil(out / 16), r_max, 16]
+            table = torch.tensor([[b.data_ptr() for b in b_panels], [c0 for _, c0, _ in w.lora_B],
+                                  [c1 for _, _, c1 in w.lora_B]], dtype=torch.long)
+            args = self._lora_args[w] = (a_panels, b_panels, table, *(int(table[i].data_ptr()) for i in range(3)))
         return args
 
     def lora_grouped_(self, y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup],
                       weights: list[FusedLoRA | None]) -> torch.Tensor:
-        """lora_ops.lora_grouped_: masked groups and groups of <= MAX_KERNEL_LORA_ROWS rows in one C call each."""
+        """lora_ops.lora_grouped_: groups of <= MAX_KERNEL_LORA_ROWS rows in one C call each, longer ones in torch."""
         large, threads = [], self._threads()
         for g in groups:
             w = weights[g.slot]
@@ -212,13 +214,13 @@ class CKernelOps(TorchOps):
             if g.row_ranks is None and rows > MAX_KERNEL_LORA_ROWS:
                 large.append(g)
                 continue
-            _, b_ptrs, b_strides, c0, c1 = self._b_args(w)
+            a_panels, _, _, b_ptrs, c0, c1 = self._panels(w)
             k = w.num_members
-            h = torch.empty(threads * rows * k * g.rank)  # a partial shrink per thread
+            h = torch.empty(2 * rows * k * g.rank)  # the shrink, then its members masked and apart
             self.lib.ml_lora_group(
-                x.data_ptr() + g.start * x.stride(0) * x.element_size(), x.stride(0), rows, x.shape[1], w.lora_A.data_ptr(),
-                w.lora_A.stride(0), k, g.rank, 0 if g.row_ranks is None else g.row_ranks.data_ptr(),
-                0 if g.row_scales is None else g.row_scales.data_ptr(), g.scale, b_ptrs, b_strides, c0, c1,
+                x.data_ptr() + g.start * x.stride(0) * x.element_size(), x.stride(0), rows, x.shape[1], a_panels.data_ptr(),
+                k, g.rank, w.lora_A.shape[1] // k, 0 if g.row_ranks is None else g.row_ranks.data_ptr(),
+                0 if g.row_scales is None else g.row_scales.data_ptr(), g.scale, b_ptrs, c0, c1,
                 y.data_ptr() + g.start * y.stride(0) * y.element_size(), y.stride(0), h.data_ptr(), threads)
         if large:
             lora_grouped_(y, x, large, weights)

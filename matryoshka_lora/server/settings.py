@@ -69,8 +69,8 @@ class ServerSettings(BaseSettings):
     )
     num_threads: int | None = Field(None, ge=1, description="Torch threads of the engine; None = torch's default.")
     fused_kernels: bool = Field(
-        True, description="Native engine: RMSNorm, RoPE + KV write, decode attention and mixed-rank LoRA groups as fused C kernels "
-        "(built once with the system C compiler; torch ops when there is none)."
+        True, description="Native engine: the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C "
+        "kernels (built once with the system C compiler; torch ops when there is none)."
     )
     seed: int = Field(0, description="Seed of requests that carry none.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

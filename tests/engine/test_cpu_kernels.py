@@ -78,39 +78,6 @@ def test_rope_cache_and_decode_attention_equal_torch(c_ops, shape, step, num_thr
     assert results[1][4].abs().sum() > 0 or not any(n == 1 for _, _, n in STEPS[step])
 
 
-SMOLLM2 = ModelSpec(1, 576, 9, 3, 64, 1536, 32, 1e-5, 32)
-
-
-@pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
-@pytest.mark.parametrize("row_ranks", [[64] * 5, [1, 8, 8, 32, 64], [2, 3, 1]], ids=["uniform", "masked", "small"])
-def test_lora_group_at_every_thread_count_equals_torch(c_ops, group, row_ranks):
-    """SmolLM2's shapes at r_max 64, above PARALLEL_MIN_FLOATS (the columns split across threads) and
-    below it ("small": one thread): every thread count gives the torch op's result."""
-    from matryoshka_lora.engine.adapter_slots import (
-        GROUP_MEMBERS,
-        fuse_group,
-        member_columns,
-    )
-    from matryoshka_lora.engine.lora_batch import build_groups, build_segments
-    from matryoshka_lora.engine.lora_ops import lora_grouped_
-
-    gen = torch.Generator().manual_seed(len(row_ranks))
-    members = {}
-    for name in GROUP_MEMBERS[group]:
-        i, o = SMOLLM2.module_shape(name)
-        members[name] = (torch.randn(i, 64, generator=gen), torch.randn(64, o, generator=gen) * 0.1)
-    fused = [fuse_group(SMOLLM2, group, members, 64)]
-    in_f = SMOLLM2.module_shape(GROUP_MEMBERS[group][0])[0]
-    out_f = max(c1 for _, c1 in member_columns(SMOLLM2, group).values())
-    x = torch.randn(len(row_ranks), in_f, generator=gen)
-    groups = build_groups(build_segments([(t, t + 1, 0, r, 0.5 / r) for t, r in enumerate(row_ranks)]))
-    want = lora_grouped_(torch.zeros(len(row_ranks), out_f), x, groups, fused)
-    got = [cpu_kernels.CKernelOps(c_ops.lib, n).lora_grouped_(torch.zeros_like(want), x, groups, fused)
-           for n in (1, 2, 3)]
-    for result in got:
-        torch.testing.assert_close(result, want, atol=1e-3, rtol=1e-4)
-
-
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
 def test_kernels_share_torchs_openmp_runtime(c_ops):
     """One libgomp in the process: the kernels' threads are torch's pool, not a second one."""

@@ -1,5 +1,6 @@
-"""PanelLinear (cpu_gemm.c's ml_linear) == nn.Linear's math: every row-tile remainder, partial panels, bias,
-any thread count, the AVX2 micro-kernel and the portable one."""
+"""cpu_gemm.c with the AVX2 micro-kernel and the portable one: PanelLinear (ml_linear) == nn.Linear's math
+(every row-tile remainder, partial panels, bias, any thread count), and the C LoRA group (ml_lora_group)
+== the torch op at SmolLM2's shapes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from matryoshka_lora.engine import cpu_kernels
 from matryoshka_lora.engine.cpu_linear import PanelLinear, pack_panels
+from matryoshka_lora.engine.weights import ModelSpec
 
 SHAPES = {  # (out, in): below the threading threshold, a partial last panel, SmolLM2's qkv and down
     "tiny": (5, 3), "partial-panel": (40, 24), "qkv": (960, 576), "down": (576, 1536),
@@ -74,3 +76,38 @@ def test_panel_linear_is_float32_only(c_ops):
         PanelLinear(c_ops.lib, torch.randn(4, 4, dtype=torch.float64), None, lambda: 1)
     assert type(c_ops.pack_linear(torch.randn(4, 4, dtype=torch.float64))).__name__ == "PackedLinear"
     assert isinstance(c_ops.pack_linear(torch.randn(4, 4)), PanelLinear)
+
+
+SMOLLM2 = ModelSpec(1, 576, 9, 3, 64, 1536, 32, 1e-5, 32)
+
+
+@pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
+@pytest.mark.parametrize("row_ranks", [[64] * 5, [1, 8, 8, 32, 64], [2, 3, 1], [5] * 16, [7] * 40],
+                         ids=["uniform", "masked", "small", "16-rows-rank-5", "40-rows-rank-7"])
+def test_lora_group_at_every_thread_count_equals_torch(lib, group, row_ranks):
+    """SmolLM2's shapes at r_max 64: above PARALLEL_MIN_WEIGHTS (blocks split across threads) and below
+    it ("small": one thread); widths that end in a partial 16-column block (ranks 5, 7; k * r < 16).
+    Every thread count gives the torch op's result."""
+    from matryoshka_lora.engine.adapter_slots import (
+        GROUP_MEMBERS,
+        fuse_group,
+        member_columns,
+    )
+    from matryoshka_lora.engine.lora_batch import build_groups, build_segments
+    from matryoshka_lora.engine.lora_ops import lora_grouped_
+
+    gen = torch.Generator().manual_seed(len(row_ranks))
+    members = {}
+    for name in GROUP_MEMBERS[group]:
+        i, o = SMOLLM2.module_shape(name)
+        members[name] = (torch.randn(i, 64, generator=gen), torch.randn(64, o, generator=gen) * 0.1)
+    fused = [fuse_group(SMOLLM2, group, members, 64)]
+    in_f = SMOLLM2.module_shape(GROUP_MEMBERS[group][0])[0]
+    out_f = max(c1 for _, c1 in member_columns(SMOLLM2, group).values())
+    x = torch.randn(len(row_ranks), in_f, generator=gen)
+    groups = build_groups(build_segments([(t, t + 1, 0, r, 0.5 / r) for t, r in enumerate(row_ranks)]))
+    want = lora_grouped_(torch.zeros(len(row_ranks), out_f), x, groups, fused)
+    got = [cpu_kernels.CKernelOps(lib, n).lora_grouped_(torch.zeros_like(want), x, groups, fused)
+           for n in (1, 2, 3)]
+    for result in got:
+        torch.testing.assert_close(result, want, atol=1e-3, rtol=1e-4)
