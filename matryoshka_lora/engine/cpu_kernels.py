@@ -149,6 +149,7 @@ class CKernelOps(TorchOps):
         self.lib = lib
         self.num_threads = num_threads
         self._lora_args: weakref.WeakKeyDictionary[FusedLoRA, tuple] = weakref.WeakKeyDictionary()
+        self._h = torch.empty(0)  # the LoRA groups' scratch (_scratch)
 
     def _threads(self) -> int:
         return self.num_threads or torch.get_num_threads()
@@ -191,21 +192,32 @@ class CKernelOps(TorchOps):
             raise MemoryError("ml_decode_attention could not allocate its scratch buffers")
 
     def _panels(self, w: FusedLoRA) -> tuple:
-        """w's A and B_m as cpu_gemm.c's 16-column panels, with the pointer tables the kernel takes; made
-        once per adapter weights (a second copy of the adapter, freed with it)."""
+        """(A panels address, k, r_max, B panel addresses, c0s, c1s, the tensors behind them) for w: its A
+        and B_m as cpu_gemm.c's 16-column panels, made once per adapter weights (a second copy of the
+        adapter, freed with it)."""
         args = self._lora_args.get(w)
         if args is None:
             a_panels = pack_panels(w.lora_A.t())  # [in, k r_max] -> [ceil(k r_max / 16), in, 16]
             b_panels = [pack_panels(b.t()) for b, _, _ in w.lora_B]  # [r_max, out] -> [ceil(out / 16), r_max, 16]
             table = torch.tensor([[b.data_ptr() for b in b_panels], [c0 for _, c0, _ in w.lora_B],
                                   [c1 for _, _, c1 in w.lora_B]], dtype=torch.long)
-            args = self._lora_args[w] = (a_panels, b_panels, table, *(int(table[i].data_ptr()) for i in range(3)))
+            k = w.num_members
+            args = self._lora_args[w] = (a_panels.data_ptr(), k, w.lora_A.shape[1] // k,
+                                         *(table[i].data_ptr() for i in range(3)), (a_panels, b_panels, table))
         return args
+
+    def _scratch(self, size: int) -> int:
+        """Address of a float32 buffer of >= size elements, reused across calls (the engine loop is the only caller)."""
+        if self._h.numel() < size:
+            self._h = torch.empty(max(size, 2 * self._h.numel()))
+        return self._h.data_ptr()
 
     def lora_grouped_(self, y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup],
                       weights: list[FusedLoRA | None]) -> torch.Tensor:
         """lora_ops.lora_grouped_: groups of <= MAX_KERNEL_LORA_ROWS rows in one C call each, longer ones in torch."""
         large, threads = [], self._threads()
+        x_ptr, x_stride, y_ptr, y_stride = x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)
+        in_features, item = x.shape[1], x.element_size()
         for g in groups:
             w = weights[g.slot]
             if w is None:
@@ -214,14 +226,12 @@ class CKernelOps(TorchOps):
             if g.row_ranks is None and rows > MAX_KERNEL_LORA_ROWS:
                 large.append(g)
                 continue
-            a_panels, _, _, b_ptrs, c0, c1 = self._panels(w)
-            k = w.num_members
-            h = torch.empty(2 * rows * k * g.rank)  # the shrink, then its members masked and apart
+            a_ptr, k, r_max, b_ptrs, c0, c1, _ = self._panels(w)
+            h = self._scratch(2 * rows * k * g.rank)  # the shrink, then its members masked and apart
             self.lib.ml_lora_group(
-                x.data_ptr() + g.start * x.stride(0) * x.element_size(), x.stride(0), rows, x.shape[1], a_panels.data_ptr(),
-                k, g.rank, w.lora_A.shape[1] // k, 0 if g.row_ranks is None else g.row_ranks.data_ptr(),
-                0 if g.row_scales is None else g.row_scales.data_ptr(), g.scale, b_ptrs, c0, c1,
-                y.data_ptr() + g.start * y.stride(0) * y.element_size(), y.stride(0), h.data_ptr(), threads)
+                x_ptr + g.start * x_stride * item, x_stride, rows, in_features, a_ptr, k, g.rank, r_max,
+                0 if g.row_ranks is None else g.row_ranks.data_ptr(), 0 if g.row_scales is None else g.row_scales.data_ptr(),
+                g.scale, b_ptrs, c0, c1, y_ptr + g.start * y_stride * item, y_stride, h, threads)
         if large:
             lora_grouped_(y, x, large, weights)
         return y
