@@ -4,9 +4,9 @@ loaded with ctypes.
     ops = load_step_ops(enabled=True)   # CKernelOps, or TorchOps where no compiler / not x86-64 / disabled
 
 The shared library is compiled with `-O3 -march=native -fopenmp` into `<cache>/kernels/` (see
-models.cache_root; a temporary directory when that is not writable), named by a hash of the source, the
-flags and the compiler, so a new source or another CPU builds its own copy and concurrent starts do not
-clash. It links `libgomp.so.1` by name, and torch (imported first) has already loaded its own copy of
+models.cache_root; a temporary directory when that is not writable), named by a hash of the sources,
+the flags and the compiler, so a new source or another CPU builds its own copy and concurrent starts do
+not clash. It links `libgomp.so.1` by name, and torch (imported first) has already loaded its own copy of
 that library, so the kernels' threads are torch's OpenMP pool, not a second one competing for the
 cores. A compiler without OpenMP builds it single-threaded.
 `CKernelOps` has the same methods and semantics as the reference `torch_ops.TorchOps`; tests hold
@@ -139,7 +139,7 @@ class CKernelOps(TorchOps):
     their last dimension, the KVCache tensor, contiguous cos/sin): the engine checks the dtype once
     (load_step_ops), so the per-call wrappers stay a few microseconds.
 
-    num_threads: the OpenMP threads of decode attention and the LoRA groups; None follows
+    num_threads: the OpenMP threads of decode attention, the LoRA groups and the linears; None follows
     torch.get_num_threads() at each call (the engine's num_threads).
     """
 
