@@ -78,6 +78,15 @@ def test_ranked_generate_and_metrics(container):
     assert metric_value(url, "matryoshka_requests_total", adapter=TINY_ADAPTER, rank="2", status="200") == 1
 
 
+def test_c_kernels_built_with_openmp(container):
+    """The image's compiler builds the engine's C kernels, with OpenMP, as the non-root server user."""
+    _, env, _ = container
+    logs = docker("logs", CONTAINER, env=env, check=False)
+    text = logs.stdout + logs.stderr
+    assert "built the fused CPU kernels" in text, text[-3000:]
+    assert "fused CPU kernels unavailable" not in text and "-fopenmp" not in text, text[-3000:]
+
+
 def test_healthcheck_script_and_non_root_pid1(container):
     _, env, _ = container
     assert docker("exec", CONTAINER, "python", "/opt/matryoshka/healthcheck.py", env=env, check=False).returncode == 0
