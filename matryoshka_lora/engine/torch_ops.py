@@ -10,6 +10,7 @@
     lora_grouped_(y, x, groups, weights)  y += each group's per-row rank-r LoRA delta (lora_ops)
     pack_linear(weight, bias)             the frozen linear the model's weights are stored as:
                                           y = x @ weight.T + bias (linear.PackedLinear here)
+    prepare_lora(fused)                   what lora_grouped_ needs of a newly loaded adapter (nothing here)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from matryoshka_lora.engine.attention import AttentionMeta, decode_attention
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.linear import PackedLinear
-from matryoshka_lora.engine.lora_ops import lora_grouped_
+from matryoshka_lora.engine.lora_ops import FusedLoRA, lora_grouped_
 from matryoshka_lora.engine.weights import ModelSpec
 
 
@@ -37,6 +38,10 @@ class TorchOps:
 
     def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16) -> PackedLinear:
         return PackedLinear(weight, bias, batch_size_hint)
+
+    def prepare_lora(self, fused: list[dict[str, FusedLoRA]]) -> None:
+        """Make what lora_grouped_ needs of a newly fused adapter (engine.load_adapter calls it off the
+        engine loop): nothing here, the torch op reads FusedLoRA as it is."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)

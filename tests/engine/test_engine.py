@@ -127,6 +127,16 @@ def test_hot_load_and_unload_with_request_in_flight(make_engine, engine_adapters
     assert len(tokens(gamma["req-2"])) == 6
 
 
+def test_loading_an_adapter_prepares_the_c_kernels_weights(make_engine, engine_adapters, c_ops):
+    """Its panels are packed at load, not in the first step that uses it."""
+    engine = make_engine()
+    if engine.runner.ops.name != "c-kernels":
+        pytest.skip("the engine runs the torch ops here")
+    entry = engine.load_adapter(str(engine_adapters["gamma"]))
+    fused = [w[entry.slot] for layer in engine.adapters.table for w in layer.values() if w[entry.slot] is not None]
+    assert fused and all(w in engine.runner.ops._lora_args for w in fused)
+
+
 def test_replace_adapter_keeps_in_flight_weights(make_engine, engine_adapters):
     engine = make_engine()
     reference = tokens(run(engine, [request(0, "alpha", 8, max_tokens=8)])["req-0"])
