@@ -20,12 +20,11 @@ ROWS = [0, 1, 5, 6, 7, 16, 61]  # MR = 6: every remainder of a row tile, and sev
 
 @pytest.fixture(scope="module", params=["avx2-or-native", "portable"])
 def lib(request, c_ops):
+    """The kernels as the engine builds them, and with the portable micro-kernel; where the first builds,
+    the second must too (a failure here is a bug in the portable path, not a missing compiler)."""
     if request.param == "avx2-or-native":
         return c_ops.lib
-    try:
-        return cpu_kernels._load(cpu_kernels.build_library(("-DML_PORTABLE_GEMM",)))
-    except cpu_kernels.KernelBuildError as exc:
-        pytest.skip(f"portable build failed: {exc}")
+    return cpu_kernels._load(cpu_kernels.build_library(("-DML_PORTABLE_GEMM",)))
 
 
 @pytest.mark.parametrize("rows", ROWS)
