@@ -7,10 +7,10 @@
 2. LoRA expand layout, cache-cold (a 64 MB buffer is written between calls, as the base model's 540 MB
    of weights evict the adapter during a real step): block-structured B with zero blocks (one matmul)
    vs one B per member (k matmuls), rank 8 and 64, 16 rows.
-3. the fused C kernels (engine/cpu_kernels.c) on 1 and on --threads OpenMP threads vs the torch ops
-   they replace, per call: RMSNorm at 16
-   rows, decode attention of 16 sequences at context ~100 over 30 layers' caches, the grouped LoRA op
-   (4 module groups of one layer, all-module r_max 64, cache-cold) for uniform and mixed-rank groups.
+3. the C kernels (engine/cpu_kernels.c, cpu_gemm.c) on 1 and on --threads OpenMP threads vs the torch
+   ops they replace, per call: RMSNorm at 16 rows, decode attention of 16 sequences at context ~100
+   over 30 layers' caches, the grouped LoRA op (4 module groups of one layer, all-module r_max 64,
+   cache-cold) for uniform and mixed-rank groups.
 4. `--step`: whole decode steps of 16 sequences on the real default model (ModelRunner.execute on fixed
    items, median of 10 after 2), with random all-module adapters at r_max 64: base, rank 1, rank 64,
    and the mixed batch (2 adapters x ranks 1/8/32/64) with masked groups vs one group per rank, each

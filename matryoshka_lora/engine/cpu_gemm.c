@@ -7,7 +7,7 @@
                          y[t, c0_m:c1_m] += h[t, m::k] @ B_m[:R]              for each member m of k
 
    Both run one routine, `tile_gemm`: y[rows, cols] (=|+=) x[rows, K] @ w[K, cols] for a panel w of
-   NR = 16 columns (cols <= 16 of them kept), w's rows `w_stride` apart. Its register-blocked
+   NR = 16 columns, [K][16] (cols <= 16 of them kept). Its register-blocked
    micro-kernel computes MR = 6 rows x 16 columns at a time (12 AVX2 accumulators; each k's two
    vectors of w are loaded once and used by 6 rows).
 
@@ -28,18 +28,15 @@
 
    Without AVX2 + FMA (or with ML_PORTABLE_GEMM defined) a plain C micro-kernel runs the same loops. */
 
+#include <stddef.h>
 #include <stdint.h>
-#include <stdlib.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define NR 16
 #define MR 6
 #define PARALLEL_MIN_WEIGHTS 16384 /* 64 KB: below it, waking the thread pool costs more than it saves */
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t num_blocks(int64_t columns) { return (columns + NR - 1) / NR; } /* panels of NR */
 
 /* y[r, :cols] = acc[r] + bias, or += acc[r] (accumulate) */
 static inline void store_rows(const float *acc, int mr, float *y, int64_t y_stride, int64_t cols,
@@ -70,15 +67,14 @@ static inline void store_rows(const float *acc, int mr, float *y, int64_t y_stri
         _mm256_storeu_ps(acc + r * NR + 8, hi); \
     }
 
-/* acc[mr, 16] = x[mr, :k] @ w[:k, :16] (w's rows w_stride apart), prefetching `next` the same way. */
+/* acc[mr, 16] = x[mr, :k] @ w[:k, :16] for a panel w ([k][16]), prefetching the panel `next` meanwhile. */
 static inline __attribute__((always_inline)) void micro(const int mr, int64_t k, const float *x, int64_t x_stride,
-                                                        const float *w, int64_t w_stride, const float *next,
-                                                        float *acc) {
+                                                        const float *w, const float *next, float *acc) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
            c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int64_t kk = 0; kk < k; kk++) {
-        if (next) _mm_prefetch((const char *)(next + kk * w_stride), _MM_HINT_T0);
-        const __m256 b0 = _mm256_loadu_ps(w + kk * w_stride), b1 = _mm256_loadu_ps(w + kk * w_stride + 8);
+        if (next) _mm_prefetch((const char *)(next + kk * NR), _MM_HINT_T0);
+        const __m256 b0 = _mm256_loadu_ps(w + kk * NR), b1 = _mm256_loadu_ps(w + kk * NR + 8);
         FMA_ROW(0, c00, c01) FMA_ROW(1, c10, c11) FMA_ROW(2, c20, c21)
         FMA_ROW(3, c30, c31) FMA_ROW(4, c40, c41) FMA_ROW(5, c50, c51)
     }
@@ -87,11 +83,11 @@ static inline __attribute__((always_inline)) void micro(const int mr, int64_t k,
 }
 #else
 static inline void micro(const int mr, int64_t k, const float *x, int64_t x_stride, const float *w,
-                         int64_t w_stride, const float *next, float *acc) {
+                         const float *next, float *acc) {
     (void)next;
     for (int i = 0; i < MR * NR; i++) acc[i] = 0.0f;
     for (int64_t kk = 0; kk < k; kk++) {
-        const float *b = w + kk * w_stride;
+        const float *b = w + kk * NR;
         for (int r = 0; r < mr; r++) {
             const float a = x[r * x_stride + kk];
             for (int j = 0; j < NR; j++) acc[r * NR + j] += a * b[j];
@@ -100,16 +96,16 @@ static inline void micro(const int mr, int64_t k, const float *x, int64_t x_stri
 }
 #endif
 
-/* y[rows, :cols] (=|+=) x[rows, :k] @ w[:k, :cols] for a panel w: rows w_stride apart, NR readable floats
-   each (zero past cols), next: the panel to prefetch meanwhile (or NULL). */
-static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const float *w, int64_t w_stride,
-                      int64_t cols, const float *next, float *y, int64_t y_stride, const float *bias, int accumulate) {
+/* y[rows, :cols] (=|+=) x[rows, :k] @ w[:k, :cols] for a panel w ([k][NR], zero past cols), next: the
+   panel to prefetch meanwhile (or NULL). */
+static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const float *w, int64_t cols,
+                      const float *next, float *y, int64_t y_stride, const float *bias, int accumulate) {
     float acc[MR * NR];
     for (int64_t m0 = 0; m0 < rows; m0 += MR) {
         const float *xm = x + m0 * x_stride;
         const int mr = (int)min64(rows - m0, MR);
         /* a constant mr per call: the unused rows compile away */
-#define MICRO(n) micro(n, k, xm, x_stride, w, w_stride, next, acc)
+#define MICRO(n) micro(n, k, xm, x_stride, w, next, acc)
         switch (mr) {
             case 1: MICRO(1); break;
             case 2: MICRO(2); break;
@@ -125,13 +121,13 @@ static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride,
 
 void ml_linear(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *panels,
                int64_t out_features, const float *bias, float *y, int64_t y_stride, int64_t num_threads) {
-    const int64_t num_panels = (out_features + NR - 1) / NR;
+    const int64_t num_panels = num_blocks(out_features);
     const int64_t threads = in_features * out_features < PARALLEL_MIN_WEIGHTS ? 1 : num_threads;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < num_panels; p++) {
         const float *w = panels + p * in_features * NR;
         const int64_t c0 = p * NR;
-        tile_gemm(rows, in_features, x, x_stride, w, NR, min64(out_features - c0, NR),
+        tile_gemm(rows, in_features, x, x_stride, w, min64(out_features - c0, NR),
                   p + 1 < num_panels ? w + in_features * NR : NULL, y + c0, y_stride, bias ? bias + c0 : NULL, 0);
     }
 }
@@ -143,11 +139,11 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
     /* h: [rows, k * rank] (the shrink) then [k][rows, rank] (per member, masked and scaled) */
     const int64_t width = k * rank;
     float *hm = h + rows * width;
-    const int64_t shrink_blocks = (width + NR - 1) / NR;
+    const int64_t shrink_blocks = num_blocks(width);
     int64_t weight_floats = in_features * shrink_blocks * NR, expand_blocks = 0;
     for (int64_t m = 0; m < k; m++) {
         weight_floats += rank * (c1[m] - c0[m]);
-        expand_blocks += (c1[m] - c0[m] + NR - 1) / NR;
+        expand_blocks += num_blocks(c1[m] - c0[m]);
     }
     const int64_t threads = weight_floats < PARALLEL_MIN_WEIGHTS ? 1 : num_threads;
 #pragma omp parallel num_threads(threads)
@@ -155,7 +151,7 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < shrink_blocks; b++) {
             const float *w = a_panels + b * in_features * NR;
-            tile_gemm(rows, in_features, x, x_stride, w, NR, min64(width - b * NR, NR),
+            tile_gemm(rows, in_features, x, x_stride, w, min64(width - b * NR, NR),
                       b + 1 < shrink_blocks ? w + in_features * NR : NULL, h + b * NR, width, NULL, 0);
         }
         /* implicit barrier; then one thread per row: mask, scale, and split the members apart */
@@ -170,10 +166,10 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < expand_blocks; b++) {
             int64_t m = 0, panel = b; /* block b -> (member m, its panel) */
-            while (panel >= (c1[m] - c0[m] + NR - 1) / NR) panel -= (c1[m] - c0[m] + NR - 1) / NR, m++;
+            while (panel >= num_blocks(c1[m] - c0[m])) panel -= num_blocks(c1[m] - c0[m]), m++;
             const int64_t out_m = c1[m] - c0[m], col = panel * NR;
             const float *w = (const float *)(intptr_t)b_panels[m] + panel * r_max * NR;
-            tile_gemm(rows, rank, hm + m * rows * rank, rank, w, NR, min64(out_m - col, NR),
+            tile_gemm(rows, rank, hm + m * rows * rank, rank, w, min64(out_m - col, NR),
                       col + NR < out_m ? w + r_max * NR : NULL, y + c0[m] + col, y_stride, NULL, 1);
         }
     }
