@@ -1,9 +1,13 @@
 """Open-loop load (asyncio + httpx): requests arrive on a Poisson clock whether or not earlier ones are
-done, which Locust's closed-loop users cannot do cleanly. Also a small closed loop for probes.
+done, which Locust's closed-loop users cannot do cleanly. Also a small closed loop for probes, and
+bursts (N requests at once, as the in-process peers are measured).
 
     arrival times: t_0 = 0; t_{i+1} = t_i + Exp(rate)  while t < duration_s and i < max_requests
     each arrival: draw a mix entry (seeded), stream `POST /generate`, keep its RequestRecord
     wait for every request in flight (each bounded by `request_timeout_s`)
+
+    burst: request i takes plan.mix[i % len(mix)]; all N sent at once (their window, first send ->
+           last end, is the burst's wall clock)
 """
 
 from __future__ import annotations
@@ -118,3 +122,10 @@ async def closed_loop(url: str, plan: Plan, concurrency: int, num_requests: int,
     async with make_client(url) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     return records
+
+
+async def burst(url: str, plan: Plan, num_requests: int) -> list[RequestRecord]:
+    """`num_requests` streamed requests sent at once, request i with mix entry i mod len(mix)."""
+    entries = [plan.mix[i % len(plan.mix)] for i in range(num_requests)]
+    async with make_client(url) as client:
+        return list(await asyncio.gather(*(send(client, plan, e) for e in entries)))

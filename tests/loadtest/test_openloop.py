@@ -1,12 +1,16 @@
-"""openloop: the Poisson arrival clock (seeded, bounded in time and count)."""
+"""openloop: the Poisson arrival clock (seeded, bounded in time and count); bursts against a real
+`serve` subprocess (tiny model)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 import pytest
 
 from matryoshka_lora.errors import ConfigError
-from matryoshka_lora.loadtest.openloop import Arrivals
+from matryoshka_lora.loadtest.openloop import Arrivals, burst
+from matryoshka_lora.loadtest.plan import Plan
 
 
 @pytest.mark.parametrize("rate, duration", [(2.0, 500.0), (50.0, 40.0)])
@@ -29,3 +33,18 @@ def test_seeded_and_bounded_in_count():
 def test_refused(rate, duration):
     with pytest.raises(ConfigError):
         Arrivals(rate, duration)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("num_requests", [2, 4])  # the server queues at most 4 at once
+def test_burst_sends_the_mix_in_turn_all_at_once(lt_server, num_requests):
+    """A burst (the peers scenario's like-for-like workload): request i gets mix entry i mod the mix,
+    every request is sent before the first one ends, each streams its whole output."""
+    mix = [{"adapter": "alpha", "rank": 1}, {"adapter": "beta", "rank": 4}, {"adapter": None, "rank": None}]
+    plan = Plan(mix=mix, prompt="one two three", max_tokens=8, ignore_eos=True)
+    records = asyncio.run(burst(lt_server.url, plan, num_requests))
+    assert [r.status for r in records] == [200] * num_requests
+    assert [(r.adapter, r.rank) for r in records] == [(e["adapter"], e["rank"] or 0) for e in mix * 2][:num_requests]  # base: rank 0
+    assert {r.num_output_tokens for r in records} == {8}
+    first_end = min(r.start + r.e2e_s for r in records)
+    assert max(r.start for r in records) < first_end

@@ -1,27 +1,34 @@
 """peers: this server against transformers and vLLM on the same prompts, side by side, as ratios.
 
-    ours     the `mixed` scenario's mix (every adapter x ranks 1, 8, 32, r_max) at U users (16) over
-             HTTP for --duration s; output tokens/s over the run
+    ours     the `mixed` scenario's mix (every adapter x ranks 1, 8, 32, r_max) over HTTP, streamed:
+             closed loop   U users (16) for --duration s; output tokens/s over the run
+             at once       BURSTS times U requests sent at once (request i: mix entry i mod the mix's
+                           size), as the peers run; tokens/s = U x M / (first send -> last end),
+                           averaged over the bursts
     then the server is stopped (when this run started it) and, on the same fixed prompt, U requests x
     the workload's output tokens at once:
              transformers generate / generate_batch, base and PEFT adapter (the first adapter at r_max)
              vLLM base and LoRA, when --vllm-python names a venv with vLLM
-    goals    ours > vLLM base; >= 4 x vLLM LoRA; >= 1.5 x static generate with PEFT;
-             >= 2 x generate_batch (its PEFT run; the base run if PEFT failed)
+    goals    (ours at once, the like-for-like workload) > vLLM base; >= 4 x vLLM LoRA;
+             >= 1.5 x static generate with PEFT; >= 2 x generate_batch (its PEFT run; the base run if
+             PEFT failed)
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import statistics
 
 from matryoshka_lora.errors import ConfigError
-from matryoshka_lora.loadtest import peers, plots
+from matryoshka_lora.loadtest import openloop, peers, plots
 from matryoshka_lora.loadtest.checks import Check
-from matryoshka_lora.loadtest.phases import RunContext, ScenarioResult
-from matryoshka_lora.loadtest.scenarios.mixed import run_mix
+from matryoshka_lora.loadtest.phases import Phase, RunContext, ScenarioResult, measure
+from matryoshka_lora.loadtest.scenarios.mixed import mix_entries, run_mix
 
 log = logging.getLogger(__name__)
 
+BURSTS = 2  # as the peers' timed runs (peers.timed)
 GOALS = (  # (peer system prefix, factor ours must reach, wording)
     ("vLLM (base)", 1.0, "more tok/s than vLLM CPU base"),
     ("vLLM (LoRA", 4.0, ">= 4x vLLM CPU with LoRA"),
@@ -42,6 +49,14 @@ def peer_goal(ours: float | None, rows: list[dict], prefix: str, factor: float, 
                  f"{ours:.1f} vs {row['output_tok_s']:.1f} tok/s ({row['system']}): {ratio:.2f}x", "goal")
 
 
+def burst_phases(ctx: RunContext, num_requests: int) -> list[Phase]:
+    """BURSTS phases of `num_requests` requests of the mixed mix sent at once, one after another."""
+    plan = ctx.plan(mix_entries(ctx), tag="at once")
+    return [measure(ctx, f"mix, {num_requests} at once ({i + 1}/{BURSTS})",
+                    lambda: asyncio.run(openloop.burst(ctx.url, plan, num_requests)))
+            for i in range(BURSTS)]
+
+
 def run(ctx: RunContext) -> ScenarioResult:
     result = ScenarioResult("peers")
     dirs = ctx.state.get("adapter_dirs", {})
@@ -50,8 +65,11 @@ def run(ctx: RunContext) -> ScenarioResult:
         raise ConfigError("--adapters", sorted(dirs), f"the directory of adapter {adapter.name!r} (peers load it)")
     users = max(ctx.config.users)
     mix_phase = run_mix(ctx, users, ctx.config.phase_s)
-    result.phases.append(mix_phase)
-    ours = mix_phase.summary["output_tok_s"]
+    bursts = burst_phases(ctx, users)
+    result.phases += [mix_phase, *bursts]
+    rates = [p.summary["output_tok_s"] for p in bursts]
+    ours = statistics.fmean(rates) if all(rates) else None
+    closed_loop = mix_phase.summary["output_tok_s"]
     if ctx.server is not None:
         ctx.server.stop()  # the peers get the whole machine, as the server had it
     from matryoshka_lora.adapters.peft_io import export_peft
@@ -67,14 +85,17 @@ def run(ctx: RunContext) -> ScenarioResult:
                                     max_tokens, ctx.config.num_threads, ctx.out / "peers")
     else:
         result.notes.append("vLLM not run: pass --vllm-python VENV/bin/python (a venv with vLLM, e.g. .venv-vllm)")
-    rows = [{"system": f"matryoshka-lora (mixed ranks, {users} users, HTTP streaming)", "output_tok_s": ours,
-             "ratio_ours_over": 1.0, "ours": True}]
-    for r in peers.as_rows(results):
+    rows = [{"system": f"matryoshka-lora (mixed ranks, {users} at once, HTTP streaming)", "output_tok_s": ours,
+             "ours": True},
+            {"system": f"matryoshka-lora (mixed ranks, {users} closed-loop users, HTTP streaming)",
+             "output_tok_s": closed_loop, "ours": True}]
+    rows += peers.as_rows(results)
+    for r in rows:
         r["ratio_ours_over"] = round(ours / r["output_tok_s"], 3) if ours and r["output_tok_s"] else None
-        rows.append(r)
     result.tables["throughput vs peers"] = rows
     result.checks += [peer_goal(ours, rows, *g) for g in GOALS]
     result.notes.append(f"peers: {users} requests at once x {max_tokens} tokens on the fixed {len(ctx.prompt_ids)}-token "
-                        "prompt, in process (vLLM offline); ours: closed-loop users over HTTP")
+                        "prompt, in process (vLLM offline); ours: the same number at once over HTTP (the goals' "
+                        "figure), and closed-loop users over HTTP")
     result.plots.append(plots.peers_bars(rows, ctx.out / "peers_throughput.png"))
     return result
