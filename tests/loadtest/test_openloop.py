@@ -44,7 +44,8 @@ def test_burst_sends_the_mix_in_turn_all_at_once(lt_server, num_requests):
     plan = Plan(mix=mix, prompt="one two three", max_tokens=8, ignore_eos=True)
     records = asyncio.run(burst(lt_server.url, plan, num_requests))
     assert [r.status for r in records] == [200] * num_requests
-    assert [(r.adapter, r.rank) for r in records] == [(e["adapter"], e["rank"] or 0) for e in mix * 2][:num_requests]  # base: rank 0
+    expected = [(e["adapter"], e["rank"] or 0) for e in mix * 2][:num_requests]  # the base model: rank 0
+    assert [(r.adapter, r.rank) for r in records] == expected
     assert {r.num_output_tokens for r in records} == {8}
     first_end = min(r.start + r.e2e_s for r in records)
     assert max(r.start for r in records) < first_end

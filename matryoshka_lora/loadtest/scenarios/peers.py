@@ -94,8 +94,8 @@ def run(ctx: RunContext) -> ScenarioResult:
         r["ratio_ours_over"] = round(ours / r["output_tok_s"], 3) if ours and r["output_tok_s"] else None
     result.tables["throughput vs peers"] = rows
     result.checks += [peer_goal(ours, rows, *g) for g in GOALS]
-    result.notes.append(f"peers: {users} requests at once x {max_tokens} tokens on the fixed {len(ctx.prompt_ids)}-token "
-                        "prompt, in process (vLLM offline); ours: the same number at once over HTTP (the goals' "
+    result.notes.append(f"peers: {users} requests at once x {max_tokens} tokens on the fixed "
+                        f"{len(ctx.prompt_ids)}-token prompt, in process (vLLM offline); ours: the same number at once over HTTP (the goals' "
                         "figure), and closed-loop users over HTTP")
     result.plots.append(plots.peers_bars(rows, ctx.out / "peers_throughput.png"))
     return result
