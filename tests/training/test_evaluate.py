@@ -88,6 +88,7 @@ def test_default_ranks_are_the_train_ranks_and_no_manifest_flag(tiny_model_dir, 
     assert store.load_adapter(path).manifest.eval_results is None
 
 
+@pytest.mark.slow  # the real default model
 def test_batched_left_padded_generation_equals_one_at_a_time(default_model):
     model, tokenizer = default_model
     prompts = ["What is 2 + 2?", "Name a color.", "Reverse this list of letters: a b c d e"]
