@@ -108,16 +108,23 @@ async def open_loop(url: str, plan: Plan, arrivals: Arrivals) -> list[RequestRec
         return list(await asyncio.gather(*tasks))
 
 
-async def closed_loop(url: str, plan: Plan, concurrency: int, num_requests: int, seed: int = 0) -> list[RequestRecord]:
-    """`concurrency` clients send back to back until `num_requests` requests have been sent."""
+async def closed_loop(url: str, plan: Plan, concurrency: int, num_requests: int, seed: int = 0,
+                      duration_s: float | None = None) -> list[RequestRecord]:
+    """`concurrency` clients send back to back (after a refusal, once its Retry-After has passed) until
+    `num_requests` requests have been sent, or with `duration_s` until that many seconds have passed
+    (no request starts later)."""
     pick = _picker(plan, seed)
     remaining = [num_requests]
     records: list[RequestRecord] = []
+    deadline = None if duration_s is None else time.perf_counter() + duration_s
 
     async def client_loop(client: httpx.AsyncClient) -> None:
-        while remaining[0] > 0:
+        while remaining[0] > 0 and (deadline is None or time.perf_counter() < deadline):
             remaining[0] -= 1
-            records.append(await send(client, plan, pick()))
+            record = await send(client, plan, pick())
+            records.append(record)
+            if record.retry_after:  # refused: a client that honours Retry-After waits before the next one
+                await asyncio.sleep(float(record.retry_after))
 
     async with make_client(url) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))

@@ -108,3 +108,26 @@ def test_soak_samples_the_server_memory(lt_server, tiny_model_dir, lt_adapters, 
     assert row["rss_start_mib"] > 0 and row["rss_max_mib"] >= row["rss_end_mib"]
     rss_goal = next(c for c in result.checks if c.name.startswith("server RSS flat"))
     assert rss_goal.passed is not None  # evaluated (its verdict is a goal, not asserted here)
+
+
+def test_tenants_starts_its_own_server_with_a_tenants_file(tiny_model_dir, lt_adapters, tmp_path):
+    """No --url: the run writes a tenants file with fresh keys and starts `serve` with it. The trickle is
+    never refused in either loaded phase, the flood gets 429s with Retry-After, the neighbour uses the
+    flood's key within its limits; the goal compares the flood phase with the neighbour phase."""
+    config = LoadTestConfig(scenario="tenants", out=tmp_path, model=str(tiny_model_dir), adapters=[lt_adapters],
+                            duration_s=3.0, workload=Workload(prompt_tokens=16, output_tokens=8), num_threads=1)
+    result, md_path = runner.run(config)
+    assert result.passed, failed(result)
+    names = [p.name for p in result.phases]
+    assert names[-3:] == ["trickle alone", "trickle + neighbour within limits", "trickle + flood"]
+    checks = invariants(result)
+    assert checks["trickle is never refused"] == [True, True] and checks["flood gets 429s"] == [True]
+    polite, flood = result.phases[-2], result.phases[-1]
+    assert {r.tag for r in polite.records} == {"trickle", "neighbour"}
+    assert any(r.ok for r in polite.records if r.tag == "neighbour")
+    assert {r.status for r in flood.records if r.tag == "flood"} <= {200, 429}
+    rows = result.tables["tenants"]
+    assert [r["other_tenant"] for r in rows] == [None, "neighbour", "flood"]
+    (isolation,) = [c for c in result.checks if c.kind == "goal"]
+    assert "beside the neighbour" in isolation.name and isolation.passed is not None
+    assert_report(result, md_path, len(result.phases))
