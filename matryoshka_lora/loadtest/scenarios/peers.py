@@ -74,7 +74,8 @@ def run(ctx: RunContext) -> ScenarioResult:
         ctx.server.stop()  # the peers get the whole machine, as the server had it
     from matryoshka_lora.adapters.peft_io import export_peft
 
-    peft_dir = export_peft(dirs[adapter.name], adapter.r_max, ctx.out / "peers" / f"peft-{adapter.name}-r{adapter.r_max}")
+    peft_dir = export_peft(dirs[adapter.name], adapter.r_max,
+                           ctx.out / "peers" / f"peft-{adapter.name}-r{adapter.r_max}")
     prompts = [list(ctx.prompt_ids) for _ in range(users)]
     max_tokens = ctx.workload.output_tokens
     results = peers.transformers_peers(ctx.config.model, peft_dir, prompts, max_tokens, ctx.config.num_threads)
@@ -95,7 +96,7 @@ def run(ctx: RunContext) -> ScenarioResult:
     result.tables["throughput vs peers"] = rows
     result.checks += [peer_goal(ours, rows, *g) for g in GOALS]
     result.notes.append(f"peers: {users} requests at once x {max_tokens} tokens on the fixed "
-                        f"{len(ctx.prompt_ids)}-token prompt, in process (vLLM offline); ours: the same number at once over HTTP (the goals' "
-                        "figure), and closed-loop users over HTTP")
+                        f"{len(ctx.prompt_ids)}-token prompt, in process (vLLM offline); ours: the same number "
+                        "at once over HTTP (the goals' figure), and closed-loop users over HTTP")
     result.plots.append(plots.peers_bars(rows, ctx.out / "peers_throughput.png"))
     return result

@@ -68,6 +68,21 @@ def p50(records) -> float | None:
     return percentiles(r.e2e_s for r in records if r.ok)["p50"]
 
 
+def trickle_of(phase) -> list:
+    return [r for r in phase.records if r.tag == "trickle"]
+
+
+def phase_row(phase, other: str | None, alone_p50: float | None) -> dict:
+    """The trickle's latency in `phase`, and what the other tenant (tag `other`) got."""
+    e2e = percentiles(r.e2e_s for r in trickle_of(phase) if r.ok)
+    others = [r for r in phase.records if other and r.tag == other]
+    return {"phase": phase.name, "trickle_requests": sum(1 for r in trickle_of(phase) if r.ok),
+            "trickle_p50_ms": ms(e2e["p50"]), "trickle_p95_ms": ms(e2e["p95"]),
+            "trickle_p50_vs_alone": round(e2e["p50"] / alone_p50, 3) if alone_p50 and e2e["p50"] else None,
+            "other_tenant": other, "other_statuses": dict(sorted(Counter(str(r.status) for r in others).items())),
+            "other_output_tok_s": summarize(others, phase.summary["wall_s"])["output_tok_s"]}
+
+
 def run(ctx: RunContext) -> ScenarioResult:
     result = ScenarioResult("tenants")
     cfg, keys = ctx.config, ctx.state["keys"]
@@ -92,7 +107,8 @@ def run(ctx: RunContext) -> ScenarioResult:
         closed_loop(ctx.url, neighbour, FLOOD_LIMITS["max_concurrency"], cfg.max_requests, cfg.seed + 2, cfg.phase_s))))
     result.phases.append(polite)
     flood_arrivals = Arrivals(flood_rate, cfg.phase_s, cfg.max_requests, seed=cfg.seed + 1)
-    loaded = measure(ctx, "trickle + flood", lambda: asyncio.run(trickle_beside(open_loop(ctx.url, flood, flood_arrivals))))
+    loaded = measure(ctx, "trickle + flood",
+                     lambda: asyncio.run(trickle_beside(open_loop(ctx.url, flood, flood_arrivals))))
     result.phases.append(loaded)
     flood_records = [r for r in loaded.records if r.tag == "flood"]
     num_429 = sum(1 for r in flood_records if r.status == 429)
@@ -104,10 +120,7 @@ def run(ctx: RunContext) -> ScenarioResult:
                                f"{len(refused_trickle)} trickle requests not 200"),
                          refusals_have_retry_after(phase.records)]
 
-    def trickle(phase):
-        return [r for r in phase.records if r.tag == "trickle"]
-
-    base, beside, under = p50(alone.records), p50(trickle(polite)), p50(trickle(loaded))
+    base, beside, under = p50(alone.records), p50(trickle_of(polite)), p50(trickle_of(loaded))
     name = f"trickle p50 under the flood within {LATENCY_TOLERANCE:.0%} of beside the neighbour within limits"
     if base is None or beside is None or under is None:
         result.checks.append(Check(name, None, "not measured: a phase completed no trickle request", "goal"))
@@ -115,18 +128,9 @@ def run(ctx: RunContext) -> ScenarioResult:
         result.checks.append(goal(name, under <= (1 + LATENCY_TOLERANCE) * beside,
                                   f"beside the neighbour {ms(beside)} ms, under the flood {ms(under)} ms "
                                   f"({under / beside:.2f}x); alone {ms(base)} ms"))
-    rows = []
-    for phase, other in ((alone, None), (polite, "neighbour"), (loaded, "flood")):
-        ok = [r for r in trickle(phase) if r.ok]
-        e2e = percentiles(r.e2e_s for r in ok)
-        rows.append({"phase": phase.name, "trickle_rps": round(trickle_rate, 3), "trickle_requests": len(ok),
-                     "trickle_p50_ms": ms(e2e["p50"]), "trickle_p95_ms": ms(e2e["p95"]),
-                     "trickle_p50_vs_alone": round(e2e["p50"] / base, 3) if base and e2e["p50"] else None,
-                     "other_tenant": other, "other_statuses": dict(sorted(Counter(
-                         str(r.status) for r in phase.records if other and r.tag == other).items())),
-                     "other_output_tok_s": summarize([r for r in phase.records if other and r.tag == other],
-                                                     phase.summary["wall_s"])["output_tok_s"]})
+    rows = [phase_row(phase, other, base) for phase, other in ((alone, None), (polite, "neighbour"), (loaded, "flood"))]
     result.tables["tenants"] = rows
-    result.notes.append(f"flood: {flood_rate:g} req/s against limits {FLOOD_LIMITS}; neighbour: the same key, "
+    result.notes.append(f"trickle: {trickle_rate:.3f} req/s; flood: {flood_rate:g} req/s against limits "
+                        f"{FLOOD_LIMITS}; neighbour: the same key, "
                         f"{FLOOD_LIMITS['max_concurrency']} closed-loop users")
     return result
