@@ -24,7 +24,7 @@ from matryoshka_lora.backends.base import (
     GenerationRequest,
     SamplingParams,
 )
-from matryoshka_lora.errors import UnknownAdapterError
+from matryoshka_lora.errors import BudgetUnmetError, UnknownAdapterError
 from matryoshka_lora.server.context import ServerContext
 from matryoshka_lora.server.errors import ClientGoneError, PermissionDeniedError
 from matryoshka_lora.server.prometheus import NO_RANK
@@ -128,7 +128,7 @@ def _check_adapter(ctx: ServerContext, tenant: Tenant, request: Request, job: Jo
         raise PermissionDeniedError(f"rank for tenant {tenant.name!r}", job.rank, f"1..{min(cap, info.r_max)}")
 
 
-def _engine_request(tenant: Tenant, job: Job, prompt_ids: list[int]) -> GenerationRequest:
+def _engine_request(tenant: Tenant, job: Job, prompt_ids: list[int], refuse_unmet_budget: bool) -> GenerationRequest:
     """The engine caps both a budget's pick and the default rank (r_max) at `max_rank`."""
     return GenerationRequest(
         request_id=new_request_id(),
@@ -139,6 +139,7 @@ def _engine_request(tenant: Tenant, job: Job, prompt_ids: list[int]) -> Generati
         latency_budget_ms=job.latency_budget_ms,
         max_rank=tenant.max_rank,
         tenant=tenant.name,
+        refuse_unmet_budget=refuse_unmet_budget,
     )
 
 
@@ -147,21 +148,29 @@ async def admit(ctx: ServerContext, tenant: Tenant, request: Request, job: Job) 
 
     Raises (mapped to HTTP by server/errors.py): NotReadyError, PermissionDeniedError,
     UnknownAdapterError, ConfigError (limits), PayloadTooLargeError, RateLimitedError, and what the
-    engine raises at enqueue (InvalidRankError, QueueFullError).
+    engine raises at enqueue (InvalidRankError, QueueFullError, BudgetUnmetError).
     """
     ctx.check_ready()
     _check_adapter(ctx, tenant, request, job)
     ctx.limits.check_max_tokens(job.sampling.max_tokens)
-    prompt_ids = ctx.backend.encode_prompt(job.prompt, job.messages)
-    ctx.limits.check_prompt(len(prompt_ids))
-    gen = _engine_request(tenant, job, prompt_ids)
-    ctx.limiter.admit(tenant)
+    ctx.limiter.admit(tenant)  # before the prompt is tokenized: a flood past its limits costs little
+    try:
+        prompt_ids = ctx.backend.encode_prompt(job.prompt, job.messages)
+        ctx.limits.check_prompt(len(prompt_ids))
+    except BaseException:
+        ctx.limiter.release(tenant)
+        raise
+    gen = _engine_request(tenant, job, prompt_ids, ctx.settings.budget_unmet == "refuse")
     flight = Flight(ctx, tenant, request, gen, request.state.metric_adapter)
     try:
         await flight.start()
     except UnknownAdapterError as exc:  # unloaded in between: answer with what this tenant may see
         await flight.close(count=False)
         raise UnknownAdapterError(exc.given, sorted(a.name for a in ctx.visible_adapters(tenant))) from None
+    except BudgetUnmetError:
+        await flight.close(count=False)
+        ctx.metrics.count_budget_refused(request.state.metric_adapter)
+        raise
     except Exception:
         await flight.close(count=False)
         raise

@@ -109,6 +109,19 @@ def test_tenant_concurrency_limit_is_429_while_one_is_in_flight(fake_server):
         assert client.post("/generate", json={"prompt": "hi", "max_tokens": 1}, headers=auth("slow")).status_code == 200
 
 
+def test_a_refused_prompt_frees_the_tenant_slot(tenants_path):
+    """The tenant's limits are taken before the prompt is tokenized; a prompt refused after that (413,
+    too long) gives the concurrency slot back, so a tenant limited to 1 is not locked out by it."""
+    app = create_app(ServerSettings(tenants=tenants_path, adapters=[], max_prompt_tokens=4), backend=FakeBackend())
+    with serving(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        too_long, short = {"prompt": "one two three four five", "max_tokens": 1}, {"prompt": "one two", "max_tokens": 1}
+        for _ in range(3):
+            r = client.post("/generate", json=too_long, headers=auth("slow"))
+            assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+        assert client.post("/generate", json=short, headers=auth("slow")).status_code == 200
+    assert app.state.ctx.limiter.num_in_flight["slow"] == 0
+
+
 def test_rate_limit_is_429_with_retry_after(fake_server):
     url, _ = fake_server
     statuses = [
