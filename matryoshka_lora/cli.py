@@ -245,6 +245,10 @@ def serve(
     fused_kernels: Annotated[Optional[bool], typer.Option("--fused-kernels/--no-fused-kernels", help="Native engine: "
                              "the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C kernels compiled once "
                              "with the system C compiler (torch ops without one) [MATRYOSHKA_FUSED_KERNELS; on].")] = None,
+    budget_unmet: Annotated[Optional[str], typer.Option("--budget-unmet", help="A request whose latency_budget_ms no "
+                            "rank is predicted to meet: serve (at the lowest rank, rank_reason budget_unmet) | refuse "
+                            "(503 budget_unmet + Retry-After, so the admitted requests keep their budgets) "
+                            "[MATRYOSHKA_BUDGET_UNMET; serve].")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of requests without one [MATRYOSHKA_SEED; 0].")] = None,
     log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug | info | warning | error "
                          "[MATRYOSHKA_LOG_LEVEL; info].")] = None,
@@ -265,8 +269,8 @@ def serve(
         host=host, port=port, model=model, adapters=adapters or None, tenants=tenants, allow_open=allow_open or None,
         backend=backend, max_num_seqs=max_num_seqs, max_queue_len=max_queue_len, max_model_len=max_model_len,
         max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens, max_body_bytes=max_body_bytes,
-        drain_timeout_s=drain_timeout, num_threads=num_threads, fused_kernels=fused_kernels, seed=seed,
-        log_level=log_level,
+        drain_timeout_s=drain_timeout, num_threads=num_threads, fused_kernels=fused_kernels, budget_unmet=budget_unmet,
+        seed=seed, log_level=log_level,
     )
     run_server(settings)
 
@@ -314,6 +318,8 @@ def loadtest(
                          "3 x the unloaded latency at r_max.")] = None,
     rates: Annotated[Optional[str], typer.Option("--rates", help="budget: offered rates in requests/s; default "
                      "0.25..1.5 x the rank-1 capacity.")] = None,
+    budget_unmet: Annotated[str, typer.Option("--budget-unmet", help="budget: serve | refuse, the --budget-unmet "
+                            "of the server it starts (refuse: a budget no rank is predicted to meet gets 503).")] = "serve",
     peers: Annotated[bool, typer.Option("--peers", help="rank-sweep: then run the peers scenario.")] = False,
     vllm_python: Annotated[Optional[Path], typer.Option("--vllm-python", help="Python of a venv with vLLM "
                            "(e.g. .venv-vllm/bin/python) for the vLLM peer.")] = None,
@@ -332,7 +338,7 @@ def loadtest(
         max_requests=max_requests, workload=Workload(prompt_tokens=prompt_tokens, output_tokens=output_tokens),
         ranks=_int_list(ranks, "--ranks"), users=_int_list(users, "--users") or (), num_threads=num_threads,
         max_queue_len=max_queue_len, r_max=r_max, budget_ms=budget_ms, rates=_float_list(rates, "--rates"),
-        peers=peers, vllm_python=vllm_python, api_key=api_key, seed=seed,
+        budget_unmet=budget_unmet, peers=peers, vllm_python=vllm_python, api_key=api_key, seed=seed,
     )
     result, report_path = run(config)
     typer.echo(str(report_path))

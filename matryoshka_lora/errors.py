@@ -72,6 +72,19 @@ class QueueFullError(MatryoshkaError):
         super().__init__(f"{what} ({limit} requests waiting); retry later")
 
 
+class BudgetUnmetError(MatryoshkaError):
+    """No rank is predicted to meet the request's latency budget, and the server refuses such requests
+    (`--budget-unmet refuse`) rather than serve them late: 503, retry after about the predicted excess."""
+
+    MAX_RETRY_AFTER_S = 60.0
+
+    def __init__(self, budget_ms: float, predicted_ms: float, rank: int):
+        self.budget_ms, self.predicted_ms, self.rank = budget_ms, predicted_ms, rank
+        self.retry_after_s = min(max(1.0, (predicted_ms - budget_ms) / 1000.0), self.MAX_RETRY_AFTER_S)
+        super().__init__(f"latency budget {budget_ms:g} ms cannot be met under the current load: even rank {rank} "
+                         f"is predicted to take {predicted_ms:.0f} ms; retry later or with a larger budget")
+
+
 class EngineStoppedError(QueueFullError):
     """The engine is shutting down (or not started) and admits no new request."""
 

@@ -40,6 +40,7 @@ class GenerationRequest:
     latency_budget_ms: float | None = None
     max_rank: int | None = None  # the tenant's cap: a budget never picks a rank above it
     tenant: str = "default"  # for fair share between tenants
+    refuse_unmet_budget: bool = False  # a budget no rank is predicted to meet: BudgetUnmetError, not rank served late
 
 
 @dataclass

@@ -6,6 +6,9 @@
     neither given                         -> cap, "default"
     latency_budget_ms given (> 0)         -> no rank yet: the backend picks among `candidates`
                                              (the train ranks <= cap, or [cap] when none is)
+    after the pick, no rank predicted to meet the budget ("budget_unmet")
+                                          -> served at the lowest candidate; or, when the request says
+                                             refuse_unmet_budget, BudgetUnmetError (`check_budget_met`)
 
     adapter None                          -> the base model, rank none or 0 (`is_base_request`)
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from matryoshka_lora.backends.base import GenerationRequest, RankReason
-from matryoshka_lora.errors import ConfigError, InvalidRankError
+from matryoshka_lora.errors import BudgetUnmetError, ConfigError, InvalidRankError
 
 
 @dataclass(frozen=True)
@@ -54,3 +57,9 @@ def decide_rank(request: GenerationRequest, adapter: str, r_max: int, train_rank
     if not request.latency_budget_ms > 0:
         raise ConfigError("latency_budget_ms", request.latency_budget_ms, "a number > 0")
     return RankDecision(None, None, tuple(r for r in train_ranks if r <= cap) or (cap,))
+
+
+def check_budget_met(request: GenerationRequest, reason: RankReason, rank: int, predicted_s: float | None) -> None:
+    """BudgetUnmetError for a request that refuses to be served late when no rank met its budget."""
+    if reason == "budget_unmet" and request.refuse_unmet_budget:
+        raise BudgetUnmetError(request.latency_budget_ms, (predicted_s or 0.0) * 1000.0, rank)

@@ -7,7 +7,8 @@ Same rules as the native engine (`engine/rank_policy.py`), with a simpler predic
     neither                  -> cap, "default"
     latency_budget_ms given  -> the highest candidate rank r (train ranks <= cap) with
                                 predicted(r) = ttft(r) + max_tokens * tpot(r) <= budget, "budget";
-                                else the lowest candidate, "budget_unmet"
+                                else the lowest candidate, "budget_unmet" (or BudgetUnmetError when
+                                the request refuses to be served late)
 
 vLLM pads every LoRA slot to `max_lora_rank`, so its compute does not depend on the rank: the table
 (`RankLatencyTable`) is a per-rank running mean (EWMA) of the time to first token and the time per
@@ -21,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from matryoshka_lora.backends.base import GenerationRequest, RankReason
-from matryoshka_lora.backends.rank_rules import decide_rank, is_base_request
+from matryoshka_lora.backends.rank_rules import check_budget_met, decide_rank, is_base_request
 from matryoshka_lora.backends.vllm_adapters import ServedAdapter
 from matryoshka_lora.errors import ConfigError, UnknownAdapterError
 
@@ -83,4 +84,6 @@ def resolve_rank(
         if predicted <= budget_s:
             return RankChoice(adapter, rank, "budget", predicted)
     lowest = min(candidates)
-    return RankChoice(adapter, lowest, "budget_unmet", table.predict(lowest, max_tokens))
+    predicted = table.predict(lowest, max_tokens)
+    check_budget_met(request, "budget_unmet", lowest, predicted)
+    return RankChoice(adapter, lowest, "budget_unmet", predicted)

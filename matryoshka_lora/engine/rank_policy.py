@@ -4,6 +4,7 @@
     rank given                   -> that rank (1..min(r_max, max_rank)), "requested"
     latency_budget_ms given      -> highest candidate rank (train ranks <= max_rank) predicted by the
                                     cost model to meet the budget, "budget"; else the lowest, "budget_unmet"
+                                    (or BudgetUnmetError when the request refuses to be served late)
     neither                      -> min(r_max, max_rank), "default"
 """
 
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass, replace
 
 from matryoshka_lora.backends.base import GenerationRequest, RankReason
-from matryoshka_lora.backends.rank_rules import decide_rank, is_base_request
+from matryoshka_lora.backends.rank_rules import check_budget_met, decide_rank, is_base_request
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
 from matryoshka_lora.engine.cost_model import Arrivals, CostModel, LoadSnapshot
 from matryoshka_lora.engine.scheduler import Scheduler
@@ -77,4 +78,6 @@ def resolve_rank(
     rank, met, predicted = cost_model.choose_rank(
         load_snapshot(scheduler, arrivals), entry.slot, num_prompt, max_tokens, candidates, request.latency_budget_ms / 1000.0
     )
-    return RankChoice(entry, rank, "budget" if met else "budget_unmet", predicted)
+    reason = "budget" if met else "budget_unmet"
+    check_budget_met(request, reason, rank, predicted)
+    return RankChoice(entry, rank, reason, predicted)

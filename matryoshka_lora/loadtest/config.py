@@ -97,6 +97,7 @@ class LoadTestConfig:
     budget_ms: float | None = None  # None: budget_factor x the unloaded latency at r_max
     budget_factor: float = 3.0
     rates: tuple[float, ...] | None = None  # budget: offered rates (req/s); None = multiples of capacity
+    budget_unmet: str = "serve"  # budget: the server's --budget-unmet (serve | refuse), for the server it starts
     peers: bool = False  # rank-sweep: also run the peers
     vllm_python: Path | None = None
     api_key: str | None = None  # for a --url server with tenants
@@ -129,6 +130,8 @@ class LoadTestConfig:
             raise ConfigError("--budget-ms", self.budget_ms, "milliseconds > 0")
         if not self.budget_factor > 0:
             raise ConfigError("--budget-factor", self.budget_factor, "a number > 0")
+        if self.budget_unmet not in ("serve", "refuse"):
+            raise ConfigError("--budget-unmet", self.budget_unmet, ["serve", "refuse"])
         if self.rates is not None and (not self.rates or any(not r > 0 for r in self.rates)):
             raise ConfigError("--rates", self.rates, "one or more requests/s > 0")
         if self.vllm_python is not None and not Path(self.vllm_python).is_file():

@@ -36,7 +36,8 @@ def free_port() -> int:
 
 
 def serve_args(model: str | None, adapters: list[Path], num_threads: int | None = None, max_num_seqs: int = 32,
-               max_queue_len: int | None = None, tenants: Path | None = None, max_output_tokens: int = 4096) -> list[str]:
+               max_queue_len: int | None = None, tenants: Path | None = None, max_output_tokens: int = 4096,
+               budget_unmet: str | None = None) -> list[str]:
     """The `serve` flags of a load-test server (host and port are added by ServerProcess)."""
     args = ["--max-num-seqs", str(max_num_seqs), "--max-output-tokens", str(max_output_tokens)]
     if model is not None:
@@ -49,6 +50,8 @@ def serve_args(model: str | None, adapters: list[Path], num_threads: int | None 
         args += ["--max-queue-len", str(max_queue_len)]
     if tenants is not None:
         args += ["--tenants", str(tenants)]
+    if budget_unmet is not None:
+        args += ["--budget-unmet", budget_unmet]
     return args
 
 

@@ -14,6 +14,7 @@ Every error answer has the body `{"error": {"type", "message", "given"?, "allowe
 | RequestValidationError             | 422    | validation_error (400 invalid_json for malformed JSON) |
 | RateLimitedError                   | 429    | rate_limited (+ Retry-After) |
 | QueueFullError                     | 503    | queue_full (+ Retry-After)   |
+| BudgetUnmetError (--budget-unmet refuse) | 503 | budget_unmet (+ Retry-After) |
 | NotReadyError, EngineStoppedError  | 503    | not_ready (+ Retry-After)    |
 | EngineError                        | 500    | engine_error        |
 | ClientGoneError                    | 499    | client_closed_request (nobody reads it) |
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matryoshka_lora.errors import (
     AdapterFormatError,
+    BudgetUnmetError,
     ConfigError,
     EngineStoppedError,
     InvalidRankError,
@@ -156,6 +158,10 @@ def map_exception(exc: Exception) -> JSONResponse:
         return error_response(
             503, "queue_full", str(exc), allowed=f"<= {exc.limit} requests waiting", retry_after_s=1.0
         )
+    if isinstance(exc, BudgetUnmetError):
+        return error_response(503, "budget_unmet", str(exc), given=f"{exc.budget_ms:g} ms",
+                              allowed=f"a budget this load can meet (rank {exc.rank}: ~{exc.predicted_ms:.0f} ms)",
+                              retry_after_s=exc.retry_after_s)
     if isinstance(exc, NotReadyError):
         return error_response(503, "not_ready", str(exc), retry_after_s=exc.retry_after_s)
     if isinstance(exc, ClientGoneError):

@@ -5,7 +5,8 @@ Per request (labels `adapter`, `rank`; `adapter="base"`, `rank="0"` for the base
               matryoshka_time_to_first_token_seconds, matryoshka_time_per_output_token_seconds
   counters    matryoshka_requests_total{adapter,rank,status}   (status: HTTP code, 499 = client went away)
               matryoshka_prompt_tokens_total, matryoshka_generation_tokens_total  (completed requests)
-              matryoshka_budget_requests_total{adapter,outcome} (hit: total latency <= budget)
+              matryoshka_budget_requests_total{adapter,outcome} (hit: total latency <= budget; miss;
+                  refused: no rank predicted to meet it, answered 503 under --budget-unmet refuse)
 Engine gauges, read from `engine.stats()` at scrape time:
   matryoshka_num_requests_running, matryoshka_num_requests_waiting, matryoshka_kv_cache_usage_ratio,
   matryoshka_adapters_loaded, and for the Gateway API Inference Extension in vLLM's names:
@@ -117,7 +118,7 @@ class ServerMetrics:
         )
         self.budget_requests = Counter(
             "matryoshka_budget_requests_total",
-            "Requests with a latency budget: hit = finished within it.",
+            "Requests with a latency budget: hit = finished within it, miss = not, refused = 503 (no rank fit).",
             ["adapter", "outcome"],
             registry=r,
         )
@@ -142,6 +143,9 @@ class ServerMetrics:
         if latency_budget_ms is not None and last.total_s is not None:
             outcome = "hit" if last.total_s * 1000.0 <= latency_budget_ms else "miss"
             self.budget_requests.labels(adapter=adapter, outcome=outcome).inc()
+
+    def count_budget_refused(self, adapter: str) -> None:
+        self.budget_requests.labels(adapter=adapter, outcome="refused").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -72,6 +72,11 @@ class ServerSettings(BaseSettings):
         True, description="Native engine: the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C "
         "kernels (built once with the system C compiler; torch ops when there is none)."
     )
+    budget_unmet: Literal["serve", "refuse"] = Field(
+        "serve", description="A request whose latency budget no rank is predicted to meet: serve it at the lowest "
+        "rank and say so (rank_reason budget_unmet), or refuse it with 503 + Retry-After so that the load stays "
+        "within what the admitted budgets allow (shedding by deadline)."
+    )
     seed: int = Field(0, description="Seed of requests that carry none.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 

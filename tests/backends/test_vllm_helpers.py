@@ -13,7 +13,7 @@ from matryoshka_lora.backends.vllm_adapters import ServedAdapter
 from matryoshka_lora.backends.vllm_loras import LoraIdMap, export_slice, parse_lora_name, vllm_max_lora_rank
 from matryoshka_lora.backends.vllm_ranks import RankLatencyTable, resolve_rank
 from matryoshka_lora.backends.vllm_stats import adapter_names
-from matryoshka_lora.errors import ConfigError, InvalidRankError, UnknownAdapterError
+from matryoshka_lora.errors import BudgetUnmetError, ConfigError, InvalidRankError, UnknownAdapterError
 
 
 @pytest.mark.parametrize("r_max, expected",
@@ -92,8 +92,9 @@ def test_export_slice_caches_per_rank_and_version(tiny_adapter, tmp_path):
 ADAPTERS = {"add3": ServedAdapter("add3", "/x/add3", 16, (1, 2, 4, 8, 16), "d")}
 
 
-def request(adapter="add3", rank=None, budget=None, max_rank=None):
-    return GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=10), adapter, rank, budget, max_rank)
+def request(adapter="add3", rank=None, budget=None, max_rank=None, refuse=False):
+    return GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=10), adapter, rank, budget, max_rank,
+                             refuse_unmet_budget=refuse)
 
 
 @pytest.mark.parametrize("kwargs, rank, reason", [
@@ -106,11 +107,21 @@ def request(adapter="add3", rank=None, budget=None, max_rank=None):
     (dict(budget=10_000), 16, "budget"),  # prior: 0.1 + 9 * 0.03 = 0.37 s fits
     (dict(budget=10_000, max_rank=6), 4, "budget"),  # the highest train rank under the cap
     (dict(budget=1), 1, "budget_unmet"),
+    (dict(budget=10_000, refuse=True), 16, "budget"),  # refusing changes nothing when a rank fits
+    (dict(rank=16, refuse=True), 16, "requested"),
 ])
 def test_resolve_rank(kwargs, rank, reason):
     choice = resolve_rank(request(**kwargs), ADAPTERS, RankLatencyTable(), max_tokens=10)
     assert (choice.rank, choice.reason) == (rank, reason)
     assert (choice.predicted_s is not None) == reason.startswith("budget")
+
+
+def test_resolve_rank_refuses_an_unmet_budget_when_asked():
+    with pytest.raises(BudgetUnmetError) as info:
+        resolve_rank(request(budget=1, refuse=True), ADAPTERS, RankLatencyTable(), max_tokens=10)
+    assert (info.value.budget_ms, info.value.rank) == (1, 1)
+    assert info.value.predicted_ms == pytest.approx(370.0)  # the prior: 0.1 + 9 x 0.03 s
+    assert info.value.retry_after_s == 1.0  # at least a second
 
 
 @pytest.mark.parametrize("kwargs, error", [

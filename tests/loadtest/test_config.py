@@ -19,6 +19,7 @@ from matryoshka_lora.loadtest.config import LoadTestConfig, MixEntry, Workload
     ({"ranks": (1, -8)}, "--ranks"),
     ({"max_requests": 0}, "--max-requests"),
     ({"budget_ms": -1.0}, "--budget-ms"),
+    ({"budget_unmet": "sometimes"}, "--budget-unmet"),
     ({"rates": (1.0, 0.0)}, "--rates"),
     ({"adapters": ["/nonexistent/adapter"]}, "--adapters"),
     ({"vllm_python": "/nonexistent/python"}, "--vllm-python"),

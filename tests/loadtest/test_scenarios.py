@@ -131,3 +131,21 @@ def test_tenants_starts_its_own_server_with_a_tenants_file(tiny_model_dir, lt_ad
     (isolation,) = [c for c in result.checks if c.kind == "goal"]
     assert "beside the neighbour" in isolation.name and isolation.passed is not None
     assert_report(result, md_path, len(result.phases))
+
+
+def test_budget_with_refuse_starts_its_server_with_the_policy(tiny_model_dir, lt_adapters, tmp_path):
+    """--budget-unmet refuse reaches the server it starts: with a 1 ms budget no rank ever fits, so every
+    budgeted request is answered 503 budget_unmet (with Retry-After), counted to the request."""
+    config = LoadTestConfig(scenario="budget", out=tmp_path, model=str(tiny_model_dir), adapters=[lt_adapters],
+                            duration_s=2.0, workload=Workload(prompt_tokens=16, output_tokens=8), num_threads=1,
+                            budget_ms=1.0, rates=(4.0,), budget_unmet="refuse")
+    result, md_path = runner.run(config)
+    assert result.passed, failed(result)
+    (step,) = [p for p in result.phases if p.name.startswith("budget step")]
+    assert step.records and {(r.status, r.error) for r in step.records} == {(503, "budget_unmet")}
+    assert all(r.retry_after for r in step.records)
+    assert step.counter_delta("matryoshka_budget_requests_total", outcome="refused") == len(step.records)
+    (row,) = result.tables["budget steps"]
+    assert row["refused_share"] == 1.0 and row["hit_rate"] == 0.0
+    assert "--budget-unmet refuse" in " ".join(result.notes)
+    assert_report(result, md_path, len(result.phases))

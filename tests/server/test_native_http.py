@@ -249,3 +249,30 @@ def test_client_disconnect_aborts_the_engine_request(client, native_server, monk
         if n == "matryoshka_requests_total" and ("status", "499") in labels
     }
     assert gone == {(("adapter", "alpha"), ("rank", "8"), ("status", "499")): 1.0}
+
+
+def test_budget_unmet_refuse_answers_503_and_counts_it(tiny_model_dir, tiny_adapters, tmp_path):
+    """--budget-unmet refuse: a budget no rank is predicted to meet gets 503 budget_unmet with Retry-After
+    (nothing enqueued), counted as outcome="refused"; a budget that fits is served as usual."""
+    from matryoshka_lora.server import create_app
+
+    from .conftest import native_settings
+    from .helpers import serving, write_tenants
+
+    tenants = write_tenants(tmp_path / "tenants.toml", ["alpha"])
+    app = create_app(native_settings(tiny_model_dir, tiny_adapters, tenants, budget_unmet="refuse"))
+    with serving(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        refused = generate(c, adapter="alpha", latency_budget_ms=1e-6)
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "budget_unmet" and error["given"] == "1e-06 ms" and "rank 1" in error["allowed"]
+        assert int(refused.headers["retry-after"]) >= 1
+        served = generate(c, adapter="alpha", latency_budget_ms=1e9)
+        assert served.status_code == 200 and served.json()["rank_reason"] == "budget"
+        assert generate(c, adapter="alpha", rank=2).status_code == 200  # ranks asked for are never refused
+        samples = metric_samples(c.get("/metrics").text)
+    budget = "matryoshka_budget_requests_total"
+    assert samples[(budget, (("adapter", "alpha"), ("outcome", "refused")))] == 1
+    assert samples[(budget, (("adapter", "alpha"), ("outcome", "hit")))] == 1
+    assert samples[("matryoshka_requests_total", (("adapter", "alpha"), ("rank", "none"), ("status", "503")))] == 1
+    assert app.state.ctx.backend.stats().num_waiting == 0

@@ -93,6 +93,7 @@ def test_sigterm_drains_the_request_in_flight(tiny_model_dir, tiny_adapters):
     [
         (["--host", "0.0.0.0"], "host without a tenants file"),
         (["--backend", "tgi"], "backend"),
+        (["--budget-unmet", "later"], "budget_unmet"),
         (["--port", "-1"], "port"),
     ],
 )

@@ -44,6 +44,7 @@ def test_env_then_flags(monkeypatch, tmp_path):
     [
         (dict(port=70000), "port"),
         (dict(backend="tgi"), "backend"),
+        (dict(budget_unmet="drop"), "budget_unmet"),
         (dict(max_num_seqs=0), "max_num_seqs"),
         (dict(adapters=["missing-dir"]), "adapter directories not found"),
         (dict(tenants="missing.toml"), "tenants file not found"),

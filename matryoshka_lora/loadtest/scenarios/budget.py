@@ -6,11 +6,15 @@
     steps   = --rates, else (0.25, 0.5, 0.75, 1.0, 1.25, 1.5) x C_1 requests/s, --duration s each (30)
     per step: budget hit rate (client e2e <= budget; refusals count as misses), the server's own
               hit rate (matryoshka_budget_requests_total), p95 e2e vs budget, mean served rank,
-              share of `budget_unmet` (no rank predicted to fit)
+              share of `budget_unmet` (no rank predicted to fit: served late, or with
+              --budget-unmet refuse answered 503 budget_unmet, the `refused` share)
 
 Goals: (a) >= 95 % of budgeted requests meet the budget at every step below C_1 (the rate where even
 rank 1 saturates the server); (b) at every step, >= 95 % of the requests the controller served with
 reason `budget` (a rank predicted to fit) meet it.
+
+`--budget-unmet refuse` starts the server with that policy: past capacity it sheds the requests no rank
+can serve in time, so the ones it admits should keep their budgets (goal b).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections import Counter
 
 from matryoshka_lora.loadtest import plots
 from matryoshka_lora.loadtest.checks import goal
-from matryoshka_lora.loadtest.config import MixEntry
+from matryoshka_lora.loadtest.config import LoadTestConfig, MixEntry
 from matryoshka_lora.loadtest.openloop import Arrivals, open_loop
 from matryoshka_lora.loadtest.phases import RunContext, ScenarioResult, measure
 from matryoshka_lora.loadtest.probe import capacity, unloaded
@@ -58,9 +62,15 @@ def step_row(offered: float, budget_ms: float, phase) -> dict:
         "p95/budget": None if p95 is None else round(p95 * 1000.0 / budget_ms, 3),
         "mean_rank": phase.summary["mean_rank"],
         "budget_unmet_share": (sum(1 for r in ok if r.rank_reason == "budget_unmet") / len(ok)) if ok else None,
+        "refused_share": (sum(1 for r in records if r.error == "budget_unmet") / len(records)) if records else None,
         "ranks": dict(sorted(Counter(r.rank for r in ok).items())),
         "statuses": phase.summary["statuses"],
     }
+
+
+def prepare(config: LoadTestConfig, out) -> dict:
+    """The server this scenario starts uses --budget-unmet as given (serve: the server's default)."""
+    return {"serve": {"budget_unmet": config.budget_unmet}}
 
 
 def run(ctx: RunContext) -> ScenarioResult:
@@ -73,7 +83,8 @@ def run(ctx: RunContext) -> ScenarioResult:
     budget_ms = cfg.budget_ms or cfg.budget_factor * l_max * 1000.0
     rates = cfg.rates or tuple(f * c_1 for f in RATE_FACTORS)
     result.notes.append(f"probe: unloaded e2e at r_max {l_max * 1000:.0f} ms, rank-1 capacity {c_1:.2f} req/s; "
-                        f"budget {budget_ms:.0f} ms; rates {', '.join(f'{r:.2f}' for r in rates)} req/s")
+                        f"budget {budget_ms:.0f} ms; rates {', '.join(f'{r:.2f}' for r in rates)} req/s; "
+                        f"--budget-unmet {cfg.budget_unmet}" + (" (as given: a --url server's own)" if cfg.url else ""))
     rows = []
     entry = MixEntry(adapter.name, latency_budget_ms=round(budget_ms, 1))
     for i, rate in enumerate(rates):
