@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from matryoshka_lora.loadtest.records import RequestRecord
-from matryoshka_lora.loadtest.scenarios.budget import hit_rate
+from matryoshka_lora.loadtest.scenarios.budget import RATE_FACTORS, hit_rate, steps_below
 from matryoshka_lora.loadtest.scenarios.peers import GOALS, peer_goal
 from matryoshka_lora.loadtest.scenarios.soak import rss_trend
 
@@ -19,6 +19,13 @@ from matryoshka_lora.loadtest.scenarios.soak import rss_trend
 def test_budget_hit_rate(e2e_and_status, expected):
     records = [RequestRecord(adapter="a", status=s, e2e_s=e) for e, s in e2e_and_status]
     assert hit_rate(records, budget_ms=1000.0) == expected
+
+
+@pytest.mark.parametrize("capacity", [1.2459534, 0.83, 1.7312])
+def test_the_step_at_capacity_is_not_below_it(capacity):
+    rates = tuple(f * capacity for f in RATE_FACTORS)
+    rows = [{"offered_rps": round(r, 3)} for r in rates]
+    assert [r["offered_rps"] for r in steps_below(rates, rows, capacity)] == [round(f * capacity, 3) for f in (0.25, 0.5, 0.75)]
 
 
 MIB = 2**20
