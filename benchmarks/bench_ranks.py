@@ -1,7 +1,7 @@
 """Throughput and latency of the native engine per rank, against transformers peers, in one run.
 
-Workload: N requests (fixed chat prompts), M output tokens each, greedy, EOS ignored, all enqueued at
-once. Rows: our engine at base, ranks 1, 8, 32, r_max and a mixed-rank / mixed-adapter batch; then,
+Workload: N requests (fixed chat prompts, or with --prompt-tokens P the load tests' fixed P-token prompt),
+M output tokens each, greedy, EOS ignored, all enqueued at once. Rows: our engine at base, ranks 1, 8, 32, r_max and a mixed-rank / mixed-adapter batch; then,
 on the same prompts, the peers of matryoshka_lora/loadtest/peers.py: transformers static-batch
 `generate` and continuous batching `generate_batch`, each on the base model and with the first adapter
 exported as PEFT at r_max (unmerged), and vLLM offline (base and LoRA) when --vllm-python names a venv
@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--adapters", help="a folder of adapters to use instead of random ones")
     parser.add_argument("--targets", help="modules of the random adapters, comma-separated (default: all seven "
                                           "q,k,v,o,gate,up,down projections), e.g. q_proj,v_proj")
+    parser.add_argument("--prompt-tokens", type=int, help="every request gets the load tests' fixed prompt of exactly "
+                                                         "this many tokens (default: 16 short chat prompts, ~37 tokens)")
     parser.add_argument("--skip-peers", action="store_true", help="only the native engine")
     parser.add_argument("--model", help="a local HF model directory instead of the default model")
     parser.add_argument("--vllm-python", help="python of a venv with vLLM (e.g. .venv-vllm/bin/python): adds vLLM rows")
@@ -137,7 +139,12 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     else:
         model, tokenizer = load_base_model(args.model)
-    prompts = encode_prompts(tokenizer, args.num_requests)
+    if args.prompt_tokens:
+        from matryoshka_lora.loadtest.prompts import exact_prompt
+
+        prompts = [exact_prompt(tokenizer, args.prompt_tokens)[1]] * args.num_requests
+    else:
+        prompts = encode_prompts(tokenizer, args.num_requests)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
     paths = adapter_dirs(args.adapters) if args.adapters else make_adapters(model, tmp, args.r_max, tuple(args.targets.split(",")) if args.targets else None)
     engine = LLMEngine(EngineConfig(adapters=[str(p) for p in paths], max_num_seqs=max(args.num_requests, 1),
@@ -162,7 +169,8 @@ def main() -> None:
     rows.append(best("engine mixed ranks+adapters", prompts, mixed, args.max_tokens))
     if not args.skip_peers:
         rows += peer_rows(args, model, paths[0], r_max, prompts, tmp)
-    print(f"\n{n} requests x {args.max_tokens} tokens, greedy, {args.threads} threads, r_max {r_max}")
+    print(f"\n{n} requests x {args.max_tokens} tokens ({sum(map(len, prompts))} prompt tokens), greedy, "
+          f"{args.threads} threads, r_max {r_max}")
     print(f"{'workload':45s} {'tok/s':>8s} {'wall s':>8s} {'p50 s':>8s} {'p95 s':>8s}")
     for r in rows:
         print(f"{r['name']:45s} {r['tok_s']:8.1f} {r['wall_s']:8.2f} {r['p50_s']:8.2f} {r['p95_s']:8.2f}")
