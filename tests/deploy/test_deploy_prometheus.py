@@ -36,13 +36,15 @@ def test_promtool_accepts(tool, args):
         ("          ) > 2\n", "          ) > 10\n"),  # TTFT SLO threshold loosened
         ("_count[5m])) > 0.01", "_count[5m])) >= 0"),  # traffic guard dropped
         ('{status=~"5.."}', '{status=~"[45].."}'),  # 4xx counted as errors
-        ('{outcome="miss"}', '{outcome="hit"}'),
+        ('{outcome=~"miss|refused"}', '{outcome="hit"}'),
+        ('{outcome=~"miss|refused"}', '{outcome="miss"}'),  # refusals (--budget-unmet refuse) not counted
         ("min_over_time(matryoshka_num_requests_waiting[10m]) > 0", "max_over_time(matryoshka_num_requests_waiting[10m]) > 0"),
         ('{status="503"}', '{status="500"}'),
         ("matryoshka_kv_cache_usage_ratio > 0.95", "matryoshka_kv_cache_usage_ratio > 0.5"),
         ('up{job="matryoshka-lora"} == 0', 'up{job="matryoshka-lora"} == 1'),
     ],
-    ids=["ttft-threshold", "ttft-traffic-guard", "errors-4xx", "budget-outcome", "queue-max", "queue-503", "kv", "down"],
+    ids=["ttft-threshold", "ttft-traffic-guard", "errors-4xx", "budget-outcome", "budget-refused", "queue-max",
+         "queue-503", "kv", "down"],
 )
 def test_unit_tests_catch_a_broken_rule(tool, tmp_path, old, new):
     rules = (PROM / "alerts.yml").read_text()
