@@ -1,8 +1,9 @@
 """Throughput and latency of the native engine per rank, against transformers peers, in one run.
 
-Workload: N requests (fixed chat prompts, or with --prompt-tokens P the load tests' fixed P-token prompt),
-M output tokens each, greedy, EOS ignored, all enqueued at once. Rows: our engine at base, ranks 1, 8, 32, r_max and a mixed-rank / mixed-adapter batch; then,
-on the same prompts, the peers of matryoshka_lora/loadtest/peers.py: transformers static-batch
+Workload: N requests (fixed chat prompts, or with --prompt-tokens P the load tests' fixed P-token
+prompt), M output tokens each, greedy, EOS ignored, all enqueued at once. Rows: our engine at base,
+ranks 1, 8, 32, r_max and a mixed-rank / mixed-adapter batch; then, on the same prompts, the peers
+of matryoshka_lora/loadtest/peers.py: transformers static-batch
 `generate` and continuous batching `generate_batch`, each on the base model and with the first adapter
 exported as PEFT at r_max (unmerged), and vLLM offline (base and LoRA) when --vllm-python names a venv
 with vLLM. Adapters: random A and non-zero B on every target module at r_max 64 on the default model
@@ -113,8 +114,9 @@ def main() -> None:
     parser.add_argument("--adapters", help="a folder of adapters to use instead of random ones")
     parser.add_argument("--targets", help="modules of the random adapters, comma-separated (default: all seven "
                                           "q,k,v,o,gate,up,down projections), e.g. q_proj,v_proj")
-    parser.add_argument("--prompt-tokens", type=int, help="every request gets the load tests' fixed prompt of exactly "
-                                                         "this many tokens (default: 16 short chat prompts, ~37 tokens)")
+    parser.add_argument("--prompt-tokens", type=int,
+                        help="every request gets the load tests' fixed prompt of exactly this many tokens "
+                             "(default: 16 short chat prompts, ~37 tokens)")
     parser.add_argument("--skip-peers", action="store_true", help="only the native engine")
     parser.add_argument("--model", help="a local HF model directory instead of the default model")
     parser.add_argument("--vllm-python", help="python of a venv with vLLM (e.g. .venv-vllm/bin/python): adds vLLM rows")
@@ -142,7 +144,8 @@ def main() -> None:
     if args.prompt_tokens:
         from matryoshka_lora.loadtest.prompts import exact_prompt
 
-        prompts = [exact_prompt(tokenizer, args.prompt_tokens)[1]] * args.num_requests
+        ids = exact_prompt(tokenizer, args.prompt_tokens)[1]
+        prompts = [list(ids) for _ in range(args.num_requests)]  # one list per request, as the peers get
     else:
         prompts = encode_prompts(tokenizer, args.num_requests)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ranks-"))

@@ -74,9 +74,10 @@ def trickle_of(phase) -> list:
 
 def phase_row(phase, other: str | None, alone_p50: float | None) -> dict:
     """The trickle's latency in `phase`, and what the other tenant (tag `other`) got."""
-    e2e = percentiles(r.e2e_s for r in trickle_of(phase) if r.ok)
+    served = [r for r in trickle_of(phase) if r.ok]
+    e2e = percentiles(r.e2e_s for r in served)
     others = [r for r in phase.records if other and r.tag == other]
-    return {"phase": phase.name, "trickle_requests": sum(1 for r in trickle_of(phase) if r.ok),
+    return {"phase": phase.name, "trickle_requests": len(served),
             "trickle_p50_ms": ms(e2e["p50"]), "trickle_p95_ms": ms(e2e["p95"]),
             "trickle_p50_vs_alone": round(e2e["p50"] / alone_p50, 3) if alone_p50 and e2e["p50"] else None,
             "other_tenant": other, "other_statuses": dict(sorted(Counter(str(r.status) for r in others).items())),
