@@ -13,6 +13,7 @@ bursts (N requests at once, as the in-process peers are measured).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -136,3 +137,35 @@ async def burst(url: str, plan: Plan, num_requests: int) -> list[RequestRecord]:
     entries = [plan.mix[i % len(plan.mix)] for i in range(num_requests)]
     async with make_client(url) as client:
         return list(await asyncio.gather(*(send(client, plan, e) for e in entries)))
+
+
+@dataclass(frozen=True)
+class CompletionCount:
+    """What one streamed completion reported in its final usage chunk."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+async def stream_completion(client: httpx.AsyncClient, body: dict) -> CompletionCount:
+    """One streamed `POST /v1/completions` read to `data: [DONE]`; raises on a refusal or a missing usage."""
+    usage = None
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            text = (await resp.aread()).decode("utf-8", errors="replace")
+            raise httpx.HTTPStatusError(f"{resp.status_code}: {text[:500]}", request=resp.request, response=resp)
+        async for line in resp.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                usage = json.loads(line[len("data: "):]).get("usage") or usage
+    if not usage:
+        raise ValueError("the stream ended without a usage chunk (stream_options.include_usage)")
+    return CompletionCount(usage["prompt_tokens"], usage["completion_tokens"])
+
+
+async def completions_burst(url: str, model: str, prompt: str, max_tokens: int, num_requests: int,
+                            ignore_eos: bool = True) -> list[CompletionCount]:
+    """`num_requests` greedy streamed completions of `prompt` sent at once to an OpenAI-compatible server."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    async with make_client(url) as client:
+        return list(await asyncio.gather(*(stream_completion(client, body) for _ in range(num_requests))))

@@ -2,7 +2,10 @@
 
     with ServerProcess(args, log_path) as server:   # returns once GET /ready answers 200
         server.url, server.pid, server.rss_bytes()
-    # SIGTERM (the server drains), then SIGKILL if it has not exited within `stop_timeout_s`
+    # SIGTERM (the server drains), then SIGKILL if it has not exited within `stop_timeout_s`;
+    # the server runs in its own process group, and what is left of that group is killed after it
+
+A subclass names another command and readiness path (loadtest/vllm_serve.py: vLLM's OpenAI server).
 
 Or `None` of it: `--url` points the load test at a server someone else runs.
 """
@@ -55,14 +58,14 @@ def serve_args(model: str | None, adapters: list[Path], num_threads: int | None 
     return args
 
 
-def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> None:
-    """Poll GET /ready until 200; ServerStartError when `alive()` turns False or time runs out."""
+def wait_ready(url: str, timeout_s: float, alive=lambda: True, path: str = "/ready") -> None:
+    """Poll GET `path` until 200; ServerStartError when `alive()` turns False or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not alive():
             raise ServerStartError("the server exited during startup")
         try:
-            if httpx.get(f"{url}/ready", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -85,12 +88,15 @@ def rss_bytes(pid: int) -> int | None:
 class ServerProcess:
     """A `matryoshka-lora serve` subprocess; its stdout+stderr go to `log_path`."""
 
+    ready_path = "/ready"
+
     def __init__(self, args: list[str], log_path: Path, ready_timeout_s: float = 600.0, stop_timeout_s: float = 60.0):
         self.args, self.log_path = list(args), Path(log_path)
         self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self._stopped = False  # its process group is killed once only (the group id may be reused later)
 
     @property
     def pid(self) -> int:
@@ -99,16 +105,22 @@ class ServerProcess:
     def rss_bytes(self) -> int | None:
         return rss_bytes(self.proc.pid) if self.proc is not None else None
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "matryoshka_lora.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                *self.args]
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
     def start(self) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "matryoshka_lora.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               *self.args]
+        cmd = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting the server: %s", " ".join(cmd))
         with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=self.environ(),
+                                         start_new_session=True)
         try:
-            wait_ready(self.url, self.ready_timeout_s, alive=lambda: self.proc.poll() is None)
+            wait_ready(self.url, self.ready_timeout_s, alive=lambda: self.proc.poll() is None, path=self.ready_path)
         except ServerStartError as exc:
             self.stop()
             raise ServerStartError(f"{exc}; log {self.log_path}:\n{self.log_tail()}") from None
@@ -122,16 +134,24 @@ class ServerProcess:
             return ""
 
     def stop(self) -> int | None:
-        """SIGTERM and wait (the server drains); SIGKILL after `stop_timeout_s`. Returns the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM and wait (the server drains); SIGKILL after `stop_timeout_s`; then whatever is left of
+        its process group (workers it started). Returns the exit code."""
+        if self.proc is None or self._stopped:
             return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
+        self._stopped = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("the server did not stop within %.0f s; killing it", self.stop_timeout_s)
+                self.proc.kill()
+                self.proc.wait()
         try:
-            return self.proc.wait(timeout=self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("the server did not stop within %.0f s; killing it", self.stop_timeout_s)
-            self.proc.kill()
-            return self.proc.wait()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.proc.returncode
 
     def __enter__(self) -> "ServerProcess":
         return self.start()

@@ -1,15 +1,16 @@
-"""openloop: the Poisson arrival clock (seeded, bounded in time and count); bursts against a real
-`serve` subprocess (tiny model)."""
+"""openloop: the Poisson arrival clock (seeded, bounded in time and count); bursts (ours, and the OpenAI
+one) against a real `serve` subprocess (tiny model)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import httpx
 import numpy as np
 import pytest
 
 from matryoshka_lora.errors import ConfigError
-from matryoshka_lora.loadtest.openloop import Arrivals, burst
+from matryoshka_lora.loadtest.openloop import Arrivals, burst, completions_burst
 from matryoshka_lora.loadtest.plan import Plan
 
 
@@ -49,3 +50,17 @@ def test_burst_sends_the_mix_in_turn_all_at_once(lt_server, num_requests):
     assert {r.num_output_tokens for r in records} == {8}
     first_end = min(r.start + r.e2e_s for r in records)
     assert max(r.start for r in records) < first_end
+
+
+@pytest.mark.timeout(300)
+def test_completions_burst_counts_each_answer_from_its_usage_chunk(lt_server):
+    """The OpenAI burst (the client the vLLM serve peer is measured with) against our own /v1/completions."""
+    counts = asyncio.run(completions_burst(lt_server.url, "alpha@4", "one two three", 8, 3))
+    assert [c.completion_tokens for c in counts] == [8, 8, 8]
+    assert len({c.prompt_tokens for c in counts}) == 1 and counts[0].prompt_tokens > 0
+
+
+@pytest.mark.timeout(120)
+def test_completions_burst_raises_on_a_refusal(lt_server):
+    with pytest.raises(httpx.HTTPStatusError, match="404"):
+        asyncio.run(completions_burst(lt_server.url, "no-such-adapter", "one two three", 4, 2))

@@ -8,10 +8,12 @@
     then the server is stopped (when this run started it) and, on the same fixed prompt, U requests x
     the workload's output tokens at once:
              transformers generate / generate_batch, base and PEFT adapter (the first adapter at r_max)
-             vLLM base and LoRA, when --vllm-python names a venv with vLLM
-    goals    (ours at once, the like-for-like workload) > vLLM base; >= 4 x vLLM LoRA;
-             >= 1.5 x static generate with PEFT; >= 2 x generate_batch (its PEFT run; the base run if
-             PEFT failed)
+             vLLM base and LoRA, when --vllm-python names a venv with vLLM (its offline engine)
+    and, with --vllm-python, the base model served by `vllm serve` over HTTP: the same client and
+    burst as ours (U streamed /v1/completions at once, BURSTS times; loadtest/vllm_serve.py)
+    goals    (ours at once, the like-for-like workload) > vLLM serve base over HTTP; > vLLM offline base;
+             >= 4 x vLLM LoRA; >= 1.5 x static generate with PEFT; >= 2 x generate_batch (its PEFT run;
+             the base run if PEFT failed)
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from matryoshka_lora.loadtest import openloop, peers, plots
 from matryoshka_lora.loadtest.checks import Check
 from matryoshka_lora.loadtest.phases import Phase, RunContext, ScenarioResult, measure
 from matryoshka_lora.loadtest.scenarios.mixed import mix_entries, run_mix
+from matryoshka_lora.loadtest.vllm_serve import vllm_serve_peer
 
 log = logging.getLogger(__name__)
 
 BURSTS = 2  # as the peers' timed runs (peers.timed)
 GOALS = (  # (peer system prefix, factor ours must reach, wording)
-    ("vLLM (base)", 1.0, "more tok/s than vLLM CPU base"),
+    ("vLLM serve (base)", 1.0, "more tok/s than vLLM CPU serving the base model over HTTP"),
+    ("vLLM (base)", 1.0, "more tok/s than vLLM CPU base (offline engine)"),
     ("vLLM (LoRA", 4.0, ">= 4x vLLM CPU with LoRA"),
     ("transformers generate (PEFT", 1.5, ">= 1.5x static generate with PEFT"),
     ("transformers generate_batch (PEFT", 2.0, ">= 2x generate_batch"),
@@ -82,8 +86,11 @@ def run(ctx: RunContext) -> ScenarioResult:
     if ctx.config.vllm_python is not None:
         from matryoshka_lora.models import resolve_model_dir
 
-        results += peers.vllm_peers(ctx.config.vllm_python, resolve_model_dir(ctx.config.model), peft_dir, prompts,
-                                    max_tokens, ctx.config.num_threads, ctx.out / "peers")
+        model_dir = resolve_model_dir(ctx.config.model)
+        results += peers.vllm_peers(ctx.config.vllm_python, model_dir, peft_dir, prompts, max_tokens,
+                                    ctx.config.num_threads, ctx.out / "peers")
+        results.append(vllm_serve_peer(ctx.config.vllm_python, model_dir, ctx.prompt, len(ctx.prompt_ids), users,
+                                       max_tokens, ctx.config.num_threads, ctx.out / "peers", repeats=BURSTS))
     else:
         result.notes.append("vLLM not run: pass --vllm-python VENV/bin/python (a venv with vLLM, e.g. .venv-vllm)")
     rows = [{"system": f"matryoshka-lora (mixed ranks, {users} at once, HTTP streaming)", "output_tok_s": ours,
@@ -96,7 +103,8 @@ def run(ctx: RunContext) -> ScenarioResult:
     result.tables["throughput vs peers"] = rows
     result.checks += [peer_goal(ours, rows, *g) for g in GOALS]
     result.notes.append(f"peers: {users} requests at once x {max_tokens} tokens on the fixed "
-                        f"{len(ctx.prompt_ids)}-token prompt, in process (vLLM offline); ours: the same number "
-                        "at once over HTTP (the goals' figure), and closed-loop users over HTTP")
+                        f"{len(ctx.prompt_ids)}-token prompt, in process (vLLM offline), and vLLM serve over HTTP "
+                        "(the same client and burst as ours); ours: the same number at once over HTTP (the goals' "
+                        "figure), and closed-loop users over HTTP")
     result.plots.append(plots.peers_bars(rows, ctx.out / "peers_throughput.png"))
     return result
