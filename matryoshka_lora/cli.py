@@ -322,7 +322,8 @@ def loadtest(
                             "of the server it starts (refuse: a budget no rank is predicted to meet gets 503).")] = "serve",
     peers: Annotated[bool, typer.Option("--peers", help="rank-sweep: then run the peers scenario.")] = False,
     vllm_python: Annotated[Optional[Path], typer.Option("--vllm-python", help="Python of a venv with vLLM "
-                           "(e.g. .venv-vllm/bin/python) for the vLLM peer.")] = None,
+                           "(e.g. .venv-vllm/bin/python) for the vLLM peers: its offline engine, and `vllm serve` "
+                           "over HTTP.")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MATRYOSHKA_API_KEY", help="Bearer key for "
                        "a --url server with tenants [MATRYOSHKA_API_KEY].")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,

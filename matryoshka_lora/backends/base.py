@@ -88,6 +88,7 @@ class EngineStats:
     max_num_seqs: int
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
+    budget_latency_margin: float = 1.0  # what the budget controller multiplies its predictions by (native)
 
 
 class EngineBackend(Protocol):

@@ -27,7 +27,8 @@ Requests arriving during this one's life are counted from two arrival rates (Rat
     lasts, no rank can promise a budget, and the prediction is multiplied by MAX_STRETCH.
 The active set's decode rows of one adapter form one group at the largest rank among them, as the op
 computes them (so joining an adapter already served at rank 64 costs rank 64 whatever its rank).
-`choose_rank` serves the highest candidate rank predicted to meet the budget.
+`choose_rank` serves the highest candidate rank predicted to meet the budget, its predictions scaled by
+`margin` (latency_margin.py: learned from how long the requests predicted to fit really took).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from matryoshka_lora.engine.latency_margin import LatencyMargin
 from matryoshka_lora.engine.lora_batch import MAX_MASKED_ROWS
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,7 @@ class CostModel:
         self.warmup_samples: list[tuple[StepFeatures, float]] = []
         self.recent: collections.deque[tuple[StepFeatures, float]] = collections.deque(maxlen=max_recent)
         self._since_refit = 0
+        self.margin = LatencyMargin()
 
     def fit(self, samples: list[tuple[StepFeatures, float]]) -> None:
         """Fit on warm-up samples (kept: every later refit includes them)."""
@@ -245,11 +248,14 @@ class CostModel:
         return MAX_STRETCH if rho >= 1 - 1 / MAX_STRETCH else 1.0 / (1.0 - rho)
 
     def choose_rank(
-        self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, candidates: list[int], budget_s: float
+        self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, candidates: list[int],
+        budget_s: float, margin: float | None = None,
     ) -> tuple[int, bool, float]:
-        """(rank, met, predicted seconds): the highest candidate predicted within budget, else the lowest."""
+        """(rank, met, predicted seconds): the highest candidate predicted within budget, else the lowest.
+        Predictions are scaled by `margin` (default: the learned one, `self.margin.value()`)."""
         ranks = sorted(set(candidates))
-        predictions = {r: self.predict_latency(load, slot, num_prompt_tokens, max_tokens, r) for r in ranks}
+        margin = self.margin.value() if margin is None else margin
+        predictions = {r: margin * self.predict_latency(load, slot, num_prompt_tokens, max_tokens, r) for r in ranks}
         meeting = [r for r in ranks if predictions[r] <= budget_s]
         if meeting:
             return meeting[-1], True, predictions[meeting[-1]]

@@ -149,6 +149,7 @@ class LLMEngine:
                 detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids),
                 stop_filter=StopStringFilter(params.stop), generator=generator,
                 max_len=min(self.max_model_len, n + params.max_tokens), predicted_latency_s=choice.predicted_s,
+                budget_margin=choice.margin,
             )
             self.scheduler.add(seq)  # may raise QueueFullError
             key, self._next_id = self._next_id, self._next_id + 1
@@ -209,6 +210,9 @@ class LLMEngine:
         with self.lock:
             for s in done:
                 self.arrivals.finished(s.num_output_tokens, s.max_len - s.num_prompt_tokens)
+                if s.rank_reason == "budget" and s.finish_reason == "length" and s.predicted_latency_s:
+                    now = time.perf_counter()
+                    self.cost_model.margin.observe(s.predicted_latency_s / s.budget_margin, now - s.enqueue_t, now)
                 if s.key in self._seqs:
                     self._finish(s)
             self._apply_aborts()
@@ -293,6 +297,7 @@ class LLMEngine:
                 max_num_seqs=self.config.max_num_seqs,
                 running_adapters=tuple(sorted({s.adapter for s in running if s.adapter})),
                 waiting_adapters=tuple(sorted({s.adapter for s in waiting if s.adapter})),
+                budget_latency_margin=self.cost_model.margin.value(),
             )
 
 

@@ -3,7 +3,8 @@
     adapter None                 -> rank 0, "base"
     rank given                   -> that rank (1..min(r_max, max_rank)), "requested"
     latency_budget_ms given      -> highest candidate rank (train ranks <= max_rank) predicted by the
-                                    cost model to meet the budget, "budget"; else the lowest, "budget_unmet"
+                                    cost model (times its learned margin) to meet the budget, "budget";
+                                    else the lowest, "budget_unmet"
                                     (or BudgetUnmetError when the request refuses to be served late)
     neither                      -> min(r_max, max_rank), "default"
 """
@@ -27,7 +28,8 @@ class RankChoice:
     entry: SlotEntry | None
     rank: int
     reason: RankReason
-    predicted_s: float | None = None
+    predicted_s: float | None = None  # with the margin
+    margin: float = 1.0  # the latency margin the prediction was scaled by
 
 
 def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None) -> LoadSnapshot:
@@ -75,9 +77,11 @@ def resolve_rank(
     candidates = list(decision.candidates)
     num_prompt = len(request.prompt_token_ids)
     max_tokens = min(request.sampling.max_tokens, max_model_len - num_prompt)
+    margin = cost_model.margin.value()
     rank, met, predicted = cost_model.choose_rank(
-        load_snapshot(scheduler, arrivals), entry.slot, num_prompt, max_tokens, candidates, request.latency_budget_ms / 1000.0
+        load_snapshot(scheduler, arrivals), entry.slot, num_prompt, max_tokens, candidates,
+        request.latency_budget_ms / 1000.0, margin,
     )
     reason = "budget" if met else "budget_unmet"
     check_budget_met(request, reason, rank, predicted)
-    return RankChoice(entry, rank, reason, predicted)
+    return RankChoice(entry, rank, reason, predicted, margin)

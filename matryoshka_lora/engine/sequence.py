@@ -45,7 +45,8 @@ class Sequence:
     stop_filter: StopStringFilter
     generator: torch.Generator | None  # None: greedy
     max_len: int  # max prompt + output tokens (min of max_model_len and prompt + max_tokens)
-    predicted_latency_s: float | None = None
+    predicted_latency_s: float | None = None  # a budgeted request's predicted latency, margin included
+    budget_margin: float = 1.0  # the margin in it (the engine's LatencyMargin learns from the raw prediction)
     key: int = -1  # the engine's id of this sequence
     token_ids: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0

@@ -9,7 +9,9 @@ Per request (labels `adapter`, `rank`; `adapter="base"`, `rank="0"` for the base
                   refused: no rank predicted to meet it, answered 503 under --budget-unmet refuse)
 Engine gauges, read from `engine.stats()` at scrape time:
   matryoshka_num_requests_running, matryoshka_num_requests_waiting, matryoshka_kv_cache_usage_ratio,
-  matryoshka_adapters_loaded, and for the Gateway API Inference Extension in vLLM's names:
+  matryoshka_adapters_loaded, matryoshka_budget_latency_margin (the factor the budget controller
+  multiplies its latency predictions by, learned from the requests it promised), and for the Gateway
+  API Inference Extension in vLLM's names:
   vllm:num_requests_waiting, vllm:num_requests_running, vllm:kv_cache_usage_perc (a 0..1 fraction, as
   vLLM's), vllm:lora_requests_info{max_lora,running_lora_adapters,waiting_lora_adapters} = scrape time.
 
@@ -62,6 +64,8 @@ class EngineStatsCollector:
             ("matryoshka_num_requests_waiting", "Requests waiting in the engine queue.", stats.num_waiting),
             ("matryoshka_kv_cache_usage_ratio", "Share of the KV cache in use (0..1).", stats.kv_cache_usage),
             ("matryoshka_adapters_loaded", "Adapters loaded.", num_adapters),
+            ("matryoshka_budget_latency_margin", "Factor the latency-budget controller multiplies its predictions "
+             "by, learned from the requests it promised (1 = none).", stats.budget_latency_margin),
             ("vllm:num_requests_running", "Requests running (vLLM name).", stats.num_running),
             ("vllm:num_requests_waiting", "Requests waiting (vLLM name).", stats.num_waiting),
             ("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = 100 percent (vLLM name).", stats.kv_cache_usage),

@@ -74,6 +74,28 @@ def test_choose_rank(budget_factor, expected_rank, met):
     assert predicted == pytest.approx(model.predict_latency(snap, 2, 20, 32, rank))
 
 
+@pytest.mark.parametrize("margin, expected_rank, met", [
+    (1.0, 8, True),  # the budget is the rank-8 prediction
+    (1.5, 1, False),  # 1.5 x every prediction: the budget no longer fits rank 8, nor rank 1 (within 1.5x)
+])
+def test_choose_rank_scales_predictions_by_the_margin(margin, expected_rank, met):
+    model = CostModel(coef=TRUE.copy())
+    snap = load()
+    budget = model.predict_latency(snap, 2, 20, 32, 8)
+    rank, ok, predicted = model.choose_rank(snap, 2, 20, 32, [1, 8, 64], budget, margin)
+    assert (rank, ok) == (expected_rank, met)
+    assert predicted == pytest.approx(margin * model.predict_latency(snap, 2, 20, 32, rank))
+
+
+def test_choose_rank_uses_the_learned_margin_by_default():
+    model = CostModel(coef=TRUE.copy())
+    snap = load()
+    budget = model.predict_latency(snap, 2, 20, 32, 8)
+    for _ in range(model.margin.min_samples):
+        model.margin.observe(1.0, 2.0)  # requests took twice their prediction
+    assert model.choose_rank(snap, 2, 20, 32, [8], budget)[:2] == (8, False)
+
+
 @pytest.mark.parametrize("adapters, slot, rank, expected", [
     ((), 0, 0, (0, 0, 0)),  # base only
     ((), 0, 8, (8, 8, 1)),  # the first LoRA row: one group at its rank

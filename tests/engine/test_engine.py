@@ -190,3 +190,22 @@ def test_stats_and_kv_usage(make_engine):
     stats = engine.stats()
     assert (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (4, 2, 1.0)
     assert stats.running_adapters == ("alpha",) and stats.waiting_adapters == ("alpha",)
+
+
+@pytest.mark.parametrize("rank, budget_ms, reason, observed", [
+    (None, 1e9, "budget", True),  # predicted to fit, ran its whole max_tokens: one ratio for the margin
+    (None, 1e-6, "budget_unmet", False),  # served late: nothing was promised
+    (4, None, "requested", False),  # no prediction at all
+])
+def test_the_latency_margin_learns_from_promised_requests(make_engine, rank, budget_ms, reason, observed):
+    import dataclasses
+
+    engine = make_engine()
+    req = dataclasses.replace(request(0, "alpha", rank, max_tokens=6), latency_budget_ms=budget_ms)
+    events = run(engine, [req])[req.request_id]
+    last = events[-1]
+    assert events[0].rank_reason == reason and last.finish_reason == "length"
+    ratios = list(engine.cost_model.margin._ratios)
+    assert len(ratios) == int(observed)
+    if observed:
+        assert ratios[0][1] == pytest.approx(last.total_s / last.predicted_latency_s, rel=0.05)

@@ -96,6 +96,7 @@ def test_counters_and_histograms_after_known_traffic(fresh):
     assert samples[("matryoshka_num_requests_running", ())] == 0
     assert samples[("matryoshka_num_requests_waiting", ())] == 0
     assert samples[("matryoshka_adapters_loaded", ())] == 2
+    assert samples[("matryoshka_budget_latency_margin", ())] == 1.0  # one promised request: too few to learn from
     assert samples[("vllm:num_requests_running", ())] == 0 and samples[("vllm:num_requests_waiting", ())] == 0
     assert 0 <= samples[("vllm:kv_cache_usage_perc", ())] == samples[("matryoshka_kv_cache_usage_ratio", ())] <= 1
     ((info_labels, stamp),) = family("vllm:lora_requests_info").items()

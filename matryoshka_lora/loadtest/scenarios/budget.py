@@ -7,7 +7,8 @@
     per step: budget hit rate (client e2e <= budget; refusals count as misses), the server's own
               hit rate (matryoshka_budget_requests_total), p95 e2e vs budget, mean served rank,
               share of `budget_unmet` (no rank predicted to fit: served late, or with
-              --budget-unmet refuse answered 503 budget_unmet, the `refused` share)
+              --budget-unmet refuse answered 503 budget_unmet, the `refused` share), and the
+              controller's learned latency margin at the step's end (matryoshka_budget_latency_margin)
 
 Goals: (a) >= 95 % of budgeted requests meet the budget at every step below C_1 (the rate where even
 rank 1 saturates the server); (b) at every step, >= 95 % of the requests the controller served with
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from matryoshka_lora.loadtest import plots
+from matryoshka_lora.loadtest import plots, prom
 from matryoshka_lora.loadtest.checks import goal
 from matryoshka_lora.loadtest.config import LoadTestConfig, MixEntry
 from matryoshka_lora.loadtest.openloop import Arrivals, open_loop
@@ -65,6 +66,7 @@ def step_row(offered: float, budget_ms: float, phase) -> dict:
         "refused_share": (sum(1 for r in records if r.error == "budget_unmet") / len(records)) if records else None,
         "ranks": dict(sorted(Counter(r.rank for r in ok).items())),
         "statuses": phase.summary["statuses"],
+        "margin_after": prom.gauge(phase.after, "matryoshka_budget_latency_margin"),  # None: a server without it
     }
 
 

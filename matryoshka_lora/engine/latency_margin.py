@@ -1,0 +1,53 @@
+"""A margin on the budget predictions, learned from how long promised requests really took.
+
+The cost model predicts a step well, a request's latency less well once the machine is near capacity
+(arrivals it did not foresee, prefill bursts, the OS). Each request served at a rank *predicted* to meet
+its budget (rank_reason "budget") that ran its whole max_tokens (so that prediction and observation
+cover the same work) gives
+
+    ratio = observed end-to-end latency / the cost model's prediction (before any margin)
+
+    margin(now) = max(1, quantile_q(the ratios of the last `max_age_s` seconds))   with >= min_samples
+                = 1                                                                 otherwise
+    a budgeted request's prediction = margin x the cost model's
+
+so that, while the load holds, about a fraction q of the requests predicted within their budget end
+within it; a margin never raises a rank above what the plain model picks. Old ratios expire, so a
+margin that leaves no request predicted to fit (nothing more to learn from) returns to 1 after
+`max_age_s`. Requests stopped early (EOS, a stop string) are left out.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import numpy as np
+
+from matryoshka_lora.errors import ConfigError
+
+
+class LatencyMargin:
+    def __init__(self, quantile: float = 0.95, max_age_s: float = 60.0, min_samples: int = 16,
+                 max_samples: int = 256):
+        if not 0.0 < quantile <= 1.0:
+            raise ConfigError("margin quantile", quantile, "0 < q <= 1")
+        if not 1 <= min_samples <= max_samples:
+            raise ConfigError("margin min_samples", min_samples, f"1..max_samples ({max_samples})")
+        if not max_age_s > 0:
+            raise ConfigError("margin max_age_s", max_age_s, "seconds > 0")
+        self.quantile, self.max_age_s, self.min_samples = quantile, max_age_s, min_samples
+        self._ratios: collections.deque[tuple[float, float]] = collections.deque(maxlen=max_samples)  # (t, ratio)
+
+    def observe(self, predicted_s: float, observed_s: float, now: float | None = None) -> None:
+        """A promised request that ran to its max_tokens: the raw prediction and its latency."""
+        if predicted_s > 0 and observed_s > 0:
+            self._ratios.append((time.perf_counter() if now is None else now, observed_s / predicted_s))
+
+    def value(self, now: float | None = None) -> float:
+        now = time.perf_counter() if now is None else now
+        while self._ratios and now - self._ratios[0][0] > self.max_age_s:
+            self._ratios.popleft()
+        if len(self._ratios) < self.min_samples:
+            return 1.0
+        return max(1.0, float(np.quantile([r for _, r in self._ratios], self.quantile)))
