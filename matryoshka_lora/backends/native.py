@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from matryoshka_lora.backends.base import (
@@ -74,16 +75,22 @@ class NativeBackend:
         self.engine = None
         self.model_name = Path(config.model).name if config.model else "SmolLM2-135M-Instruct"
         self._ready = False
+        # One thread builds the engine, warms it up and then runs its loop, so that every torch op of the
+        # model runs on it and the process holds one OpenMP thread pool (each thread that runs a parallel
+        # op gets a pool of its own). Built and warmed up on other threads, the engine left the 2-core
+        # machine ~30 % idle during a burst of 16 requests over HTTP (docs/performance.md).
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matryoshka-engine")
 
     async def start(self) -> None:
         from matryoshka_lora.engine.calibration import warmup
         from matryoshka_lora.engine.engine import LLMEngine
 
-        self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        loop = asyncio.get_running_loop()
+        self.engine = await loop.run_in_executor(self._model_thread, LLMEngine, self.config)
         self.model_name = self.engine.model_name
         if self.config.warmup:
-            await asyncio.to_thread(warmup, self.engine)
-        self.engine.start_loop()
+            await loop.run_in_executor(self._model_thread, warmup, self.engine)
+        self.engine.start_loop(self._model_thread)
         self._ready = True
         log.info("native engine ready: %s, adapters %s", self.model_name, self.engine.adapters.names())
 
@@ -91,6 +98,7 @@ class NativeBackend:
         self._ready = False
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown, drain_timeout_s)
+        self._model_thread.shutdown(wait=False)
 
     @property
     def ready(self) -> bool:
@@ -115,7 +123,14 @@ class NativeBackend:
         return [adapter_info(e) for e in sorted(entries, key=lambda e: e.name)]
 
     async def load_adapter(self, path: str, name: str | None = None) -> AdapterInfo:
-        entry = await asyncio.to_thread(self._engine().load_adapter, str(path), name)
+        """Off the engine loop, on a thread of its own that ends with the load: the OpenMP pool its torch
+        ops start ends with it, rather than idling beside the engine's (see `_model_thread`)."""
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matryoshka-adapter-load")
+        try:
+            entry = await asyncio.get_running_loop().run_in_executor(loader, self._engine().load_adapter, str(path),
+                                                                     name)
+        finally:
+            loader.shutdown(wait=False)
         return adapter_info(entry)
 
     async def unload_adapter(self, name: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Executor, Future
 
 import torch
 
@@ -85,6 +86,7 @@ class LLMEngine:
         self._admitting = True
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._loop_done: Future | None = None  # the loop, when it runs on an executor
         self.num_steps = 0
         for path in config.adapters:
             for directory in adapter_dirs(path):
@@ -243,7 +245,12 @@ class LLMEngine:
         return True
 
     # --- the loop -------------------------------------------------------------------------------
-    def start_loop(self) -> None:
+    def start_loop(self, executor: Executor | None = None) -> None:
+        """Run the loop on a new thread, or on `executor`'s (a single-worker pool that built and warmed up
+        this engine: then one thread runs every torch op, and the process keeps one OpenMP thread pool)."""
+        if executor is not None:
+            self._loop_done = executor.submit(self._loop)
+            return
         self._thread = threading.Thread(target=self._loop, name="matryoshka-engine", daemon=True)
         self._thread.start()
 
@@ -285,6 +292,8 @@ class LLMEngine:
             self.lock.notify_all()
         if self._thread is not None:
             self._thread.join()
+        if self._loop_done is not None:
+            self._loop_done.result()
 
     def stats(self) -> EngineStats:
         with self.lock:

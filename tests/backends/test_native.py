@@ -154,3 +154,41 @@ def test_encode_prompt(tiny_model_dir, adapters_dir):
     tok, raw, chat = asyncio.run(main())
     assert tok.decode(raw) == "Hello there"
     assert "Hi" in tok.decode(chat) and len(chat) > 3
+
+
+def test_the_engine_is_built_warmed_up_and_stepped_on_one_thread(tiny_model_dir, adapters_dir, monkeypatch):
+    """Every torch op of the model runs on one thread (one OpenMP pool in the process); a hot load runs on
+    a thread of its own that ends with it."""
+    import threading
+
+    from matryoshka_lora.engine import calibration, engine
+
+    seen: dict[str, set[int]] = {"init": set(), "warmup": set(), "step": set(), "load": set()}
+    real_init, real_warmup = engine.LLMEngine.__init__, calibration.warmup
+    real_step, real_load = engine.LLMEngine.step, engine.LLMEngine.load_adapter
+
+    def spy(key, fn):
+        def wrapped(*args, **kwargs):
+            seen[key].add(threading.get_ident())
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(engine.LLMEngine, "__init__", spy("init", real_init))
+    monkeypatch.setattr(calibration, "warmup", spy("warmup", real_warmup))
+    monkeypatch.setattr(engine.LLMEngine, "step", spy("step", real_step))
+
+    async def main():
+        backend = backend_for(tiny_model_dir, adapters_dir)
+        await backend.start()
+        monkeypatch.setattr(engine.LLMEngine, "load_adapter", spy("load", real_load))
+        await backend.load_adapter(str(adapters_dir / "extra"))
+        async for _ in backend.generate(req(0)):
+            pass
+        await backend.shutdown(5.0)
+
+    asyncio.run(main())
+    (model_thread,) = seen["init"]
+    assert seen["warmup"] == seen["step"] == {model_thread}
+    (loader,) = seen["load"]
+    assert loader not in (model_thread, threading.get_ident())
+    assert loader not in {t.ident for t in threading.enumerate()}  # it ended with the load
