@@ -85,8 +85,7 @@ class LLMEngine:
         self._next_id = 0
         self._admitting = True
         self._stop = False
-        self._thread: threading.Thread | None = None
-        self._loop_done: Future | None = None  # the loop, when it runs on an executor
+        self._loop_done: Future | None = None  # the loop, once started on its executor
         self.num_steps = 0
         for path in config.adapters:
             for directory in adapter_dirs(path):
@@ -245,14 +244,10 @@ class LLMEngine:
         return True
 
     # --- the loop -------------------------------------------------------------------------------
-    def start_loop(self, executor: Executor | None = None) -> None:
-        """Run the loop on a new thread, or on `executor`'s (a single-worker pool that built and warmed up
-        this engine: then one thread runs every torch op, and the process keeps one OpenMP thread pool)."""
-        if executor is not None:
-            self._loop_done = executor.submit(self._loop)
-            return
-        self._thread = threading.Thread(target=self._loop, name="matryoshka-engine", daemon=True)
-        self._thread.start()
+    def start_loop(self, executor: Executor) -> None:
+        """Run the loop on `executor`: a single-worker pool that also built and warmed up this engine, so
+        that one thread runs every torch op and the process keeps one OpenMP thread pool."""
+        self._loop_done = executor.submit(self._loop)
 
     @torch.inference_mode()
     def _loop(self) -> None:
@@ -290,8 +285,6 @@ class LLMEngine:
             self._apply_aborts()
             self._stop = True
             self.lock.notify_all()
-        if self._thread is not None:
-            self._thread.join()
         if self._loop_done is not None:
             self._loop_done.result()
 

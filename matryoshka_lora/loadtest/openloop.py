@@ -13,7 +13,6 @@ bursts (N requests at once, as the in-process peers are measured).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -155,8 +154,9 @@ async def stream_completion(client: httpx.AsyncClient, body: dict) -> Completion
             text = (await resp.aread()).decode("utf-8", errors="replace")
             raise httpx.HTTPStatusError(f"{resp.status_code}: {text[:500]}", request=resp.request, response=resp)
         async for line in resp.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                usage = json.loads(line[len("data: "):]).get("usage") or usage
+            chunk = parse_sse_line(line)
+            if chunk is not None:
+                usage = chunk.get("usage") or usage
     if not usage:
         raise ValueError("the stream ended without a usage chunk (stream_options.include_usage)")
     return CompletionCount(usage["prompt_tokens"], usage["completion_tokens"])

