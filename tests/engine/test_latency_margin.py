@@ -22,12 +22,26 @@ def test_the_quantile_of_recent_ratios(ratios, expected):
     assert margin.value(now=1.0) == expected
 
 
-def test_old_ratios_expire():
-    margin = LatencyMargin(max_age_s=60.0, min_samples=4)
+def test_old_ratios_expire_and_the_margin_then_decays_to_1():
+    margin = LatencyMargin(max_age_s=60.0, min_samples=4, half_life_s=30.0)
     for t in range(4):
         margin.observe(1.0, 5.0, now=float(t))
     assert margin.value(now=10.0) == 5.0
-    assert margin.value(now=62.5) == 1.0  # two of four left: under min_samples, back to 1
+    # two of four left at 62.5: too few to compute it, the last one (5 at t = 10) halves toward 1 every 30 s
+    assert margin.value(now=62.5) == pytest.approx(1.0 + 4.0 * 0.5 ** (52.5 / 30.0))
+    assert margin.value(now=100.0) == pytest.approx(1.0 + 4.0 * 0.5 ** 3.0)
+    assert margin.value(now=10_000.0) == pytest.approx(1.0)
+
+
+def test_enough_fresh_ratios_replace_a_decaying_margin():
+    margin = LatencyMargin(max_age_s=60.0, min_samples=2, half_life_s=30.0)
+    margin.observe(1.0, 4.0, now=0.0)
+    margin.observe(1.0, 4.0, now=0.0)
+    assert margin.value(now=0.0) == 4.0
+    margin.observe(1.0, 1.5, now=70.0)
+    assert margin.value(now=70.0) > 1.5  # one fresh ratio is not enough: still the decaying 4
+    margin.observe(1.0, 1.5, now=71.0)
+    assert margin.value(now=71.0) == 1.5
 
 
 def test_only_the_last_max_samples_count():
@@ -45,7 +59,8 @@ def test_meaningless_observations_are_ignored(predicted, observed):
 
 
 @pytest.mark.parametrize("kwargs", [{"quantile": 0.0}, {"quantile": 1.5}, {"min_samples": 0},
-                                    {"min_samples": 300, "max_samples": 256}, {"max_age_s": 0.0}])
+                                    {"min_samples": 300, "max_samples": 256}, {"max_age_s": 0.0},
+                                    {"half_life_s": 0.0}])
 def test_refused_settings(kwargs):
     with pytest.raises(ConfigError):
         LatencyMargin(**kwargs)
