@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from matryoshka_lora.backends.vllm_env import allowed_cpus
 from matryoshka_lora.loadtest.openloop import CompletionCount
 from matryoshka_lora.loadtest.vllm_serve import VLLMServeProcess, check_counts, vllm_serve_peer
 
 
-@pytest.mark.parametrize("num_threads, bound", [(None, None), (1, "0")])
+@pytest.mark.parametrize("num_threads, bound", [(None, None), (1, str(allowed_cpus()[0]))])  # the first CPU it may use
 def test_command_and_cpu_binding(tmp_path, num_threads, bound):
     proc = VLLMServeProcess(Path("/venv/bin/python"), Path("/models/base"), ["--max-num-seqs", "4"],
                             tmp_path / "log", num_threads)
