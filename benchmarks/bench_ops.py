@@ -10,7 +10,7 @@
 3. the C kernels (engine/cpu_kernels.c, cpu_gemm.c) on 1 and on --threads OpenMP threads vs the torch
    ops they replace, per call: RMSNorm at 16 rows, decode attention of 16 sequences at context ~100
    over 30 layers' caches, the grouped LoRA op (4 module groups of one layer, all-module r_max 64,
-   cache-cold) for uniform and mixed-rank groups.
+   cache-cold) for uniform and mixed-rank decode groups and for prefill chunks of 128 and 512 rows.
 4. `--step`: whole decode steps of 16 sequences on the real default model (ModelRunner.execute on fixed
    items, median of 10 after 2), with random all-module adapters at r_max 64: base, rank 1, rank 64,
    and the mixed batch (2 adapters x ranks 1/8/32/64) with masked groups vs one group per rank, each
@@ -121,9 +121,10 @@ def bench_kernels(r_max: int = 64) -> None:
         return
     serial, threads = CKernelOps(fused.lib, 1), torch.get_num_threads()
     print(f"\n3. fused C kernels (1 thread, {threads} threads) vs torch ops, µs per call")
-    print(f"{'':36s} {'torch':>7s} {'C 1 thr':>8s} {f'C {threads} thr':>8s}")
+    print(f"{'':44s} {'torch':>7s} {'C 1 thr':>8s} {f'C {threads} thr':>8s}")
     x, w = torch.randn(16, HIDDEN), torch.randn(HIDDEN)
-    print(f"{'RMSNorm, 16 rows':36s} {per_call_us(ref.rms_norm, x, w, 1e-5):7.0f} {per_call_us(fused.rms_norm, x, w, 1e-5):8.0f}")
+    print(f"{'RMSNorm, 16 rows':44s} {per_call_us(ref.rms_norm, x, w, 1e-5):7.0f} "
+          f"{per_call_us(fused.rms_norm, x, w, 1e-5):8.0f}")
     spec = SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64)
     kv = KVCache(spec, 16, 512)
     kv.cache.normal_()
@@ -133,7 +134,7 @@ def bench_kernels(r_max: int = 64) -> None:
     def attention_30_layers(ops):
         for layer in range(30):
             ops.decode_attention(q, layer, meta, kv, out)
-    print(f"{'decode attention, 16 seqs x 30 layers':36s} "
+    print(f"{'decode attention, 16 seqs x 30 layers':44s} "
           + " ".join(f"{per_call_us(attention_30_layers, ops, n=20, cold=True):{w}.0f}"
                      for ops, w in ((ref, 7), (serial, 8), (fused, 8))))
     layer = []
@@ -145,14 +146,18 @@ def bench_kernels(r_max: int = 64) -> None:
         layer.append((FusedLoRA(torch.randn(i, len(outs) * r_max) * 0.02, tuple(members)), i, col))
     cases = {"16 rows at rank 1": [(0, 16, 0, 1, 1.0)], "16 rows at rank 64": [(0, 16, 0, 64, 1.0)],
              "4 rows at rank 64": [(0, 4, 0, 64, 1.0)],
-             "8 rows at ranks 1/8/32/64 (masked)": [(2 * j, 2 * j + 2, 0, r, 1.0) for j, r in enumerate((1, 8, 32, 64))]}
+             "8 rows at ranks 1/8/32/64 (masked)": [(2 * j, 2 * j + 2, 0, r, 1.0) for j, r in enumerate((1, 8, 32, 64))],
+             **{f"{n} rows at rank {r} (prefill)": [(0, n, 0, r, 1.0)]
+                for n in (128, 512) for r in (1, 8, 64)}}
     for case, rows in cases.items():
         groups = build_groups(build_segments(rows))
         n = rows[-1][1]
-        inputs = [(torch.zeros(n, out), torch.randn(n, i), [w]) for w, i, out in layer]
-        print(f"{'LoRA layer, ' + case:36s} " + " ".join(
-            f"{per_call_us(lora_layer, ops.lora_grouped_, inputs, groups, cold=True):{w}.0f}"
-            for ops, w in ((ref, 7), (serial, 8), (fused, 8))))
+        data = [(torch.zeros(n, out), torch.randn(n, i), w) for w, i, out in layer]
+        timings = []
+        for ops, width in ((ref, 7), (serial, 8), (fused, 8)):  # each op set over the adapter in its own layout
+            inputs = [(y, x, [ops.pack_lora(w)]) for y, x, w in data]
+            timings.append(f"{per_call_us(lora_layer, ops.lora_grouped_, inputs, groups, cold=True):{width}.0f}")
+        print(f"{'LoRA layer, ' + case:44s} " + " ".join(timings))
 
 
 def lora_layer(op, inputs, groups) -> None:
@@ -162,6 +167,8 @@ def lora_layer(op, inputs, groups) -> None:
 
 
 def bench_steps(threads: int) -> None:
+    from matryoshka_lora.adapters.store import load_adapter
+    from matryoshka_lora.engine.adapter_slots import AdapterSlots, fuse_adapter
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.cpu_kernels import CKernelOps
     from matryoshka_lora.engine.engine import LLMEngine
@@ -194,8 +201,13 @@ def bench_steps(threads: int) -> None:
              "mixed, masked groups": (items("mixed"), 64), "mixed, a group per rank": (items("mixed"), 0)}
     c_ops = engine.runner.ops
     onednn = fuse_weights(model, batch_size_hint=16)  # the torch ops' linears: oneDNN-packed weights
-    runners = {  # one KV cache and adapter table; each op set with the linears it packs
-        "torch ops": ModelRunner(onednn, engine.kv, engine.adapters.table, TorchOps()),
+    torch_adapters = AdapterSlots(engine.weights.spec, engine.adapters.max_adapters)  # the torch ops' layout
+    for path in paths:  # installed in the engine's order: the same slots
+        adapter = load_adapter(path)
+        torch_adapters.install(adapter.manifest.name, adapter.manifest, str(path),
+                               fuse_adapter(engine.weights.spec, adapter.weights, adapter.manifest.r_max))
+    runners = {  # one KV cache; each op set with the linears and adapters it packs
+        "torch ops": ModelRunner(onednn, engine.kv, torch_adapters.table, TorchOps()),
         "C, oneDNN lin.": ModelRunner(onednn, engine.kv, engine.adapters.table, c_ops),
         "C 1 thread": ModelRunner(engine.weights, engine.kv, engine.adapters.table, CKernelOps(c_ops.lib, 1)),
         f"C {threads} threads": engine.runner,

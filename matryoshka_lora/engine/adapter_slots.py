@@ -1,9 +1,11 @@
-"""Loaded adapters, their weights stored once at r_max in the engine's fused layout.
+"""Loaded adapters, their weights stored once at r_max in the layout of the engine's op set.
 
 Each adapter occupies a slot 0..max_adapters-1. For every layer and fused group
-(qkv = q,k,v; o; gate_up = gate,up; down) the table holds one `FusedLoRA` per slot, or None where
-the adapter does not target that group. A rank is never a copy: a request at rank r reads the first
-k * r columns of A and the first r rows of each member's B (see lora_ops.FusedLoRA).
+(qkv = q,k,v; o; gate_up = gate,up; down) the table holds one adapter group per slot, or None where
+the adapter does not target that group: a `FusedLoRA` (lora_ops) packed by the op set's `pack_lora`
+(the torch ops keep it as it is, the C kernels turn it into `cpu_kernels.PanelLoRA`; one copy either
+way). A rank is never a copy: a request at rank r reads the first k * r columns of A and the first r
+rows of each member's B.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import heapq
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +85,14 @@ def fuse_group(spec: ModelSpec, group: str, members: dict[str, tuple[torch.Tenso
     return FusedLoRA(lora_A, tuple(lora_B))
 
 
-def fuse_adapter(spec: ModelSpec, weights: dict, r_max: int) -> list[dict[str, FusedLoRA]]:
-    """Module path -> (A, B) dict of the core's Adapter -> per layer {group: FusedLoRA}."""
+def keep(w: FusedLoRA) -> FusedLoRA:
+    """The torch ops' pack_lora: FusedLoRA as it is."""
+    return w
+
+
+def fuse_adapter(spec: ModelSpec, weights: dict, r_max: int, pack_lora: Callable = keep) -> list[dict]:
+    """Module path -> (A, B) dict of the core's Adapter -> per layer {group: pack_lora(FusedLoRA)}: each
+    group packed as soon as it is fused, so that the fused copy never exists for more than one group."""
     per_layer: list[dict[str, dict]] = [{} for _ in range(spec.num_layers)]
     for path, (lora_A, lora_B) in weights.items():
         match = _PATH.search(path)
@@ -100,7 +109,7 @@ def fuse_adapter(spec: ModelSpec, weights: dict, r_max: int) -> list[dict[str, F
             )
         group = next(g for g, ms in GROUP_MEMBERS.items() if name in ms)
         per_layer[layer].setdefault(group, {})[name] = (lora_A.float(), lora_B.float())
-    return [{g: fuse_group(spec, g, members, r_max) for g, members in layer.items()} for layer in per_layer]
+    return [{g: pack_lora(fuse_group(spec, g, members, r_max)) for g, members in layer.items()} for layer in per_layer]
 
 
 class AdapterSlots:
@@ -108,7 +117,7 @@ class AdapterSlots:
 
     def __init__(self, spec: ModelSpec, max_adapters: int):
         self.spec, self.max_adapters = spec, max_adapters
-        self.table: list[dict[str, list[FusedLoRA | None]]] = [
+        self.table: list[dict[str, list]] = [  # [layer][group][slot]: a packed adapter group or None
             {g: [None] * max_adapters for g in GROUPS} for _ in range(spec.num_layers)
         ]
         self.entries: dict[str, SlotEntry] = {}
@@ -127,8 +136,8 @@ class AdapterSlots:
     def by_slot(self, slot: int) -> SlotEntry:
         return next(e for e in self.entries.values() if e.slot == slot)
 
-    def install(self, name: str, manifest, path: str, fused: list[dict[str, FusedLoRA]]) -> SlotEntry:
-        """Put prepared weights (from fuse_adapter) into the lowest free slot under `name`.
+    def install(self, name: str, manifest, path: str, fused: list[dict]) -> SlotEntry:
+        """Put packed weights (from fuse_adapter) into the lowest free slot under `name`.
 
         `manifest` is the core's AdapterManifest (or anything with r_max, train_ranks, scaling, alpha)."""
         if name in self.entries:
@@ -169,8 +178,8 @@ def adapter_dirs(path: str | os.PathLike) -> list[Path]:
     return found
 
 
-def random_fused_adapter(spec: ModelSpec, r_max: int, seed: int = 0) -> list[dict[str, FusedLoRA]]:
-    """Random weights on every target at r_max, in the fused layout (for warm-up timing only)."""
+def random_fused_adapter(spec: ModelSpec, r_max: int, seed: int = 0, pack_lora: Callable = keep) -> list[dict]:
+    """Random weights on every target at r_max, fused and packed as fuse_adapter does (for warm-up timing only)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(spec.num_layers):
@@ -180,6 +189,6 @@ def random_fused_adapter(spec: ModelSpec, r_max: int, seed: int = 0) -> list[dic
             for m in members:
                 i, o = spec.module_shape(m)
                 weights[m] = (torch.randn(i, r_max, generator=gen) * i**-0.5, torch.randn(r_max, o, generator=gen) * 1e-3)
-            layer[group] = fuse_group(spec, group, weights, r_max)
+            layer[group] = pack_lora(fuse_group(spec, group, weights, r_max))
         out.append(layer)
     return out

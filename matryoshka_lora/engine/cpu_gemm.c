@@ -22,8 +22,9 @@
    beside them.
 
    Threads: each call splits its column blocks over `num_threads` OpenMP threads (torch's pool: see
-   cpu_kernels.py), one contiguous run each; calls that read under PARALLEL_MIN_WEIGHTS floats stay on
-   the calling thread. Each output element is computed by one thread in a fixed order, so results do
+   cpu_kernels.py), one contiguous run each; a LoRA shrink of fewer blocks than threads (a low rank)
+   splits its rows instead. Calls that read under PARALLEL_MIN_WEIGHTS floats per 16 rows stay on the
+   calling thread. Each output element is computed by one thread in a fixed order, so results do
    not depend on the thread count or on the other rows of the batch.
 
    Without AVX2 + FMA (or with ML_PORTABLE_GEMM defined) a plain C micro-kernel runs the same loops. */
@@ -33,7 +34,12 @@
 
 #define NR 16
 #define MR 6
-#define PARALLEL_MIN_WEIGHTS 16384 /* 64 KB: below it, waking the thread pool costs more than it saves */
+#define PARALLEL_MIN_WEIGHTS 16384 /* 64 KB at 16 rows: below it, waking the thread pool costs more than it saves */
+
+/* 1 thread for a call too small to share: weights read x rows (at least 16) under PARALLEL_MIN_WEIGHTS x 16 */
+static inline int64_t threads_for(int64_t weight_floats, int64_t rows, int64_t num_threads) {
+    return weight_floats * (rows > 16 ? rows : 16) < (int64_t)PARALLEL_MIN_WEIGHTS * 16 ? 1 : num_threads;
+}
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t num_blocks(int64_t columns) { return (columns + NR - 1) / NR; } /* panels of NR */
@@ -122,7 +128,7 @@ static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride,
 void ml_linear(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *panels,
                int64_t out_features, const float *bias, float *y, int64_t y_stride, int64_t num_threads) {
     const int64_t num_panels = num_blocks(out_features);
-    const int64_t threads = in_features * out_features < PARALLEL_MIN_WEIGHTS ? 1 : num_threads;
+    const int64_t threads = threads_for(in_features * out_features, rows, num_threads);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < num_panels; p++) {
         const float *w = panels + p * in_features * NR;
@@ -145,14 +151,20 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
         weight_floats += rank * (c1[m] - c0[m]);
         expand_blocks += num_blocks(c1[m] - c0[m]);
     }
-    const int64_t threads = weight_floats < PARALLEL_MIN_WEIGHTS ? 1 : num_threads;
+    const int64_t threads = threads_for(weight_floats, rows, num_threads);
+    /* fewer shrink blocks than threads (a low rank): each block's rows in `parts` runs of whole MR tiles */
+    const int64_t parts = shrink_blocks < threads ? min64(threads, (rows + MR - 1) / MR) : 1;
+    const int64_t part_rows = ((rows + parts - 1) / parts + MR - 1) / MR * MR;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < shrink_blocks; b++) {
+        for (int64_t i = 0; i < shrink_blocks * parts; i++) {
+            const int64_t b = i / parts, r0 = (i % parts) * part_rows, n = min64(rows - r0, part_rows);
             const float *w = a_panels + b * in_features * NR;
-            tile_gemm(rows, in_features, x, x_stride, w, min64(width - b * NR, NR),
-                      b + 1 < shrink_blocks ? w + in_features * NR : NULL, h + b * NR, width, NULL, 0);
+            if (n > 0)
+                tile_gemm(n, in_features, x + r0 * x_stride, x_stride, w, min64(width - b * NR, NR),
+                          b + 1 < shrink_blocks ? w + in_features * NR : NULL, h + r0 * width + b * NR, width,
+                          NULL, 0);
         }
         /* implicit barrier; then one thread per row: mask, scale, and split the members apart */
 #pragma omp for schedule(static)

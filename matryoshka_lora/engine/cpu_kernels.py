@@ -10,7 +10,7 @@ not clash. It links `libgomp.so.1` by name, and torch (imported first) has alrea
 that library, so the kernels' threads are torch's OpenMP pool, not a second one competing for the
 cores. A compiler without OpenMP builds it single-threaded.
 `CKernelOps` has the same methods and semantics as the reference `torch_ops.TorchOps`; tests hold
-them equal. The kernels are float32 only: other dtypes get TorchOps.
+them equal (its pack_linear / pack_lora make its own layouts of the weights, which its ops read). The kernels are float32 only: other dtypes get TorchOps.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from matryoshka_lora.engine.attention import AttentionMeta
 from matryoshka_lora.engine.cpu_linear import PanelLinear, pack_panels
 from matryoshka_lora.engine.kv_cache import KVCache
-from matryoshka_lora.engine.lora_ops import FusedLoRA, LoRAGroup, lora_grouped_
+from matryoshka_lora.engine.lora_ops import FusedLoRA, LoRAGroup
 from matryoshka_lora.engine.torch_ops import TorchOps
 from matryoshka_lora.engine.weights import ModelSpec
 
@@ -48,10 +48,6 @@ SIGNATURES = {
     "ml_lora_group": (None, [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i64, ptr, i64]),
     "ml_linear": (None, [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64]),
 }
-# Which LoRA groups take the C kernel (cpu_gemm.c; benchmarks/README.md, "C LoRA kernel"): every group
-# of up to this many rows, so every masked group (<= lora_batch.MAX_MASKED_ROWS rows) and every decode
-# group; longer prefill chunks take torch's GEMM, which runs them as fast (measured equal at 64-512 rows).
-MAX_KERNEL_LORA_ROWS = 64
 
 
 class KernelBuildError(RuntimeError):
@@ -131,9 +127,33 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+@dataclass(frozen=True, eq=False)
+class PanelLoRA:
+    """One adapter's weights for one (layer, group) of k fused modules as cpu_gemm.c reads them, at r_max.
+
+    a_panels [ceil(k r_max / 16), in, 16]: FusedLoRA.lora_A's columns (member-interleaved) as panels of 16,
+        so a rank-r group reads the first ceil(k r / 16) panels, each one sequential read;
+    b_panels: per member m, B_m [r_max, out_m] as panels [ceil(out_m / 16), r_max, 16] (rank r: the first
+        r rows of each panel); b_table [3, k]: their addresses, and the output columns [c0_m, c1_m).
+    """
+
+    a_panels: torch.Tensor
+    b_panels: tuple[torch.Tensor, ...]
+    b_table: torch.Tensor
+    num_members: int
+    r_max: int
+
+    @classmethod
+    def pack(cls, w: FusedLoRA) -> PanelLoRA:
+        b_panels = tuple(pack_panels(b.t()) for b, _, _ in w.lora_B)
+        table = torch.tensor([[b.data_ptr() for b in b_panels], [c0 for _, c0, _ in w.lora_B],
+                              [c1 for _, _, c1 in w.lora_B]], dtype=torch.long)
+        return cls(pack_panels(w.lora_A.t()), b_panels, table, w.num_members, w.lora_A.shape[1] // w.num_members)
+
+
 class CKernelOps(TorchOps):
-    """TorchOps with RMSNorm, RoPE + cache write, decode attention, the LoRA groups of <= MAX_KERNEL_LORA_ROWS
-    rows (cpu_kernels.c, cpu_gemm.c) and the model's linears (pack_linear: cpu_linear.PanelLinear) in C.
+    """TorchOps with RMSNorm, RoPE + cache write, decode attention, the LoRA groups (over PanelLoRA:
+    pack_lora) and the model's linears (pack_linear: cpu_linear.PanelLinear) in C (cpu_kernels.c, cpu_gemm.c).
 
     For the engine's float32 CPU tensors in the layouts llama.forward makes (rows with unit stride in
     their last dimension, the KVCache tensor, contiguous cos/sin): the engine checks the dtype once
@@ -148,7 +168,6 @@ class CKernelOps(TorchOps):
     def __init__(self, lib: ctypes.CDLL, num_threads: int | None = None):
         self.lib = lib
         self.num_threads = num_threads
-        self._lora_args: weakref.WeakKeyDictionary[FusedLoRA, tuple] = weakref.WeakKeyDictionary()
         self._h = torch.empty(0)  # the LoRA groups' scratch (_scratch)
 
     def _threads(self) -> int:
@@ -191,27 +210,10 @@ class CKernelOps(TorchOps):
         if status != 0:
             raise MemoryError("ml_decode_attention could not allocate its scratch buffers")
 
-    def _panels(self, w: FusedLoRA) -> tuple:
-        """(A panels address, k, r_max, B panel addresses, c0s, c1s, the tensors behind them) for w: its A
-        and B_m as cpu_gemm.c's 16-column panels, made once per adapter weights (a second copy of the
-        adapter, freed with it)."""
-        args = self._lora_args.get(w)
-        if args is None:
-            a_panels = pack_panels(w.lora_A.t())  # [in, k r_max] -> [ceil(k r_max / 16), in, 16]
-            b_panels = [pack_panels(b.t()) for b, _, _ in w.lora_B]  # [r_max, out] -> [ceil(out / 16), r_max, 16]
-            table = torch.tensor([[b.data_ptr() for b in b_panels], [c0 for _, c0, _ in w.lora_B],
-                                  [c1 for _, _, c1 in w.lora_B]], dtype=torch.long)
-            k = w.num_members
-            args = self._lora_args[w] = (a_panels.data_ptr(), k, w.lora_A.shape[1] // k,
-                                         *(table[i].data_ptr() for i in range(3)), (a_panels, b_panels, table))
-        return args
-
-    def prepare_lora(self, fused: list[dict[str, FusedLoRA]]) -> None:
-        """Pack a newly fused adapter's panels now (engine.load_adapter, off the engine loop), not in its
-        first step: ~80 ms for an all-module r_max-64 adapter of SmolLM2."""
-        for groups in fused:
-            for w in groups.values():
-                self._panels(w)
+    def pack_lora(self, w: FusedLoRA) -> PanelLoRA:
+        """An adapter group as the C kernel reads it: its panels, the only copy kept (~80 ms for an all-module
+        r_max-64 adapter of SmolLM2; fuse_adapter calls it off the engine loop)."""
+        return PanelLoRA.pack(w)
 
     def _scratch(self, size: int) -> int:
         """Address of a float32 buffer of >= size elements, reused across calls (the engine loop is the only caller)."""
@@ -220,9 +222,9 @@ class CKernelOps(TorchOps):
         return self._h.data_ptr()
 
     def lora_grouped_(self, y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup],
-                      weights: list[FusedLoRA | None]) -> torch.Tensor:
-        """lora_ops.lora_grouped_: groups of <= MAX_KERNEL_LORA_ROWS rows in one C call each, longer ones in torch."""
-        large, threads = [], self._threads()
+                      weights: list[PanelLoRA | None]) -> torch.Tensor:
+        """lora_ops.lora_grouped_ over packed weights (pack_lora), one C call per group."""
+        threads = self._threads()
         x_ptr, x_stride, y_ptr, y_stride = x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)
         in_features, item = x.shape[1], x.element_size()
         for g in groups:
@@ -230,17 +232,13 @@ class CKernelOps(TorchOps):
             if w is None:
                 continue
             rows = g.end - g.start
-            if g.row_ranks is None and rows > MAX_KERNEL_LORA_ROWS:
-                large.append(g)
-                continue
-            a_ptr, k, r_max, b_ptrs, c0, c1, _ = self._panels(w)
-            h = self._scratch(2 * rows * k * g.rank)  # the shrink, then its members masked and apart
+            h = self._scratch(2 * rows * w.num_members * g.rank)  # the shrink, then its members masked and apart
             self.lib.ml_lora_group(
-                x_ptr + g.start * x_stride * item, x_stride, rows, in_features, a_ptr, k, g.rank, r_max,
+                x_ptr + g.start * x_stride * item, x_stride, rows, in_features, w.a_panels.data_ptr(),
+                w.num_members, g.rank, w.r_max,
                 0 if g.row_ranks is None else g.row_ranks.data_ptr(), 0 if g.row_scales is None else g.row_scales.data_ptr(),
-                g.scale, b_ptrs, c0, c1, y_ptr + g.start * y_stride * item, y_stride, h, threads)
-        if large:
-            lora_grouped_(y, x, large, weights)
+                g.scale, w.b_table[0].data_ptr(), w.b_table[1].data_ptr(), w.b_table[2].data_ptr(),
+                y_ptr + g.start * y_stride * item, y_stride, h, threads)
         return y
 
 

@@ -98,8 +98,8 @@ class LLMEngine:
 
         adapter = load_adapter(path, base_fingerprint=self.fingerprint)
         name = name or adapter.manifest.name
-        fused = fuse_adapter(self.weights.spec, adapter.weights, adapter.manifest.r_max)  # heavy part, no lock
-        self.runner.ops.prepare_lora(fused)  # the C kernels' panels: also off the engine loop
+        # the heavy part, off the engine loop and without the lock: fused, then packed for the op set
+        fused = fuse_adapter(self.weights.spec, adapter.weights, adapter.manifest.r_max, self.runner.ops.pack_lora)
         with self.lock:
             if name in self.adapters.entries:
                 self._retire(self.adapters.unregister(name))

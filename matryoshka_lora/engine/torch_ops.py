@@ -10,7 +10,8 @@
     lora_grouped_(y, x, groups, weights)  y += each group's per-row rank-r LoRA delta (lora_ops)
     pack_linear(weight, bias)             the frozen linear the model's weights are stored as:
                                           y = x @ weight.T + bias (linear.PackedLinear here)
-    prepare_lora(fused)                   what lora_grouped_ needs of a newly loaded adapter (nothing here)
+    pack_lora(fused)                      an adapter group (lora_ops.FusedLoRA) in the layout lora_grouped_
+                                          takes, the only copy the engine keeps (FusedLoRA itself here)
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ class TorchOps:
     def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16) -> PackedLinear:
         return PackedLinear(weight, bias, batch_size_hint)
 
-    def prepare_lora(self, fused: list[dict[str, FusedLoRA]]) -> None:
-        """Make what lora_grouped_ needs of a newly fused adapter (engine.load_adapter calls it off the
-        engine loop): nothing here, the torch op reads FusedLoRA as it is."""
+    def pack_lora(self, w: FusedLoRA) -> FusedLoRA:
+        """An adapter group as lora_grouped_ reads it (fuse_adapter calls it off the engine loop): the torch
+        op reads FusedLoRA as it is."""
+        return w
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)

@@ -81,11 +81,13 @@ SMOLLM2 = ModelSpec(1, 576, 9, 3, 64, 1536, 32, 1e-5, 32)
 
 
 @pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
-@pytest.mark.parametrize("row_ranks", [[64] * 5, [1, 8, 8, 32, 64], [2, 3, 1], [5] * 16, [7] * 40],
-                         ids=["uniform", "masked", "small", "16-rows-rank-5", "40-rows-rank-7"])
+@pytest.mark.parametrize("row_ranks", [[64] * 5, [1, 8, 8, 32, 64], [2, 3, 1], [5] * 16, [7] * 40, [1] * 100, [8] * 300],
+                         ids=["uniform", "masked", "small", "16-rows-rank-5", "40-rows-rank-7", "100-rows-rank-1",
+                              "300-rows-rank-8"])
 def test_lora_group_at_every_thread_count_equals_torch(lib, group, row_ranks):
     """SmolLM2's shapes at r_max 64: above PARALLEL_MIN_WEIGHTS (blocks split across threads) and below
-    it ("small": one thread); widths that end in a partial 16-column block (ranks 5, 7; k * r < 16).
+    it ("small": one thread); widths that end in a partial 16-column block (ranks 5, 7; k * r < 16);
+    prefill-sized groups whose shrink has fewer blocks than threads (its rows split across them).
     Every thread count gives the torch op's result."""
     from matryoshka_lora.engine.adapter_slots import (
         GROUP_MEMBERS,
@@ -106,7 +108,8 @@ def test_lora_group_at_every_thread_count_equals_torch(lib, group, row_ranks):
     x = torch.randn(len(row_ranks), in_f, generator=gen)
     groups = build_groups(build_segments([(t, t + 1, 0, r, 0.5 / r) for t, r in enumerate(row_ranks)]))
     want = lora_grouped_(torch.zeros(len(row_ranks), out_f), x, groups, fused)
-    got = [cpu_kernels.CKernelOps(lib, n).lora_grouped_(torch.zeros_like(want), x, groups, fused)
+    panels = [cpu_kernels.PanelLoRA.pack(w) for w in fused]
+    got = [cpu_kernels.CKernelOps(lib, n).lora_grouped_(torch.zeros_like(want), x, groups, panels)
            for n in (1, 2, 3)]
     for result in got:
         torch.testing.assert_close(result, want, atol=1e-3, rtol=1e-4)

@@ -127,14 +127,17 @@ def test_hot_load_and_unload_with_request_in_flight(make_engine, engine_adapters
     assert len(tokens(gamma["req-2"])) == 6
 
 
-def test_loading_an_adapter_prepares_the_c_kernels_weights(make_engine, engine_adapters, c_ops):
-    """Its panels are packed at load, not in the first step that uses it."""
+def test_a_loaded_adapter_is_held_once_in_the_op_sets_layout(make_engine, engine_adapters, c_ops):
+    """The C kernels' engine holds an adapter as panels only, packed at load (not in its first step), and
+    none of its fused torch tensors."""
+    from matryoshka_lora.engine.cpu_kernels import PanelLoRA
+
     engine = make_engine()
     if engine.runner.ops.name != "c-kernels":
         pytest.skip("the engine runs the torch ops here")
     entry = engine.load_adapter(str(engine_adapters["gamma"]))
-    fused = [w[entry.slot] for layer in engine.adapters.table for w in layer.values() if w[entry.slot] is not None]
-    assert fused and all(w in engine.runner.ops._lora_args for w in fused)
+    held = [w[entry.slot] for layer in engine.adapters.table for w in layer.values() if w[entry.slot] is not None]
+    assert held and all(type(w) is PanelLoRA for w in held)
 
 
 def test_replace_adapter_keeps_in_flight_weights(make_engine, engine_adapters):

@@ -24,7 +24,7 @@ LAYOUTS = {
     "with-base": [(-1, 0, 2), (0, 3, 1), (1, 8, 2)],
     "rank0-only": [(-1, 0, 4)],
     "one-token-each": [(1, 1, 1), (1, 5, 1), (0, 8, 1), (0, 2, 1)],
-    "long-prefill": [(0, 4, 70), (1, 2, 1), (1, 8, 2)],  # a big single-rank group: the C ops' torch path
+    "long-prefill": [(0, 4, 70), (1, 2, 1), (1, 8, 2)],  # a big single-rank group (a prefill chunk)
 }
 
 
@@ -76,7 +76,7 @@ def test_grouped_equals_reference_and_layer(layout, group, scale_of, max_masked_
     cols = member_columns(spec, group)
     out_f = max(c[1] for c in cols.values())
     groups = build_groups(build_segments(rows), max_masked_rows)
-    fast = step_ops.lora_grouped_(torch.zeros(len(slots), out_f), x, groups, fused)
+    fast = step_ops.lora_grouped_(torch.zeros(len(slots), out_f), x, groups, [step_ops.pack_lora(w) for w in fused])
 
     # reference: per member, unfused weights, masked per token
     ref = torch.cat([
@@ -130,7 +130,7 @@ def test_partial_targets_fuse(step_ops):
     assert fused.num_members == 2
     x = torch.randn(3, spec.hidden_size, generator=gen)
     groups = build_groups(build_segments([(0, 1, 0, 3, 1.0), (1, 3, 0, 2, 1.0)]))
-    y = step_ops.lora_grouped_(torch.zeros(3, spec.q_size + 2 * spec.kv_size), x, groups, [fused])
+    y = step_ops.lora_grouped_(torch.zeros(3, spec.q_size + 2 * spec.kv_size), x, groups, [step_ops.pack_lora(fused)])
     ranks = torch.tensor([3, 2, 2]).unsqueeze(1)
     def delta(a, b):  # each row at its own rank
         return torch.cat([x[t : t + 1] @ a[:, : ranks[t]] @ b[: ranks[t]] for t in range(3)])

@@ -127,7 +127,8 @@ def test_mixed_adapters_and_ranks_equal_hf_at_that_rank(tiny_model, tmp_path, st
                                 ("b", 2, ("q_proj", "v_proj", "down_proj"))]:
         save_random_adapter(tiny_model, tmp_path / name, name, r_max=8, scaling=scaling, alpha=alpha, target_modules=targets, seed=seed, std=0.2)
         adapter = load_adapter(tmp_path / name)
-        adapters[name] = (adapter, slots_table.install(name, adapter.manifest, adapter.path, fuse_adapter(weights.spec, adapter.weights, 8)))
+        adapters[name] = (adapter, slots_table.install(
+            name, adapter.manifest, adapter.path, fuse_adapter(weights.spec, adapter.weights, 8, step_ops.pack_lora)))
     kv = KVCache(weights.spec, 4, 64)
     runner = ModelRunner(weights, kv, slots_table.table, step_ops)
     cases = [(None, 0), ("a", 1), ("a", 8), ("b", 3)]
