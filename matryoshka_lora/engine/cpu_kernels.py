@@ -10,7 +10,8 @@ not clash. It links `libgomp.so.1` by name, and torch (imported first) has alrea
 that library, so the kernels' threads are torch's OpenMP pool, not a second one competing for the
 cores. A compiler without OpenMP builds it single-threaded.
 `CKernelOps` has the same methods and semantics as the reference `torch_ops.TorchOps`; tests hold
-them equal (its pack_linear / pack_lora make its own layouts of the weights, which its ops read). The kernels are float32 only: other dtypes get TorchOps.
+them equal (its pack_linear / pack_lora make its own layouts of the weights, which its ops read).
+The kernels are float32 only: other dtypes get TorchOps.
 """
 
 from __future__ import annotations
