@@ -205,7 +205,8 @@ def bench_steps(threads: int) -> None:
     for path in paths:  # installed in the engine's order: the same slots
         adapter = load_adapter(path)
         torch_adapters.install(adapter.manifest.name, adapter.manifest, str(path),
-                               fuse_adapter(engine.weights.spec, adapter.weights, adapter.manifest.r_max))
+                               fuse_adapter(engine.weights.spec, adapter.weights, adapter.manifest.r_max,
+                                            TorchOps().pack_lora))
     runners = {  # one KV cache; each op set with the linears and adapters it packs
         "torch ops": ModelRunner(onednn, engine.kv, torch_adapters.table, TorchOps()),
         "C, oneDNN lin.": ModelRunner(onednn, engine.kv, engine.adapters.table, c_ops),

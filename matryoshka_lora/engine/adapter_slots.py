@@ -85,14 +85,10 @@ def fuse_group(spec: ModelSpec, group: str, members: dict[str, tuple[torch.Tenso
     return FusedLoRA(lora_A, tuple(lora_B))
 
 
-def keep(w: FusedLoRA) -> FusedLoRA:
-    """The torch ops' pack_lora: FusedLoRA as it is."""
-    return w
-
-
-def fuse_adapter(spec: ModelSpec, weights: dict, r_max: int, pack_lora: Callable = keep) -> list[dict]:
-    """Module path -> (A, B) dict of the core's Adapter -> per layer {group: pack_lora(FusedLoRA)}: each
-    group packed as soon as it is fused, so that the fused copy never exists for more than one group."""
+def fuse_adapter(spec: ModelSpec, weights: dict, r_max: int, pack_lora: Callable) -> list[dict]:
+    """Module path -> (A, B) dict of the core's Adapter -> per layer {group: pack_lora(FusedLoRA)}, in the
+    layout of the op set whose `pack_lora` is given: each group packed as soon as it is fused, so that the
+    fused copy never exists for more than one group."""
     per_layer: list[dict[str, dict]] = [{} for _ in range(spec.num_layers)]
     for path, (lora_A, lora_B) in weights.items():
         match = _PATH.search(path)
@@ -178,7 +174,7 @@ def adapter_dirs(path: str | os.PathLike) -> list[Path]:
     return found
 
 
-def random_fused_adapter(spec: ModelSpec, r_max: int, seed: int = 0, pack_lora: Callable = keep) -> list[dict]:
+def random_fused_adapter(spec: ModelSpec, r_max: int, pack_lora: Callable, seed: int = 0) -> list[dict]:
     """Random weights on every target at r_max, fused and packed as fuse_adapter does (for warm-up timing only)."""
     gen = torch.Generator().manual_seed(seed)
     out = []

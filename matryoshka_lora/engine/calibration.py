@@ -61,7 +61,7 @@ def _install_warmup_adapters(engine: LLMEngine):
         entry = loaded[-1]
     else:
         manifest = SimpleNamespace(r_max=DEFAULT_WARMUP_R_MAX, train_ranks=(DEFAULT_WARMUP_R_MAX,), scaling="none", alpha=1.0)
-        fused = random_fused_adapter(engine.weights.spec, DEFAULT_WARMUP_R_MAX, pack_lora=engine.runner.ops.pack_lora)
+        fused = random_fused_adapter(engine.weights.spec, DEFAULT_WARMUP_R_MAX, engine.runner.ops.pack_lora)
         entry = engine.adapters.install(WARMUP_ADAPTER, manifest, "", fused)
         installed.append(entry)
     entries = [entry]

@@ -60,7 +60,6 @@ def vllm_serve_peer(vllm_python: Path, model_dir: Path, prompt: str, num_prompt_
     with `error` set when it cannot be measured."""
     system = SYSTEM.format(n=num_requests)
     args = ["--max-num-seqs", str(num_requests), "--max-model-len", str(num_prompt_tokens + max_tokens + 8)]
-
     try:
         with VLLMServeProcess(vllm_python, model_dir, args, Path(workdir) / "vllm-serve.log", num_threads) as server:
             def generate(tokens: int) -> int:
