@@ -54,13 +54,14 @@ class LoRAGroup:
     row_scales: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
-    def mask(self, num_members: int) -> torch.Tensor:
-        """[rows, k * rank]: row t's scale on the columns of its own rank (c < k * r_t), 0 above."""
-        mask = self._masks.get(num_members)
+    def mask(self, num_members: int, device: torch.device | None = None) -> torch.Tensor:
+        """[rows, k * rank]: row t's scale on the columns of its own rank (c < k * r_t), 0 above; made once
+        per (k, device), on `device` (default: where row_ranks lie)."""
+        mask = self._masks.get((num_members, device))
         if mask is None:
             columns = torch.arange(num_members * self.rank)
             keep = columns.unsqueeze(0) < (num_members * self.row_ranks).unsqueeze(1)
-            mask = self._masks[num_members] = keep * self.row_scales.unsqueeze(1)
+            mask = self._masks[num_members, device] = (keep * self.row_scales.unsqueeze(1)).to(device)
         return mask
 
 
@@ -81,6 +82,11 @@ class FusedLoRA:
     @property
     def num_members(self) -> int:
         return len(self.lora_B)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FusedLoRA:
+        """The same weights on another device and/or dtype (the torch op runs wherever its inputs lie)."""
+        lora_B = tuple((b.to(device, dtype), c0, c1) for b, c0, c1 in self.lora_B)
+        return FusedLoRA(self.lora_A.to(device, dtype), lora_B)
 
     def at_rank(self, rank: int) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, int, int], ...]]:
         """(A[:, :k r], ((B_m[:r], c0_m, c1_m) per member)) as views, made once per rank (slicing costs
@@ -113,7 +119,7 @@ def lora_reference(
     """
     a = lora_A.index_select(0, token_slots)  # [T, in, R]
     b = lora_B.index_select(0, token_slots)  # [T, R, out]
-    mask = torch.arange(a.shape[-1]).unsqueeze(0) < token_widths.unsqueeze(1)  # [T, R]
+    mask = torch.arange(a.shape[-1], device=a.device).unsqueeze(0) < token_widths.unsqueeze(1)  # [T, R]
     h = torch.bmm(x.unsqueeze(1), a).squeeze(1) * mask
     return torch.bmm(h.unsqueeze(1), b).squeeze(1) * token_scales.unsqueeze(1)
 
@@ -138,7 +144,7 @@ def lora_grouped_(y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup], wei
         h = x[g.start : g.end] @ lora_A
         alpha = g.scale
         if g.row_ranks is not None:
-            h.mul_(g.mask(len(lora_B)))
+            h.mul_(g.mask(len(lora_B), h.device))
             alpha = 1.0
         k = len(lora_B)
         rows = y[g.start : g.end]

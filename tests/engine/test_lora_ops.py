@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 from matryoshka_lora.adapters.layer import LoRALinear
 from matryoshka_lora.engine.adapter_slots import fuse_group
 from matryoshka_lora.engine.lora_batch import build_groups, build_segments
-from matryoshka_lora.engine.lora_ops import lora_reference
+from matryoshka_lora.engine.lora_ops import lora_grouped_, lora_reference
 from matryoshka_lora.engine.weights import model_spec
 
 from .engine_support import tiny_config as tiny_llama_config
@@ -50,12 +52,21 @@ def expand(layout):
     return torch.tensor(slots), torch.tensor(ranks)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
-@pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])
-@pytest.mark.parametrize("scale_of", [lambda r: 1.0, lambda r: 2.0 / r], ids=["none", "alpha2-rank"])
-@pytest.mark.parametrize("max_masked_rows", [0, 3, 64], ids=["per-rank", "some-masked", "all-masked"])
-def test_grouped_equals_reference_and_layer(layout, group, scale_of, max_masked_rows, step_ops):
-    """Both op sets: lora_ops.lora_grouped_ (torch_ops) and the C kernel (cpu_kernels)."""
+@dataclass
+class Case:
+    """One table row: two random adapters' fused weights, the batch's groups, and the reference delta."""
+
+    x: torch.Tensor
+    slots: torch.Tensor
+    ranks: torch.Tensor
+    adapters: list
+    fused: list
+    groups: list
+    out_features: int
+    reference: torch.Tensor
+
+
+def make_case(layout, group, scale_of, max_masked_rows) -> Case:
     from matryoshka_lora.engine.adapter_slots import GROUP_MEMBERS, member_columns
 
     spec = model_spec(tiny_llama_config())
@@ -66,28 +77,34 @@ def test_grouped_equals_reference_and_layer(layout, group, scale_of, max_masked_
     slots, ranks = expand(layout)
     x = torch.randn(len(slots), in_f, generator=gen)
     scales = torch.tensor([scale_of(int(r)) if r > 0 else 0.0 for r in ranks])
-
-    # fast: fused weights, groups
-    fused = [fuse_group(spec, group, a, R_MAX) for a in adapters]
     rows, start = [], 0
     for slot, rank, n in layout:
         rows.append((start, start + n, slot, rank, scale_of(rank) if rank else 0.0))
         start += n
-    cols = member_columns(spec, group)
-    out_f = max(c[1] for c in cols.values())
-    groups = build_groups(build_segments(rows), max_masked_rows)
-    fast = step_ops.lora_grouped_(torch.zeros(len(slots), out_f), x, groups, [step_ops.pack_lora(w) for w in fused])
-
     # reference: per member, unfused weights, masked per token
-    ref = torch.cat([
-        lora_reference(
-            x,
-            torch.stack([a[m][0] for a in adapters]),
-            torch.stack([a[m][1] for a in adapters]),
-            slots, ranks, scales,
-        )
+    reference = torch.cat([
+        lora_reference(x, torch.stack([a[m][0] for a in adapters]), torch.stack([a[m][1] for a in adapters]),
+                       slots, ranks, scales)
         for m in members
     ], dim=1)
+    return Case(x, slots, ranks, adapters, [fuse_group(spec, group, a, R_MAX) for a in adapters],
+                build_groups(build_segments(rows), max_masked_rows),
+                max(c[1] for c in member_columns(spec, group).values()), reference)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])
+@pytest.mark.parametrize("scale_of", [lambda r: 1.0, lambda r: 2.0 / r], ids=["none", "alpha2-rank"])
+@pytest.mark.parametrize("max_masked_rows", [0, 3, 64], ids=["per-rank", "some-masked", "all-masked"])
+def test_grouped_equals_reference_and_layer(layout, group, scale_of, max_masked_rows, step_ops):
+    """Both op sets: lora_ops.lora_grouped_ (torch_ops) and the C kernel (cpu_kernels)."""
+    from matryoshka_lora.engine.adapter_slots import GROUP_MEMBERS
+
+    spec = model_spec(tiny_llama_config())
+    c = make_case(layout, group, scale_of, max_masked_rows)
+    x, slots, ranks, adapters, ref = c.x, c.slots, c.ranks, c.adapters, c.reference
+    packed = [step_ops.pack_lora(w) for w in c.fused]
+    fast = step_ops.lora_grouped_(torch.zeros(len(slots), c.out_features), x, c.groups, packed)
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
 
     # the core's LoRALinear, one adapter at a time, each token at its rank (other adapter's tokens: rank 0)
@@ -95,7 +112,7 @@ def test_grouped_equals_reference_and_layer(layout, group, scale_of, max_masked_
     for a_idx, a in enumerate(adapters):
         token_ranks = torch.where(slots == a_idx, ranks, torch.zeros_like(ranks))
         parts = []
-        for m in members:
+        for m in GROUP_MEMBERS[group]:
             i, o = spec.module_shape(m)
             layer = LoRALinear(torch.nn.Linear(i, o, bias=False), R_MAX, scaling="none")
             with torch.no_grad():
@@ -106,6 +123,31 @@ def test_grouped_equals_reference_and_layer(layout, group, scale_of, max_masked_
         by_layer += torch.cat(parts, dim=1)
     torch.testing.assert_close(fast, by_layer, atol=1e-4, rtol=1e-4)
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
+@pytest.mark.parametrize("max_masked_rows", [0, 64], ids=["per-rank", "all-masked"])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_torch_ops_on_cuda_equal_the_cpu_reference(layout, group, max_masked_rows, dtype, rtol):
+    """The torch op set runs wherever its inputs lie: the grouped op and the reference on the GPU give the
+    CPU reference's delta (bf16 within its rounding)."""
+    c = make_case(layout, group, lambda r: 2.0 / r, max_masked_rows)
+    x = c.x.to("cuda", dtype)
+    fast = lora_grouped_(torch.zeros(len(c.slots), c.out_features, device="cuda", dtype=dtype), x, c.groups,
+                         [w.to("cuda", dtype) for w in c.fused])
+    assert fast.device.type == "cuda" and fast.dtype == dtype
+    atol = rtol * max(c.reference.abs().max().item(), 1.0)
+    torch.testing.assert_close(fast.float().cpu(), c.reference, atol=atol, rtol=rtol)
+    scales = torch.tensor([2.0 / int(r) if r > 0 else 0.0 for r in c.ranks])
+    on_gpu = torch.cat([
+        lora_reference(x, torch.stack([a[m][0] for a in c.adapters]).to("cuda", dtype),
+                       torch.stack([a[m][1] for a in c.adapters]).to("cuda", dtype),
+                       c.slots.cuda(), c.ranks.cuda(), scales.to("cuda", dtype))
+        for m in c.adapters[0]
+    ], dim=1)
+    torch.testing.assert_close(on_gpu.float().cpu(), c.reference, atol=atol, rtol=rtol)
 
 @pytest.mark.parametrize(
     "rows, expected",
