@@ -1,4 +1,4 @@
-"""Open-loop load (asyncio + httpx): requests arrive on a Poisson clock whether or not earlier ones are
+"""Open-loop load (asyncio + http1, a lean HTTP/1.1 client): requests arrive on a Poisson clock whether or not earlier ones are
 done, which Locust's closed-loop users cannot do cleanly. Also a small closed loop for probes, and
 bursts (N requests at once, as the in-process peers are measured).
 
@@ -18,9 +18,8 @@ import random
 import time
 from dataclasses import dataclass
 
-import httpx
-
 from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.loadtest.http1 import Http1Client, HttpError, HttpStatusError
 from matryoshka_lora.loadtest.plan import Plan
 from matryoshka_lora.loadtest.records import RequestRecord, StreamTracker, parse_sse_line, refused
 
@@ -55,24 +54,23 @@ class Arrivals:
         return out
 
 
-def make_client(url: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0),
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+def make_client(url: str) -> Http1Client:
+    return Http1Client(url, timeout_s=REQUEST_TIMEOUT_S, connect_timeout_s=10.0)
 
 
-async def send(client: httpx.AsyncClient, plan: Plan, entry: dict) -> RequestRecord:
+async def send(client: Http1Client, plan: Plan, entry: dict) -> RequestRecord:
     """One streamed `POST /generate`; never raises for HTTP trouble (the record says what happened)."""
     record = RequestRecord(adapter=entry.get("adapter"), requested_rank=entry.get("rank"),
                            budget_ms=entry.get("latency_budget_ms"), tag=plan.tag, start=time.time())
-    headers = {"Accept": "text/event-stream"}
+    headers = {"accept": "text/event-stream"}
     if plan.api_key:
-        headers["Authorization"] = f"Bearer {plan.api_key}"
+        headers["authorization"] = f"Bearer {plan.api_key}"
     sent = time.perf_counter()
     try:
         async with client.stream("POST", "/generate", json=plan.body(entry), headers=headers) as resp:
-            if resp.status_code != 200:
+            if resp.status != 200:
                 text = (await resp.aread()).decode("utf-8", errors="replace")
-                return refused(record, resp.status_code, resp.headers.get("retry-after"), text, sent,
+                return refused(record, resp.status, resp.headers.get("retry-after"), text, sent,
                                time.perf_counter())
             tracker = StreamTracker(record, sent)
             try:
@@ -81,9 +79,9 @@ async def send(client: httpx.AsyncClient, plan: Plan, entry: dict) -> RequestRec
                     if event is not None:
                         tracker.on_event(event, time.perf_counter())
                 tracker.finish(time.perf_counter())
-            except httpx.HTTPError as exc:
+            except HttpError as exc:
                 tracker.finish(time.perf_counter(), error=repr(exc))
-    except httpx.HTTPError as exc:  # no answer at all: status 0, never counted by the server
+    except HttpError as exc:  # no answer at all: status 0, never counted by the server
         record.error, record.e2e_s = repr(exc), time.perf_counter() - sent
     return record
 
@@ -118,7 +116,7 @@ async def closed_loop(url: str, plan: Plan, concurrency: int, num_requests: int,
     records: list[RequestRecord] = []
     deadline = None if duration_s is None else time.perf_counter() + duration_s
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(client: Http1Client) -> None:
         while remaining[0] > 0 and (deadline is None or time.perf_counter() < deadline):
             remaining[0] -= 1
             record = await send(client, plan, pick())
@@ -146,13 +144,12 @@ class CompletionCount:
     completion_tokens: int
 
 
-async def stream_completion(client: httpx.AsyncClient, body: dict) -> CompletionCount:
+async def stream_completion(client: Http1Client, body: dict) -> CompletionCount:
     """One streamed `POST /v1/completions` read to `data: [DONE]`; raises on a refusal or a missing usage."""
     usage = None
     async with client.stream("POST", "/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            text = (await resp.aread()).decode("utf-8", errors="replace")
-            raise httpx.HTTPStatusError(f"{resp.status_code}: {text[:500]}", request=resp.request, response=resp)
+        if resp.status != 200:
+            raise HttpStatusError(resp.status, (await resp.aread()).decode("utf-8", errors="replace"))
         async for line in resp.aiter_lines():
             chunk = parse_sse_line(line)
             if chunk is not None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import numpy as np
 import pytest
 
 from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.loadtest.http1 import HttpStatusError
 from matryoshka_lora.loadtest.openloop import Arrivals, burst, completions_burst
 from matryoshka_lora.loadtest.plan import Plan
 
@@ -62,5 +62,6 @@ def test_completions_burst_counts_each_answer_from_its_usage_chunk(lt_server):
 
 @pytest.mark.timeout(120)
 def test_completions_burst_raises_on_a_refusal(lt_server):
-    with pytest.raises(httpx.HTTPStatusError, match="404"):
+    with pytest.raises(HttpStatusError, match="404") as info:
         asyncio.run(completions_burst(lt_server.url, "no-such-adapter", "one two three", 4, 2))
+    assert info.value.status == 404 and "no-such-adapter" in info.value.body
