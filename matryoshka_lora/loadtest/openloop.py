@@ -1,6 +1,6 @@
-"""Open-loop load (asyncio + http1, a lean HTTP/1.1 client): requests arrive on a Poisson clock whether or not earlier ones are
-done, which Locust's closed-loop users cannot do cleanly. Also a small closed loop for probes, and
-bursts (N requests at once, as the in-process peers are measured).
+"""Open-loop load (asyncio, with http1's lean HTTP/1.1 client): requests arrive on a Poisson clock
+whether or not earlier ones are done, which Locust's closed-loop users cannot do cleanly. Also a small
+closed loop for probes, and bursts (N requests at once, as the in-process peers are measured).
 
     arrival times: t_0 = 0; t_{i+1} = t_i + Exp(rate)  while t < duration_s and i < max_requests
     each arrival: draw a mix entry (seeded), stream `POST /generate`, keep its RequestRecord
