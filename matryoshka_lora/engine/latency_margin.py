@@ -19,6 +19,15 @@ from, and dropping it to 1 at once would promise the next requests again at the 
 (measured: 2 of 3 such requests missed, docs/performance.md): it decays to 1 instead, and the first
 requests promised again are promised under a margin still well above 1. Requests stopped early (EOS,
 a stop string) are left out.
+
+A finished request teaches the margin a whole latency late, and a burst of arrivals slows every running
+request at once. So the promised requests still running count too: after each step the engine projects
+each one that has produced at least `MIN_PROGRESS` of its tokens to its end at its own pace so far
+
+    projected ratio = (elapsed + remaining tokens x seconds per token since its first) / raw prediction
+
+and margin(now) = max(the rule above, the worst of them) while that is fresh (the engine sets it after
+every step; one older than `fresh_s` is ignored).
 """
 
 from __future__ import annotations
@@ -30,10 +39,34 @@ import numpy as np
 
 from matryoshka_lora.errors import ConfigError
 
+MIN_PROGRESS = 0.25  # of its tokens, before a running request's pace is projected
+
+
+def projected_ratio(raw_predicted_s: float, elapsed_s: float, decode_s: float, num_output: int,
+                    num_remaining: int) -> float | None:
+    """A running promised request's projected latency over its raw prediction; None before MIN_PROGRESS.
+
+    elapsed_s: since it was enqueued; decode_s: since its first token; num_output: tokens so far."""
+    if raw_predicted_s <= 0 or num_output < 2 or num_output < MIN_PROGRESS * (num_output + num_remaining):
+        return None
+    return (elapsed_s + num_remaining * decode_s / (num_output - 1)) / raw_predicted_s
+
+
+def worst_in_flight(running, now: float) -> float:
+    """The largest projected ratio among the running sequences served at a rank predicted to meet their
+    budget (1 when none is far enough along to project)."""
+    worst = 1.0
+    for s in running:
+        if s.rank_reason == "budget" and s.predicted_latency_s and s.first_token_t is not None:
+            ratio = projected_ratio(s.predicted_latency_s / s.budget_margin, now - s.enqueue_t,
+                                    now - s.first_token_t, s.num_output_tokens, s.max_len - len(s.token_ids))
+            worst = max(worst, ratio or 1.0)
+    return worst
+
 
 class LatencyMargin:
     def __init__(self, quantile: float = 0.95, max_age_s: float = 60.0, min_samples: int = 16,
-                 max_samples: int = 256, half_life_s: float = 60.0):
+                 max_samples: int = 256, half_life_s: float = 60.0, fresh_s: float = 5.0):
         if not 0.0 < quantile <= 1.0:
             raise ConfigError("margin quantile", quantile, "0 < q <= 1")
         if not 1 <= min_samples <= max_samples:
@@ -42,8 +75,11 @@ class LatencyMargin:
             raise ConfigError("margin max_age_s", max_age_s, "seconds > 0")
         if not half_life_s > 0:
             raise ConfigError("margin half_life_s", half_life_s, "seconds > 0")
+        if not fresh_s > 0:
+            raise ConfigError("margin fresh_s", fresh_s, "seconds > 0")
         self.quantile, self.max_age_s, self.min_samples = quantile, max_age_s, min_samples
-        self.half_life_s = half_life_s
+        self.half_life_s, self.fresh_s = half_life_s, fresh_s
+        self._in_flight: tuple[float, float] = (1.0, -float("inf"))  # (the worst projected ratio, when)
         self._held: tuple[float, float] = (1.0, 0.0)  # (the last margin computed from enough ratios, when)
         self._ratios: collections.deque[tuple[float, float]] = collections.deque(maxlen=max_samples)  # (t, ratio)
 
@@ -52,8 +88,17 @@ class LatencyMargin:
         if predicted_s > 0 and observed_s > 0:
             self._ratios.append((time.perf_counter() if now is None else now, observed_s / predicted_s))
 
+    def in_flight(self, ratio: float, now: float | None = None) -> None:
+        """The worst projected ratio of the promised requests running now (`projected_ratio`)."""
+        self._in_flight = (ratio, time.perf_counter() if now is None else now)
+
     def value(self, now: float | None = None) -> float:
         now = time.perf_counter() if now is None else now
+        ratio, set_at = self._in_flight
+        learned = self._learned(now)
+        return max(learned, ratio) if now - set_at <= self.fresh_s else learned
+
+    def _learned(self, now: float) -> float:
         while self._ratios and now - self._ratios[0][0] > self.max_age_s:
             self._ratios.popleft()
         if len(self._ratios) < self.min_samples:

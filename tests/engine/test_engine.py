@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -205,10 +207,16 @@ def test_the_latency_margin_learns_from_promised_requests(make_engine, rank, bud
 
     engine = make_engine()
     req = dataclasses.replace(request(0, "alpha", rank, max_tokens=6), latency_budget_ms=budget_ms)
+    started = time.perf_counter()
     events = run(engine, [req])[req.request_id]
     last = events[-1]
     assert events[0].rank_reason == reason and last.finish_reason == "length"
     ratios = list(engine.cost_model.margin._ratios)
     assert len(ratios) == int(observed)
+    worst_running, set_at = engine.cost_model.margin._in_flight  # set after every step: at the last, done
+    assert set_at >= started
     if observed:
         assert ratios[0][1] == pytest.approx(last.total_s / last.predicted_latency_s, rel=0.05)
+        assert worst_running == pytest.approx(max(1.0, ratios[0][1]), rel=0.05)
+    else:
+        assert worst_running == 1.0

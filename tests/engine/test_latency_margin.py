@@ -1,10 +1,13 @@
-"""LatencyMargin: the quantile of observed / predicted latency over the recent promised requests."""
+"""LatencyMargin: the quantile of observed / predicted latency over the recent promised requests, and
+the running promised requests projected to their end at their own pace."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from matryoshka_lora.engine.latency_margin import LatencyMargin
+from matryoshka_lora.engine.latency_margin import LatencyMargin, projected_ratio, worst_in_flight
 from matryoshka_lora.errors import ConfigError
 
 
@@ -60,7 +63,51 @@ def test_meaningless_observations_are_ignored(predicted, observed):
 
 @pytest.mark.parametrize("kwargs", [{"quantile": 0.0}, {"quantile": 1.5}, {"min_samples": 0},
                                     {"min_samples": 300, "max_samples": 256}, {"max_age_s": 0.0},
-                                    {"half_life_s": 0.0}])
+                                    {"half_life_s": 0.0}, {"fresh_s": 0.0}])
 def test_refused_settings(kwargs):
     with pytest.raises(ConfigError):
         LatencyMargin(**kwargs)
+
+
+@pytest.mark.parametrize("raw_s, elapsed_s, decode_s, num_output, num_remaining, expected", [
+    (10.0, 4.0, 3.0, 16, 48, (4.0 + 48 * 3.0 / 15) / 10.0),  # a quarter done: 0.2 s per token so far
+    (10.0, 4.0, 3.0, 15, 49, None),  # under a quarter: too early to project
+    (10.0, 12.0, 9.0, 64, 0, 1.2),  # done: its latency over the prediction
+    (10.0, 1.0, 0.0, 1, 0, None),  # a single token has no pace
+    (0.0, 4.0, 3.0, 16, 48, None),
+])
+def test_projected_ratio(raw_s, elapsed_s, decode_s, num_output, num_remaining, expected):
+    ratio = projected_ratio(raw_s, elapsed_s, decode_s, num_output, num_remaining)
+    assert ratio == (None if expected is None else pytest.approx(expected))
+
+
+def seq(reason, predicted_s, margin, enqueue_t, first_token_t, num_output, num_left, num_prompt=10):
+    return SimpleNamespace(rank_reason=reason, predicted_latency_s=predicted_s, budget_margin=margin,
+                           enqueue_t=enqueue_t, first_token_t=first_token_t, num_output_tokens=num_output,
+                           max_len=num_prompt + num_output + num_left, token_ids=[0] * (num_prompt + num_output))
+
+
+def test_the_worst_running_promise_counts_and_the_others_do_not():
+    now = 100.0
+    running = [
+        seq("budget", 20.0, 2.0, 90.0, 92.0, 33, 32),  # raw 10 s; 10 s + 32 x 8 / 32 s = 18 s: 1.8
+        seq("budget", 10.0, 1.0, 95.0, 96.0, 33, 32),  # 5 s + 32 x 4 / 32 s = 9 s: 0.9
+        seq("budget", 1.0, 1.0, 50.0, 99.0, 4, 60),  # far behind, but too early to project
+        seq("requested", None, 1.0, 0.0, 1.0, 60, 4),  # not promised
+        seq("budget", 5.0, 1.0, 99.5, None, 0, 64),  # still prefilling
+    ]
+    assert worst_in_flight(running, now) == pytest.approx(1.8)
+    assert worst_in_flight(running[1:], now) == 1.0  # ahead of their predictions: no margin from them
+
+
+def test_a_running_promise_behind_its_pace_raises_the_margin_while_fresh():
+    margin = LatencyMargin(min_samples=4, fresh_s=5.0)
+    margin.in_flight(1.8, now=10.0)
+    assert margin.value(now=12.0) == 1.8
+    assert margin.value(now=15.5) == 1.0  # not refreshed by a step for 5.5 s: ignored
+    for t in range(4):
+        margin.observe(1.0, 1.3, now=20.0 + t)
+    margin.in_flight(1.1, now=24.0)
+    assert margin.value(now=24.0) == pytest.approx(1.3)  # never below what finished requests taught
+    margin.in_flight(1.6, now=25.0)
+    assert margin.value(now=25.0) == 1.6
