@@ -12,8 +12,9 @@ from the server. httpx spends ~5.8 ms of CPU per short request on the developmen
 Only what the load tests need: `http://` URLs, JSON request bodies, responses framed by Content-Length,
 chunked transfer coding or the end of the connection; no redirects, compression or proxies. A
 connection returns to the pool when its response was read to the end and neither side asked to close;
-a pooled connection the server has closed meanwhile (uvicorn drops idle ones after 5 s) is replaced
-once, transparently, when it fails before any byte of the answer. Each request (connect, send, whole
+a pooled connection the server has closed meanwhile (uvicorn drops idle ones after 5 s) is dropped and
+the request sent again, on the next pooled or a fresh connection, when it fails before any byte of the
+answer (a fresh connection is never retried). Each request (connect, send, whole
 answer) is bounded by `timeout_s`. Every failure to get a whole answer is an `HttpError`.
 """
 

@@ -1,6 +1,7 @@
 """http1, the load generator's HTTP/1.1 client, against a scripted asyncio server: framing (length,
-chunked, end of connection), keep-alive reuse, a stale pooled connection replaced once, and every
-failure an HttpError. (The real server's streams: test_openloop.py, against a `serve` subprocess.)"""
+chunked, end of connection), keep-alive reuse, a stale pooled connection dropped and the request sent
+again, and every failure an HttpError. (The real server's streams: test_openloop.py, against a `serve`
+subprocess.)"""
 
 from __future__ import annotations
 
