@@ -214,8 +214,8 @@ class LLMEngine:
             self.cost_model.margin.in_flight(worst_in_flight(self.scheduler.running, now), now)
             for s in done:
                 self.arrivals.finished(s.num_output_tokens, s.max_len - s.num_prompt_tokens)
-                if s.rank_reason == "budget" and s.finish_reason == "length" and s.predicted_latency_s:
-                    self.cost_model.margin.observe(s.predicted_latency_s / s.budget_margin, now - s.enqueue_t, now)
+                if s.promised_s and s.finish_reason == "length":
+                    self.cost_model.margin.observe(s.promised_s, now - s.enqueue_t, now)
                 if s.key in self._seqs:
                     self._finish(s)
             self._apply_aborts()

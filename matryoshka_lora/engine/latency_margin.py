@@ -57,9 +57,9 @@ def worst_in_flight(running, now: float) -> float:
     budget (1 when none is far enough along to project)."""
     worst = 1.0
     for s in running:
-        if s.rank_reason == "budget" and s.predicted_latency_s and s.first_token_t is not None:
-            ratio = projected_ratio(s.predicted_latency_s / s.budget_margin, now - s.enqueue_t,
-                                    now - s.first_token_t, s.num_output_tokens, s.max_len - len(s.token_ids))
+        if s.promised_s and s.first_token_t is not None:
+            ratio = projected_ratio(s.promised_s, now - s.enqueue_t, now - s.first_token_t, s.num_output_tokens,
+                                    s.max_len - len(s.token_ids))
             worst = max(worst, ratio or 1.0)
     return worst
 

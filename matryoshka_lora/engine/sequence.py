@@ -71,6 +71,14 @@ class Sequence:
         return self.request.tenant
 
     @property
+    def promised_s(self) -> float | None:
+        """The cost model's raw prediction (before the margin) for a request served at a rank predicted to
+        meet its budget (rank_reason "budget"); None for any other. What the LatencyMargin learns from."""
+        if self.rank_reason != "budget" or not self.predicted_latency_s:
+            return None
+        return self.predicted_latency_s / self.budget_margin
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 

@@ -3,11 +3,11 @@ the running promised requests projected to their end at their own pace."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
+from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
 from matryoshka_lora.engine.latency_margin import LatencyMargin, projected_ratio, worst_in_flight
+from matryoshka_lora.engine.sequence import Sequence
 from matryoshka_lora.errors import ConfigError
 
 
@@ -81,10 +81,15 @@ def test_projected_ratio(raw_s, elapsed_s, decode_s, num_output, num_remaining, 
     assert ratio == (None if expected is None else pytest.approx(expected))
 
 
-def seq(reason, predicted_s, margin, enqueue_t, first_token_t, num_output, num_left, num_prompt=10):
-    return SimpleNamespace(rank_reason=reason, predicted_latency_s=predicted_s, budget_margin=margin,
-                           enqueue_t=enqueue_t, first_token_t=first_token_t, num_output_tokens=num_output,
-                           max_len=num_prompt + num_output + num_left, token_ids=[0] * (num_prompt + num_output))
+def seq(reason, predicted_s, margin, enqueue_t, first_token_t, num_output, num_left, num_prompt=10) -> Sequence:
+    """A running sequence with `num_output` tokens generated and `num_left` to go."""
+    req = GenerationRequest("r", tuple(range(num_prompt)), SamplingParams(max_tokens=num_output + num_left))
+    s = Sequence(req, emit=lambda e: None, adapter="a", adapter_slot=0, rank=8, scale=1.0, rank_reason=reason,
+                 detokenizer=None, stop_filter=None, generator=None, max_len=num_prompt + num_output + num_left,
+                 predicted_latency_s=predicted_s, budget_margin=margin, enqueue_t=enqueue_t,
+                 first_token_t=first_token_t)
+    s.token_ids += [0] * num_output
+    return s
 
 
 def test_the_worst_running_promise_counts_and_the_others_do_not():

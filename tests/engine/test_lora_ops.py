@@ -59,6 +59,7 @@ class Case:
     x: torch.Tensor
     slots: torch.Tensor
     ranks: torch.Tensor
+    scales: torch.Tensor  # each token's scale (0 for base-model tokens)
     adapters: list
     fused: list
     groups: list
@@ -87,7 +88,7 @@ def make_case(layout, group, scale_of, max_masked_rows) -> Case:
                        slots, ranks, scales)
         for m in members
     ], dim=1)
-    return Case(x, slots, ranks, adapters, [fuse_group(spec, group, a, R_MAX) for a in adapters],
+    return Case(x, slots, ranks, scales, adapters, [fuse_group(spec, group, a, R_MAX) for a in adapters],
                 build_groups(build_segments(rows), max_masked_rows),
                 max(c[1] for c in member_columns(spec, group).values()), reference)
 
@@ -140,11 +141,10 @@ def test_torch_ops_on_cuda_equal_the_cpu_reference(layout, group, max_masked_row
     assert fast.device.type == "cuda" and fast.dtype == dtype
     atol = rtol * max(c.reference.abs().max().item(), 1.0)
     torch.testing.assert_close(fast.float().cpu(), c.reference, atol=atol, rtol=rtol)
-    scales = torch.tensor([2.0 / int(r) if r > 0 else 0.0 for r in c.ranks])
     on_gpu = torch.cat([
         lora_reference(x, torch.stack([a[m][0] for a in c.adapters]).to("cuda", dtype),
                        torch.stack([a[m][1] for a in c.adapters]).to("cuda", dtype),
-                       c.slots.cuda(), c.ranks.cuda(), scales.to("cuda", dtype))
+                       c.slots.cuda(), c.ranks.cuda(), c.scales.to("cuda", dtype))
         for m in c.adapters[0]
     ], dim=1)
     torch.testing.assert_close(on_gpu.float().cpu(), c.reference, atol=atol, rtol=rtol)
