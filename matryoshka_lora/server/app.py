@@ -28,6 +28,7 @@ from matryoshka_lora.server import (
     routes_health,
     routes_openai,
 )
+from matryoshka_lora.server.admission import AdmissionMiddleware
 from matryoshka_lora.server.body_limit import BodyLimitMiddleware
 from matryoshka_lora.server.context import GENERATION_PATHS, ServerContext
 from matryoshka_lora.server.errors import install_exception_handlers
@@ -150,6 +151,7 @@ def create_app(
         if scope.get("path") in GENERATION_PATHS:
             ctx.metrics.count_request(UNKNOWN_ADAPTER, NO_RANK, 413)
 
+    app.add_middleware(AdmissionMiddleware, ctx=ctx)  # inside the body limit: it sees the whole body
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=on_body_rejected)
     for module in (routes_generate, routes_openai, routes_admin, routes_health):
         app.include_router(module.router)

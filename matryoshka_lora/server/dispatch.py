@@ -27,7 +27,7 @@ from matryoshka_lora.backends.base import (
 from matryoshka_lora.errors import BudgetUnmetError, UnknownAdapterError
 from matryoshka_lora.server.context import ServerContext
 from matryoshka_lora.server.errors import ClientGoneError, PermissionDeniedError
-from matryoshka_lora.server.prometheus import NO_RANK
+from matryoshka_lora.server.prometheus import BASE_ADAPTER, NO_RANK
 from matryoshka_lora.server.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _check_adapter(ctx: ServerContext, tenant: Tenant, request: Request, job: Jo
         allowed = sorted(tenant.adapters or ())
         raise PermissionDeniedError(f"adapter for tenant {tenant.name!r}", job.adapter, allowed)
     if job.adapter is None:
-        request.state.metric_adapter = "base"
+        request.state.metric_adapter = BASE_ADAPTER
         return
     visible = {a.name: a for a in ctx.visible_adapters(tenant)}
     info = visible.get(job.adapter)

@@ -26,20 +26,25 @@ class TokenBucket:
         self.tokens = float(burst)
         self.last = clock()
 
-    def try_take(self) -> float:
-        """Take a token: 0.0 when admitted, else the seconds until one is available."""
+    def wait_s(self) -> float:
+        """Refill to now; 0.0 when a token is there, else the seconds until one is (nothing taken)."""
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + self.rate * (now - self.last))
         self.last = now
-        if self.tokens >= 1.0:
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+
+    def try_take(self) -> float:
+        """Take a token: 0.0 when admitted, else the seconds until one is available."""
+        wait_s = self.wait_s()
+        if wait_s == 0.0:
             self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return wait_s
 
 
 class TenantLimiter:
     """Admission control per tenant: `admit(tenant)` checks concurrency then rate, and holds a slot
-    until `release(tenant)`. RateLimitedError carries the limit and the retry delay."""
+    until `release(tenant)`. RateLimitedError carries the limit and the retry delay. `refusal(tenant)`
+    says whether `admit` would refuse now, taking nothing (the admission layer's early answer)."""
 
     CONCURRENCY_RETRY_S = 1.0
 
@@ -48,24 +53,38 @@ class TenantLimiter:
         self._buckets: dict[str, TokenBucket] = {}
         self.num_in_flight: dict[str, int] = {}
 
-    def admit(self, tenant: Tenant) -> None:
-        in_flight = self.num_in_flight.get(tenant.name, 0)
-        if tenant.max_concurrency is not None and in_flight >= tenant.max_concurrency:
+    def _bucket(self, tenant: Tenant) -> TokenBucket:
+        bucket = self._buckets.get(tenant.name)
+        if bucket is None:
+            bucket = self._buckets[tenant.name] = TokenBucket(tenant.rate_limit_rps, tenant.burst or 1, self.clock)
+        return bucket
+
+    def _check(self, tenant: Tenant, take: bool) -> None:
+        if tenant.max_concurrency is not None and self.num_in_flight.get(tenant.name, 0) >= tenant.max_concurrency:
             raise RateLimitedError(
                 f"tenant {tenant.name!r} concurrency", f"{tenant.max_concurrency} in flight", self.CONCURRENCY_RETRY_S
             )
         if tenant.rate_limit_rps is not None:
-            bucket = self._buckets.get(tenant.name)
-            if bucket is None:
-                bucket = self._buckets[tenant.name] = TokenBucket(tenant.rate_limit_rps, tenant.burst or 1, self.clock)
-            wait_s = bucket.try_take()
+            bucket = self._bucket(tenant)
+            wait_s = bucket.try_take() if take else bucket.wait_s()
             if wait_s > 0:
                 raise RateLimitedError(
                     f"tenant {tenant.name!r} rate",
                     f"{tenant.rate_limit_rps:g} requests/s, burst {bucket.burst}",
                     wait_s,
                 )
-        self.num_in_flight[tenant.name] = in_flight + 1
+
+    def admit(self, tenant: Tenant) -> None:
+        self._check(tenant, take=True)
+        self.num_in_flight[tenant.name] = self.num_in_flight.get(tenant.name, 0) + 1
+
+    def refusal(self, tenant: Tenant) -> RateLimitedError | None:
+        """The error `admit(tenant)` would raise now, or None; nothing is taken."""
+        try:
+            self._check(tenant, take=False)
+        except RateLimitedError as exc:
+            return exc
+        return None
 
     def release(self, tenant: Tenant) -> None:
         self.num_in_flight[tenant.name] = max(0, self.num_in_flight.get(tenant.name, 0) - 1)

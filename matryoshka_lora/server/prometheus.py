@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNKNOWN_ADAPTER, NO_RANK = "unknown", "none"
+BASE_ADAPTER = "base"  # the label of requests to the base model (no adapter)
 # CPU latencies: milliseconds (queueing, a token) to minutes (long generations under load).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)

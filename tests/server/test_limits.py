@@ -84,3 +84,21 @@ def test_request_limits(num_prompt, max_tokens, error):
         with pytest.raises(error):
             limits.check_prompt(num_prompt)
             limits.check_max_tokens(max_tokens)
+
+
+def test_refusal_takes_nothing():
+    """`refusal` says what `admit` would raise, and leaves the bucket and the slots as they were."""
+    clock = Clock()
+    limiter = TenantLimiter(clock)
+    tenant = Tenant(name="t", rate_limit_rps=1.0, burst=1, max_concurrency=2)
+    for _ in range(3):
+        assert limiter.refusal(tenant) is None
+    limiter.admit(tenant)
+    assert limiter.num_in_flight["t"] == 1
+    refused = limiter.refusal(tenant)
+    assert isinstance(refused, RateLimitedError) and refused.retry_after_s == pytest.approx(1.0)
+    clock.now += 1.0
+    assert limiter.refusal(tenant) is None
+    limiter.admit(tenant)
+    refused = limiter.refusal(tenant)
+    assert "concurrency" in str(refused) and limiter.num_in_flight["t"] == 2
