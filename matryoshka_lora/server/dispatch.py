@@ -61,13 +61,15 @@ class Flight:
         self.first: GenerationEvent | None = None
         self.last: GenerationEvent | None = None
         self._events: AsyncIterator[GenerationEvent] | None = None
-        self._closed = False
+        self._closed = self._released = False
 
     async def start(self) -> GenerationEvent:
         """Enqueue and wait for the first event (rank decided). Engine errors raise from here."""
         self._events = self.ctx.backend.generate(self.gen)
         self.first = await anext(self._events)
         self.last = self.first
+        if self.first.finished:
+            self._release_slot()
         return self.first
 
     async def __aiter__(self) -> AsyncIterator[GenerationEvent]:
@@ -76,9 +78,16 @@ class Flight:
             return
         async for event in self._events:
             self.last = event
+            if event.finished:  # before the client hears of it: its next request finds the slot free
+                self._release_slot()
             yield event
             if event.finished:
                 return
+
+    def _release_slot(self) -> None:
+        if not self._released:
+            self._released = True
+            self.ctx.limiter.release(self.tenant)
 
     @property
     def status(self) -> int:
@@ -88,8 +97,9 @@ class Flight:
         return {"error": 500, "abort": 503}.get(self.last.finish_reason, 200)
 
     async def close(self, count: bool = True) -> None:
-        """Idempotent: close the engine iterator (aborting an unfinished request), free the tenant slot,
-        and record the request in metrics (`count=False` when an exception handler will)."""
+        """Idempotent: close the engine iterator (aborting an unfinished request), free the tenant slot (if
+        the finished event has not already), and record the request in metrics (`count=False` when an
+        exception handler will)."""
         if self._closed:
             return
         self._closed = True
@@ -97,7 +107,7 @@ class Flight:
             if self._events is not None and hasattr(self._events, "aclose"):
                 await self._events.aclose()
         finally:
-            self.ctx.limiter.release(self.tenant)
+            self._release_slot()
             if count:
                 self._record()
 

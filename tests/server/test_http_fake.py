@@ -109,6 +109,23 @@ def test_tenant_concurrency_limit_is_429_while_one_is_in_flight(fake_server):
         assert client.post("/generate", json={"prompt": "hi", "max_tokens": 1}, headers=auth("slow")).status_code == 200
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/generate", {"prompt": "hi", "max_tokens": 2, "stream": True}),
+    ("/v1/completions", {"model": "fake-base", "prompt": "hi", "max_tokens": 2, "stream": True}),
+])
+def test_a_client_at_its_concurrency_limit_may_send_its_next_request_at_once(fake_server, path, body):
+    """The tenant's slot is free before the stream's last event is sent, so a closed-loop client with
+    max_concurrency 1 that sends its next request the moment a stream ends is never refused."""
+    url, _ = fake_server
+    statuses = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for _ in range(30):
+            with client.stream("POST", path, json=body, headers=auth("slow")) as r:
+                r.read()
+                statuses.append(r.status_code)
+    assert statuses == [200] * 30
+
+
 def test_a_refused_prompt_frees_the_tenant_slot(tenants_path):
     """The tenant's limits are taken before the prompt is tokenized; a prompt refused after that (413,
     too long) gives the concurrency slot back, so a tenant limited to 1 is not locked out by it."""
