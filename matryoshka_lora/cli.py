@@ -247,7 +247,8 @@ def serve(
                              "with the system C compiler (torch ops without one) [MATRYOSHKA_FUSED_KERNELS; on].")] = None,
     budget_unmet: Annotated[Optional[str], typer.Option("--budget-unmet", help="A request whose latency_budget_ms no "
                             "rank is predicted to meet: serve (at the lowest rank, rank_reason budget_unmet) | refuse "
-                            "(503 budget_unmet + Retry-After, so the admitted requests keep their budgets) "
+                            "(503 budget_unmet + Retry-After, so the admitted requests keep their budgets; only "
+                            "when even the typical case would be late, else served at the lowest rank) "
                             "[MATRYOSHKA_BUDGET_UNMET; serve].")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of requests without one [MATRYOSHKA_SEED; 0].")] = None,
     log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug | info | warning | error "

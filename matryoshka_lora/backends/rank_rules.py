@@ -9,6 +9,8 @@
     after the pick, no rank predicted to meet the budget ("budget_unmet")
                                           -> served at the lowest candidate; or, when the request says
                                              refuse_unmet_budget, BudgetUnmetError (`check_budget_met`)
+                                             unless its typical prediction (the median case, where the
+                                             backend has one) meets the budget
 
     adapter None                          -> the base model, rank none or 0 (`is_base_request`)
 
@@ -59,7 +61,14 @@ def decide_rank(request: GenerationRequest, adapter: str, r_max: int, train_rank
     return RankDecision(None, None, tuple(r for r in train_ranks if r <= cap) or (cap,))
 
 
-def check_budget_met(request: GenerationRequest, reason: RankReason, rank: int, predicted_s: float | None) -> None:
-    """BudgetUnmetError for a request that refuses to be served late when no rank met its budget."""
-    if reason == "budget_unmet" and request.refuse_unmet_budget:
-        raise BudgetUnmetError(request.latency_budget_ms, (predicted_s or 0.0) * 1000.0, rank)
+def check_budget_met(request: GenerationRequest, reason: RankReason, rank: int, predicted_s: float | None,
+                     typical_s: float | None = None) -> None:
+    """BudgetUnmetError for a request that refuses to be served late, when no rank met its budget and its
+    typical prediction at `rank` (`typical_s`; None: no such estimate) does not meet it either. The error
+    reports the typical prediction where there is one (its Retry-After is about the typical excess)."""
+    if reason != "budget_unmet" or not request.refuse_unmet_budget:
+        return
+    if typical_s is not None and typical_s * 1000.0 <= request.latency_budget_ms:
+        return
+    likely_s = typical_s if typical_s is not None else predicted_s or 0.0
+    raise BudgetUnmetError(request.latency_budget_ms, likely_s * 1000.0, rank)

@@ -35,7 +35,7 @@ from matryoshka_lora.engine.cost_model import Arrivals, CostModel, StepFeatures
 from matryoshka_lora.engine.cpu_kernels import load_step_ops
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.engine.kv_cache import KVCache
-from matryoshka_lora.engine.latency_margin import worst_in_flight
+from matryoshka_lora.engine.latency_margin import in_flight_ratios
 from matryoshka_lora.engine.lora_ops import LoRAGroup
 from matryoshka_lora.engine.model_runner import BASE_SLOT, ModelRunner, StepItem
 from matryoshka_lora.engine.rank_policy import resolve_rank
@@ -211,7 +211,7 @@ class LLMEngine:
         done = [s for s, t in zip(sampled, tokens) if self._append_token(s, t)]
         with self.lock:
             now = time.perf_counter()
-            self.cost_model.margin.in_flight(worst_in_flight(self.scheduler.running, now), now)
+            self.cost_model.margin.in_flight(in_flight_ratios(self.scheduler.running, now), now)
             for s in done:
                 self.arrivals.finished(s.num_output_tokens, s.max_len - s.num_prompt_tokens)
                 if s.promised_s and s.finish_reason == "length":

@@ -28,6 +28,11 @@ each one that has produced at least `MIN_PROGRESS` of its tokens to its end at i
 
 and margin(now) = max(the rule above, the worst of them) while that is fresh (the engine sets it after
 every step; one older than `fresh_s` is ignored).
+
+`typical(now)` is the same rule at the median: the median of the recent ratios (at least 1; decaying to
+1 like the margin) and of the running projections. The margin picks a rank, cheap insurance; the
+typical margin decides a refusal (`--budget-unmet refuse`), which is a sure miss: a request is refused
+only when even the median case would end past its budget.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import numpy as np
 from matryoshka_lora.errors import ConfigError
 
 MIN_PROGRESS = 0.25  # of its tokens, before a running request's pace is projected
+TYPICAL_QUANTILE = 0.5  # the typical margin's: the median
 
 
 def projected_ratio(raw_predicted_s: float, elapsed_s: float, decode_s: float, num_output: int,
@@ -52,16 +58,17 @@ def projected_ratio(raw_predicted_s: float, elapsed_s: float, decode_s: float, n
     return (elapsed_s + num_remaining * decode_s / (num_output - 1)) / raw_predicted_s
 
 
-def worst_in_flight(running, now: float) -> float:
-    """The largest projected ratio among the running sequences served at a rank predicted to meet their
-    budget (1 when none is far enough along to project)."""
-    worst = 1.0
+def in_flight_ratios(running, now: float) -> list[float]:
+    """The projected ratios of the running sequences served at a rank predicted to meet their budget
+    (those far enough along to project)."""
+    ratios = []
     for s in running:
         if s.promised_s and s.first_token_t is not None:
             ratio = projected_ratio(s.promised_s, now - s.enqueue_t, now - s.first_token_t, s.num_output_tokens,
                                     s.max_len - len(s.token_ids))
-            worst = max(worst, ratio or 1.0)
-    return worst
+            if ratio is not None:
+                ratios.append(ratio)
+    return ratios
 
 
 class LatencyMargin:
@@ -79,8 +86,9 @@ class LatencyMargin:
             raise ConfigError("margin fresh_s", fresh_s, "seconds > 0")
         self.quantile, self.max_age_s, self.min_samples = quantile, max_age_s, min_samples
         self.half_life_s, self.fresh_s = half_life_s, fresh_s
-        self._in_flight: tuple[float, float] = (1.0, -float("inf"))  # (the worst projected ratio, when)
-        self._held: tuple[float, float] = (1.0, 0.0)  # (the last margin computed from enough ratios, when)
+        self._in_flight: tuple[list[float], float] = ([], -float("inf"))  # (the projected ratios, when)
+        # (quantile -> its last value computed from enough ratios, when)
+        self._held: tuple[dict[float, float], float] = ({quantile: 1.0, TYPICAL_QUANTILE: 1.0}, 0.0)
         self._ratios: collections.deque[tuple[float, float]] = collections.deque(maxlen=max_samples)  # (t, ratio)
 
     def observe(self, predicted_s: float, observed_s: float, now: float | None = None) -> None:
@@ -88,22 +96,33 @@ class LatencyMargin:
         if predicted_s > 0 and observed_s > 0:
             self._ratios.append((time.perf_counter() if now is None else now, observed_s / predicted_s))
 
-    def in_flight(self, ratio: float, now: float | None = None) -> None:
-        """The worst projected ratio of the promised requests running now (`projected_ratio`)."""
-        self._in_flight = (ratio, time.perf_counter() if now is None else now)
+    def in_flight(self, ratios: list[float], now: float | None = None) -> None:
+        """The projected ratios of the promised requests running now (`in_flight_ratios`)."""
+        self._in_flight = (list(ratios), time.perf_counter() if now is None else now)
 
     def value(self, now: float | None = None) -> float:
-        now = time.perf_counter() if now is None else now
-        ratio, set_at = self._in_flight
-        learned = self._learned(now)
-        return max(learned, ratio) if now - set_at <= self.fresh_s else learned
+        """The margin: the learned `quantile`, and at least the worst running projection while fresh."""
+        return self._at(self.quantile, max, now)
 
-    def _learned(self, now: float) -> float:
+    def typical(self, now: float | None = None) -> float:
+        """The typical margin: the learned median, and at least the running projections' median while fresh."""
+        return self._at(TYPICAL_QUANTILE, lambda ratios: float(np.median(ratios)), now)
+
+    def _at(self, quantile: float, of_running, now: float | None) -> float:
+        now = time.perf_counter() if now is None else now
+        learned = self._learned(now)[quantile]
+        ratios, set_at = self._in_flight
+        return max(learned, of_running(ratios)) if ratios and now - set_at <= self.fresh_s else learned
+
+    def _learned(self, now: float) -> dict[float, float]:
+        """Both learned quantiles (the margin's and the median), held together so that they decay together."""
         while self._ratios and now - self._ratios[0][0] > self.max_age_s:
             self._ratios.popleft()
         if len(self._ratios) < self.min_samples:
             held, held_t = self._held
-            return 1.0 + (held - 1.0) * 0.5 ** (max(now - held_t, 0.0) / self.half_life_s)
-        margin = max(1.0, float(np.quantile([r for _, r in self._ratios], self.quantile)))
-        self._held = (margin, now)
-        return margin
+            return {q: 1.0 + (m - 1.0) * 0.5 ** (max(now - held_t, 0.0) / self.half_life_s) for q, m in held.items()}
+        quantiles = (self.quantile, TYPICAL_QUANTILE)
+        values = np.quantile([r for _, r in self._ratios], quantiles)
+        learned = {q: max(1.0, float(v)) for q, v in zip(quantiles, values)}
+        self._held = (learned, now)
+        return learned

@@ -5,7 +5,8 @@
     latency_budget_ms given      -> highest candidate rank (train ranks <= max_rank) predicted by the
                                     cost model (times its learned margin) to meet the budget, "budget";
                                     else the lowest, "budget_unmet"
-                                    (or BudgetUnmetError when the request refuses to be served late)
+                                    (or BudgetUnmetError when the request refuses to be served late and
+                                    the typical margin's prediction at the lowest rank misses too)
     neither                      -> min(r_max, max_rank), "default"
 """
 
@@ -83,5 +84,6 @@ def resolve_rank(
         request.latency_budget_ms / 1000.0, margin,
     )
     reason = "budget" if met else "budget_unmet"
-    check_budget_met(request, reason, rank, predicted)
+    typical = None if met else predicted / margin * cost_model.margin.typical()
+    check_budget_met(request, reason, rank, predicted, typical)
     return RankChoice(entry, rank, reason, predicted, margin)

@@ -75,7 +75,8 @@ class ServerSettings(BaseSettings):
     budget_unmet: Literal["serve", "refuse"] = Field(
         "serve", description="A request whose latency budget no rank is predicted to meet: serve it at the lowest "
         "rank and say so (rank_reason budget_unmet), or refuse it with 503 + Retry-After so that the load stays "
-        "within what the admitted budgets allow (shedding by deadline)."
+        "within what the admitted budgets allow (shedding by deadline). Refuse sheds only what even the typical "
+        "case (the median of observed / predicted latency) would serve late; the rest is served at the lowest rank."
     )
     seed: int = Field(0, description="Seed of requests that carry none.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

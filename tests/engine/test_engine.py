@@ -213,10 +213,43 @@ def test_the_latency_margin_learns_from_promised_requests(make_engine, rank, bud
     assert events[0].rank_reason == reason and last.finish_reason == "length"
     ratios = list(engine.cost_model.margin._ratios)
     assert len(ratios) == int(observed)
-    worst_running, set_at = engine.cost_model.margin._in_flight  # set after every step: at the last, done
+    running_ratios, set_at = engine.cost_model.margin._in_flight  # set after every step: at the last, done
     assert set_at >= started
     if observed:
         assert ratios[0][1] == pytest.approx(last.total_s / last.predicted_latency_s, rel=0.05)
-        assert worst_running == pytest.approx(max(1.0, ratios[0][1]), rel=0.05)
+        assert running_ratios == [pytest.approx(ratios[0][1], rel=0.05)]
     else:
-        assert worst_running == 1.0
+        assert running_ratios == []
+
+
+@pytest.mark.parametrize("learned_ratios, outcome", [
+    ([0.5] * 10 + [3.0] * 6, "budget_unmet"),  # margin 3 (nothing fits), typical 1: likely in time, served
+    ([4.0] * 16, "refused"),  # typical 4: even the median case misses
+    ([1.0] * 16, "budget"),  # margin 1: rank 1 fits
+])
+def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(make_engine, learned_ratios, outcome):
+    """--budget-unmet refuse: a budget no rank meets under the margin (the 0.95 quantile of observed /
+    predicted) is still served, at the lowest rank, when the median ratio's prediction meets it."""
+    import dataclasses
+
+    from matryoshka_lora.engine.rank_policy import load_snapshot
+    from matryoshka_lora.errors import BudgetUnmetError
+
+    engine = make_engine()
+    now = time.perf_counter()
+    for ratio in learned_ratios:
+        engine.cost_model.margin.observe(1.0, ratio, now)
+    req = dataclasses.replace(request(0, "alpha", None, max_tokens=6), refuse_unmet_budget=True)
+    entry = engine.adapters.get("alpha")
+    lowest = min(entry.train_ranks)
+    raw_s = engine.cost_model.predict_latency(load_snapshot(engine.scheduler, engine.arrivals), entry.slot,
+                                              len(req.prompt_token_ids), 6, lowest)
+    req = dataclasses.replace(req, latency_budget_ms=2.0 * raw_s * 1000.0)
+    if outcome == "refused":
+        with pytest.raises(BudgetUnmetError):
+            engine.add_request(req, lambda event: None)
+        assert not engine.scheduler.has_work()
+        return
+    events = run(engine, [req])[req.request_id]
+    assert events[0].rank_reason == outcome and events[-1].finish_reason == "length"
+    assert (events[0].rank == lowest) == (outcome == "budget_unmet")

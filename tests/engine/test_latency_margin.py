@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
-from matryoshka_lora.engine.latency_margin import LatencyMargin, projected_ratio, worst_in_flight
+from matryoshka_lora.engine.latency_margin import LatencyMargin, in_flight_ratios, projected_ratio
 from matryoshka_lora.engine.sequence import Sequence
 from matryoshka_lora.errors import ConfigError
 
@@ -92,7 +92,7 @@ def seq(reason, predicted_s, margin, enqueue_t, first_token_t, num_output, num_l
     return s
 
 
-def test_the_worst_running_promise_counts_and_the_others_do_not():
+def test_the_running_promises_far_enough_along_count_and_the_others_do_not():
     now = 100.0
     running = [
         seq("budget", 20.0, 2.0, 90.0, 92.0, 33, 32),  # raw 10 s; 10 s + 32 x 8 / 32 s = 18 s: 1.8
@@ -101,18 +101,44 @@ def test_the_worst_running_promise_counts_and_the_others_do_not():
         seq("requested", None, 1.0, 0.0, 1.0, 60, 4),  # not promised
         seq("budget", 5.0, 1.0, 99.5, None, 0, 64),  # still prefilling
     ]
-    assert worst_in_flight(running, now) == pytest.approx(1.8)
-    assert worst_in_flight(running[1:], now) == 1.0  # ahead of their predictions: no margin from them
+    assert in_flight_ratios(running, now) == [pytest.approx(1.8), pytest.approx(0.9)]
+    assert in_flight_ratios(running[2:], now) == []
+    margin = LatencyMargin()
+    margin.in_flight(in_flight_ratios(running[1:], now), now)
+    assert margin.value(now) == 1.0 and margin.typical(now) == 1.0  # ahead of its prediction: no margin
 
 
 def test_a_running_promise_behind_its_pace_raises_the_margin_while_fresh():
     margin = LatencyMargin(min_samples=4, fresh_s=5.0)
-    margin.in_flight(1.8, now=10.0)
-    assert margin.value(now=12.0) == 1.8
-    assert margin.value(now=15.5) == 1.0  # not refreshed by a step for 5.5 s: ignored
+    margin.in_flight([1.8, 1.2, 1.4], now=10.0)
+    assert margin.value(now=12.0) == 1.8 and margin.typical(now=12.0) == 1.4  # the worst; the median
+    assert margin.value(now=15.5) == 1.0 == margin.typical(now=15.5)  # not refreshed for 5.5 s: ignored
     for t in range(4):
         margin.observe(1.0, 1.3, now=20.0 + t)
-    margin.in_flight(1.1, now=24.0)
+    margin.in_flight([1.1], now=24.0)
     assert margin.value(now=24.0) == pytest.approx(1.3)  # never below what finished requests taught
-    margin.in_flight(1.6, now=25.0)
+    margin.in_flight([1.6], now=25.0)
     assert margin.value(now=25.0) == 1.6
+
+
+@pytest.mark.parametrize("ratios, value, typical", [
+    ([1.0 + i / 99 for i in range(100)], 1.95, 1.5),  # 1.00 .. 2.00: the 0.95 quantile and the median
+    ([0.5] * 10 + [3.0] * 6, 3.0, 1.0),  # most requests early: the typical margin stays at 1
+    ([2.0] * 16, 2.0, 2.0),
+])
+def test_the_typical_margin_is_the_median(ratios, value, typical):
+    margin = LatencyMargin(min_samples=16, max_age_s=1000.0)
+    for i, ratio in enumerate(ratios):
+        margin.observe(1.0, ratio, now=float(i))
+    now = float(len(ratios))
+    assert margin.value(now) == pytest.approx(value) and margin.typical(now) == pytest.approx(typical)
+
+
+def test_the_typical_margin_decays_like_the_margin():
+    margin = LatencyMargin(min_samples=4, max_age_s=10.0, half_life_s=20.0)
+    for t in range(4):
+        margin.observe(1.0, 2.0 + t, now=float(t))  # ratios 2, 3, 4, 5
+    assert margin.typical(now=4.0) == pytest.approx(3.5) and margin.value(now=4.0) == pytest.approx(4.85)
+    # all expired at t = 14: each decays from its own last value, half way after 20 s
+    assert margin.typical(now=24.0) == pytest.approx(1.0 + 2.5 * 0.5)
+    assert margin.value(now=24.0) == pytest.approx(1.0 + 3.85 * 0.5)
