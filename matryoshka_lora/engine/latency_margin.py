@@ -123,6 +123,6 @@ class LatencyMargin:
             return {q: 1.0 + (m - 1.0) * 0.5 ** (max(now - held_t, 0.0) / self.half_life_s) for q, m in held.items()}
         quantiles = (self.quantile, TYPICAL_QUANTILE)
         values = np.quantile([r for _, r in self._ratios], quantiles)
-        learned = {q: max(1.0, float(v)) for q, v in zip(quantiles, values)}
+        learned = {q: max(1.0, float(v)) for q, v in zip(quantiles, values, strict=True)}
         self._held = (learned, now)
         return learned

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from matryoshka_lora.server.context import GENERATION_PATHS, ServerContext
 from matryoshka_lora.server.errors import AuthenticationError, NotReadyError, map_exception
 from matryoshka_lora.server.prometheus import BASE_ADAPTER, NO_RANK, UNKNOWN_ADAPTER
-from matryoshka_lora.server.routes_openai import parse_model
+from matryoshka_lora.server.schemas_openai import parse_model
 from matryoshka_lora.server.tenants import Tenant
 
 

@@ -39,6 +39,7 @@ from matryoshka_lora.server.schemas_openai import (
     ModelList,
     OpenAIRequest,
     Usage,
+    parse_model,
 )
 from matryoshka_lora.server.sse import DONE_LINE, FlightStreamingResponse, sse_line
 from matryoshka_lora.server.tenants import Tenant
@@ -50,17 +51,6 @@ STREAM_DOC = {
         "content": {"text/event-stream": {}},
     }
 }
-
-
-def parse_model(model: str, base_name: str) -> tuple[str | None, int | None]:
-    """`model` -> (adapter, rank): base name -> (None, None); "A@8" -> ("A", 8); "A" -> ("A", None);
-    "BASE@8" -> (None, 8), which job_of refuses (the base model has no rank)."""
-    if model == base_name:
-        return None, None
-    name, sep, rank = model.rpartition("@")
-    if sep and name and rank.isdigit():
-        return (None if name == base_name else name), int(rank)
-    return model, None
 
 
 def job_of(

@@ -21,6 +21,17 @@ from matryoshka_lora.server.schemas import (
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
+def parse_model(model: str, base_name: str) -> tuple[str | None, int | None]:
+    """`model` -> (adapter, rank): base name -> (None, None); "A@8" -> ("A", 8); "A" -> ("A", None);
+    "BASE@8" -> (None, 8), which routes_openai.job_of refuses (the base model has no rank)."""
+    if model == base_name:
+        return None, None
+    name, sep, rank = model.rpartition("@")
+    if sep and name and rank.isdigit():
+        return (None if name == base_name else name), int(rank)
+    return model, None
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
