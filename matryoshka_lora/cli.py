@@ -253,6 +253,8 @@ def serve(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of requests without one [MATRYOSHKA_SEED; 0].")] = None,
     log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug | info | warning | error "
                          "[MATRYOSHKA_LOG_LEVEL; info].")] = None,
+    access_log: Annotated[Optional[bool], typer.Option("--access-log/--no-access-log", help="One log line per HTTP "
+                          "request, at info (off: ~0.1-0.2 ms less CPU per request) [MATRYOSHKA_ACCESS_LOG; on].")] = None,
     hash_key: Annotated[bool, typer.Option("--hash-key", help="Read an API key from stdin, print its sha256 for the "
                         "tenants file, and exit (serves nothing).")] = False,
 ) -> None:
@@ -271,7 +273,7 @@ def serve(
         backend=backend, max_num_seqs=max_num_seqs, max_queue_len=max_queue_len, max_model_len=max_model_len,
         max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens, max_body_bytes=max_body_bytes,
         drain_timeout_s=drain_timeout, num_threads=num_threads, fused_kernels=fused_kernels, budget_unmet=budget_unmet,
-        seed=seed, log_level=log_level,
+        seed=seed, log_level=log_level, access_log=access_log,
     )
     run_server(settings)
 

@@ -20,6 +20,22 @@ def _exit_cleanly(signum, frame) -> None:
     raise SystemExit(0)
 
 
+def uvicorn_config(app, settings: ServerSettings):
+    """The uvicorn.Config that serves `app` as `settings` say."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep the CLI's logging format
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) if settings.drain_timeout_s else None,
+    )
+
+
 def run_server(settings: ServerSettings) -> None:
     """Serve until SIGTERM/SIGINT. Exits with status 1 if the engine failed to start."""
     import uvicorn
@@ -29,16 +45,7 @@ def run_server(settings: ServerSettings) -> None:
     logging.getLogger().setLevel(settings.log_level.upper())
     signal.signal(signal.SIGTERM, _exit_cleanly)
     app = create_app(settings, exit_on_start_failure=True)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep the CLI's logging format
-        log_level=settings.log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) if settings.drain_timeout_s else None,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     try:
         server.run()
     finally:

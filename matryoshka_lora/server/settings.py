@@ -80,6 +80,7 @@ class ServerSettings(BaseSettings):
     )
     seed: int = Field(0, description="Seed of requests that carry none.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    access_log: bool = Field(True, description="Log one line per HTTP request (uvicorn's access log, at info).")
 
     @field_validator("adapters", mode="before")
     @classmethod

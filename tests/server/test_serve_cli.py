@@ -67,6 +67,7 @@ def test_sigterm_drains_the_request_in_flight(tiny_model_dir, tiny_adapters):
         "60",
         "--max-output-tokens",
         "200",
+        "--no-access-log",
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -82,6 +83,7 @@ def test_sigterm_drains_the_request_in_flight(tiny_model_dir, tiny_adapters):
         assert proc.wait(timeout=60) == 0
         log = proc.stdout.read()
         assert "draining" in log and "engine stopped" in log
+        assert "POST /generate" not in log  # --no-access-log
     finally:
         if proc.poll() is None:
             proc.kill()
