@@ -90,7 +90,7 @@ class LatencyMargin:
             raise ConfigError("margin fresh_s", fresh_s, "seconds > 0")
         self.quantile, self.max_age_s, self.min_samples = quantile, max_age_s, min_samples
         self.half_life_s, self.fresh_s = half_life_s, fresh_s
-        self._in_flight: tuple[list[float], float] = ([], -float("inf"))  # (the projected ratios, when)
+        self._in_flight: tuple[float, float] = (1.0, -float("inf"))  # (the worst projected ratio, when)
         # (quantile -> its last value computed from enough ratios, when)
         self._held: tuple[dict[float, float], float] = ({quantile: 1.0, TYPICAL_QUANTILE: 1.0}, 0.0)
         self._ratios: collections.deque[tuple[float, float]] = collections.deque(maxlen=max_samples)  # (t, ratio)
@@ -101,15 +101,15 @@ class LatencyMargin:
             self._ratios.append((time.perf_counter() if now is None else now, observed_s / predicted_s))
 
     def in_flight(self, ratios: list[float], now: float | None = None) -> None:
-        """The projected ratios of the promised requests running now (`in_flight_ratios`)."""
-        self._in_flight = (list(ratios), time.perf_counter() if now is None else now)
+        """The projected ratios of the promised requests running now (`in_flight_ratios`); the worst counts."""
+        self._in_flight = (max([1.0, *ratios]), time.perf_counter() if now is None else now)
 
     def value(self, now: float | None = None) -> float:
         """The margin: the learned `quantile`, and at least the worst running projection while fresh."""
         now = time.perf_counter() if now is None else now
         learned = self._learned(now)[self.quantile]
-        ratios, set_at = self._in_flight
-        return max(learned, *ratios) if ratios and now - set_at <= self.fresh_s else learned
+        worst, set_at = self._in_flight
+        return max(learned, worst) if now - set_at <= self.fresh_s else learned
 
     def typical(self, now: float | None = None) -> float:
         """The typical margin: the learned median (the running projections do not count)."""

@@ -105,10 +105,8 @@ class AdmissionMiddleware:
             adapter, _ = parse_model(model, self.ctx.backend.model_name)
         if adapter is None:
             return BASE_ADAPTER
-        if not isinstance(adapter, str) or not tenant.may_use(adapter):
-            return None
-        loaded = any(info.name == adapter for info in self.ctx.backend.list_adapters())
-        return adapter if loaded else None
+        visible = any(info.name == adapter for info in self.ctx.visible_adapters(tenant))
+        return adapter if visible else None
 
     async def _answer(self, exc: Exception, label: str, scope: Scope, receive: Receive, send: Send) -> None:
         response = map_exception(exc)
