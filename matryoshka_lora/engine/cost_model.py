@@ -37,7 +37,6 @@ import collections
 import logging
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
@@ -81,13 +80,6 @@ class LoadSnapshot:
     decode_tokens_per_s: float = 0.0  # recent arrival rate of output tokens asked for (RateMeter)
 
 
-class RankPick(NamedTuple):
-    rank: int
-    met: bool  # predicted within the budget (else: the lowest candidate)
-    predicted_s: float  # margin included
-    saturated: bool  # the prediction said no rank can keep up with the arrivals (x MAX_STRETCH)
-
-
 class RateMeter:
     """An exponentially decaying rate: rate = sum of amounts weighted by exp(-age / window_s) / window_s."""
 
@@ -124,30 +116,6 @@ class Arrivals:
 
 
 MAX_STRETCH = 20.0  # rho -> 1: the prediction says "far beyond any budget" rather than infinity
-
-
-@dataclass(frozen=True)
-class LatencyParts:
-    """One prediction's terms (seconds), for its total and for the debug log of budget decisions.
-
-    total = queue + (prefill + decode) * stretch, times MAX_STRETCH when saturated"""
-
-    queue: float
-    prefill: float
-    decode: float  # the decode steps at `rows` rows
-    stretch: float  # 1 / (1 - rho_p) from the prompt tokens arriving
-    rows: float | None  # the decode batch's sustained rows; None: saturated
-
-    @property
-    def total(self) -> float:
-        if self.rows is None:
-            return (self.queue + self.prefill + self.decode) * MAX_STRETCH
-        return self.queue + (self.prefill + self.decode) * self.stretch
-
-    def describe(self) -> str:
-        rows = "saturated" if self.rows is None else f"rows {self.rows:.1f}"
-        return (f"queue {self.queue:.2f} + (prefill {self.prefill:.2f} + decode {self.decode:.2f}) "
-                f"x stretch {self.stretch:.2f}, {rows}")
 
 
 def decode_lora(adapters: tuple[tuple[int, int, int], ...], slot: int, rank: int) -> tuple[int, int, int]:
@@ -237,11 +205,6 @@ class CostModel:
     def predict_latency(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, rank: int) -> float:
         """Predicted seconds from enqueue to the last token for a new request on adapter `slot` at `rank`
         (0 = base)."""
-        return self.predict_parts(load, slot, num_prompt_tokens, max_tokens, rank).total
-
-    def predict_parts(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int,
-                      rank: int) -> LatencyParts:
-        """predict_latency's terms."""
         n, active = load.num_running, load.num_running + load.num_admitted
         running = decode_lora(load.adapters, slot, 0)
         decode_step = StepFeatures(active, *running, load.context_sum, active)
@@ -275,8 +238,9 @@ class CostModel:
 
         stretch = self.arrival_stretch(load.prompt_tokens_per_s)
         rows = sustained_rows(load.decode_tokens_per_s, 1.0 / stretch, active + 1, load.max_num_seqs, step_at)
-        decode = steps * step_at(load.max_num_seqs if rows is None else rows)
-        return LatencyParts(queue, prefill, decode, stretch, rows)
+        if rows is None:  # saturated
+            return (queue + prefill + steps * step_at(load.max_num_seqs)) * MAX_STRETCH
+        return queue + (prefill + steps * step_at(rows)) * stretch
 
     def arrival_stretch(self, prompt_tokens_per_s: float) -> float:
         """1 / (1 - rho), rho = prompt tokens/s arriving x seconds per prefill token (capped at MAX_STRETCH)."""
@@ -286,12 +250,13 @@ class CostModel:
     def choose_rank(
         self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, candidates: list[int],
         budget_s: float, margin: float | None = None,
-    ) -> RankPick:
-        """The highest candidate predicted within budget, else the lowest. Predictions are scaled by
-        `margin` (default: the learned one, `self.margin.value()`)."""
+    ) -> tuple[int, bool, float]:
+        """(rank, met, predicted seconds): the highest candidate predicted within budget, else the lowest.
+        Predictions are scaled by `margin` (default: the learned one, `self.margin.value()`)."""
         ranks = sorted(set(candidates))
         margin = self.margin.value() if margin is None else margin
-        parts = {r: self.predict_parts(load, slot, num_prompt_tokens, max_tokens, r) for r in ranks}
-        meeting = [r for r in ranks if margin * parts[r].total <= budget_s]
-        rank = meeting[-1] if meeting else ranks[0]
-        return RankPick(rank, bool(meeting), margin * parts[rank].total, parts[rank].rows is None)
+        predictions = {r: margin * self.predict_latency(load, slot, num_prompt_tokens, max_tokens, r) for r in ranks}
+        meeting = [r for r in ranks if predictions[r] <= budget_s]
+        if meeting:
+            return meeting[-1], True, predictions[meeting[-1]]
+        return ranks[0], False, predictions[ranks[0]]

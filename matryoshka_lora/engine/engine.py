@@ -151,7 +151,7 @@ class LLMEngine:
                 detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids),
                 stop_filter=StopStringFilter(params.stop), generator=generator,
                 max_len=min(self.max_model_len, n + params.max_tokens), predicted_latency_s=choice.predicted_s,
-                budget_margin=choice.margin, prediction_saturated=choice.saturated,
+                budget_margin=choice.margin,
             )
             self.scheduler.add(seq)  # may raise QueueFullError
             key, self._next_id = self._next_id, self._next_id + 1
@@ -214,13 +214,8 @@ class LLMEngine:
             self.cost_model.margin.in_flight(in_flight_ratios(self.scheduler.running, now), now)
             for s in done:
                 self.arrivals.finished(s.num_output_tokens, s.max_len - s.num_prompt_tokens)
-                if s.raw_predicted_s and s.finish_reason == "length":
-                    self.cost_model.margin.observe(s.raw_predicted_s, now - s.enqueue_t, now,
-                                                   promised=s.promised_s is not None)
-                if s.predicted_latency_s:
-                    log.debug("%s (rank %d, %s) took %.2f s, predicted %.2f s with margin %.2f",
-                              s.request_id, s.rank, s.rank_reason, now - s.enqueue_t, s.predicted_latency_s,
-                              s.budget_margin)
+                if s.promised_s and s.finish_reason == "length":
+                    self.cost_model.margin.observe(s.promised_s, now - s.enqueue_t, now)
                 if s.key in self._seqs:
                     self._finish(s)
             self._apply_aborts()

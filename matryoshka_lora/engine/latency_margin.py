@@ -29,23 +29,14 @@ each one that has produced at least `MIN_PROGRESS` of its tokens to its end at i
 and margin(now) = max(the rule above, the worst of them) while that is fresh (the engine sets it after
 every step; one older than `fresh_s` is ignored).
 
-`typical(now)` is the same rule at the median, over a wider population: every budgeted request that
-ran to its max_tokens, whether served at a rank predicted to fit or, no rank fitting, at the lowest
-one (`budget_unmet`), except those whose prediction said the machine is saturated (MAX_STRETCH makes
-it no latency). It is the cost model's usual bias. The margin picks a rank, cheap insurance; the
-typical margin decides a refusal (`--budget-unmet refuse`), a sure miss: a request is refused only
-when even the median case would end past its budget at the lowest rank. So it learns from the
-requests such a decision is about: measured at 0.75 x C1 (28 Nov), the promised requests' median
-ratio stood at 1.6 after a cluster of rank-64 requests all ran twice their prediction together, while
-the rank-1 requests served beside them took 0.6-1.7 (median 1.05) of theirs and every one ended
-within its budget; 5 of 34 were refused on that 1.6. The running projections stay out of it: they run
-behind when the recent steps were slow, which the cost model's step correction already puts into the
-prediction (measured in process at 0.75 x C1: right after a cluster of prefill steps the correction
+`typical(now)` is the learned rule at the median: the median of the recent ratios (at least 1; decaying
+to 1 like the margin), the cost model's usual bias. The margin picks a rank, cheap insurance; the
+typical margin decides a refusal (`--budget-unmet refuse`), which is a sure miss: a request is refused
+only when even the median case would end past its budget. The running projections stay out of it: they
+run behind when the recent steps were slow, which the cost model's step correction already puts into
+the prediction (measured in process at 0.75 x C1: right after a cluster of prefill steps the correction
 stood at 1.4 and the running projections' median at 1.5, and the requests admitted then took 0.74-0.9
-of their plain prediction). Tried and not kept: the typical latency as a regression of log(observed) on
-log(raw prediction) over the same requests (the slope came out 0.40-0.46 in four load tests: the
-predictions spread wider than the latencies); it refused less, but past capacity 27-54 % of the
-requests it served ended late, where the median ratio served 84-100 % in time (docs/performance.md).
+of their plain prediction).
 """
 
 from __future__ import annotations
@@ -84,30 +75,6 @@ def in_flight_ratios(running, now: float) -> list[float]:
     return ratios
 
 
-class LearnedQuantile:
-    """The `quantile` of the ratios of the last `max_age_s` seconds (at least 1) while there are
-    `min_samples` of them; otherwise the last value computed from enough, decaying to 1 with `half_life_s`."""
-
-    def __init__(self, quantile: float, max_age_s: float, min_samples: int, max_samples: int, half_life_s: float):
-        self.quantile, self.max_age_s, self.min_samples = quantile, max_age_s, min_samples
-        self.half_life_s = half_life_s
-        self.ratios: collections.deque[tuple[float, float]] = collections.deque(maxlen=max_samples)  # (t, ratio)
-        self._held: tuple[float, float] = (1.0, 0.0)  # (the last value computed from enough ratios, when)
-
-    def add(self, ratio: float, now: float) -> None:
-        self.ratios.append((now, ratio))
-
-    def value(self, now: float) -> float:
-        while self.ratios and now - self.ratios[0][0] > self.max_age_s:
-            self.ratios.popleft()
-        if len(self.ratios) < self.min_samples:
-            held, held_t = self._held
-            return 1.0 + (held - 1.0) * 0.5 ** (max(now - held_t, 0.0) / self.half_life_s)
-        learned = max(1.0, float(np.quantile([r for _, r in self.ratios], self.quantile)))
-        self._held = (learned, now)
-        return learned
-
-
 class LatencyMargin:
     def __init__(self, quantile: float = 0.95, max_age_s: float = 60.0, min_samples: int = 16,
                  max_samples: int = 256, half_life_s: float = 60.0, fresh_s: float = 5.0):
@@ -121,33 +88,42 @@ class LatencyMargin:
             raise ConfigError("margin half_life_s", half_life_s, "seconds > 0")
         if not fresh_s > 0:
             raise ConfigError("margin fresh_s", fresh_s, "seconds > 0")
-        self.fresh_s = fresh_s
-        window = dict(max_age_s=max_age_s, min_samples=min_samples, max_samples=max_samples, half_life_s=half_life_s)
-        self.promised = LearnedQuantile(quantile, **window)  # the promised requests' ratios: value()
-        self.budgeted = LearnedQuantile(TYPICAL_QUANTILE, **window)  # every budgeted request's: typical()
+        self.quantile, self.max_age_s, self.min_samples = quantile, max_age_s, min_samples
+        self.half_life_s, self.fresh_s = half_life_s, fresh_s
         self._in_flight: tuple[float, float] = (1.0, -float("inf"))  # (the worst projected ratio, when)
+        # (quantile -> its last value computed from enough ratios, when)
+        self._held: tuple[dict[float, float], float] = ({quantile: 1.0, TYPICAL_QUANTILE: 1.0}, 0.0)
+        self._ratios: collections.deque[tuple[float, float]] = collections.deque(maxlen=max_samples)  # (t, ratio)
 
-    def observe(self, predicted_s: float, observed_s: float, now: float | None = None, promised: bool = True) -> None:
-        """A budgeted request that ran to its max_tokens: its raw prediction (not saturated) and its latency;
-        `promised`: it was served at a rank predicted to meet its budget."""
+    def observe(self, predicted_s: float, observed_s: float, now: float | None = None) -> None:
+        """A promised request that ran to its max_tokens: the raw prediction and its latency."""
         if predicted_s > 0 and observed_s > 0:
-            now = time.perf_counter() if now is None else now
-            self.budgeted.add(observed_s / predicted_s, now)
-            if promised:
-                self.promised.add(observed_s / predicted_s, now)
+            self._ratios.append((time.perf_counter() if now is None else now, observed_s / predicted_s))
 
     def in_flight(self, ratios: list[float], now: float | None = None) -> None:
         """The projected ratios of the promised requests running now (`in_flight_ratios`); the worst counts."""
         self._in_flight = (max([1.0, *ratios]), time.perf_counter() if now is None else now)
 
     def value(self, now: float | None = None) -> float:
-        """The margin: the promised requests' learned `quantile`, and at least the worst running projection
-        while fresh."""
+        """The margin: the learned `quantile`, and at least the worst running projection while fresh."""
         now = time.perf_counter() if now is None else now
-        learned = self.promised.value(now)
+        learned = self._learned(now)[self.quantile]
         worst, set_at = self._in_flight
         return max(learned, worst) if now - set_at <= self.fresh_s else learned
 
     def typical(self, now: float | None = None) -> float:
-        """The typical margin: the budgeted requests' learned median (the running projections do not count)."""
-        return self.budgeted.value(time.perf_counter() if now is None else now)
+        """The typical margin: the learned median (the running projections do not count)."""
+        return self._learned(time.perf_counter() if now is None else now)[TYPICAL_QUANTILE]
+
+    def _learned(self, now: float) -> dict[float, float]:
+        """Both learned quantiles (the margin's and the median), held together so that they decay together."""
+        while self._ratios and now - self._ratios[0][0] > self.max_age_s:
+            self._ratios.popleft()
+        if len(self._ratios) < self.min_samples:
+            held, held_t = self._held
+            return {q: 1.0 + (m - 1.0) * 0.5 ** (max(now - held_t, 0.0) / self.half_life_s) for q, m in held.items()}
+        quantiles = (self.quantile, TYPICAL_QUANTILE)
+        values = np.quantile([r for _, r in self._ratios], quantiles)
+        learned = {q: max(1.0, float(v)) for q, v in zip(quantiles, values, strict=True)}
+        self._held = (learned, now)
+        return learned

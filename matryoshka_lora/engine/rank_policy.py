@@ -6,13 +6,12 @@
                                     cost model (times its learned margin) to meet the budget, "budget";
                                     else the lowest, "budget_unmet"
                                     (or BudgetUnmetError when the request refuses to be served late and
-                                    its typical latency at the lowest rank misses too)
+                                    the typical margin's prediction at the lowest rank misses too)
     neither                      -> min(r_max, max_rank), "default"
 """
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -24,8 +23,6 @@ from matryoshka_lora.engine.cost_model import Arrivals, CostModel, LoadSnapshot
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.errors import UnknownAdapterError
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class RankChoice:
@@ -34,7 +31,6 @@ class RankChoice:
     reason: RankReason
     predicted_s: float | None = None  # with the margin
     margin: float = 1.0  # the latency margin the prediction was scaled by
-    saturated: bool = False  # the prediction said the arrivals outrun the machine (x MAX_STRETCH)
 
 
 def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None) -> LoadSnapshot:
@@ -83,22 +79,11 @@ def resolve_rank(
     num_prompt = len(request.prompt_token_ids)
     max_tokens = min(request.sampling.max_tokens, max_model_len - num_prompt)
     margin = cost_model.margin.value()
-    load = load_snapshot(scheduler, arrivals)
-    rank, met, predicted, saturated = cost_model.choose_rank(
-        load, entry.slot, num_prompt, max_tokens, candidates, request.latency_budget_ms / 1000.0, margin,
+    rank, met, predicted = cost_model.choose_rank(
+        load_snapshot(scheduler, arrivals), entry.slot, num_prompt, max_tokens, candidates,
+        request.latency_budget_ms / 1000.0, margin,
     )
     reason = "budget" if met else "budget_unmet"
-    raw = predicted / margin
-    typical = None  # the typical latency at the lowest rank, when none fits (MAX_STRETCH'ed as it is: saturated)
-    if not met:
-        typical = raw if saturated else raw * cost_model.margin.typical()
-    if log.isEnabledFor(logging.DEBUG):
-        parts = cost_model.predict_parts(load, entry.slot, num_prompt, max_tokens, rank)
-        log.debug("%s: budget %.2f s -> rank %d (%s): predicted %.2f s = margin %.2f x [%s]%s; running %d, "
-                  "waiting %d, pending prefill %d, arriving %.0f prompt + %.0f output tokens/s, step correction %.2f",
-                  request.request_id, request.latency_budget_ms / 1000.0, rank, reason, predicted, margin,
-                  parts.describe(),
-                  "" if typical is None else f", typical {typical:.2f} s", load.num_running, load.num_waiting,
-                  load.pending_prefill, load.prompt_tokens_per_s, load.decode_tokens_per_s, cost_model.correction)
+    typical = None if met else predicted / margin * cost_model.margin.typical()
     check_budget_met(request, reason, rank, predicted, typical)
-    return RankChoice(entry, rank, reason, predicted, margin, saturated)
+    return RankChoice(entry, rank, reason, predicted, margin)

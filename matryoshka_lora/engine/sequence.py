@@ -47,7 +47,6 @@ class Sequence:
     max_len: int  # max prompt + output tokens (min of max_model_len and prompt + max_tokens)
     predicted_latency_s: float | None = None  # a budgeted request's predicted latency, margin included
     budget_margin: float = 1.0  # the margin in it (the engine's LatencyMargin learns from the raw prediction)
-    prediction_saturated: bool = False  # that prediction said the arrivals outrun the machine
     key: int = -1  # the engine's id of this sequence
     token_ids: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0
@@ -72,18 +71,12 @@ class Sequence:
         return self.request.tenant
 
     @property
-    def raw_predicted_s(self) -> float | None:
-        """A budgeted request's prediction before the margin; None for any other, and for a prediction that
-        said the machine is saturated (its MAX_STRETCH is no latency)."""
-        if not self.predicted_latency_s or self.prediction_saturated:
+    def promised_s(self) -> float | None:
+        """The cost model's raw prediction (before the margin) for a request served at a rank predicted to
+        meet its budget (rank_reason "budget"); None for any other. What the LatencyMargin learns from."""
+        if self.rank_reason != "budget" or not self.predicted_latency_s:
             return None
         return self.predicted_latency_s / self.budget_margin
-
-    @property
-    def promised_s(self) -> float | None:
-        """The raw prediction of a request served at a rank predicted to meet its budget (rank_reason
-        "budget"); None for any other. What the LatencyMargin's margin learns from."""
-        return self.raw_predicted_s if self.rank_reason == "budget" else None
 
     @property
     def num_output_tokens(self) -> int:
