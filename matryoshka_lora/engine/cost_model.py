@@ -118,6 +118,30 @@ class Arrivals:
 MAX_STRETCH = 20.0  # rho -> 1: the prediction says "far beyond any budget" rather than infinity
 
 
+@dataclass(frozen=True)
+class LatencyParts:
+    """One prediction's terms (seconds), for its total and for the debug log of budget decisions.
+
+    total = queue + (prefill + decode) * stretch, times MAX_STRETCH when saturated"""
+
+    queue: float
+    prefill: float
+    decode: float  # the decode steps at `rows` rows
+    stretch: float  # 1 / (1 - rho_p) from the prompt tokens arriving
+    rows: float | None  # the decode batch's sustained rows; None: saturated
+
+    @property
+    def total(self) -> float:
+        if self.rows is None:
+            return (self.queue + self.prefill + self.decode) * MAX_STRETCH
+        return self.queue + (self.prefill + self.decode) * self.stretch
+
+    def describe(self) -> str:
+        rows = "saturated" if self.rows is None else f"rows {self.rows:.1f}"
+        return (f"queue {self.queue:.2f} + (prefill {self.prefill:.2f} + decode {self.decode:.2f}) "
+                f"x stretch {self.stretch:.2f}, {rows}")
+
+
 def decode_lora(adapters: tuple[tuple[int, int, int], ...], slot: int, rank: int) -> tuple[int, int, int]:
     """(lora_flops, lora_reads, num_groups) of a decode step of the running set plus one row of `slot`
     at `rank` (rank 0: a base-model row): each adapter's rows are groups of up to MAX_MASKED_ROWS rows
@@ -205,6 +229,11 @@ class CostModel:
     def predict_latency(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, rank: int) -> float:
         """Predicted seconds from enqueue to the last token for a new request on adapter `slot` at `rank`
         (0 = base)."""
+        return self.predict_parts(load, slot, num_prompt_tokens, max_tokens, rank).total
+
+    def predict_parts(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int,
+                      rank: int) -> LatencyParts:
+        """predict_latency's terms."""
         n, active = load.num_running, load.num_running + load.num_admitted
         running = decode_lora(load.adapters, slot, 0)
         decode_step = StepFeatures(active, *running, load.context_sum, active)
@@ -238,9 +267,8 @@ class CostModel:
 
         stretch = self.arrival_stretch(load.prompt_tokens_per_s)
         rows = sustained_rows(load.decode_tokens_per_s, 1.0 / stretch, active + 1, load.max_num_seqs, step_at)
-        if rows is None:  # saturated
-            return (queue + prefill + steps * step_at(load.max_num_seqs)) * MAX_STRETCH
-        return queue + (prefill + steps * step_at(rows)) * stretch
+        decode = steps * step_at(load.max_num_seqs if rows is None else rows)
+        return LatencyParts(queue, prefill, decode, stretch, rows)
 
     def arrival_stretch(self, prompt_tokens_per_s: float) -> float:
         """1 / (1 - rho), rho = prompt tokens/s arriving x seconds per prefill token (capped at MAX_STRETCH)."""

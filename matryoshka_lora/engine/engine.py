@@ -216,6 +216,9 @@ class LLMEngine:
                 self.arrivals.finished(s.num_output_tokens, s.max_len - s.num_prompt_tokens)
                 if s.promised_s and s.finish_reason == "length":
                     self.cost_model.margin.observe(s.promised_s, now - s.enqueue_t, now)
+                if s.predicted_latency_s:
+                    log.debug("%s (rank %d, %s) took %.2f s, predicted %.2f s with margin %.2f", s.request_id,
+                              s.rank, s.rank_reason, now - s.enqueue_t, s.predicted_latency_s, s.budget_margin)
                 if s.key in self._seqs:
                     self._finish(s)
             self._apply_aborts()

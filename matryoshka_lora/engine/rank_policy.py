@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -22,6 +23,8 @@ from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
 from matryoshka_lora.engine.cost_model import Arrivals, CostModel, LoadSnapshot
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.errors import UnknownAdapterError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,19 @@ def resolve_rank(
     num_prompt = len(request.prompt_token_ids)
     max_tokens = min(request.sampling.max_tokens, max_model_len - num_prompt)
     margin = cost_model.margin.value()
+    load = load_snapshot(scheduler, arrivals)
     rank, met, predicted = cost_model.choose_rank(
-        load_snapshot(scheduler, arrivals), entry.slot, num_prompt, max_tokens, candidates,
-        request.latency_budget_ms / 1000.0, margin,
+        load, entry.slot, num_prompt, max_tokens, candidates, request.latency_budget_ms / 1000.0, margin,
     )
     reason = "budget" if met else "budget_unmet"
     typical = None if met else predicted / margin * cost_model.margin.typical()
+    if log.isEnabledFor(logging.DEBUG):
+        parts = cost_model.predict_parts(load, entry.slot, num_prompt, max_tokens, rank)
+        log.debug("%s: budget %.2f s -> rank %d (%s): predicted %.2f s = margin %.2f x [%s]%s; running %d, "
+                  "waiting %d, pending prefill %d, arriving %.0f prompt + %.0f output tokens/s, step correction %.2f",
+                  request.request_id, request.latency_budget_ms / 1000.0, rank, reason, predicted, margin,
+                  parts.describe(), "" if typical is None else f", typical {typical:.2f} s", load.num_running,
+                  load.num_waiting, load.pending_prefill, load.prompt_tokens_per_s, load.decode_tokens_per_s,
+                  cost_model.correction)
     check_budget_met(request, reason, rank, predicted, typical)
     return RankChoice(entry, rank, reason, predicted, margin)

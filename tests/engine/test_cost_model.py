@@ -182,6 +182,9 @@ def test_decode_demand_past_capacity_makes_every_budget_unmet():
     budget = 3 * at["quiet"]  # ample when quiet
     assert model.choose_rank(quiet, 2, 20, 32, [1, 8, 64], budget)[:2] == (64, True)
     assert model.choose_rank(flooded, 2, 20, 32, [1, 8, 64], budget)[:2] == (1, False)
+    parts = model.predict_parts(flooded, 2, 20, 32, 1)
+    assert parts.rows is None  # saturated
+    assert parts.total == pytest.approx(MAX_STRETCH * (parts.queue + parts.prefill + parts.decode))
 
 
 def test_arrivals_count_what_requests_generate():
@@ -195,3 +198,15 @@ def test_arrivals_count_what_requests_generate():
     arrivals.add(10, 64, now=0.0)
     assert arrivals.decode_tokens.rate(0.0) == pytest.approx(0.25 * 64 / 10.0, rel=1e-3)
     assert arrivals.prompt_tokens.rate(0.0) == pytest.approx(10 / 10.0)
+
+
+def test_the_parts_add_up_to_the_prediction():
+    from dataclasses import replace
+
+    model = CostModel(coef=TRUE.copy())
+    snap = replace(load(num_running=4, num_waiting=2), prompt_tokens_per_s=500.0, decode_tokens_per_s=50.0)
+    parts = model.predict_parts(snap, 2, 20, 32, 8)
+    assert parts.rows is not None and parts.stretch > 1.0 and parts.prefill > 0 and parts.decode > 0
+    assert parts.total == pytest.approx(parts.queue + (parts.prefill + parts.decode) * parts.stretch)
+    assert model.predict_latency(snap, 2, 20, 32, 8) == parts.total
+    assert "stretch" in parts.describe()
