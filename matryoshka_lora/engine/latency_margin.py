@@ -36,7 +36,9 @@ only when even the median case would end past its budget. The running projection
 run behind when the recent steps were slow, which the cost model's step correction already puts into
 the prediction (measured in process at 0.75 x C1: right after a cluster of prefill steps the correction
 stood at 1.4 and the running projections' median at 1.5, and the requests admitted then took 0.74-0.9
-of their plain prediction).
+of their plain prediction). Learning it from every budgeted request (the `budget_unmet` ones too), or
+as a regression of latency on the prediction, refused less but served requests late past capacity:
+tried and not kept (docs/performance.md, "Latency budget -> rank").
 """
 
 from __future__ import annotations
