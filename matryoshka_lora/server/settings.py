@@ -79,7 +79,9 @@ class ServerSettings(BaseSettings):
         "case (the median of observed / predicted latency) would serve late; the rest is served at the lowest rank."
     )
     seed: int = Field(0, description="Seed of requests that carry none.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level (debug: each budget decision's terms).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level (debug: each budget decision's terms)."
+    )
     access_log: bool = Field(True, description="Log one line per HTTP request (uvicorn's access log, at info).")
 
     @field_validator("adapters", mode="before")
