@@ -17,7 +17,7 @@ A request's end-to-end latency at rank r of adapter slot a, under the current lo
                  tokens of the running sequences)
   + decode      (max_tokens - 1 steps of the active set plus it, contexts growing)
 where the active set is the running sequences plus the waiting ones that free slots admit first.
-Requests arriving during this one's life are counted from two arrival rates (RateMeter):
+Requests arriving during this one's life are counted from two arrival rates (arrivals.py):
   * prompts: prefill and decode are stretched by 1 / (1 - rho_p), rho_p = prompt tokens/s arriving x
     the fitted per-token cost (later arrivals' prefill chunks share this request's steps);
   * decode demand D (output tokens/s asked for): by Little's law the decode batch settles at N rows
@@ -76,43 +76,8 @@ class LoadSnapshot:
     max_num_batched_tokens: int
     num_admitted: int = 0
     pending_prefill: int = 0  # prompt tokens of the active set not computed yet (prefilled before ours)
-    prompt_tokens_per_s: float = 0.0  # recent arrival rate of prompt tokens (RateMeter)
-    decode_tokens_per_s: float = 0.0  # recent arrival rate of output tokens asked for (RateMeter)
-
-
-class RateMeter:
-    """An exponentially decaying rate: rate = sum of amounts weighted by exp(-age / window_s) / window_s."""
-
-    def __init__(self, window_s: float = 20.0):
-        self.window_s, self._sum, self._t = window_s, 0.0, None
-
-    def _decayed(self, now: float) -> float:
-        return 0.0 if self._t is None else self._sum * math.exp(-(now - self._t) / self.window_s)
-
-    def add(self, amount: float, now: float) -> None:
-        self._sum, self._t = self._decayed(now) + amount, now
-
-    def rate(self, now: float) -> float:
-        return self._decayed(now) / self.window_s
-
-
-class Arrivals:
-    """What arrives, for the budget predictions: prompt tokens/s and output tokens/s asked for.
-
-    The output demand counts each request's max_tokens times `output_fill`, the EMA of generated / asked
-    over finished requests (requests that stop at EOS ask for less than their max_tokens)."""
-
-    def __init__(self, window_s: float = 20.0, ema: float = 0.1):
-        self.prompt_tokens, self.decode_tokens = RateMeter(window_s), RateMeter(window_s)
-        self.output_fill, self.ema = 1.0, ema
-
-    def add(self, num_prompt_tokens: int, max_tokens: int, now: float) -> None:
-        self.prompt_tokens.add(num_prompt_tokens, now)
-        self.decode_tokens.add(max_tokens * self.output_fill, now)
-
-    def finished(self, num_generated: int, num_asked: int) -> None:
-        if num_asked > 0:
-            self.output_fill = (1 - self.ema) * self.output_fill + self.ema * min(num_generated / num_asked, 1.0)
+    prompt_tokens_per_s: float = 0.0  # recent arrival rate of prompt tokens (arrivals.RateMeter)
+    decode_tokens_per_s: float = 0.0  # recent arrival rate of output tokens asked for (arrivals.RateMeter)
 
 
 MAX_STRETCH = 20.0  # rho -> 1: the prediction says "far beyond any budget" rather than infinity

@@ -31,7 +31,8 @@ from matryoshka_lora.engine.adapter_slots import (
     fuse_adapter,
 )
 from matryoshka_lora.engine.config import EngineConfig
-from matryoshka_lora.engine.cost_model import Arrivals, CostModel, StepFeatures
+from matryoshka_lora.engine.arrivals import Arrivals
+from matryoshka_lora.engine.cost_model import CostModel, StepFeatures
 from matryoshka_lora.engine.cpu_kernels import load_step_ops
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.engine.kv_cache import KVCache

@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from matryoshka_lora.backends.base import GenerationRequest, RankReason
 from matryoshka_lora.backends.rank_rules import check_budget_met, decide_rank, is_base_request
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
-from matryoshka_lora.engine.cost_model import Arrivals, CostModel, LoadSnapshot
+from matryoshka_lora.engine.arrivals import Arrivals
+from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.errors import UnknownAdapterError
 

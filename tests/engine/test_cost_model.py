@@ -121,18 +121,6 @@ def test_refits_on_observed_steps():
     assert model.predict_step(f) == pytest.approx(float(f.vector() @ slow), rel=0.2)
 
 
-def test_rate_meter_decays():
-    from matryoshka_lora.engine.cost_model import RateMeter
-
-    meter = RateMeter(window_s=10.0)
-    assert meter.rate(0.0) == 0.0
-    for t in range(100):  # 128 tokens every second for 100 s: ~128 tokens/s
-        meter.add(128, float(t))
-    assert meter.rate(99.0) == pytest.approx(128 * (1 - np.exp(-10.0)) / (1 - np.exp(-0.1)) / 10, rel=1e-9)
-    assert meter.rate(99.0) == pytest.approx(128, rel=0.06)
-    assert meter.rate(199.0) < 1e-2  # quiet for 100 s: gone
-
-
 @pytest.mark.parametrize("tokens_per_s, expected", [(0.0, 1.0), (0.5 / TRUE[1], 2.0), (1.0 / TRUE[1], 20.0)])
 def test_arrivals_stretch_the_prediction(tokens_per_s, expected):
     """rho = arriving prompt tokens/s x s per token: half the machine taken by arrivals doubles the time."""
@@ -185,19 +173,6 @@ def test_decode_demand_past_capacity_makes_every_budget_unmet():
     parts = model.predict_parts(flooded, 2, 20, 32, 1)
     assert parts.rows is None  # saturated
     assert parts.total == pytest.approx(MAX_STRETCH * (parts.queue + parts.prefill + parts.decode))
-
-
-def test_arrivals_count_what_requests_generate():
-    """Requests that stop at EOS after a quarter of max_tokens: the output demand follows (EMA)."""
-    from matryoshka_lora.engine.cost_model import Arrivals
-
-    arrivals = Arrivals(window_s=10.0, ema=0.5)
-    for _ in range(20):
-        arrivals.finished(16, 64)
-    assert arrivals.output_fill == pytest.approx(0.25, rel=1e-3)
-    arrivals.add(10, 64, now=0.0)
-    assert arrivals.decode_tokens.rate(0.0) == pytest.approx(0.25 * 64 / 10.0, rel=1e-3)
-    assert arrivals.prompt_tokens.rate(0.0) == pytest.approx(10 / 10.0)
 
 
 def test_the_parts_add_up_to_the_prediction():
