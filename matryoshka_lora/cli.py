@@ -252,8 +252,9 @@ def serve(
                             "[MATRYOSHKA_BUDGET_UNMET; serve].")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of requests without one [MATRYOSHKA_SEED; 0].")] = None,
     log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug | info | warning | error; debug "
-                         "also logs each latency-budget decision's prediction terms and each budgeted request's "
-                         "real latency [MATRYOSHKA_LOG_LEVEL; info].")] = None,
+                         "also logs each latency-budget decision's prediction terms, each budgeted request's "
+                         "real latency and each request held back to keep a promised budget [MATRYOSHKA_LOG_LEVEL; "
+                         "info].")] = None,
     access_log: Annotated[Optional[bool], typer.Option("--access-log/--no-access-log", help="One log line per HTTP "
                           "request, at info (off: ~0.1-0.2 ms less CPU per request) [MATRYOSHKA_ACCESS_LOG; on].")] = None,
     hash_key: Annotated[bool, typer.Option("--hash-key", help="Read an API key from stdin, print its sha256 for the "

@@ -29,6 +29,20 @@ The active set's decode rows of one adapter form one group at the largest rank a
 computes them (so joining an adapter already served at rank 64 costs rank 64 whatever its rank).
 `choose_rank` serves the highest candidate rank predicted to meet the budget, its predictions scaled by
 `margin` (latency_margin.py: learned from how long the requests predicted to fit really took).
+
+Promises are kept: a request already served at a rank predicted to meet its budget (a promise) was
+predicted with the load of its moment, and each request that joins the batch after it adds a decode row
+to its remaining steps and its prompt's prefill steps before them. So a waiting request joins only when
+no promise that still fits would end past its budget because of it (`hold_s`; the scheduler asks before
+each admission), with, for each promise p,
+    ahead   = the extra seconds of the prefill steps already pending, over plain decode steps
+    without = ahead + p's remaining tokens x the slower of the active set's decode step and p's own pace
+              so far (the prefill steps of the requests that joined after it are in that pace)
+    with    = without + the extra seconds of the new prompt's prefill steps
+                      + p's remaining tokens x (the step with the new row - the step without)
+    the new request waits while some p has  without <= p's budget left < with
+(a promise past its budget either way holds nobody: holding would not save it), and its prediction starts
+with that wait: `hold`, until the last promise that holds it ends.
 """
 
 from __future__ import annotations
@@ -78,6 +92,16 @@ class LoadSnapshot:
     pending_prefill: int = 0  # prompt tokens of the active set not computed yet (prefilled before ours)
     prompt_tokens_per_s: float = 0.0  # recent arrival rate of prompt tokens (arrivals.RateMeter)
     decode_tokens_per_s: float = 0.0  # recent arrival rate of output tokens asked for (arrivals.RateMeter)
+    promises: tuple[Promise, ...] = ()  # the active set's requests served at a rank predicted to fit
+
+
+@dataclass(frozen=True)
+class Promise:
+    """An active request served at a rank predicted to meet its budget (rank_reason "budget")."""
+
+    budget_left_s: float  # its budget minus the time since it was enqueued
+    num_remaining: int  # output tokens it still has to produce
+    seconds_per_token: float = 0.0  # its pace since its first token (prefill stalls in it), 0 before two tokens
 
 
 MAX_STRETCH = 20.0  # rho -> 1: the prediction says "far beyond any budget" rather than infinity
@@ -87,9 +111,10 @@ MAX_STRETCH = 20.0  # rho -> 1: the prediction says "far beyond any budget" rath
 class LatencyParts:
     """One prediction's terms (seconds), for its total and for the debug log of budget decisions.
 
-    total = queue + (prefill + decode) * stretch, times MAX_STRETCH when saturated"""
+    total = queue + hold + (prefill + decode) * stretch, times MAX_STRETCH when saturated"""
 
     queue: float
+    hold: float  # waiting until the promises it would break have ended (see the module docstring)
     prefill: float
     decode: float  # the decode steps at `rows` rows
     stretch: float  # 1 / (1 - rho_p) from the prompt tokens arriving
@@ -98,12 +123,13 @@ class LatencyParts:
     @property
     def total(self) -> float:
         if self.rows is None:
-            return (self.queue + self.prefill + self.decode) * MAX_STRETCH
-        return self.queue + (self.prefill + self.decode) * self.stretch
+            return (self.queue + self.hold + self.prefill + self.decode) * MAX_STRETCH
+        return self.queue + self.hold + (self.prefill + self.decode) * self.stretch
 
     def describe(self) -> str:
         rows = "saturated" if self.rows is None else f"rows {self.rows:.1f}"
-        return (f"queue {self.queue:.2f} + (prefill {self.prefill:.2f} + decode {self.decode:.2f}) "
+        return (f"queue {self.queue:.2f} + hold {self.hold:.2f} + "
+                f"(prefill {self.prefill:.2f} + decode {self.decode:.2f}) "
                 f"x stretch {self.stretch:.2f}, {rows}")
 
 
@@ -199,7 +225,7 @@ class CostModel:
     def predict_parts(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int,
                       rank: int) -> LatencyParts:
         """predict_latency's terms."""
-        n, active = load.num_running, load.num_running + load.num_admitted
+        active = load.num_running + load.num_admitted
         running = decode_lora(load.adapters, slot, 0)
         decode_step = StepFeatures(active, *running, load.context_sum, active)
         free = load.max_num_seqs - load.num_running
@@ -208,18 +234,8 @@ class CostModel:
         if ahead > 0:
             waves = math.ceil(ahead / load.max_num_seqs)
             queue = waves * max(load.mean_remaining, 1.0) * self.predict_step(decode_step)
-        total = load.pending_prefill + num_prompt_tokens
-        prefill, left = 0.0, total
-        while left > 0:  # a prompt chunk is a group of its own beside the running set's groups
-            chunk = min(left, max(load.max_num_batched_tokens - n, 1))
-            done = max(num_prompt_tokens - left, 0)
-            flops, reads, groups = running
-            if rank > 0:
-                flops, reads, groups = flops + chunk * rank, reads + rank, groups + 1
-            prefill += self.predict_step(StepFeatures(
-                n + chunk, flops, reads, groups, load.context_sum + chunk * (done + chunk), n + (1 if left == chunk else 0),
-            ))
-            left -= chunk
+        hold = self.hold_s(load, slot, num_prompt_tokens, rank)
+        prefill, _ = self._prefill_steps(load, load.pending_prefill + num_prompt_tokens, num_prompt_tokens, rank)
         steps = max(max_tokens - 1, 0)
         # contexts grow by one token per sequence per step: use the mean context over the decode
         mean_ctx = load.context_sum + active * steps / 2 + num_prompt_tokens + steps / 2
@@ -233,7 +249,41 @@ class CostModel:
         stretch = self.arrival_stretch(load.prompt_tokens_per_s)
         rows = sustained_rows(load.decode_tokens_per_s, 1.0 / stretch, active + 1, load.max_num_seqs, step_at)
         decode = steps * step_at(load.max_num_seqs if rows is None else rows)
-        return LatencyParts(queue, prefill, decode, stretch, rows)
+        return LatencyParts(queue, hold, prefill, decode, stretch, rows)
+
+    def _prefill_steps(self, load: LoadSnapshot, num_tokens: int, num_own: int, rank: int) -> tuple[float, int]:
+        """(seconds, steps) to prefill `num_tokens` prompt tokens, the last `num_own` of them a new
+        request's at `rank`, in chunks beside the running set's decode rows."""
+        n, running = load.num_running, decode_lora(load.adapters, -1, 0)
+        seconds, left, steps = 0.0, num_tokens, 0
+        while left > 0:  # a prompt chunk is a group of its own beside the running set's groups
+            chunk = min(left, max(load.max_num_batched_tokens - n, 1))
+            done = max(num_own - left, 0)
+            flops, reads, groups = running
+            if rank > 0:
+                flops, reads, groups = flops + chunk * rank, reads + rank, groups + 1
+            seconds += self.predict_step(StepFeatures(
+                n + chunk, flops, reads, groups, load.context_sum + chunk * (done + chunk),
+                n + (1 if left == chunk else 0),
+            ))
+            left, steps = left - chunk, steps + 1
+        return seconds, steps
+
+    def hold_s(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, rank: int) -> float:
+        """Seconds a new request (adapter `slot` at `rank`) waits before it may join the batch, 0 for at
+        once: until the last promise it would push past its budget ends (module docstring)."""
+        if not load.promises:
+            return 0.0
+        active = load.num_running + load.num_admitted
+        step = self.predict_step(StepFeatures(active, *decode_lora(load.adapters, slot, 0), load.context_sum, active))
+        step_with = self.predict_step(StepFeatures(active + 1, *decode_lora(load.adapters, slot, rank),
+                                                   load.context_sum + num_prompt_tokens, active + 1))
+        pending_s, pending_steps = self._prefill_steps(load, load.pending_prefill, 0, 0)
+        own_s, own_steps = self._prefill_steps(load, num_prompt_tokens, num_prompt_tokens, rank)
+        ahead, extra = pending_s - pending_steps * step, own_s - own_steps * step
+        ends = [ahead + p.num_remaining * max(step, p.seconds_per_token) for p in load.promises]
+        return max((end for end, p in zip(ends, load.promises, strict=True)
+                    if end <= p.budget_left_s < end + extra + p.num_remaining * (step_with - step)), default=0.0)
 
     def arrival_stretch(self, prompt_tokens_per_s: float) -> float:
         """1 / (1 - rho), rho = prompt tokens/s arriving x seconds per prefill token (capped at MAX_STRETCH)."""
@@ -243,13 +293,13 @@ class CostModel:
     def choose_rank(
         self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, candidates: list[int],
         budget_s: float, margin: float | None = None,
-    ) -> tuple[int, bool, float]:
-        """(rank, met, predicted seconds): the highest candidate predicted within budget, else the lowest.
-        Predictions are scaled by `margin` (default: the learned one, `self.margin.value()`)."""
+    ) -> tuple[int, bool, float, LatencyParts]:
+        """(rank, met, predicted seconds, its terms): the highest candidate predicted within budget, else the
+        lowest. Predictions are scaled by `margin` (default: the learned one, `self.margin.value()`); the
+        terms are the chosen rank's, before the margin."""
         ranks = sorted(set(candidates))
         margin = self.margin.value() if margin is None else margin
-        predictions = {r: margin * self.predict_latency(load, slot, num_prompt_tokens, max_tokens, r) for r in ranks}
-        meeting = [r for r in ranks if predictions[r] <= budget_s]
-        if meeting:
-            return meeting[-1], True, predictions[meeting[-1]]
-        return ranks[0], False, predictions[ranks[0]]
+        parts = {r: self.predict_parts(load, slot, num_prompt_tokens, max_tokens, r) for r in ranks}
+        meeting = [r for r in ranks if margin * parts[r].total <= budget_s]
+        rank = meeting[-1] if meeting else ranks[0]
+        return rank, bool(meeting), margin * parts[rank].total, parts[rank]

@@ -39,7 +39,7 @@ from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.latency_margin import in_flight_ratios
 from matryoshka_lora.engine.lora_ops import LoRAGroup
 from matryoshka_lora.engine.model_runner import BASE_SLOT, ModelRunner, StepItem
-from matryoshka_lora.engine.rank_policy import resolve_rank
+from matryoshka_lora.engine.rank_policy import load_snapshot, resolve_rank
 from matryoshka_lora.engine.sampler import sample
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.engine.sequence import Sequence
@@ -76,7 +76,7 @@ class LLMEngine:
         self.kv = KVCache(self.weights.spec, config.max_num_seqs, self.max_model_len)
         self.adapters = AdapterSlots(self.weights.spec, config.max_adapters)
         self.runner = ModelRunner(self.weights, self.kv, self.adapters.table, ops)
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len, self._keeps_promises)
         self.cost_model = CostModel()
         self.arrivals = Arrivals()  # prompt and output tokens/s arriving, for the budget predictions
         self.lock = threading.Condition()
@@ -169,6 +169,18 @@ class LLMEngine:
             if key in self._seqs:
                 self._aborts.add(key)
                 self.lock.notify()
+
+    def _keeps_promises(self, seq: Sequence) -> bool:
+        """The scheduler's admission check (under the lock): joining now pushes no promised budget past it."""
+        if not any(s.promised_s for s in self.scheduler.running):
+            return True
+        hold = self.cost_model.hold_s(load_snapshot(self.scheduler, admitted=False), seq.adapter_slot,
+                                      seq.num_prompt_tokens, seq.rank)
+        if hold > 0 and seq.held_t is None:
+            seq.held_t = time.perf_counter()
+            log.debug("%s waits (about %.2f s): joining now would end a promised request past its budget",
+                      seq.request_id, hold)
+        return hold == 0
 
     def _finish(self, seq: Sequence) -> None:
         """Under the lock: drop the sequence, its KV slot and its adapter reference."""

@@ -21,7 +21,7 @@ from matryoshka_lora.backends.base import GenerationRequest, RankReason
 from matryoshka_lora.backends.rank_rules import check_budget_met, decide_rank, is_base_request
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
 from matryoshka_lora.engine.arrivals import Arrivals
-from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot
+from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot, Promise
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.errors import UnknownAdapterError
 
@@ -37,18 +37,19 @@ class RankChoice:
     margin: float = 1.0  # the latency margin the prediction was scaled by
 
 
-def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None) -> LoadSnapshot:
-    """The running set plus the waiting requests that free KV slots will admit next: they all run together;
-    and the recent arrival rates of prompt tokens and of output tokens asked for."""
+def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None, admitted: bool = True) -> LoadSnapshot:
+    """The running set plus (`admitted`) the waiting requests that free KV slots will admit next: they all
+    run together; their promises; and the recent arrival rates of prompt tokens and of output tokens asked for."""
     running = scheduler.running
-    admitted = scheduler.waiting_seqs()[: scheduler.kv.num_free_slots]
-    active = running + admitted
+    admitted_seqs = scheduler.waiting_seqs()[: scheduler.kv.num_free_slots] if admitted else []
+    active = running + admitted_seqs
     remaining = [max(s.max_len - len(s.token_ids), 0) for s in active]
     adapters: dict[int, tuple[int, int]] = {}  # slot -> (sequences, largest rank)
     for s in active:
         if s.rank > 0:
             n, r = adapters.get(s.adapter_slot, (0, 0))
             adapters[s.adapter_slot] = (n + 1, max(r, s.rank))
+    now = time.perf_counter()
     snapshot = LoadSnapshot(
         num_running=len(running),
         num_waiting=scheduler.num_waiting,
@@ -57,14 +58,22 @@ def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None) -> Loa
         context_sum=sum(len(s.token_ids) for s in active),
         mean_remaining=statistics.fmean(remaining) if remaining else 0.0,
         max_num_batched_tokens=scheduler.max_num_batched_tokens,
-        num_admitted=len(admitted),
+        num_admitted=len(admitted_seqs),
         pending_prefill=sum(max(s.num_prompt_tokens - s.num_computed, 0) for s in active),
+        promises=tuple(Promise(s.request.latency_budget_ms / 1000.0 - (now - s.enqueue_t), n, pace(s, now))
+                       for s, n in zip(active, remaining, strict=True) if s.promised_s),
     )
     if arrivals is None:
         return snapshot
-    now = time.perf_counter()
     return replace(snapshot, prompt_tokens_per_s=arrivals.prompt_tokens.rate(now),
                    decode_tokens_per_s=arrivals.decode_tokens.rate(now))
+
+
+def pace(seq, now: float) -> float:
+    """Seconds per output token since its first (0 before it has two)."""
+    if seq.first_token_t is None or seq.num_output_tokens < 2:
+        return 0.0
+    return (now - seq.first_token_t) / (seq.num_output_tokens - 1)
 
 
 def resolve_rank(
@@ -84,13 +93,12 @@ def resolve_rank(
     max_tokens = min(request.sampling.max_tokens, max_model_len - num_prompt)
     margin = cost_model.margin.value()
     load = load_snapshot(scheduler, arrivals)
-    rank, met, predicted = cost_model.choose_rank(
+    rank, met, predicted, parts = cost_model.choose_rank(
         load, entry.slot, num_prompt, max_tokens, candidates, request.latency_budget_ms / 1000.0, margin,
     )
     reason = "budget" if met else "budget_unmet"
     typical = None if met else predicted / margin * cost_model.margin.typical()
     if log.isEnabledFor(logging.DEBUG):
-        parts = cost_model.predict_parts(load, entry.slot, num_prompt, max_tokens, rank)
         log.debug("%s: budget %.2f s -> rank %d (%s): predicted %.2f s = margin %.2f x [%s]%s; running %d, "
                   "waiting %d, pending prefill %d, arriving %.0f prompt + %.0f output tokens/s, step correction %.2f",
                   request.request_id, request.latency_budget_ms / 1000.0, rank, reason, predicted, margin,

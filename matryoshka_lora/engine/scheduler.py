@@ -5,7 +5,9 @@ Per step, with a token budget of max_num_batched_tokens:
     2. running sequences still prefilling continue their prompt, in admission order, within the budget;
     3. waiting requests are admitted while a KV slot is free and budget is left, taking tenants in
        round-robin order (one request per tenant per turn), so one tenant's flood cannot starve
-       another tenant's requests; an admitted request starts its prefill in the same step.
+       another tenant's requests; an admitted request starts its prefill in the same step. The request
+       whose turn it is joins only if `may_admit(it)` (the engine's: it would break no promised budget,
+       cost_model.hold_s); else admission stops for this step and it keeps its turn.
 The waiting queue is bounded (max_queue_len). The scheduler is not thread-safe: the engine holds its
 lock around every call.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.sequence import SeqStatus, Sequence
@@ -21,8 +24,10 @@ from matryoshka_lora.errors import QueueFullError
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, max_num_batched_tokens: int, max_queue_len: int):
+    def __init__(self, kv: KVCache, max_num_batched_tokens: int, max_queue_len: int,
+                 may_admit: Callable[[Sequence], bool] | None = None):
         self.kv = kv
+        self.may_admit = may_admit
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_queue_len = max_queue_len
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # tenant -> its queue, in turn order
@@ -41,10 +46,12 @@ class Scheduler:
     def waiting_seqs(self) -> list[Sequence]:
         return [s for q in self.waiting.values() for s in q]
 
-    def _next_waiting(self) -> Sequence | None:
+    def _peek_waiting(self) -> Sequence:
+        """The head of the tenant whose turn it is (there is one: num_waiting > 0)."""
+        return next(iter(self.waiting.values()))[0]
+
+    def _next_waiting(self) -> Sequence:
         """Pop the head of the tenant whose turn it is, then move that tenant to the back."""
-        if not self.waiting:
-            return None
         tenant, queue = next(iter(self.waiting.items()))
         seq = queue.popleft()
         del self.waiting[tenant]
@@ -67,6 +74,8 @@ class Scheduler:
                 work.append((seq, n))
                 budget -= n
         while budget > 0 and self.kv.num_free_slots > 0 and self.num_waiting > 0:
+            if self.may_admit is not None and not self.may_admit(self._peek_waiting()):
+                break
             seq = self._next_waiting()
             seq.kv_slot = self.kv.allocate()
             seq.status = SeqStatus.RUNNING

@@ -69,7 +69,7 @@ def test_choose_rank(budget_factor, expected_rank, met):
     model = CostModel(coef=TRUE.copy())
     snap = load()
     budget = model.predict_latency(snap, 2, 20, 32, 8) * budget_factor
-    rank, ok, predicted = model.choose_rank(snap, 2, 20, 32, [1, 2, 4, 8, 16, 32, 64], budget)
+    rank, ok, predicted, _ = model.choose_rank(snap, 2, 20, 32, [1, 2, 4, 8, 16, 32, 64], budget)
     assert rank == (expected_rank or 8) and ok is met
     assert predicted == pytest.approx(model.predict_latency(snap, 2, 20, 32, rank))
 
@@ -82,7 +82,7 @@ def test_choose_rank_scales_predictions_by_the_margin(margin, expected_rank, met
     model = CostModel(coef=TRUE.copy())
     snap = load()
     budget = model.predict_latency(snap, 2, 20, 32, 8)
-    rank, ok, predicted = model.choose_rank(snap, 2, 20, 32, [1, 8, 64], budget, margin)
+    rank, ok, predicted, _ = model.choose_rank(snap, 2, 20, 32, [1, 8, 64], budget, margin)
     assert (rank, ok) == (expected_rank, met)
     assert predicted == pytest.approx(margin * model.predict_latency(snap, 2, 20, 32, rank))
 
@@ -182,6 +182,65 @@ def test_the_parts_add_up_to_the_prediction():
     snap = replace(load(num_running=4, num_waiting=2), prompt_tokens_per_s=500.0, decode_tokens_per_s=50.0)
     parts = model.predict_parts(snap, 2, 20, 32, 8)
     assert parts.rows is not None and parts.stretch > 1.0 and parts.prefill > 0 and parts.decode > 0
-    assert parts.total == pytest.approx(parts.queue + (parts.prefill + parts.decode) * parts.stretch)
+    assert parts.total == pytest.approx(parts.queue + parts.hold + (parts.prefill + parts.decode) * parts.stretch)
     assert model.predict_latency(snap, 2, 20, 32, 8) == parts.total
     assert "stretch" in parts.describe()
+
+
+# A step costs 10 ms + 1 ms per token + 10 us per LoRA row-rank, nothing else: the promise arithmetic by hand.
+LINEAR = np.array([0.01, 1e-3, 1e-5, 0.0, 0.0, 0.0, 0.0])
+
+
+def promised_load(*promises: tuple[float, int], pending_prefill: int = 0) -> LoadSnapshot:
+    from matryoshka_lora.engine.cost_model import Promise
+
+    return LoadSnapshot(4, 0, 8, adapters=(), context_sum=0, mean_remaining=50.0, max_num_batched_tokens=256,
+                        pending_prefill=pending_prefill, promises=tuple(Promise(b, n) for b, n in promises))
+
+
+# 4 decode rows: a step takes 14 ms; with a newcomer's row at rank r, 15 ms + 10 us x r; its 10-token
+# prompt is one chunk of 14 tokens (+ 10 x r LoRA row-ranks): 10 ms + 100 us x r more than a decode step.
+# A promise with 100 tokens left ends in 1.4 s without it, in 1.4 + 0.01 + 0.0001 r + 100 x (0.001 + 1e-5 r) with.
+@pytest.mark.parametrize("promises, rank, expected", [
+    ((), 1, 0.0),  # no promise: joins at once
+    (((5.0, 100),), 1, 0.0),  # ample: 1.51 s < 5 s
+    (((1.45, 100),), 1, 1.4),  # fits without it (1.4 s), not with it (1.511 s): waits until it ends
+    (((1.55, 100),), 1, 0.0),  # rank 1 keeps it (1.511 s)...
+    (((1.55, 100),), 64, 1.4),  # ...rank 64 does not (1.580 s)
+    (((1.2, 100),), 1, 0.0),  # past its budget either way: holding would not save it
+    (((1.45, 100), (0.75, 50), (9.0, 10)), 1, 1.4),  # the last of the promises it would break (0.7 s, 1.4 s)
+])
+def test_a_newcomer_waits_while_it_would_break_a_promise(promises, rank, expected):
+    model = CostModel(coef=LINEAR.copy())
+    assert model.hold_s(promised_load(*promises), 2, 10, rank) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seconds_per_token, expected", [
+    (0.0, 0.0),  # no pace yet: the model's step, 14 ms: ends in 1.4 s alone, 1.511 s with it: within 1.55 s
+    (0.010, 0.0),  # faster than the model: the model's step counts
+    (0.0145, 1.45),  # its own pace so far, 14.5 ms a token: 1.45 s alone, 1.561 s with it: waits
+])
+def test_a_promise_behind_the_model_counts_at_its_own_pace(seconds_per_token, expected):
+    from dataclasses import replace
+
+    from matryoshka_lora.engine.cost_model import Promise
+
+    model = CostModel(coef=LINEAR.copy())
+    load = replace(promised_load(), promises=(Promise(1.55, 100, seconds_per_token),))
+    assert model.hold_s(load, 2, 10, 1) == pytest.approx(expected)
+
+
+def test_pending_prefill_delays_the_promises_and_the_hold():
+    """200 prompt tokens pending (one 204-token chunk beside the 4 rows: 200 ms over a decode step)."""
+    model = CostModel(coef=LINEAR.copy())
+    assert model.hold_s(promised_load((1.45, 100), pending_prefill=200), 2, 10, 1) == 0.0  # 1.6 s: past it anyway
+    assert model.hold_s(promised_load((1.65, 100), pending_prefill=200), 2, 10, 1) == pytest.approx(1.6)
+
+
+def test_the_prediction_starts_with_the_hold():
+    model = CostModel(coef=LINEAR.copy())
+    free, held = promised_load(), promised_load((1.45, 100))
+    parts = model.predict_parts(held, 2, 10, 32, 1)
+    assert parts.hold == pytest.approx(1.4) and model.predict_parts(free, 2, 10, 32, 1).hold == 0.0
+    assert parts.total == pytest.approx(model.predict_parts(free, 2, 10, 32, 1).total + 1.4)
+    assert "hold 1.40" in parts.describe()
