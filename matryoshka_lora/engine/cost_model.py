@@ -37,7 +37,8 @@ no promise that still fits would end past its budget because of it (`hold_s`; th
 each admission), with, for each promise p,
     ahead   = the extra seconds of the prefill steps already pending, over plain decode steps
     without = ahead + p's remaining tokens x the slower of the active set's decode step and p's own pace
-              so far (the prefill steps of the requests that joined after it are in that pace)
+              so far, once a quarter of its tokens are out (the prefill steps of the requests that
+              joined after it are in that pace)
     with    = without + the extra seconds of the new prompt's prefill steps
                       + p's remaining tokens x (the step with the new row - the step without)
     the new request waits while some p has  without <= p's budget left < with
@@ -101,7 +102,7 @@ class Promise:
 
     budget_left_s: float  # its budget minus the time since it was enqueued
     num_remaining: int  # output tokens it still has to produce
-    seconds_per_token: float = 0.0  # its pace since its first token (prefill stalls in it), 0 before two tokens
+    seconds_per_token: float = 0.0  # its pace since its first token (prefill stalls in it), 0 early on
 
 
 MAX_STRETCH = 20.0  # rho -> 1: the prediction says "far beyond any budget" rather than infinity
