@@ -36,14 +36,16 @@ to its remaining steps and its prompt's prefill steps before them. So a waiting 
 no promise that still fits would end past its budget because of it (`hold_s`; the scheduler asks before
 each admission), with, for each promise p,
     ahead   = the extra seconds of the prefill steps already pending, over plain decode steps
-    without = ahead + p's remaining tokens x the slower of the active set's decode step and p's own pace
-              so far, once a quarter of its tokens are out (the prefill steps of the requests that
-              joined after it are in that pace)
+    step    = the active set's decode step; pace = p's own seconds per token so far, once a quarter of
+              its tokens are out (the prefill steps of the requests that joined after it are in it)
+    alone   = ahead + p's remaining tokens x step                         p's end if nobody joins
+    without = ahead + p's remaining tokens x max(step, pace)
     with    = without + the extra seconds of the new prompt's prefill steps
-                      + p's remaining tokens x (the step with the new row - the step without)
-    the new request waits while some p has  without <= p's budget left < with
-(a promise past its budget either way holds nobody: holding would not save it), and its prediction starts
-with that wait: `hold`, until the last promise that holds it ends.
+                      + p's remaining tokens x (the step with the new row - step)
+    the new request waits while some p has  alone <= p's budget left < with
+(a promise past its budget even alone holds nobody: holding would not save it; its pace decides no
+abandonment, as a cluster of arrivals at its start slows its first tokens far more than the rest), and
+its prediction starts with that wait: `hold`, until `without` of the last promise that holds it.
 """
 
 from __future__ import annotations
@@ -282,9 +284,14 @@ class CostModel:
         pending_s, pending_steps = self._prefill_steps(load, load.pending_prefill, 0, 0)
         own_s, own_steps = self._prefill_steps(load, num_prompt_tokens, num_prompt_tokens, rank)
         ahead, extra = pending_s - pending_steps * step, own_s - own_steps * step
-        ends = [ahead + p.num_remaining * max(step, p.seconds_per_token) for p in load.promises]
-        return max((end for end, p in zip(ends, load.promises, strict=True)
-                    if end <= p.budget_left_s < end + extra + p.num_remaining * (step_with - step)), default=0.0)
+        held = []
+        for p in load.promises:
+            if ahead + p.num_remaining * step > p.budget_left_s:
+                continue  # past its budget even if nobody else joins: holding would not save it
+            end = ahead + p.num_remaining * max(step, p.seconds_per_token)
+            if end + extra + p.num_remaining * (step_with - step) > p.budget_left_s:
+                held.append(end)
+        return max(held, default=0.0)
 
     def arrival_stretch(self, prompt_tokens_per_s: float) -> float:
         """1 / (1 - rho), rho = prompt tokens/s arriving x seconds per prefill token (capped at MAX_STRETCH)."""

@@ -218,7 +218,8 @@ def test_a_newcomer_waits_while_it_would_break_a_promise(promises, rank, expecte
 @pytest.mark.parametrize("seconds_per_token, expected", [
     (0.0, 0.0),  # no pace yet: the model's step, 14 ms: ends in 1.4 s alone, 1.511 s with it: within 1.55 s
     (0.010, 0.0),  # faster than the model: the model's step counts
-    (0.0145, 1.45),  # its own pace so far, 14.5 ms a token: 1.45 s alone, 1.561 s with it: waits
+    (0.0145, 1.45),  # its own pace so far, 14.5 ms a token: 1.45 s without it, 1.561 s with it: waits
+    (0.020, 2.0),  # at its pace late anyway, but in time at the model's step if nobody joins: still held
 ])
 def test_a_promise_behind_the_model_counts_at_its_own_pace(seconds_per_token, expected):
     from dataclasses import replace
