@@ -229,14 +229,12 @@ class CostModel:
                       rank: int) -> LatencyParts:
         """predict_latency's terms."""
         active = load.num_running + load.num_admitted
-        running = decode_lora(load.adapters, slot, 0)
-        decode_step = StepFeatures(active, *running, load.context_sum, active)
         free = load.max_num_seqs - load.num_running
         ahead = load.num_waiting + 1 - free
         queue = 0.0
         if ahead > 0:
             waves = math.ceil(ahead / load.max_num_seqs)
-            queue = waves * max(load.mean_remaining, 1.0) * self.predict_step(decode_step)
+            queue = waves * max(load.mean_remaining, 1.0) * self._active_step_s(load)
         hold = self.hold_s(load, slot, num_prompt_tokens, rank)
         prefill, _ = self._prefill_steps(load, load.pending_prefill + num_prompt_tokens, num_prompt_tokens, rank)
         steps = max(max_tokens - 1, 0)
@@ -253,6 +251,11 @@ class CostModel:
         rows = sustained_rows(load.decode_tokens_per_s, 1.0 / stretch, active + 1, load.max_num_seqs, step_at)
         decode = steps * step_at(load.max_num_seqs if rows is None else rows)
         return LatencyParts(queue, hold, prefill, decode, stretch, rows)
+
+    def _active_step_s(self, load: LoadSnapshot) -> float:
+        """A decode step of the active set as it stands."""
+        active = load.num_running + load.num_admitted
+        return self.predict_step(StepFeatures(active, *decode_lora(load.adapters, -1, 0), load.context_sum, active))
 
     def _prefill_steps(self, load: LoadSnapshot, num_tokens: int, num_own: int, rank: int) -> tuple[float, int]:
         """(seconds, steps) to prefill `num_tokens` prompt tokens, the last `num_own` of them a new
@@ -278,7 +281,7 @@ class CostModel:
         if not load.promises:
             return 0.0
         active = load.num_running + load.num_admitted
-        step = self.predict_step(StepFeatures(active, *decode_lora(load.adapters, slot, 0), load.context_sum, active))
+        step = self._active_step_s(load)
         step_with = self.predict_step(StepFeatures(active + 1, *decode_lora(load.adapters, slot, rank),
                                                    load.context_sum + num_prompt_tokens, active + 1))
         pending_s, pending_steps = self._prefill_steps(load, load.pending_prefill, 0, 0)

@@ -54,14 +54,25 @@ MIN_PROGRESS = 0.25  # of its tokens, before a running request's pace is project
 TYPICAL_QUANTILE = 0.5  # the typical margin's: the median
 
 
+def pace_s(decode_s: float, num_output: int, num_remaining: int) -> float | None:
+    """A running request's seconds per output token since its first; None before MIN_PROGRESS of its
+    tokens are out (over its first few, it is mostly the prefill steps of the requests that came with it).
+
+    decode_s: since its first token; num_output: tokens so far; num_remaining: tokens still to come."""
+    if num_output < 2 or num_output < MIN_PROGRESS * (num_output + num_remaining):
+        return None
+    return decode_s / (num_output - 1)
+
+
 def projected_ratio(raw_predicted_s: float, elapsed_s: float, decode_s: float, num_output: int,
                     num_remaining: int) -> float | None:
     """A running promised request's projected latency over its raw prediction; None before MIN_PROGRESS.
 
     elapsed_s: since it was enqueued; decode_s: since its first token; num_output: tokens so far."""
-    if raw_predicted_s <= 0 or num_output < 2 or num_output < MIN_PROGRESS * (num_output + num_remaining):
+    pace = pace_s(decode_s, num_output, num_remaining)
+    if raw_predicted_s <= 0 or pace is None:
         return None
-    return (elapsed_s + num_remaining * decode_s / (num_output - 1)) / raw_predicted_s
+    return (elapsed_s + num_remaining * pace) / raw_predicted_s
 
 
 def in_flight_ratios(running, now: float) -> list[float]:

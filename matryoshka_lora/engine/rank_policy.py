@@ -22,7 +22,7 @@ from matryoshka_lora.backends.rank_rules import check_budget_met, decide_rank, i
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
 from matryoshka_lora.engine.arrivals import Arrivals
 from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot, Promise
-from matryoshka_lora.engine.latency_margin import MIN_PROGRESS
+from matryoshka_lora.engine.latency_margin import pace_s
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.errors import UnknownAdapterError
 
@@ -71,12 +71,10 @@ def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None, admitt
 
 
 def pace(seq, now: float) -> float:
-    """Seconds per output token since its first, once it has produced MIN_PROGRESS of them (0 before: a
-    pace over its first few tokens is mostly the prefill steps of the requests that came with it)."""
-    num_output = seq.num_output_tokens
-    if seq.first_token_t is None or num_output < 2 or num_output < MIN_PROGRESS * (seq.max_len - seq.num_prompt_tokens):
+    """A running sequence's seconds per output token (latency_margin.pace_s), 0 before it counts."""
+    if seq.first_token_t is None:
         return 0.0
-    return (now - seq.first_token_t) / (num_output - 1)
+    return pace_s(now - seq.first_token_t, seq.num_output_tokens, seq.max_len - len(seq.token_ids)) or 0.0
 
 
 def resolve_rank(

@@ -80,7 +80,8 @@ class ServerSettings(BaseSettings):
     )
     seed: int = Field(0, description="Seed of requests that carry none.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Log level (debug: each budget decision's terms)."
+        "info", description="Log level (debug: each budget decision's terms, each budgeted request's real latency, "
+        "each request held back to keep a promised budget)."
     )
     access_log: bool = Field(True, description="Log one line per HTTP request (uvicorn's access log, at info).")
 
