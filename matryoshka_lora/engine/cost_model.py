@@ -1,11 +1,7 @@
 """Latency budget -> rank: a per-step cost model, fitted at warm-up and refitted from observed steps.
 
     step_time = a + b * num_tokens + c * lora_flops + d * lora_reads + e * num_groups
-                  + f * attn_work + g * num_sampled
-        lora_flops = sum over the step's LoRA groups of (group rows * group rank)    the op's matmuls
-        lora_reads = sum over the groups of the group rank              weights read, once per group
-        num_groups = LoRA groups (lora_batch.build_groups): dispatches of the op
-        attn_work  = sum over the step's tokens of the context length they attend to
+                  + f * attn_work + g * num_sampled                     (the features: step_features.py)
 Coefficients come from non-negative least squares on the warm-up steps (the median of repeats per
 case). Every observed step then goes into a window of recent steps, and the model is refitted on
 warm-up + recent steps every `refit_every` observations; between refits a correction factor (EMA of
@@ -13,8 +9,8 @@ observed / predicted) follows drift quickly.
 
 A request's end-to-end latency at rank r of adapter slot a, under the current load, is predicted as
     queue wait  (waves of max_num_seqs ahead of it x decode steps of the active set)
-  + prefill     (the active set's pending prompt tokens, then its own, in chunks alongside the decode
-                 tokens of the running sequences)
+  + prefill     (the active set's pending prompts, then its own, in the scheduler's chunks beside the
+                 decode rows of the running sequences: step_features.plan_prefill)
   + decode      (max_tokens - 1 steps of the active set plus it, contexts growing)
 where the active set is the running sequences plus the waiting ones that free slots admit first.
 Requests arriving during this one's life are counted from two arrival rates (arrivals.py):
@@ -30,22 +26,9 @@ computes them (so joining an adapter already served at rank 64 costs rank 64 wha
 `choose_rank` serves the highest candidate rank predicted to meet the budget, its predictions scaled by
 `margin` (latency_margin.py: learned from how long the requests predicted to fit really took).
 
-Promises are kept: a request already served at a rank predicted to meet its budget (a promise) was
-predicted with the load of its moment, and each request that joins the batch after it adds a decode row
-to its remaining steps and its prompt's prefill steps before them. So a waiting request joins only when
-no promise that still fits would end past its budget because of it (`hold_s`; the scheduler asks before
-each admission), with, for each promise p,
-    ahead   = the extra seconds of the prefill steps already pending, over plain decode steps
-    step    = the active set's decode step; pace = p's own seconds per token so far, once a quarter of
-              its tokens are out (the prefill steps of the requests that joined after it are in it)
-    alone   = ahead + p's remaining tokens x step                         p's end if nobody joins
-    without = ahead + p's remaining tokens x max(step, pace)
-    with    = without + the extra seconds of the new prompt's prefill steps
-                      + p's remaining tokens x (the step with the new row - step)
-    the new request waits while some p has  alone <= p's budget left < with
-(a promise past its budget even alone holds nobody: holding would not save it; its pace decides no
-abandonment, as a cluster of arrivals at its start slows its first tokens far more than the rest), and
-its prediction starts with that wait: `hold`, until `without` of the last promise that holds it.
+Promises are kept: a waiting request joins the batch only when no request promised its budget would
+end past it because of it (`hold_s`, asked by the scheduler before each admission; the rule and the
+wait it predicts, `hold`, are in promises.py).
 """
 
 from __future__ import annotations
@@ -59,25 +42,10 @@ import numpy as np
 
 from matryoshka_lora.engine.latency_margin import LatencyMargin
 from matryoshka_lora.engine.lora_batch import MAX_MASKED_ROWS
+from matryoshka_lora.engine.promises import Promise, hold_s
+from matryoshka_lora.engine.step_features import FEATURES, PendingPrompt, StepFeatures, plan_prefill
 
 log = logging.getLogger(__name__)
-
-FEATURES = ("const", "num_tokens", "lora_flops", "lora_reads", "num_groups", "attn_work", "num_sampled")
-
-
-@dataclass(frozen=True)
-class StepFeatures:
-    num_tokens: int
-    lora_flops: int
-    lora_reads: int
-    num_groups: int
-    attn_work: int
-    num_sampled: int
-
-    def vector(self) -> np.ndarray:
-        return np.array([1.0, self.num_tokens, self.lora_flops, self.lora_reads, self.num_groups, self.attn_work,
-                         self.num_sampled])
-
 
 @dataclass(frozen=True)
 class LoadSnapshot:
@@ -92,19 +60,16 @@ class LoadSnapshot:
     mean_remaining: float  # mean output tokens the active sequences still have to produce
     max_num_batched_tokens: int
     num_admitted: int = 0
-    pending_prefill: int = 0  # prompt tokens of the active set not computed yet (prefilled before ours)
+    pending_prompts: tuple[PendingPrompt, ...] = ()  # the active set's prompts not computed yet, in order
+    num_prefilling: int = 0  # running sequences among them (not decode rows yet)
     prompt_tokens_per_s: float = 0.0  # recent arrival rate of prompt tokens (arrivals.RateMeter)
     decode_tokens_per_s: float = 0.0  # recent arrival rate of output tokens asked for (arrivals.RateMeter)
     promises: tuple[Promise, ...] = ()  # the active set's requests served at a rank predicted to fit
 
-
-@dataclass(frozen=True)
-class Promise:
-    """An active request served at a rank predicted to meet its budget (rank_reason "budget")."""
-
-    budget_left_s: float  # its budget minus the time since it was enqueued
-    num_remaining: int  # output tokens it still has to produce
-    seconds_per_token: float = 0.0  # its pace since its first token (prefill stalls in it), 0 early on
+    @property
+    def pending_prefill(self) -> int:
+        """Prompt tokens of the active set not computed yet (prefilled before a new request's)."""
+        return sum(p.num_left for p in self.pending_prompts)
 
 
 MAX_STRETCH = 20.0  # rho -> 1: the prediction says "far beyond any budget" rather than infinity
@@ -236,7 +201,8 @@ class CostModel:
             waves = math.ceil(ahead / load.max_num_seqs)
             queue = waves * max(load.mean_remaining, 1.0) * self._active_step_s(load)
         hold = self.hold_s(load, slot, num_prompt_tokens, rank)
-        prefill, _ = self._prefill_steps(load, load.pending_prefill + num_prompt_tokens, num_prompt_tokens, rank)
+        own = PendingPrompt(num_prompt_tokens, 0, rank)
+        prefill, _ = self._prefill_steps(load, (*load.pending_prompts, own))
         steps = max(max_tokens - 1, 0)
         # contexts grow by one token per sequence per step: use the mean context over the decode
         mean_ctx = load.context_sum + active * steps / 2 + num_prompt_tokens + steps / 2
@@ -257,44 +223,26 @@ class CostModel:
         active = load.num_running + load.num_admitted
         return self.predict_step(StepFeatures(active, *decode_lora(load.adapters, -1, 0), load.context_sum, active))
 
-    def _prefill_steps(self, load: LoadSnapshot, num_tokens: int, num_own: int, rank: int) -> tuple[float, int]:
-        """(seconds, steps) to prefill `num_tokens` prompt tokens, the last `num_own` of them a new
-        request's at `rank`, in chunks beside the running set's decode rows."""
-        n, running = load.num_running, decode_lora(load.adapters, -1, 0)
-        seconds, left, steps = 0.0, num_tokens, 0
-        while left > 0:  # a prompt chunk is a group of its own beside the running set's groups
-            chunk = min(left, max(load.max_num_batched_tokens - n, 1))
-            done = max(num_own - left, 0)
-            flops, reads, groups = running
-            if rank > 0:
-                flops, reads, groups = flops + chunk * rank, reads + rank, groups + 1
-            seconds += self.predict_step(StepFeatures(
-                n + chunk, flops, reads, groups, load.context_sum + chunk * (done + chunk),
-                n + (1 if left == chunk else 0),
-            ))
-            left, steps = left - chunk, steps + 1
-        return seconds, steps
+    def _prefill_steps(self, load: LoadSnapshot, prompts: tuple[PendingPrompt, ...]) -> tuple[float, int]:
+        """(seconds, steps) to prefill `prompts` in chunks beside the running set's decode rows
+        (step_features.plan_prefill)."""
+        steps = plan_prefill(prompts, load.num_running - load.num_prefilling, decode_lora(load.adapters, -1, 0),
+                             load.context_sum, load.max_num_batched_tokens)
+        return sum(self.predict_step(f) for f in steps), len(steps)
 
     def hold_s(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, rank: int) -> float:
         """Seconds a new request (adapter `slot` at `rank`) waits before it may join the batch, 0 for at
-        once: until the last promise it would push past its budget ends (module docstring)."""
+        once: until every promise it would push past its budget lets it join (module docstring)."""
         if not load.promises:
             return 0.0
         active = load.num_running + load.num_admitted
         step = self._active_step_s(load)
         step_with = self.predict_step(StepFeatures(active + 1, *decode_lora(load.adapters, slot, rank),
                                                    load.context_sum + num_prompt_tokens, active + 1))
-        pending_s, pending_steps = self._prefill_steps(load, load.pending_prefill, 0, 0)
-        own_s, own_steps = self._prefill_steps(load, num_prompt_tokens, num_prompt_tokens, rank)
+        pending_s, pending_steps = self._prefill_steps(load, load.pending_prompts)
+        own_s, own_steps = self._prefill_steps(load, (PendingPrompt(num_prompt_tokens, 0, rank),))
         ahead, extra = pending_s - pending_steps * step, own_s - own_steps * step
-        held = []
-        for p in load.promises:
-            if ahead + p.num_remaining * step > p.budget_left_s:
-                continue  # past its budget even if nobody else joins: holding would not save it
-            end = ahead + p.num_remaining * max(step, p.seconds_per_token)
-            if end + extra + p.num_remaining * (step_with - step) > p.budget_left_s:
-                held.append(end)
-        return max(held, default=0.0)
+        return hold_s(load.promises, step, step_with - step, ahead, extra)
 
     def arrival_stretch(self, prompt_tokens_per_s: float) -> float:
         """1 / (1 - rho), rho = prompt tokens/s arriving x seconds per prefill token (capped at MAX_STRETCH)."""

@@ -32,12 +32,12 @@ from matryoshka_lora.engine.adapter_slots import (
 )
 from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.engine.arrivals import Arrivals
-from matryoshka_lora.engine.cost_model import CostModel, StepFeatures
+from matryoshka_lora.engine.cost_model import CostModel
+from matryoshka_lora.engine.step_features import step_features
 from matryoshka_lora.engine.cpu_kernels import load_step_ops
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.latency_margin import in_flight_ratios
-from matryoshka_lora.engine.lora_ops import LoRAGroup
 from matryoshka_lora.engine.model_runner import BASE_SLOT, ModelRunner, StepItem
 from matryoshka_lora.engine.rank_policy import load_snapshot, resolve_rank
 from matryoshka_lora.engine.sampler import sample
@@ -319,15 +319,3 @@ class LLMEngine:
                 waiting_adapters=tuple(sorted({s.adapter for s in waiting if s.adapter})),
                 budget_latency_margin=self.cost_model.margin.value(),
             )
-
-
-def step_features(items: list[StepItem], lora_groups: list[LoRAGroup]) -> StepFeatures:
-    """The cost model's features of a step (see cost_model), its LoRA groups as the runner formed them."""
-    return StepFeatures(
-        num_tokens=sum(len(it.token_ids) for it in items),
-        lora_flops=sum((g.end - g.start) * g.rank for g in lora_groups),
-        lora_reads=sum(g.rank for g in lora_groups),
-        num_groups=len(lora_groups),
-        attn_work=sum(len(it.token_ids) * (it.position + len(it.token_ids)) for it in items),
-        num_sampled=sum(1 for it in items if it.sample),
-    )

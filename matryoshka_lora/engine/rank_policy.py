@@ -21,9 +21,11 @@ from matryoshka_lora.backends.base import GenerationRequest, RankReason
 from matryoshka_lora.backends.rank_rules import check_budget_met, decide_rank, is_base_request
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
 from matryoshka_lora.engine.arrivals import Arrivals
-from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot, Promise
+from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot
 from matryoshka_lora.engine.latency_margin import pace_s
+from matryoshka_lora.engine.promises import Promise
 from matryoshka_lora.engine.scheduler import Scheduler
+from matryoshka_lora.engine.step_features import PendingPrompt
 from matryoshka_lora.errors import UnknownAdapterError
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,10 @@ def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None, admitt
         mean_remaining=statistics.fmean(remaining) if remaining else 0.0,
         max_num_batched_tokens=scheduler.max_num_batched_tokens,
         num_admitted=len(admitted_seqs),
-        pending_prefill=sum(max(s.num_prompt_tokens - s.num_computed, 0) for s in active),
-        promises=tuple(Promise(s.request.latency_budget_ms / 1000.0 - (now - s.enqueue_t), n, pace(s, now))
-                       for s, n in zip(active, remaining, strict=True) if s.promised_s),
+        pending_prompts=tuple(PendingPrompt(s.num_prompt_tokens - s.num_computed, s.num_computed, s.rank)
+                              for s in active if s.is_prefilling),
+        num_prefilling=sum(1 for s in running if s.is_prefilling),
+        promises=tuple(promise(s, n, now) for s, n in zip(active, remaining, strict=True) if s.promised_s),
     )
     if arrivals is None:
         return snapshot
@@ -70,11 +73,15 @@ def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None, admitt
                    decode_tokens_per_s=arrivals.decode_tokens.rate(now))
 
 
-def pace(seq, now: float) -> float:
-    """A running sequence's seconds per output token (latency_margin.pace_s), 0 before it counts."""
-    if seq.first_token_t is None:
-        return 0.0
-    return pace_s(now - seq.first_token_t, seq.num_output_tokens, seq.max_len - len(seq.token_ids)) or 0.0
+def promise(seq, num_remaining: int, now: float) -> Promise:
+    """A promised sequence's budget left, tokens left and pace (latency_margin.pace_s; 0 before it counts)."""
+    budget_left_s = seq.request.latency_budget_ms / 1000.0 - (now - seq.enqueue_t)
+    pace = None
+    if seq.first_token_t is not None:
+        pace = pace_s(now - seq.first_token_t, seq.num_output_tokens, num_remaining)
+    if pace is None:
+        return Promise(budget_left_s, num_remaining)
+    return Promise(budget_left_s, num_remaining, pace, seq.num_output_tokens - 1)
 
 
 def resolve_rank(
@@ -106,5 +113,9 @@ def resolve_rank(
                   parts.describe(), "" if typical is None else f", typical {typical:.2f} s", load.num_running,
                   load.num_waiting, load.pending_prefill, load.prompt_tokens_per_s, load.decode_tokens_per_s,
                   cost_model.correction)
+        if parts.hold > 0:
+            log.debug("%s: waits for the promises (budget left s / tokens left / s per token): %s", request.request_id,
+                      ", ".join(f"{p.budget_left_s:.2f}/{p.num_remaining}/{p.seconds_per_token:.3f}"
+                                for p in load.promises))
     check_budget_met(request, reason, rank, predicted, typical)
     return RankChoice(entry, rank, reason, predicted, margin)

@@ -1,0 +1,88 @@
+"""What a forward step costs, as the cost model sees it: its features, for a step that ran and for the
+prefill steps a prediction plans.
+
+    num_tokens  = tokens computed (decode rows + prompt chunk tokens)
+    lora_flops  = sum over the step's LoRA groups of (group rows * group rank)
+    lora_reads  = sum over the groups of the group rank              (weights read, once per group)
+    num_groups  = LoRA groups (lora_batch.build_groups): dispatches of the op
+    attn_work   = sum over the step's items of (item tokens * (item position + item tokens))
+                  (each prompt chunk attends to its own sequence only)
+    num_sampled = rows that sample a token (decode rows and prompts whose last chunk it is)
+
+`plan_prefill` replays the scheduler's chunking (scheduler.schedule): each step, the decode rows take
+one token each and the pending prompts, in order, fill the rest of `max_num_batched_tokens`; a prompt
+whose last chunk is in a step samples its first token there and is a decode row from the next step on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FEATURES = ("const", "num_tokens", "lora_flops", "lora_reads", "num_groups", "attn_work", "num_sampled")
+
+
+@dataclass(frozen=True)
+class StepFeatures:
+    num_tokens: int
+    lora_flops: int
+    lora_reads: int
+    num_groups: int
+    attn_work: int
+    num_sampled: int
+
+    def vector(self) -> np.ndarray:
+        return np.array([1.0, self.num_tokens, self.lora_flops, self.lora_reads, self.num_groups, self.attn_work,
+                         self.num_sampled])
+
+
+def step_features(items, lora_groups) -> StepFeatures:
+    """The features of a step as it runs (model_runner.StepItem's, its LoRA groups as the runner formed them)."""
+    return StepFeatures(
+        num_tokens=sum(len(it.token_ids) for it in items),
+        lora_flops=sum((g.end - g.start) * g.rank for g in lora_groups),
+        lora_reads=sum(g.rank for g in lora_groups),
+        num_groups=len(lora_groups),
+        attn_work=sum(len(it.token_ids) * (it.position + len(it.token_ids)) for it in items),
+        num_sampled=sum(1 for it in items if it.sample),
+    )
+
+
+@dataclass(frozen=True)
+class PendingPrompt:
+    """A prompt not fully computed yet, in the order the scheduler will prefill it."""
+
+    num_left: int  # its tokens still to compute
+    num_done: int = 0  # its tokens already computed (earlier chunks)
+    rank: int = 0  # the LoRA rank its chunks run at (0: the base model); each chunk is a group of its own
+
+
+def plan_prefill(prompts: tuple[PendingPrompt, ...], num_decode_rows: int, decode_lora: tuple[int, int, int],
+                 decode_attn_work: int, max_num_batched_tokens: int) -> list[StepFeatures]:
+    """The features of the steps that prefill `prompts` beside `num_decode_rows` decode rows (their LoRA
+    (flops, reads, groups) `decode_lora`, their attention `decode_attn_work`), until the last prompt's
+    last chunk; a finished prompt's row joins the decode rows (at no LoRA cost: a rough bound)."""
+    prompts = tuple(p for p in prompts if p.num_left > 0)
+    steps: list[StepFeatures] = []
+    left = [p.num_left for p in prompts]
+    done = [p.num_done for p in prompts]
+    rows, first = num_decode_rows, 0  # `first`: the first prompt not finished
+    while first < len(prompts):
+        budget = max(max_num_batched_tokens - rows, 1)
+        num_tokens, (flops, reads, groups), attn, sampled, finished = rows, decode_lora, decode_attn_work, rows, 0
+        for i in range(first, len(prompts)):
+            if budget <= 0:
+                break
+            chunk = min(left[i], budget)
+            if chunk > 0:
+                rank = prompts[i].rank
+                num_tokens, attn = num_tokens + chunk, attn + chunk * (done[i] + chunk)
+                if rank > 0:
+                    flops, reads, groups = flops + chunk * rank, reads + rank, groups + 1
+            left[i], done[i], budget = left[i] - chunk, done[i] + chunk, budget - chunk
+            if left[i] == 0:
+                sampled, finished = sampled + 1, finished + 1
+        steps.append(StepFeatures(num_tokens, flops, reads, groups, attn, sampled))
+        first, rows = first + finished, rows + finished
+    return steps
