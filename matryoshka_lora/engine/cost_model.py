@@ -232,7 +232,7 @@ class CostModel:
 
     def hold_s(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, rank: int) -> float:
         """Seconds a new request (adapter `slot` at `rank`) waits before it may join the batch, 0 for at
-        once: until every promise it would push past its budget lets it join (module docstring)."""
+        once: until every promise it would push past its budget lets it join (promises.py)."""
         if not load.promises:
             return 0.0
         active = load.num_running + load.num_admitted
