@@ -19,8 +19,8 @@ import torch
 
 from matryoshka_lora.engine.adapter_slots import random_fused_adapter
 from matryoshka_lora.engine.engine import LLMEngine
-from matryoshka_lora.engine.step_features import step_features
 from matryoshka_lora.engine.model_runner import StepItem
+from matryoshka_lora.engine.step_features import step_features
 
 log = logging.getLogger(__name__)
 

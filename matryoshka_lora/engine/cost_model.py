@@ -82,7 +82,7 @@ class LatencyParts:
     total = queue + hold + (prefill + decode) * stretch, times MAX_STRETCH when saturated"""
 
     queue: float
-    hold: float  # waiting until the promises it would break have ended (see the module docstring)
+    hold: float  # waiting until the promises it would break let it join (promises.py)
     prefill: float
     decode: float  # the decode steps at `rows` rows
     stretch: float  # 1 / (1 - rho_p) from the prompt tokens arriving

@@ -71,15 +71,13 @@ def plan_prefill(prompts: tuple[PendingPrompt, ...], num_decode_rows: int, decod
     while first < len(prompts):
         budget = max(max_num_batched_tokens - rows, 1)
         num_tokens, (flops, reads, groups), attn, sampled, finished = rows, decode_lora, decode_attn_work, rows, 0
-        for i in range(first, len(prompts)):
+        for i in range(first, len(prompts)):  # unfinished: left[i] > 0
             if budget <= 0:
                 break
-            chunk = min(left[i], budget)
-            if chunk > 0:
-                rank = prompts[i].rank
-                num_tokens, attn = num_tokens + chunk, attn + chunk * (done[i] + chunk)
-                if rank > 0:
-                    flops, reads, groups = flops + chunk * rank, reads + rank, groups + 1
+            chunk, rank = min(left[i], budget), prompts[i].rank
+            num_tokens, attn = num_tokens + chunk, attn + chunk * (done[i] + chunk)
+            if rank > 0:
+                flops, reads, groups = flops + chunk * rank, reads + rank, groups + 1
             left[i], done[i], budget = left[i] - chunk, done[i] + chunk, budget - chunk
             if left[i] == 0:
                 sampled, finished = sampled + 1, finished + 1
