@@ -75,6 +75,25 @@ def import_(
     typer.echo(f"{adapter.path} (r_max={adapter.manifest.r_max}, {len(adapter.weights)} modules)")
 
 
+@app.command()
+def nest(
+    adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory to nest (any method).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for the nested adapter.")],
+    source: Annotated[Optional[str], typer.Option("--source", help="p: the training diagonal folded in (matryoshka's default) | r_max: the adapter as served at r_max (every other method's default).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Adapter name; default: the source adapter's.")] = None,
+) -> None:
+    """Re-factor each module's trained update by SVD so that every rank-k slice is its best rank-k approximation.
+
+    The output is served with scaling none and alpha 1; rank r_max reproduces the trained function
+    exactly, and lower ranks keep the largest singular directions first. No model is loaded.
+    """
+    from matryoshka_lora.adapters.nest import nest_adapter
+    from matryoshka_lora.adapters.store import load_adapter, save_adapter
+
+    nested = nest_adapter(load_adapter(adapter_dir), source=source, name=name)
+    typer.echo(str(save_adapter(out, nested.manifest, nested.weights)))
+
+
 def _rank_list(text: str) -> list[int]:
     from matryoshka_lora.errors import ConfigError
 
@@ -174,6 +193,7 @@ def eval_(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the result JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the rank-accuracy curves to this PNG.")] = None,
     no_manifest: Annotated[bool, typer.Option("--no-manifest", help="Do not store the accuracies in the manifests.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="engine: the serving engine, every rank in one batch | hf: transformers generate, one rank at a time.")] = "engine",
     model: ModelOpt = None,
 ) -> None:
     """Accuracy of each adapter at every rank (greedy, exact match), AURAC (log2, linear) and the base model's accuracy."""
@@ -183,6 +203,7 @@ def eval_(
     cfg = EvalConfig(
         adapters=tuple(adapters), task=task, ranks=_int_list(ranks, "--ranks"), num_test=num_test,
         batch_size=batch_size, max_new_tokens=max_new_tokens, model=model, update_manifests=not no_manifest,
+        backend=backend,
     )
     result = evaluate(cfg)
     typer.echo(format_table(result))

@@ -30,6 +30,10 @@ class InvalidRankError(ConfigError):
         super().__init__(what, given, allowed)
 
 
+class DatasetError(ConfigError):
+    """A dataset task's data is not installed, or its file is missing or unreadable."""
+
+
 class ModelNotFoundError(MatryoshkaError, FileNotFoundError):
     """The base model is missing (not installed, or the directory holds no model)."""
 

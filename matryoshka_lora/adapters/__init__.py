@@ -9,6 +9,7 @@ from matryoshka_lora.adapters.inject import (
     set_inference_ranks,
     set_p,
 )
+from matryoshka_lora.adapters import nest
 from matryoshka_lora.adapters.layer import LoRALinear
 from matryoshka_lora.adapters.p import (
     Method,

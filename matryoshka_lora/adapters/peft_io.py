@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from matryoshka_lora.adapters.nest import svd_nest
 from matryoshka_lora.adapters.p import default_train_ranks, rank_scale
 from matryoshka_lora.adapters.store import Adapter, AdapterManifest, load_adapter, save_adapter
 from matryoshka_lora.errors import AdapterFormatError, ConfigError, InvalidRankError
@@ -142,22 +143,13 @@ def peft_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
 
 
 def svd_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, factor: float, r_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our (A [in, r_max], B [r_max, out]) for delta = factor * lora_B @ lora_A, singular values decreasing.
-
-    Thin SVD without forming delta: B = Qb Rb, A^T = Qa Ra, delta = factor * Qb (Rb Ra^T) Qa^T,
-    and the small core's SVD gives U = Qb U', V = Qa V'. Directions beyond delta's rank are zero.
-    """
-    qb, rb = torch.linalg.qr(lora_B.double())
-    qa, ra = torch.linalg.qr(lora_A.double().T)
-    u_core, s, vh_core = torch.linalg.svd(factor * rb @ ra.T)
-    u, v = qb @ u_core, qa @ vh_core.T
-    k = min(r_max, s.shape[0])
-    root = s[:k].sqrt()
-    out_A = torch.zeros(lora_A.shape[1], r_max, dtype=torch.float64)
-    out_B = torch.zeros(r_max, lora_B.shape[0], dtype=torch.float64)
-    out_A[:, :k] = v[:, :k] * root
-    out_B[:k] = root[:, None] * u[:, :k].T
-    return out_A.float(), out_B.float()
+    """Our (A [in, r_max], B [r_max, out]) for delta = factor * lora_B @ lora_A (PEFT layout), nested by SVD."""
+    r = lora_A.shape[0]
+    pad_A = torch.zeros(lora_A.shape[1], r_max, dtype=torch.float64)
+    pad_B = torch.zeros(r_max, lora_B.shape[0], dtype=torch.float64)
+    pad_A[:, :r], pad_B[:r] = lora_A.double().T, lora_B.double().T
+    nested_A, nested_B = svd_nest(pad_A, pad_B, torch.full((r_max,), float(factor), dtype=torch.float64))
+    return nested_A.float(), nested_B.float()
 
 
 def import_peft(

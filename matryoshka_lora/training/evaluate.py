@@ -30,6 +30,9 @@ from matryoshka_lora.training import data, tasks
 log = logging.getLogger(__name__)
 
 
+BACKENDS = ("engine", "hf")
+
+
 @dataclass
 class EvalConfig:
     adapters: tuple[Path, ...]
@@ -40,6 +43,8 @@ class EvalConfig:
     max_new_tokens: int | None = None  # None = the task's default
     model: str | None = None
     update_manifests: bool = True
+    backend: str = "engine"  # "engine": the serving engine, all ranks in one batch; "hf": model.generate per rank
+
 
     def validate(self) -> EvalConfig:
         tasks.get_task(self.task)
@@ -50,6 +55,8 @@ class EvalConfig:
                 raise ConfigError(name, getattr(self, name), ">= 1")
         if self.ranks is not None and (not self.ranks or min(self.ranks) < 0):
             raise ConfigError("ranks", self.ranks, "a non-empty list of ranks >= 0 (0 = base model)")
+        if self.backend not in BACKENDS:
+            raise ConfigError("eval backend", self.backend, list(BACKENDS))
         self.adapters = tuple(Path(a) for a in self.adapters)
         return self
 
@@ -123,15 +130,32 @@ def evaluate(cfg: EvalConfig) -> dict:
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
     started = time.perf_counter()
     model, tokenizer = load_base_model(cfg.model)
-    base = rank_sweep(model, tokenizer, task, examples, [0], cfg.batch_size, max_new_tokens)[0]
-    result = {"task": cfg.task, "num_test": cfg.num_test, "base_model": model_id(model), "base_accuracy": base, "adapters": []}
-    for i, path in enumerate(cfg.adapters):
+    if cfg.backend == "engine":
+        from matryoshka_lora.training import engine_eval
+
+        engine = engine_eval.eval_engine(model, tokenizer)
+
+        def sweep(adapter, ranks):
+            name = None if adapter is None else engine.load_adapter(str(adapter.path)).name
+            accs = engine_eval.engine_rank_sweep(engine, name, task, examples, ranks, max_new_tokens)
+            if name is not None:
+                engine.unload_adapter(name)
+            return accs
+    else:
+        def sweep(adapter, ranks):
+            nonlocal model, tokenizer
+            if adapter is not None:
+                model, tokenizer = load_base_model(cfg.model)  # a fresh base model for each adapter
+                store.attach_adapter(model, adapter)
+            return rank_sweep(model, tokenizer, task, examples, ranks, cfg.batch_size, max_new_tokens)
+
+    base = sweep(None, [0])[0]
+    result = {"task": cfg.task, "num_test": len(examples), "base_model": model_id(model), "base_accuracy": base,
+              "backend": cfg.backend, "adapters": []}
+    for path in cfg.adapters:
         adapter = store.load_adapter(path)
-        if i > 0:  # a fresh base model for each adapter
-            model, tokenizer = load_base_model(cfg.model)
-        store.attach_adapter(model, adapter)
         log.info("evaluating %s (%s, r_max=%d) on %s", adapter.manifest.name, adapter.manifest.method, adapter.manifest.r_max, cfg.task)
-        accs = rank_sweep(model, tokenizer, task, examples, sweep_ranks(cfg.ranks, adapter.manifest), cfg.batch_size, max_new_tokens)
+        accs = sweep(adapter, sweep_ranks(cfg.ranks, adapter.manifest))
         entry = summarize(adapter.manifest.name, path, adapter.manifest, accs)
         result["adapters"].append(entry)
         if cfg.update_manifests:

@@ -1,8 +1,12 @@
-"""Built-in tasks: seeded generators with fixed train/test splits and an exact-match answer parser.
+"""Built-in tasks: fixed train/dev/test splits and an exact-match answer parser.
 
-Nothing is downloaded: each task makes its examples in code from a seeded `random.Random`, so the
-same (task, split, size) always gives the same examples on every machine. The test split is drawn
-first from its own seed and the train split skips every test prompt, so no test question is trained on.
+Two kinds, one API (`task_examples(name, split, num)`, `score`):
+
+- generated (add3, sort5, caesar, reverse): made in code from a seeded `random.Random`, so the same
+  (task, split, size) gives the same examples on every machine. The test split is drawn from its own
+  seed, dev from another, and train skips the first 1000 test and 500 dev prompts.
+- dataset (arithmetic): rows of a real dataset that installs offline (`datasets.py`), split once by a
+  fixed seed; train/dev/test never share a row.
 
 Scoring (`score`): the model's completion is parsed with the task's parser and compared, as a string,
 to the parsed reference answer. The parsers are documented on each task; all of them:
@@ -19,8 +23,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.training import datasets
 
 TEST_SEED = 1_000_003  # the test split's seed, fixed for every task
+DEV_SEED = 2_000_003  # the dev split's seed (generated tasks)
+SPLITS = datasets.SPLITS
 _INT = re.compile(r"-?\d+")
 
 
@@ -36,9 +43,10 @@ class Task:
 
     name: str
     description: str
-    make: Callable[[random.Random], Example]
+    make: Callable[[random.Random], Example] | None  # generated tasks
     parse: Callable[[str], str]
     max_new_tokens: int = 16
+    source: datasets.DatasetSource | None = None  # dataset tasks
 
 
 def first_line(text: str) -> str:
@@ -63,6 +71,12 @@ def parse_int_list(text: str) -> str:
 def parse_letters(text: str) -> str:
     """The letters of the first line, space-separated, lower-case ("D B U." / "dbu" -> "d b u")."""
     return " ".join(ch for ch in first_line(text) if ch.isalpha())
+
+
+def parse_last_int(text: str) -> str:
+    """The last integer of the first line, thousands separators dropped ("91 + 5 = 1,096." -> "1096")."""
+    found = _INT.findall(re.sub(r"(?<=\d),(?=\d{3})", "", first_line(text)))
+    return found[-1] if found else ""
 
 
 def _add3(rng: random.Random) -> Example:
@@ -94,6 +108,8 @@ TASKS: dict[str, Task] = {
         Task("sort5", "sort five 2-digit numbers; answer = the integers of the first line", _sort5, parse_int_list, 24),
         Task("caesar", "shift 4 letters by one (z -> a); answer = the letters of the first line", _caesar, parse_letters, 16),
         Task("reverse", "reverse 5 letters; answer = the letters of the first line", _reverse, parse_letters, 16),
+        Task("arithmetic", "allenai/basic_arithmetic: 'Calculate 5 + 91 =' (+ - * /, 1-6 digits); answer = the last "
+             "integer of the first line", None, parse_last_int, 12, datasets.BASIC_ARITHMETIC),
     )
 }
 
@@ -105,20 +121,28 @@ def get_task(name: str) -> Task:
 
 
 def task_examples(name: str, split: str, num: int, seed: int = 0) -> list[Example]:
-    """`num` distinct examples of a task's split.
+    """The first `num` examples of a task's split (module docstring).
 
-    test:  the first `num` distinct prompts drawn with TEST_SEED (the same for every `seed`).
-    train: distinct prompts drawn with `seed`, skipping the first 1000 test prompts.
+    generated: test = the first `num` distinct prompts drawn with TEST_SEED (every `seed` alike),
+               dev = the same with DEV_SEED, train = distinct prompts drawn with `seed`.
+    dataset:   the split's first `num` rows (train shuffled by a non-zero `seed`); fewer when the
+               split is smaller, which the caller sees in len(result).
     """
     task = get_task(name)
-    if split not in ("train", "test"):
-        raise ConfigError("split", split, ["train", "test"])
-    if num < 1:
+    if split not in SPLITS:
+        raise ConfigError("split", split, list(SPLITS))
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
         raise ConfigError("number of examples", num, ">= 1")
+    if task.source is not None:
+        pairs = datasets.split_pairs(task.source, split, seed=seed)
+        return [Example(prompt, answer) for prompt, answer in pairs[:num]]
     if split == "test":
         return _distinct(task, random.Random(TEST_SEED), num, exclude=set())
-    held_out = {ex.prompt for ex in _distinct(task, random.Random(TEST_SEED), 1000, exclude=set())}
-    return _distinct(task, random.Random(seed), num, exclude=held_out)
+    test = {ex.prompt for ex in _distinct(task, random.Random(TEST_SEED), 1000, exclude=set())}
+    if split == "dev":
+        return _distinct(task, random.Random(DEV_SEED), num, exclude=test)
+    dev = {ex.prompt for ex in _distinct(task, random.Random(DEV_SEED), 500, exclude=test)}
+    return _distinct(task, random.Random(seed), num, exclude=test | dev)
 
 
 def _distinct(task: Task, rng: random.Random, num: int, exclude: set[str]) -> list[Example]:

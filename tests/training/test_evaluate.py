@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from matryoshka_lora.adapters import inject, store
+from matryoshka_lora.errors import ConfigError
 from matryoshka_lora.metrics import aurac
 from matryoshka_lora.models import load_base_model, model_fingerprint, model_id
 from matryoshka_lora.training import evaluate as ev
@@ -58,10 +59,14 @@ def truncated_reference(model_dir, adapter_path, task, examples, rank):
     return ev.accuracy(task, completions, examples)
 
 
-def test_rank_sweep_matches_truncated_adapters_and_updates_manifest(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ev.BACKENDS)
+def test_rank_sweep_matches_truncated_adapters_and_updates_manifest(tiny_model_dir, tmp_path, monkeypatch, backend):
+    """Both backends (the serving engine with every rank in one batch, and HF generate per rank) give the
+    accuracy of the adapter truncated the long way, through HF."""
     monkeypatch.setitem(tasks.TASKS, "parity", parity_task())
     path = make_adapter(tiny_model_dir, tmp_path / "tiny-adapter")
-    cfg = ev.EvalConfig(adapters=(path,), task="parity", ranks=(1, 2, 8, 64), num_test=15, batch_size=5, model=str(tiny_model_dir))
+    cfg = ev.EvalConfig(adapters=(path,), task="parity", ranks=(1, 2, 8, 64), num_test=15, batch_size=5,
+                        model=str(tiny_model_dir), backend=backend)
     result = ev.evaluate(cfg)
     (entry,) = result["adapters"]
     assert entry["ranks"] == [1, 2, 8]  # 64 > r_max is dropped
@@ -77,6 +82,11 @@ def test_rank_sweep_matches_truncated_adapters_and_updates_manifest(tiny_model_d
     assert stored["accuracy"] == entry["accuracy"] and stored["base_accuracy"] == result["base_accuracy"]
     table = ev.format_table(result)
     assert "tiny-adapter" in table and f"{100 * entry['aurac_log2']:.1f}" in table
+
+
+def test_unknown_backend_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="eval backend"):
+        ev.EvalConfig(adapters=(tmp_path,), task="reverse", backend="vllm").validate()
 
 
 def test_default_ranks_are_the_train_ranks_and_no_manifest_flag(tiny_model_dir, tmp_path, monkeypatch):

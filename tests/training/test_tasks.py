@@ -15,7 +15,10 @@ def test_splits_are_fixed_and_disjoint(name):
     train = tasks.task_examples(name, "train", 200, seed=0)
     assert train == tasks.task_examples(name, "train", 200, seed=0)
     assert train != tasks.task_examples(name, "train", 200, seed=1)
-    assert not {ex.prompt for ex in train} & {ex.prompt for ex in tasks.task_examples(name, "test", 1000)}
+    test, dev = tasks.task_examples(name, "test", 1000), tasks.task_examples(name, "dev", 500)
+    assert not {ex.prompt for ex in train} & {ex.prompt for ex in test}
+    assert not {ex.prompt for ex in train} & {ex.prompt for ex in dev}
+    assert not {ex.prompt for ex in dev} & {ex.prompt for ex in test}
     assert len({ex.prompt for ex in train}) == 200
     task = tasks.get_task(name)
     assert all(tasks.score(task, ex.answer, ex.answer) for ex in train)  # the reference parses to itself
@@ -37,6 +40,12 @@ def test_splits_are_fixed_and_disjoint(name):
         ("caesar", "d b v", "d b u", False),
         ("reverse", "t r e w q", "t r e w q", True),
         ("reverse", "The answer: t r e w q", "t r e w q", False),  # extra letters break the match
+        ("arithmetic", "96", "96", True),
+        ("arithmetic", "5 + 91 = 96.", "96", True),  # the LAST integer of the first line
+        ("arithmetic", "The answer is -42", "-42", True),
+        ("arithmetic", "1,096", "1096", True),  # thousands separators dropped
+        ("arithmetic", "95\n96", "96", False),  # only the first line counts
+        ("arithmetic", "ninety-six", "96", False),
     ],
 )
 def test_score_table(name, completion, answer, correct):

@@ -1,0 +1,102 @@
+"""Nesting by SVD: re-factor every module's trained update so that each prefix is its best rank-k approximation.
+
+For one module with factors A [in, r_max], B [r_max, out] and the diagonal d it was trained with:
+
+    delta = alpha * A diag(d) B                       the trained update, [in, out] (x @ delta is added)
+          = V diag(S) U^T                             thin SVD, S decreasing
+    A'    = V[:, :r_max] * sqrt(S)    [in, r_max]     B' = sqrt(S)[:, None] * U[:, :r_max]^T   [r_max, out]
+
+and the nested adapter is served with scaling "none", alpha 1: rank k adds x A'[:, :k] B'[:k], the
+truncated SVD of delta, which is the best rank-k approximation of delta in Frobenius and spectral
+norm (Eckart-Young), and rank r_max reproduces delta exactly.
+
+Which diagonal d is "the trained update" (`source`):
+
+    "p"     the method's own p: matryoshka's sum-of-slices diagonal (`build_p`), i.e. the function one
+            training forward computed; for lora it equals "r_max"
+    "r_max" the adapter as served at rank r_max: d_i = s_{r_max} (what dylora and svd adapters serve)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, get_args
+
+import torch
+
+from matryoshka_lora.adapters.p import build_p, rank_scale
+from matryoshka_lora.adapters.store import Adapter, AdapterManifest, Weights
+from matryoshka_lora.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Source = Literal["p", "r_max"]
+SOURCES: tuple[str, ...] = get_args(Source)
+
+
+def default_source(method: str) -> str:
+    """"p" for a matryoshka adapter (its training forward), "r_max" for every other method."""
+    return "p" if method == "matryoshka" else "r_max"
+
+
+def trained_diagonal(manifest: AdapterManifest, source: str) -> torch.Tensor:
+    """alpha * d (float64, [r_max]): the diagonal of the update that nesting keeps (module docstring)."""
+    if source not in SOURCES:
+        raise ConfigError("nesting source", source, list(SOURCES))
+    m = manifest
+    if source == "p" and m.method in ("lora", "matryoshka"):
+        d = build_p(m.method, m.r_max, m.train_ranks, m.scaling)
+    else:
+        d = torch.full((m.r_max,), rank_scale(m.r_max, m.scaling))
+    return m.alpha * d.double()
+
+
+def svd_nest(lora_A: torch.Tensor, lora_B: torch.Tensor, diagonal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nested (A' [in, r], B' [r, out]) with A' B' = A diag(diagonal) B and singular values decreasing.
+
+    Thin SVD without forming delta: A = Qa Ra, B^T = Qb Rb, so delta = Qa (Ra diag(d) Rb^T) Qb^T and
+    the small core's SVD W S Z^T gives V = Qa W, U = Qb Z. Directions beyond delta's rank come out as
+    zero columns / rows.
+    """
+    qa, ra = torch.linalg.qr(lora_A.double())
+    qb, rb = torch.linalg.qr(lora_B.double().T)
+    w, s, zh = torch.linalg.svd((ra * diagonal.double()) @ rb.T, full_matrices=False)
+    r_max, k = lora_A.shape[1], s.shape[0]
+    root = s.sqrt()
+    nested_A = torch.zeros(lora_A.shape[0], r_max, dtype=torch.float64)
+    nested_B = torch.zeros(r_max, lora_B.shape[1], dtype=torch.float64)
+    nested_A[:, :k] = (qa @ w) * root
+    nested_B[:k] = root[:, None] * (qb @ zh.T).T
+    return nested_A.to(lora_A.dtype), nested_B.to(lora_B.dtype)
+
+
+def nest_adapter(adapter: Adapter, source: str | None = None, name: str | None = None) -> Adapter:
+    """The adapter re-factored by SVD (module docstring); method "svd", scaling "none", alpha 1."""
+    m = adapter.manifest
+    source = default_source(m.method) if source is None else source
+    diagonal = trained_diagonal(m, source)
+    weights: Weights = {path: svd_nest(a.float(), b.float(), diagonal) for path, (a, b) in adapter.weights.items()}
+    manifest = AdapterManifest(
+        name=name or m.name,
+        base_model=m.base_model,
+        base_fingerprint=m.base_fingerprint,
+        target_modules=m.target_modules,
+        r_max=m.r_max,
+        train_ranks=m.train_ranks,
+        scaling="none",
+        method="svd",
+        alpha=1.0,
+        notes=f"nested by SVD (source {source!r}) from {m.method} adapter {m.name!r} "
+              f"(scaling {m.scaling}, alpha {m.alpha:g}); its notes: {m.notes}",
+    )
+    log.info("nested %r (%s, source %s, %d modules)", m.name, m.method, source, len(weights))
+    return Adapter(manifest, weights, None)
+
+
+def truncation_error(lora_A: torch.Tensor, lora_B: torch.Tensor, diagonal: torch.Tensor, rank: int) -> float:
+    """||A diag(d) B - A'[:, :k] B'[:k]||_F / ||A diag(d) B||_F for the nested factors: how much rank k drops."""
+    delta = (lora_A.double() * diagonal.double()) @ lora_B.double()
+    nested_A, nested_B = svd_nest(lora_A, lora_B, diagonal)
+    approx = nested_A[:, :rank].double() @ nested_B[:rank].double()
+    norm = float(torch.linalg.matrix_norm(delta))
+    return float(torch.linalg.matrix_norm(delta - approx)) / norm if norm else 0.0

@@ -1,0 +1,127 @@
+"""Nesting by SVD: rank r_max reproduces the trained function (the training diagonal folded in), every
+lower rank is the Eckart-Young optimum of each module's update, and the error falls with the rank."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from matryoshka_lora.adapters import build_p, inject, nest, store
+from matryoshka_lora.cli import app
+from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.models import model_fingerprint, model_id
+
+TOKENS = torch.tensor([[5, 9, 17, 3, 44, 2, 90], [1, 77, 8, 8, 120, 64, 33]])
+TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+def fresh_tiny():
+    from transformers import LlamaForCausalLM
+
+    from tiny_config import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.config.name_or_path = "tiny-llama"
+    return model.eval()
+
+
+def trained_adapter(method, scaling, alpha=1.5, r_max=8):
+    """A tiny model with a random adapter (B non-zero) and the Adapter holding its weights."""
+    model = fresh_tiny()
+    manifest = store.AdapterManifest(
+        name="t", base_model=model_id(model), base_fingerprint=model_fingerprint(model), target_modules=TARGETS,
+        r_max=r_max, train_ranks=(1, 2, 4, 8), scaling=scaling, method=method, alpha=alpha,
+    )
+    inject.inject_lora(model, r_max, scaling, TARGETS, alpha, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in inject.lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.2)
+    return model, store.adapter_from_model(model, manifest)
+
+
+def served_model(adapter):
+    model = fresh_tiny()
+    store.attach_adapter(model, adapter)
+    return model
+
+
+@pytest.mark.parametrize(
+    "method, scaling, source, diagonal",
+    [
+        ("matryoshka", "none", "p", [4, 3, 2, 2, 1, 1, 1, 1]),
+        ("matryoshka", "rank", "p", [1 + 1 / 2 + 1 / 4 + 1 / 8] + [1 / 2 + 1 / 4 + 1 / 8] + [1 / 4 + 1 / 8] * 2 + [1 / 8] * 4),
+        ("matryoshka", "none", "r_max", [1] * 8),
+        ("lora", "sqrt", "p", [8 ** -0.5] * 8),
+        ("dylora", "rank", "p", [1 / 8] * 8),
+        ("svd", "none", "p", [1] * 8),
+    ],
+)
+def test_trained_diagonal(method, scaling, source, diagonal):
+    manifest = trained_adapter(method, scaling, alpha=2.0)[1].manifest
+    torch.testing.assert_close(nest.trained_diagonal(manifest, source), 2.0 * torch.tensor(diagonal, dtype=torch.float64))
+
+
+def test_default_source_and_refusal():
+    assert [nest.default_source(m) for m in ("matryoshka", "lora", "dylora", "svd")] == ["p", "r_max", "r_max", "r_max"]
+    with pytest.raises(ConfigError, match="nesting source"):
+        nest.trained_diagonal(trained_adapter("lora", "none")[1].manifest, "full")
+
+
+@pytest.mark.parametrize("method, scaling", [("matryoshka", "none"), ("matryoshka", "sqrt"), ("lora", "rank")])
+def test_full_rank_reproduces_the_trained_function(method, scaling):
+    model, adapter = trained_adapter(method, scaling)
+    if method == "matryoshka":  # the training forward: x A diag(p) B
+        inject.set_p(model, build_p(method, 8, (1, 2, 4, 8), scaling))
+        inject.set_inference_ranks(model, None)
+    else:
+        inject.set_inference_ranks(model, 8)
+    expected = model(TOKENS).logits
+    nested = nest.nest_adapter(adapter)
+    assert (nested.manifest.method, nested.manifest.scaling, nested.manifest.alpha) == ("svd", "none", 1.0)
+    serving = served_model(nested)
+    inject.set_inference_ranks(serving, 8)
+    torch.testing.assert_close(serving(TOKENS).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_every_prefix_is_the_eckart_young_optimum():
+    _, adapter = trained_adapter("matryoshka", "none")
+    diagonal = nest.trained_diagonal(adapter.manifest, "p")
+    for path, (lora_A, lora_B) in adapter.weights.items():
+        delta = (lora_A.double() * diagonal) @ lora_B.double()
+        singular = torch.linalg.svdvals(delta)
+        nested_A, nested_B = nest.svd_nest(lora_A, lora_B, diagonal)
+        errors = []
+        for k in range(9):
+            approx = nested_A[:, :k].double() @ nested_B[:k].double()
+            errors.append(float(torch.linalg.matrix_norm(delta - approx)))
+            assert errors[-1] == pytest.approx(float(singular[k:].square().sum().sqrt()), rel=1e-4, abs=1e-5), path
+        assert all(a > b for a, b in zip(errors, errors[1:])), path
+        assert nest.truncation_error(lora_A, lora_B, diagonal, 8) < 1e-5
+        assert nest.truncation_error(lora_A, lora_B, diagonal, 1) > nest.truncation_error(lora_A, lora_B, diagonal, 4)
+
+
+def test_nested_factors_are_balanced_and_ordered():
+    """sqrt(S) on both sides: column k of A' and row k of B' have the same norm, decreasing in k."""
+    _, adapter = trained_adapter("lora", "none")
+    lora_A, lora_B = next(iter(adapter.weights.values()))
+    nested_A, nested_B = nest.svd_nest(lora_A, lora_B, torch.ones(8, dtype=torch.float64))
+    col, row = nested_A.norm(dim=0), nested_B.norm(dim=1)
+    torch.testing.assert_close(col, row, atol=1e-5, rtol=1e-4)
+    assert all(a >= b for a, b in zip(col.tolist(), col.tolist()[1:]))
+
+
+def test_cli_nest_round_trip(tmp_path):
+    _, adapter = trained_adapter("matryoshka", "none")
+    src = store.save_adapter(tmp_path / "m", adapter.manifest, adapter.weights)
+    result = CliRunner().invoke(app, ["nest", str(src), "--out", str(tmp_path / "n"), "--name", "t-nested"])
+    assert result.exit_code == 0, result.output
+    loaded = store.load_adapter(tmp_path / "n")
+    assert loaded.manifest.name == "t-nested" and loaded.manifest.method == "svd"
+    assert "matryoshka" in loaded.manifest.notes
+    expected = nest.nest_adapter(adapter).weights
+    for path, (lora_A, lora_B) in loaded.weights.items():
+        torch.testing.assert_close(lora_A, expected[path][0])
+        torch.testing.assert_close(lora_B, expected[path][1])
+    bad = CliRunner().invoke(app, ["nest", str(src), "--out", str(tmp_path / "x"), "--source", "full"])
+    assert bad.exit_code != 0
