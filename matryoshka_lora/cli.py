@@ -146,7 +146,7 @@ def _int_list(text: str | None, what: str) -> tuple[int, ...] | None:
 @app.command()
 def train(
     out: Annotated[Path, typer.Option("--out", help="Output adapter directory (checkpoints go to <out>-checkpoints/).")],
-    task: Annotated[Optional[str], typer.Option("--task", help="Built-in task (add3, sort5, caesar, reverse).")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Built-in task (add3, sort5, caesar, reverse, arithmetic).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help='JSONL of {"prompt","completion"} or {"messages": [...]}.')] = None,
     method: Annotated[str, typer.Option("--method", help="lora | dylora | matryoshka (only the diagonal p differs).")] = "matryoshka",
     rank: Annotated[int, typer.Option("--rank", help="r_max: the adapter's largest rank.")] = 32,
@@ -165,6 +165,10 @@ def train(
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N optimizer steps.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of --out.")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="Adapter name; default: the --out directory's name.")] = None,
+    slice_loss: Annotated[int, typer.Option("--slice-loss", min=0, help="Also train K sampled lower ranks as served, each step (K+1 forward passes).")] = 0,
+    nest: Annotated[bool, typer.Option("--nest/--no-nest", help="Write the SVD-nested adapter to --out (the raw one to <out>-raw).")] = False,
+    rank_loss_every: Annotated[Optional[int], typer.Option("--rank-loss-every", help="Log the dev loss at every train rank every N steps (<out>-checkpoints/rank_losses.jsonl).")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bf16 autocast; default: on where supported (CUDA, or a CPU with AVX512-BF16).", show_default=False)] = None,
     model: ModelOpt = None,
 ) -> None:
     """Train a LoRA / DyLoRA / Matryoshka adapter (Hugging Face Trainer; works under torchrun / accelerate launch)."""
@@ -177,7 +181,8 @@ def train(
         alpha=alpha, target_modules=tuple(t.strip() for t in targets.split(",")) if targets else DEFAULT_TARGET_MODULES,
         lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         max_seq_len=max_seq_len, num_train=num_train, seed=seed, save_every=save_every, resume=resume,
-        task=task, data=data, model=model, name=name,
+        task=task, data=data, model=model, name=name, slice_loss=slice_loss, nest=nest,
+        rank_loss_every=rank_loss_every, bf16=bf16,
     )
     run_training(cfg.validate())
 

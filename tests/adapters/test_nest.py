@@ -125,3 +125,20 @@ def test_cli_nest_round_trip(tmp_path):
         torch.testing.assert_close(lora_B, expected[path][1])
     bad = CliRunner().invoke(app, ["nest", str(src), "--out", str(tmp_path / "x"), "--source", "full"])
     assert bad.exit_code != 0
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_peft_export_of_a_nested_adapter_serves_the_same_function(tmp_path, rank):
+    """A nested adapter's rank-r slice exported as PEFT gives the logits of our own forward at rank r."""
+    from peft import PeftModel
+
+    from matryoshka_lora.adapters import peft_io
+
+    _, adapter = trained_adapter("matryoshka", "sqrt")
+    nested = nest.nest_adapter(adapter)
+    path = store.save_adapter(tmp_path / "n", nested.manifest, nested.weights)
+    ours = served_model(nested)
+    inject.set_inference_ranks(ours, rank)
+    peft_model = PeftModel.from_pretrained(fresh_tiny(), str(peft_io.export_peft(path, rank, tmp_path / "peft"))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(TOKENS).logits, ours(TOKENS).logits, atol=1e-5, rtol=1e-5)

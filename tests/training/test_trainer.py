@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import TrainerCallback
 
 from matryoshka_lora.adapters import inject, store
 from matryoshka_lora.errors import ConfigError
-from matryoshka_lora.training.trainer import DyLoRACallback, TrainConfig, build_trainer, checkpoint_dir, dylora_rank, train
+from matryoshka_lora.training.trainer import (
+    DyLoRACallback, TrainConfig, build_trainer, checkpoint_dir, dylora_rank, slice_ranks, train,
+)
 
 R_MAX, TRAIN_RANKS = 8, (1, 2, 4)
 
@@ -132,3 +136,42 @@ def test_cuda_training_runs_in_bf16_and_saves_float32(tiny_model_dir, tmp_path):
         assert lora_A.dtype == lora_B.dtype == torch.float32
         assert lora_B[max(TRAIN_RANKS):].abs().sum() == 0  # Matryoshka: nothing beyond the largest train rank
     assert any(b[: max(TRAIN_RANKS)].abs().sum() > 0 for _, b in adapter.weights.values())
+
+
+def test_slice_ranks_are_seeded_and_below_r_max():
+    draws = [slice_ranks((1, 2, 4, 8), 8, 2, 0, step) for step in range(50)]
+    assert draws == [slice_ranks((1, 2, 4, 8), 8, 2, 0, step) for step in range(50)]
+    assert {r for d in draws for r in d} == {1, 2, 4} and all(len(d) == 2 for d in draws)
+    assert draws != [slice_ranks((1, 2, 4, 8), 8, 2, 1, step) for step in range(50)]
+
+
+def test_slice_loss_adds_the_served_rank_losses(tiny_model_dir, tmp_path):
+    trainer = build_trainer(tiny_config(tiny_model_dir, tmp_path / "s", method="matryoshka", slice_loss=2, bf16=False))
+    model = trainer.model
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        total = trainer.compute_loss(model, dict(batch))
+        with_p = model(**batch).loss
+        served = []
+        for rank in slice_ranks(TRAIN_RANKS, R_MAX, 2, 3, 0):
+            inject.set_inference_ranks(model, rank)
+            served.append(model(**batch).loss)
+        inject.set_inference_ranks(model, None)
+    torch.testing.assert_close(total, with_p + sum(served) / 2)
+    assert all(layer.inference_ranks is None for layer in inject.lora_layers(model).values())
+
+
+def test_nest_and_rank_losses(tiny_model_dir, tmp_path):
+    out = train(tiny_config(tiny_model_dir, tmp_path / "n", method="lora", nest=True, rank_loss_every=2, bf16=False))
+    nested, raw = store.load_adapter(out), store.load_adapter(tmp_path / "n-raw")
+    assert (nested.manifest.method, raw.manifest.method) == ("svd", "lora")
+    lines = (checkpoint_dir(out) / "rank_losses.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [row["step"] for row in rows] == [2, 3]
+    assert all(set(row["loss"]) == {"1", "2", "4"} for row in rows)
+
+
+@pytest.mark.parametrize("overrides", [dict(slice_loss=-1), dict(rank_loss_every=0), dict(train_ranks=(8,), slice_loss=1)])
+def test_bad_options_are_refused(tiny_model_dir, tmp_path, overrides):
+    with pytest.raises(ConfigError):
+        tiny_config(tiny_model_dir, tmp_path / "x", **overrides).validate()
