@@ -218,6 +218,29 @@ def eval_(
         plot_rank_curves(result, plot)
 
 
+@app.command("fit-scales")
+def fit_scales(
+    adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory; its manifest gets the fitted rank_scales.")],
+    task: Annotated[str, typer.Option("--task", help="Task whose dev split the scales are fitted on.")],
+    ranks: Annotated[Optional[str], typer.Option("--ranks", help="e.g. 1,2,4; default: the adapter's train ranks.")] = None,
+    candidates: Annotated[Optional[str], typer.Option("--candidates", help="Comma-separated scales to try (must include 1).")] = None,
+    num_dev: Annotated[int, typer.Option("--num-dev", help="Dev examples the loss is measured on.")] = 200,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the fit, do not write the manifest.")] = False,
+    model: ModelOpt = None,
+) -> None:
+    """Fit a per-rank serving scale c_r (rank r served at alpha * s_r * c_r) by dev loss; every backend serves it."""
+    import json
+
+    from matryoshka_lora.training import rank_scales as rs
+
+    cfg = rs.FitConfig(adapter=adapter_dir, task=task, ranks=_int_list(ranks, "--ranks"), num_dev=num_dev, model=model,
+                       candidates=_float_list(candidates, "--candidates") or rs.CANDIDATES)
+    fitted, losses = rs.fit_rank_scales(cfg)
+    typer.echo(json.dumps({"rank_scales": fitted, "dev_loss": losses}, indent=2))
+    if not dry_run:
+        rs.write_rank_scales(adapter_dir, fitted)
+
+
 # --- end train / eval ----------------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """`LoRALinear`: a frozen nn.Linear plus a nested-rank LoRA update.
 
     training (no inference rank set):   y = base(x) + alpha * ((x @ lora_A) * lora_p) @ lora_B
-    inference at per-token ranks r_t:   y_t = base(x_t) + alpha * s_{r_t} * (x_t @ lora_A[:, :r_t]) @ lora_B[:r_t]
-                                        (r_t = 0: base alone)
+    inference at per-token ranks r_t:   y_t = base(x_t) + alpha * s_{r_t} * c_{r_t} * (x_t @ lora_A[:, :r_t]) @ lora_B[:r_t]
+                                        (r_t = 0: base alone; c_r = rank_scales.get(r, 1), the fitted serving scale)
 
 lora_A is [in_features, r_max], lora_B is [r_max, out_features]; the first r columns of A and rows of
 B form the rank-r adapter. The layer keeps the base Linear's own `weight` / `bias` Parameters, so the
@@ -44,6 +44,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(r_max, self.out_features, **factory))
         self.register_buffer("lora_p", build_p("lora", r_max, (r_max,), scaling).to(base.weight.device), persistent=False)
         self.inference_ranks: Ranks = None
+        self.rank_scales: dict[int, float] = {}  # c_r of the manifest's per-rank serving scale
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -79,8 +80,8 @@ class LoRALinear(nn.Module):
         self.inference_ranks = ranks
 
     def scale(self, rank: int) -> float:
-        """alpha * s_rank: the factor of the rank-r update."""
-        return self.alpha * rank_scale(rank, self.scaling)
+        """alpha * s_rank * c_rank: the factor of the rank-r update (as AdapterManifest.served_scale)."""
+        return self.alpha * rank_scale(rank, self.scaling) * self.rank_scales.get(rank, 1.0)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -118,7 +119,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_delta_weight(self, rank: int) -> torch.Tensor:
-        """The rank-r update in nn.Linear layout [out, in]: alpha * s_r * (A[:, :r] @ B[:r]).T."""
+        """The rank-r update in nn.Linear layout [out, in]: scale(r) * (A[:, :r] @ B[:r]).T."""
         if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= self.r_max:
             raise InvalidRankError(rank, f"0..{self.r_max}")
         if rank == 0:

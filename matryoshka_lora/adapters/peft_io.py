@@ -1,6 +1,6 @@
 """PEFT interop: export a rank-R slice as a standard PEFT LoRA adapter; import a PEFT adapter by SVD.
 
-Export (rank R, module P, our A [in, r_max], B [r_max, out], factor c = alpha * s_R):
+Export (rank R, module P, our A [in, r_max], B [r_max, out], factor c = manifest.served_scale(R)):
 
     base_model.model.P.lora_A.weight = A[:, :R].T      [R, in]
     base_model.model.P.lora_B.weight = B[:R].T         [out, R]
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from matryoshka_lora.adapters.nest import svd_nest
-from matryoshka_lora.adapters.p import default_train_ranks, rank_scale
+from matryoshka_lora.adapters.p import default_train_ranks
 from matryoshka_lora.adapters.store import Adapter, AdapterManifest, load_adapter, save_adapter
 from matryoshka_lora.errors import AdapterFormatError, ConfigError, InvalidRankError
 
@@ -50,7 +50,7 @@ def export_peft(adapter: Adapter | str | os.PathLike, rank: int, out_dir: str | 
     m = adapter.manifest
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= m.r_max:
         raise InvalidRankError(rank, f"1..{m.r_max}", adapter=m.name)
-    factor = m.alpha * rank_scale(rank, m.scaling)
+    factor = m.served_scale(rank)
     config = LoraConfig(
         r=rank,
         lora_alpha=factor * rank,

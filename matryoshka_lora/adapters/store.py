@@ -2,9 +2,10 @@
 
     adapter.safetensors   for each wrapped module path P: P.lora_A [in, r_max], P.lora_B [r_max, out]
     manifest.json         AdapterManifest (name, base model + fingerprint, targets, r_max, train ranks,
-                          scaling, method, alpha, format version, eval results, notes)
+                          scaling, method, alpha, format version, eval results, notes, rank scales)
 
-The rank-r adapter is A[:, :r], B[:r] scaled by alpha * s_r. `load_adapter` checks everything it can
+The rank-r adapter is A[:, :r], B[:r] scaled by `served_scale(r)` = alpha * s_r * c_r, where c_r is
+the per-rank serving scale fitted after training (`rank_scales`, default 1 for every rank). `load_adapter` checks everything it can
 without the model (and the base fingerprint when given); `attach_adapter` checks the rest.
 """
 
@@ -45,6 +46,21 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_rank_scales(scales, r_max: int) -> dict[str, float]:
+    """{rank: c} with ranks in 1..r_max (int or decimal string keys) and c finite > 0 -> {"rank": float}."""
+    allowed = f"a JSON object {{rank in 1..{r_max}: a finite number > 0}}"
+    if not isinstance(scales, dict):
+        raise ConfigError("rank_scales", scales, allowed)
+    out = {}
+    for key, value in scales.items():
+        rank = key if _is_int(key) else int(key) if isinstance(key, str) and key.isdigit() else None
+        if rank is None or not 1 <= rank <= r_max or not isinstance(value, (int, float)) or isinstance(value, bool) \
+                or not math.isfinite(value) or value <= 0:
+            raise ConfigError("rank_scales", scales, allowed)
+        out[str(rank)] = float(value)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
 @dataclass
 class AdapterManifest:
     name: str
@@ -59,6 +75,7 @@ class AdapterManifest:
     format_version: int = FORMAT_VERSION
     eval_results: dict | None = None
     notes: str = ""
+    rank_scales: dict[str, float] | None = None  # {"r": c_r}; a rank not listed has c_r = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,6 +113,15 @@ class AdapterManifest:
             raise ConfigError("eval_results", self.eval_results, "a JSON object or null")
         if not isinstance(self.notes, str):
             raise ConfigError("notes", self.notes, "a string")
+        if self.rank_scales is not None:
+            self.rank_scales = check_rank_scales(self.rank_scales, self.r_max)
+
+    def served_scale(self, rank: int) -> float:
+        """alpha * s_rank * c_rank: the factor of the rank-r delta as every backend serves it."""
+        from matryoshka_lora.adapters.p import rank_scale
+
+        extra = (self.rank_scales or {}).get(str(rank), 1.0)
+        return self.alpha * rank_scale(rank, self.scaling) * extra
 
     def to_json(self) -> str:
         values = asdict(self)
@@ -258,14 +284,22 @@ def load_adapter(path: str | os.PathLike, base_fingerprint: str | None = None) -
     return Adapter(manifest, weights, path)
 
 
-def update_eval_results(path: str | os.PathLike, results: dict | None) -> AdapterManifest:
-    """Replace the manifest's eval_results (atomically); returns the new manifest."""
+def update_manifest(path: str | os.PathLike, **changes) -> AdapterManifest:
+    """Replace manifest fields (e.g. eval_results, rank_scales), validated, written atomically; returns it."""
     manifest = read_manifest(path)
-    manifest.eval_results = results
+    for key, value in changes.items():
+        if key not in {f.name for f in fields(AdapterManifest)}:
+            raise ConfigError("manifest field", key, [f.name for f in fields(AdapterManifest)])
+        setattr(manifest, key, value)
     manifest.validate()
-    json.dumps(results)  # fail before writing if not JSON-able
+    json.dumps(asdict(manifest))  # fail before writing if not JSON-able
     _write_text_atomic(Path(path) / MANIFEST_FILE, manifest.to_json())
     return manifest
+
+
+def update_eval_results(path: str | os.PathLike, results: dict | None) -> AdapterManifest:
+    """Replace the manifest's eval_results (atomically); returns the new manifest."""
+    return update_manifest(path, eval_results=results)
 
 
 def adapter_from_model(model: nn.Module, manifest: AdapterManifest) -> Adapter:
@@ -288,6 +322,8 @@ def attach_adapter(model: nn.Module, adapter: Adapter, check_fingerprint: bool =
         if actual != m.base_fingerprint:
             raise BaseModelMismatchError(m.name, m.base_fingerprint, actual)
     layers = inject.inject_lora(model, m.r_max, m.scaling, m.target_modules, m.alpha)
+    for layer in layers.values():
+        layer.rank_scales = {int(r): c for r, c in (m.rank_scales or {}).items()}
     tensors = {}
     for path, (lora_A, lora_B) in adapter.weights.items():
         tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"] = lora_A, lora_B

@@ -56,10 +56,11 @@ class SlotEntry:
             raise InvalidRankError(rank, f"1..{self.r_max}", adapter=self.name)
 
     def scale(self, rank: int) -> float:
-        """alpha * s_rank, the factor of the rank-r delta."""
+        """alpha * s_rank * c_rank, the factor of the rank-r delta (the manifest's served_scale)."""
         from matryoshka_lora.adapters.p import rank_scale
 
-        return self.alpha * rank_scale(rank, self.scaling)
+        served = getattr(self.manifest, "served_scale", None)
+        return served(rank) if served is not None else self.alpha * rank_scale(rank, self.scaling)
 
 
 def member_columns(spec: ModelSpec, group: str) -> dict[str, tuple[int, int]]:
