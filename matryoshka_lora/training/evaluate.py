@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,14 @@ def rank_sweep(model, tokenizer, task: tasks.Task, examples, ranks, batch_size: 
     return results
 
 
-def summarize(name: str, path: Path, manifest: store.AdapterManifest, accs: dict[int, float]) -> dict:
-    """One adapter's entry: per-rank accuracy (string keys, JSON-style) and AURAC over the ranks >= 1."""
+def binomial_stderr(accuracy: float, num: int) -> float:
+    """The standard error of an accuracy measured on `num` independent examples: sqrt(p (1 - p) / n)."""
+    return math.sqrt(accuracy * (1 - accuracy) / num) if num else 0.0
+
+
+def summarize(name: str, path: Path, manifest: store.AdapterManifest, accs: dict[int, float], num_test: int = 0) -> dict:
+    """One adapter's entry: per-rank accuracy and its binomial standard error (string keys, JSON-style),
+    and AURAC over the ranks >= 1."""
     ranks = sorted(r for r in accs if r >= 1)
     curve = [accs[r] for r in ranks]
     return {
@@ -106,6 +113,7 @@ def summarize(name: str, path: Path, manifest: store.AdapterManifest, accs: dict
         "r_max": manifest.r_max,
         "ranks": ranks,
         "accuracy": {str(r): accs[r] for r in ranks},
+        "stderr": {str(r): round(binomial_stderr(accs[r], num_test), 5) for r in ranks},
         "aurac_log2": aurac(ranks, curve, axis="log2"),
         "aurac_linear": aurac(ranks, curve, axis="linear"),
     }
@@ -156,7 +164,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         adapter = store.load_adapter(path)
         log.info("evaluating %s (%s, r_max=%d) on %s", adapter.manifest.name, adapter.manifest.method, adapter.manifest.r_max, cfg.task)
         accs = sweep(adapter, sweep_ranks(cfg.ranks, adapter.manifest))
-        entry = summarize(adapter.manifest.name, path, adapter.manifest, accs)
+        entry = summarize(adapter.manifest.name, path, adapter.manifest, accs, len(examples))
         result["adapters"].append(entry)
         if cfg.update_manifests:
             store.update_eval_results(path, manifest_results(result, entry))
@@ -165,7 +173,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def manifest_results(result: dict, entry: dict) -> dict:
-    keys = ("accuracy", "aurac_log2", "aurac_linear")
+    keys = ("accuracy", "stderr", "aurac_log2", "aurac_linear")
     return {"task": result["task"], "num_test": result["num_test"], "base_accuracy": result["base_accuracy"], **{k: entry[k] for k in keys}}
 
 

@@ -359,12 +359,14 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] = ()) -> Path:
     manifest.notes = f"{manifest.notes}; {trainer.state.global_step} steps, mean train loss {result.training_loss:.4f}, {wall_s:.0f} s"
     if trainer.args.should_save:
         raw_out = cfg.out.with_name(cfg.out.name + "-raw") if cfg.nest else cfg.out
+        if cfg.nest:
+            manifest.name = f"{manifest.name[:60]}-raw"
         save_model_adapter(trainer.model, manifest, raw_out)
         log.info("adapter written to %s (%d steps, %.0f s, mean loss %.4f)", raw_out, trainer.state.global_step, wall_s, result.training_loss)
         if cfg.nest:
             from matryoshka_lora.adapters.nest import nest_adapter
 
-            nested = nest_adapter(store.load_adapter(raw_out))
+            nested = nest_adapter(store.load_adapter(raw_out), name=cfg.name or cfg.out.name)
             store.save_adapter(cfg.out, nested.manifest, nested.weights)
             log.info("nested adapter written to %s", cfg.out)
     return cfg.out

@@ -165,6 +165,7 @@ def test_nest_and_rank_losses(tiny_model_dir, tmp_path):
     out = train(tiny_config(tiny_model_dir, tmp_path / "n", method="lora", nest=True, rank_loss_every=2, bf16=False))
     nested, raw = store.load_adapter(out), store.load_adapter(tmp_path / "n-raw")
     assert (nested.manifest.method, raw.manifest.method) == ("svd", "lora")
+    assert (nested.manifest.name, raw.manifest.name) == ("n", "n-raw")
     lines = (checkpoint_dir(out) / "rank_losses.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert [row["step"] for row in rows] == [2, 3]
