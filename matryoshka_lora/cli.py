@@ -81,6 +81,7 @@ def nest(
     out: Annotated[Path, typer.Option("--out", help="Output directory for the nested adapter.")],
     source: Annotated[Optional[str], typer.Option("--source", help="p: the training diagonal folded in (matryoshka's default) | r_max: the adapter as served at r_max (every other method's default).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Adapter name; default: the source adapter's.")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Store the nested weights in bfloat16 (half the size; loaders compute in float32).")] = False,
 ) -> None:
     """Re-factor each module's trained update by SVD so that every rank-k slice is its best rank-k approximation.
 
@@ -90,7 +91,11 @@ def nest(
     from matryoshka_lora.adapters.nest import nest_adapter
     from matryoshka_lora.adapters.store import load_adapter, save_adapter
 
+    import torch
+
     nested = nest_adapter(load_adapter(adapter_dir), source=source, name=name)
+    if bf16:
+        nested.weights = {path: (a.to(torch.bfloat16), b.to(torch.bfloat16)) for path, (a, b) in nested.weights.items()}
     typer.echo(str(save_adapter(out, nested.manifest, nested.weights)))
 
 

@@ -142,3 +142,18 @@ def test_peft_export_of_a_nested_adapter_serves_the_same_function(tmp_path, rank
     peft_model = PeftModel.from_pretrained(fresh_tiny(), str(peft_io.export_peft(path, rank, tmp_path / "peft"))).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(TOKENS).logits, ours(TOKENS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_nest_bf16_halves_the_file_and_serves_within_bf16_rounding(tmp_path):
+    model, adapter = trained_adapter("lora", "none")
+    src = store.save_adapter(tmp_path / "m", adapter.manifest, adapter.weights)
+    for flags, out in (([], "f32"), (["--bf16"], "bf16")):
+        assert CliRunner().invoke(app, ["nest", str(src), "--out", str(tmp_path / out), *flags]).exit_code == 0
+    f32, bf16 = (tmp_path / "f32" / store.WEIGHTS_FILE).stat().st_size, (tmp_path / "bf16" / store.WEIGHTS_FILE).stat().st_size
+    assert bf16 < 0.6 * f32
+    loaded = store.load_adapter(tmp_path / "bf16")
+    assert all(a.dtype == torch.bfloat16 for a, _ in loaded.weights.values())
+    inject.set_inference_ranks(model, 8)
+    serving = served_model(loaded)
+    inject.set_inference_ranks(serving, 8)
+    torch.testing.assert_close(serving(TOKENS).logits, model(TOKENS).logits, atol=2e-2, rtol=2e-2)
