@@ -82,6 +82,7 @@ def nest(
     source: Annotated[Optional[str], typer.Option("--source", help="p: the training diagonal folded in (matryoshka's default) | r_max: the adapter as served at r_max (every other method's default).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Adapter name; default: the source adapter's.")] = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="Store the nested weights in bfloat16 (half the size; loaders compute in float32).")] = False,
+    svd: Annotated[bool, typer.Option("--svd/--fold-only", help="--fold-only: fold the diagonal into A and keep the trained column order (a diagnostic).")] = True,
 ) -> None:
     """Re-factor each module's trained update by SVD so that every rank-k slice is its best rank-k approximation.
 
@@ -93,7 +94,7 @@ def nest(
 
     import torch
 
-    nested = nest_adapter(load_adapter(adapter_dir), source=source, name=name)
+    nested = nest_adapter(load_adapter(adapter_dir), source=source, name=name, svd=svd)
     if bf16:
         nested.weights = {path: (a.to(torch.bfloat16), b.to(torch.bfloat16)) for path, (a, b) in nested.weights.items()}
     typer.echo(str(save_adapter(out, nested.manifest, nested.weights)))

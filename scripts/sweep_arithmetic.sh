@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The arithmetic sweep of docs/results.md, one job at a time; each run's eval JSON lands in $OUT as it ends.
-#   bash scripts/sweep_arithmetic.sh [OUT=runs/sweep] [RUNS="lora matryoshka lora-r1 lora-slice lora-r4"]
+#   bash scripts/sweep_arithmetic.sh [OUT=runs/sweep]
+#   RUNS="lora matryoshka lora-r1 matryoshka-scaled matryoshka-slice" (the default; also lora-slice, lora-r4)
 # Common recipe: allenai/basic_arithmetic (2200 train rows), all 7 projections, 2 epochs at batch 16
 # (276 steps), AdamW lr 1e-3, linear decay, 5 % warm-up, seed 0, scaling none, bf16 autocast where the
 # CPU has AVX512-BF16; eval: 600 test rows, greedy, on the serving engine, ranks 1-32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/sweep}
-RUNS=${RUNS:-"lora matryoshka lora-r1 lora-slice lora-r4"}
+RUNS=${RUNS:-"lora matryoshka lora-r1 matryoshka-scaled matryoshka-slice"}
 CLI=(.venv/bin/matryoshka-lora)
 COMMON=(--task arithmetic --epochs 2 --batch-size 16 --lr 1e-3 --seed 0 --scaling none --rank-loss-every 46)
 EVAL=(--task arithmetic --num-test 600)
@@ -19,6 +20,12 @@ run() {  # run NAME: train, then eval what it wrote
                  "${CLI[@]}" eval "$OUT/lora-r32-nested-raw" "$OUT/lora-r32-nested" "${EVAL[@]}" --out "$OUT/lora.json" ;;
     matryoshka)  "${CLI[@]}" train "${COMMON[@]}" --method matryoshka --rank 32 --nest --out "$OUT/matryoshka-r32-nested"
                  "${CLI[@]}" eval "$OUT/matryoshka-r32-nested-raw" "$OUT/matryoshka-r32-nested" "${EVAL[@]}" --out "$OUT/matryoshka.json" ;;
+    matryoshka-scaled)  # needs the matryoshka run: its nested adapter plus a per-rank scale fitted on dev
+                 rm -rf "$OUT/matryoshka-r32-nested-scaled"; cp -r "$OUT/matryoshka-r32-nested" "$OUT/matryoshka-r32-nested-scaled"
+                 "${CLI[@]}" fit-scales "$OUT/matryoshka-r32-nested-scaled" --task arithmetic
+                 "${CLI[@]}" eval "$OUT/matryoshka-r32-nested-scaled" "${EVAL[@]}" --out "$OUT/matryoshka-scaled.json" ;;
+    matryoshka-slice) "${CLI[@]}" train "${COMMON[@]}" --method matryoshka --rank 32 --slice-loss 1 --nest --out "$OUT/matryoshka-r32-slice"
+                 "${CLI[@]}" eval "$OUT/matryoshka-r32-slice-raw" "$OUT/matryoshka-r32-slice" "${EVAL[@]}" --out "$OUT/matryoshka-slice.json" ;;
     lora-slice)  "${CLI[@]}" train "${COMMON[@]}" --method lora --rank 32 --slice-loss 1 --out "$OUT/lora-r32-slice"
                  "${CLI[@]}" eval "$OUT/lora-r32-slice" "${EVAL[@]}" --out "$OUT/lora-slice.json" ;;
     lora-r1)     "${CLI[@]}" train "${COMMON[@]}" --method lora --rank 1 --out "$OUT/lora-r1"

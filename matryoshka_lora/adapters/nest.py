@@ -70,12 +70,20 @@ def svd_nest(lora_A: torch.Tensor, lora_B: torch.Tensor, diagonal: torch.Tensor)
     return nested_A.to(lora_A.dtype), nested_B.to(lora_B.dtype)
 
 
-def nest_adapter(adapter: Adapter, source: str | None = None, name: str | None = None) -> Adapter:
-    """The adapter re-factored by SVD (module docstring); method "svd", scaling "none", alpha 1."""
+def fold_diagonal(lora_A: torch.Tensor, lora_B: torch.Tensor, diagonal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A diag(d), B): the same trained update with the diagonal folded into A, columns in their trained
+    order (a diagnostic: slice k keeps the first k entries of P, without SVD re-ordering)."""
+    return (lora_A.double() * diagonal.double()).to(lora_A.dtype), lora_B.clone()
+
+
+def nest_adapter(adapter: Adapter, source: str | None = None, name: str | None = None, svd: bool = True) -> Adapter:
+    """The adapter re-factored by SVD (module docstring), or with the diagonal only folded into A
+    (`svd=False`); method "svd", scaling "none", alpha 1."""
     m = adapter.manifest
     source = default_source(m.method) if source is None else source
     diagonal = trained_diagonal(m, source)
-    weights: Weights = {path: svd_nest(a.float(), b.float(), diagonal) for path, (a, b) in adapter.weights.items()}
+    refactor = svd_nest if svd else fold_diagonal
+    weights: Weights = {path: refactor(a.float(), b.float(), diagonal) for path, (a, b) in adapter.weights.items()}
     manifest = AdapterManifest(
         name=name or m.name,
         base_model=m.base_model,
@@ -86,7 +94,7 @@ def nest_adapter(adapter: Adapter, source: str | None = None, name: str | None =
         scaling="none",
         method="svd",
         alpha=1.0,
-        notes=f"nested by SVD (source {source!r}) from {m.method} adapter {m.name!r} "
+        notes=f"{'nested by SVD' if svd else 'diagonal folded into A, trained column order'} (source {source!r}) from {m.method} adapter {m.name!r} "
               f"(scaling {m.scaling}, alpha {m.alpha:g}); its notes: {m.notes}",
     )
     log.info("nested %r (%s, source %s, %d modules)", m.name, m.method, source, len(weights))

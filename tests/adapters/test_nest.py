@@ -157,3 +157,17 @@ def test_cli_nest_bf16_halves_the_file_and_serves_within_bf16_rounding(tmp_path)
     serving = served_model(loaded)
     inject.set_inference_ranks(serving, 8)
     torch.testing.assert_close(serving(TOKENS).logits, model(TOKENS).logits, atol=2e-2, rtol=2e-2)
+
+
+def test_fold_only_keeps_the_trained_order_and_the_full_function():
+    model, adapter = trained_adapter("matryoshka", "none")
+    folded = nest.nest_adapter(adapter, svd=False)
+    diagonal = nest.trained_diagonal(adapter.manifest, "p")
+    for path, (lora_A, lora_B) in adapter.weights.items():
+        torch.testing.assert_close(folded.weights[path][0], (lora_A.double() * diagonal).float())
+        torch.testing.assert_close(folded.weights[path][1], lora_B)
+    inject.set_p(model, build_p("matryoshka", 8, (1, 2, 4, 8), "none"))
+    inject.set_inference_ranks(model, None)
+    serving = served_model(folded)
+    inject.set_inference_ranks(serving, 8)
+    torch.testing.assert_close(serving(TOKENS).logits, model(TOKENS).logits, atol=1e-5, rtol=1e-5)
