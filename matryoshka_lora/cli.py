@@ -172,7 +172,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of --out.")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="Adapter name; default: the --out directory's name.")] = None,
     slice_loss: Annotated[int, typer.Option("--slice-loss", min=0, help="Also train K sampled lower ranks as served, each step (K+1 forward passes).")] = 0,
-    nest: Annotated[bool, typer.Option("--nest/--no-nest", help="Write the SVD-nested adapter to --out (the raw one to <out>-raw).")] = False,
+    nest: Annotated[bool, typer.Option("--nest/--no-nest", help="Write the adapter nested by SVD (training diagonal folded in) to --out, the raw one to <out>-raw; --no-nest: the raw one to --out.")] = True,
     rank_loss_every: Annotated[Optional[int], typer.Option("--rank-loss-every", help="Log the dev loss at every train rank every N steps (<out>-checkpoints/rank_losses.jsonl).")] = None,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bf16 autocast; default: on where supported (CUDA, or a CPU with AVX512-BF16).", show_default=False)] = None,
     model: ModelOpt = None,

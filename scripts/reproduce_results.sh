@@ -26,7 +26,7 @@ train() {  # name method rank [extra train args...]
   shift 3
   if [ -f "$OUT/$name/manifest.json" ]; then log "skip $name: $OUT/$name exists"; return; fi
   log "train $name ($method, rank $rank) $*"
-  "${CLI[@]}" train --task "$TASK" --method "$method" --rank "$rank" --max-steps "$STEPS" --batch-size "$BATCH" \
+  "${CLI[@]}" train --no-nest --task "$TASK" --method "$method" --rank "$rank" --max-steps "$STEPS" --batch-size "$BATCH" \
     --lr "$LR" --seed "$SEED" --scaling "$SCALING" --targets "$TARGETS" --out "$OUT/$name" "$@" >"$OUT/$name.log" 2>&1
   log "done $name in $((SECONDS - started)) s"
 }

@@ -26,11 +26,11 @@ run() {  # run NAME: train, then eval what it wrote
                  "${CLI[@]}" eval "$OUT/matryoshka-r32-nested-scaled" "${EVAL[@]}" --out "$OUT/matryoshka-scaled.json" ;;
     matryoshka-slice) "${CLI[@]}" train "${COMMON[@]}" --method matryoshka --rank 32 --slice-loss 1 --nest --out "$OUT/matryoshka-r32-slice"
                  "${CLI[@]}" eval "$OUT/matryoshka-r32-slice-raw" "$OUT/matryoshka-r32-slice" "${EVAL[@]}" --out "$OUT/matryoshka-slice.json" ;;
-    lora-slice)  "${CLI[@]}" train "${COMMON[@]}" --method lora --rank 32 --slice-loss 1 --out "$OUT/lora-r32-slice"
+    lora-slice)  "${CLI[@]}" train "${COMMON[@]}" --method lora --rank 32 --slice-loss 1 --no-nest --out "$OUT/lora-r32-slice"
                  "${CLI[@]}" eval "$OUT/lora-r32-slice" "${EVAL[@]}" --out "$OUT/lora-slice.json" ;;
-    lora-r1)     "${CLI[@]}" train "${COMMON[@]}" --method lora --rank 1 --out "$OUT/lora-r1"
+    lora-r1)     "${CLI[@]}" train "${COMMON[@]}" --method lora --rank 1 --no-nest --out "$OUT/lora-r1"
                  "${CLI[@]}" eval "$OUT/lora-r1" "${EVAL[@]}" --out "$OUT/lora-r1.json" ;;
-    lora-r4)     "${CLI[@]}" train "${COMMON[@]}" --method lora --rank 4 --train-ranks 4 --out "$OUT/lora-r4"
+    lora-r4)     "${CLI[@]}" train "${COMMON[@]}" --method lora --rank 4 --train-ranks 4 --no-nest --out "$OUT/lora-r4"
                  "${CLI[@]}" eval "$OUT/lora-r4" "${EVAL[@]}" --out "$OUT/lora-r4.json" ;;
     *) echo "unknown run $name" >&2; exit 2 ;;
   esac

@@ -12,8 +12,9 @@ Two options act on top of any method:
     slice_loss k > 0:   loss = loss_p + mean over k ranks b drawn from S \ {r_max} (seeded by step) of
                         loss at rank b as served (x A[:, :b] B[:b] * alpha s_b, no p): every slice is
                         also trained to stand alone; k + 1 forward passes per step
-    nest:               after training, write the adapter nested by SVD (`adapters.nest`) to `out`, and the
-                        raw one to `<out>-raw`
+    nest (default):     after training, write the adapter nested by SVD with the training diagonal folded
+                        in (`adapters.nest`) to `out`, and the raw one to `<out>-raw`: every rank-k slice
+                        is then the best rank-k approximation of the trained update
 
 `rank_loss_every` n: every n steps, the loss of the fixed dev batch at every train rank as served is
 logged and appended to `<out>-checkpoints/rank_losses.jsonl`, so each slice's learning curve is kept.
@@ -78,7 +79,7 @@ class TrainConfig:
     name: str | None = None  # adapter name; default: the output directory's name
     logging_steps: int = 10
     slice_loss: int = 0  # extra served-rank losses per step (module docstring)
-    nest: bool = False  # write the SVD-nested adapter to `out` (the raw one to <out>-raw)
+    nest: bool = True  # write the SVD-nested adapter to `out` (the raw one to <out>-raw); docs/results.md
     rank_loss_every: int | None = None  # steps between per-rank dev losses; None = off
     num_rank_loss: int = 64  # dev examples in the per-rank loss batch
     bf16: bool | None = None  # None: on where supported (CUDA bf16, or a CPU with AVX512-BF16)

@@ -94,7 +94,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_model_dir, tmp_pa
 
 
 def test_checkpoints_and_output_are_adapters(tiny_model_dir, tmp_path):
-    out = train(tiny_config(tiny_model_dir, tmp_path / "m", max_steps=2, save_every=1))
+    out = train(tiny_config(tiny_model_dir, tmp_path / "m", max_steps=2, save_every=1, nest=False))
     manifest = store.load_adapter(out).manifest
     assert (manifest.method, manifest.r_max, tuple(manifest.train_ranks), manifest.name) == ("matryoshka", R_MAX, TRAIN_RANKS, "m")
     assert "retrain:" in manifest.notes
@@ -127,7 +127,7 @@ def test_bad_config_is_rejected_before_loading(tmp_path, overrides, what):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_training_runs_in_bf16_and_saves_float32(tiny_model_dir, tmp_path):
-    cfg = tiny_config(tiny_model_dir, tmp_path / "gpu", method="matryoshka")
+    cfg = tiny_config(tiny_model_dir, tmp_path / "gpu", method="matryoshka", nest=False)
     trainer = build_trainer(cfg)
     assert trainer.args.bf16 == torch.cuda.is_bf16_supported()
     assert trainer.model.device.type == "cuda"
@@ -162,7 +162,7 @@ def test_slice_loss_adds_the_served_rank_losses(tiny_model_dir, tmp_path):
 
 
 def test_nest_and_rank_losses(tiny_model_dir, tmp_path):
-    out = train(tiny_config(tiny_model_dir, tmp_path / "n", method="lora", nest=True, rank_loss_every=2, bf16=False))
+    out = train(tiny_config(tiny_model_dir, tmp_path / "n", method="lora", rank_loss_every=2, bf16=False))  # nest: the default
     nested, raw = store.load_adapter(out), store.load_adapter(tmp_path / "n-raw")
     assert (nested.manifest.method, raw.manifest.method) == ("svd", "lora")
     assert (nested.manifest.name, raw.manifest.name) == ("n", "n-raw")
