@@ -8,36 +8,15 @@ from typer.testing import CliRunner
 from matryoshka_lora.adapters import build_p, inject, nest, store
 from matryoshka_lora.cli import app
 from matryoshka_lora.errors import ConfigError
-from matryoshka_lora.models import model_fingerprint, model_id
+from adapter_support import fresh_tiny, random_adapter
 
 TOKENS = torch.tensor([[5, 9, 17, 3, 44, 2, 90], [1, 77, 8, 8, 120, 64, 33]])
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
-def fresh_tiny():
-    from transformers import LlamaForCausalLM
-
-    from tiny_config import tiny_llama_config
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
-    model.config.name_or_path = "tiny-llama"
-    return model.eval()
-
-
-def trained_adapter(method, scaling, alpha=1.5, r_max=8):
-    """A tiny model with a random adapter (B non-zero) and the Adapter holding its weights."""
-    model = fresh_tiny()
-    manifest = store.AdapterManifest(
-        name="t", base_model=model_id(model), base_fingerprint=model_fingerprint(model), target_modules=TARGETS,
-        r_max=r_max, train_ranks=(1, 2, 4, 8), scaling=scaling, method=method, alpha=alpha,
-    )
-    inject.inject_lora(model, r_max, scaling, TARGETS, alpha, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in inject.lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.2)
-    return model, store.adapter_from_model(model, manifest)
+def trained_adapter(method, scaling, alpha=1.5):
+    """A tiny model with a random adapter on TARGETS (B non-zero) and the Adapter holding its weights."""
+    return random_adapter(method, scaling, alpha, targets=TARGETS)
 
 
 def served_model(adapter):

@@ -8,42 +8,17 @@ import torch
 
 from matryoshka_lora.adapters import inject, peft_io, store
 from matryoshka_lora.errors import AdapterFormatError, ConfigError, InvalidRankError
-from matryoshka_lora.models import model_fingerprint, model_id
+from adapter_support import ALL_TARGETS as TARGETS
+from adapter_support import fresh_tiny, random_adapter
 
 TOKENS = torch.tensor([[5, 9, 17, 3, 44, 2, 90], [1, 77, 8, 8, 120, 64, 33]])
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def fresh_tiny():
-    from transformers import LlamaForCausalLM
-
-    from tiny_config import tiny_llama_config
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
-    model.config.name_or_path = "tiny-llama"
-    return model.eval()
-
-
-def random_adapter(scaling, alpha=2.0, r_max=8):
-    model = fresh_tiny()
-    manifest = store.AdapterManifest(
-        name="exp", base_model=model_id(model), base_fingerprint=model_fingerprint(model), target_modules=TARGETS,
-        r_max=r_max, train_ranks=(1, 2, 4, 8), scaling=scaling, method="matryoshka", alpha=alpha,
-    )
-    inject.inject_lora(model, r_max, scaling, TARGETS, alpha, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in inject.lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.2)
-    return model, store.adapter_from_model(model, manifest)
 
 
 @pytest.mark.parametrize("scaling", ["none", "rank", "sqrt"])
 def test_exported_slice_loads_in_peft_with_the_same_logits(scaling, tmp_path):
     from peft import PeftModel
 
-    model, adapter = random_adapter(scaling)
+    model, adapter = random_adapter(scaling=scaling)
     for rank in (1, 3, 8):
         out = peft_io.export_peft(adapter, rank, tmp_path / f"r{rank}")
         config = json.loads((out / "adapter_config.json").read_text())
@@ -56,7 +31,7 @@ def test_exported_slice_loads_in_peft_with_the_same_logits(scaling, tmp_path):
 
 
 def test_export_from_a_directory_and_rank_checks(tmp_path):
-    _, adapter = random_adapter("none")
+    _, adapter = random_adapter(scaling="none")
     store.save_adapter(tmp_path / "a", adapter.manifest, adapter.weights)
     out = peft_io.export_peft(tmp_path / "a", 2, tmp_path / "peft")
     from safetensors.torch import load_file
