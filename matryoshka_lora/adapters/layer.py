@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matryoshka_lora.adapters.p import build_p, check_r_max, check_scaling, rank_scale
+from matryoshka_lora.adapters.p import build_p, check_r_max, check_scaling, served_scale
 from matryoshka_lora.errors import ConfigError, InvalidRankError
 
 Ranks = int | torch.Tensor | None
@@ -81,7 +81,7 @@ class LoRALinear(nn.Module):
 
     def scale(self, rank: int) -> float:
         """alpha * s_rank * c_rank: the factor of the rank-r update (as AdapterManifest.served_scale)."""
-        return self.alpha * rank_scale(rank, self.scaling) * self.rank_scales.get(rank, 1.0)
+        return served_scale(rank, self.scaling, self.alpha, self.rank_scales)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

@@ -51,6 +51,12 @@ def rank_scale(rank: int, scaling: str) -> float:
     return 1.0 / rank if scaling == "rank" else 1.0 / math.sqrt(rank)
 
 
+def served_scale(rank: int, scaling: str, alpha: float = 1.0, rank_scales: dict[int, float] | None = None) -> float:
+    """alpha * s_rank * c_rank: the factor of the rank-r update as every backend serves it, with c_rank the
+    adapter's fitted per-rank serving scale (`rank_scales`, 1 for a rank not listed)."""
+    return alpha * rank_scale(rank, scaling) * (rank_scales or {}).get(rank, 1.0)
+
+
 def default_train_ranks(r_max: int) -> tuple[int, ...]:
     """Powers of two up to r_max, plus r_max itself: 16 -> (1, 2, 4, 8, 16); 12 -> (1, 2, 4, 8, 12)."""
     check_r_max(r_max)

@@ -25,7 +25,7 @@ from torch import nn
 
 from matryoshka_lora.adapters import inject
 from matryoshka_lora.adapters.layer import LoRALinear
-from matryoshka_lora.adapters.p import METHODS, SCALINGS
+from matryoshka_lora.adapters.p import METHODS, SCALINGS, served_scale
 from matryoshka_lora.errors import AdapterFormatError, BaseModelMismatchError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,13 @@ class AdapterManifest:
         if self.rank_scales is not None:
             self.rank_scales = check_rank_scales(self.rank_scales, self.r_max)
 
-    def served_scale(self, rank: int) -> float:
-        """alpha * s_rank * c_rank: the factor of the rank-r delta as every backend serves it."""
-        from matryoshka_lora.adapters.p import rank_scale
+    def rank_scales_by_rank(self) -> dict[int, float]:
+        """rank_scales with integer keys ({} when none are fitted)."""
+        return {int(r): c for r, c in (self.rank_scales or {}).items()}
 
-        extra = (self.rank_scales or {}).get(str(rank), 1.0)
-        return self.alpha * rank_scale(rank, self.scaling) * extra
+    def served_scale(self, rank: int) -> float:
+        """alpha * s_rank * c_rank: the factor of the rank-r delta as every backend serves it (p.served_scale)."""
+        return served_scale(rank, self.scaling, self.alpha, self.rank_scales_by_rank())
 
     def to_json(self) -> str:
         values = asdict(self)
@@ -323,7 +324,7 @@ def attach_adapter(model: nn.Module, adapter: Adapter, check_fingerprint: bool =
             raise BaseModelMismatchError(m.name, m.base_fingerprint, actual)
     layers = inject.inject_lora(model, m.r_max, m.scaling, m.target_modules, m.alpha)
     for layer in layers.values():
-        layer.rank_scales = {int(r): c for r, c in (m.rank_scales or {}).items()}
+        layer.rank_scales = m.rank_scales_by_rank()
     tensors = {}
     for path, (lora_A, lora_B) in adapter.weights.items():
         tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"] = lora_A, lora_B

@@ -50,17 +50,17 @@ class SlotEntry:
     alpha: float
     path: str
     manifest: object  # the core's AdapterManifest
+    rank_scales: tuple[tuple[int, float], ...] = ()  # the manifest's fitted (rank, c_rank) pairs
 
     def check_rank(self, rank: int) -> None:
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.r_max:
             raise InvalidRankError(rank, f"1..{self.r_max}", adapter=self.name)
 
     def scale(self, rank: int) -> float:
-        """alpha * s_rank * c_rank, the factor of the rank-r delta (the manifest's served_scale)."""
-        from matryoshka_lora.adapters.p import rank_scale
+        """alpha * s_rank * c_rank, the factor of the rank-r delta (adapters.p.served_scale)."""
+        from matryoshka_lora.adapters.p import served_scale
 
-        served = getattr(self.manifest, "served_scale", None)
-        return served(rank) if served is not None else self.alpha * rank_scale(rank, self.scaling)
+        return served_scale(rank, self.scaling, self.alpha, dict(self.rank_scales))
 
 
 def member_columns(spec: ModelSpec, group: str) -> dict[str, tuple[int, int]]:
@@ -136,14 +136,16 @@ class AdapterSlots:
     def install(self, name: str, manifest, path: str, fused: list[dict]) -> SlotEntry:
         """Put packed weights (from fuse_adapter) into the lowest free slot under `name`.
 
-        `manifest` is the core's AdapterManifest (or anything with r_max, train_ranks, scaling, alpha)."""
+        `manifest` is the core's AdapterManifest (or anything with r_max, train_ranks, scaling, alpha and
+        optionally rank_scales)."""
         if name in self.entries:
             raise ConfigError("adapter name to install", name, "a name not loaded (unregister the old one first)")
         if not self._free:
             raise ConfigError("number of loaded adapters", self.max_adapters + 1, f"at most max_adapters={self.max_adapters}")
         slot = heapq.heappop(self._free)
         m = manifest
-        entry = SlotEntry(name, slot, int(m.r_max), tuple(m.train_ranks), m.scaling, float(m.alpha), str(path), m)
+        scales = tuple((int(r), float(c)) for r, c in (getattr(m, "rank_scales", None) or {}).items())
+        entry = SlotEntry(name, slot, int(m.r_max), tuple(m.train_ranks), m.scaling, float(m.alpha), str(path), m, scales)
         for layer, groups in zip(self.table, fused):
             for group in GROUPS:
                 layer[group][slot] = groups.get(group)
