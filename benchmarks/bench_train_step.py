@@ -29,8 +29,7 @@ log = logging.getLogger("bench_train_step")
 
 def make_batch(tokenizer, task: str, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
     records = data.records_from_examples(tasks.task_examples(task, "train", batch_size))
-    tokenized, _ = data.tokenize_records(tokenizer, records, max_seq_len=256)
-    batch = data.PadCollator(tokenizer.pad_token_id)([{"input_ids": r.input_ids, "labels": r.labels} for r in tokenized])
+    batch = data.collate_records(tokenizer, records, max_seq_len=256)
     return {k: v.to(device) for k, v in batch.items()}
 
 

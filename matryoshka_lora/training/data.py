@@ -150,6 +150,12 @@ class SFTDataset(torch.utils.data.Dataset):
         return {"input_ids": self.records[i].input_ids, "labels": self.records[i].labels}
 
 
+def collate_records(tokenizer, records: list[tuple[int, list[dict]]], max_seq_len: int) -> dict[str, torch.Tensor]:
+    """One padded batch (PadCollator) of numbered conversations; too-long ones skipped as in tokenize_records."""
+    tokenized, _ = tokenize_records(tokenizer, records, max_seq_len)
+    return PadCollator(tokenizer.pad_token_id)([{"input_ids": r.input_ids, "labels": r.labels} for r in tokenized])
+
+
 @dataclass
 class PadCollator:
     """Right-pad a batch: input_ids with pad_id, labels with -100, attention_mask 1 on real tokens."""

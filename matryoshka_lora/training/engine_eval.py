@@ -18,6 +18,7 @@ import time
 from tqdm import tqdm
 
 from matryoshka_lora.training import data, tasks
+from matryoshka_lora.training.evaluate import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,7 @@ def engine_rank_sweep(engine, adapter: str | None, task: tasks.Task, examples: l
     started = time.perf_counter()
     prompts = [prompt_ids(engine.tokenizer, ex.prompt) for ex in examples]
     completions = engine_completions(engine, adapter, prompts, list(ranks), max_new_tokens)
-    results = {
-        rank: sum(tasks.score(task, c, ex.answer) for c, ex in zip(texts, examples, strict=True)) / len(examples)
-        for rank, texts in completions.items()
-    }
+    results = {rank: accuracy(task, texts, examples) for rank, texts in completions.items()}
     log.info("%s: %s (%d examples x %d ranks, %.1f s)", adapter, {r: round(a, 3) for r, a in results.items()},
              len(examples), len(ranks), time.perf_counter() - started)
     return results

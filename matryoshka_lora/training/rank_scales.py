@@ -51,10 +51,7 @@ class FitConfig:
 
 def dev_batches(tokenizer, task: str, num_dev: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     records = data.records_from_examples(tasks.task_examples(task, "dev", num_dev))
-    tokenized, _ = data.tokenize_records(tokenizer, records, max_seq_len=1024)
-    collate = data.PadCollator(tokenizer.pad_token_id)
-    items = [{"input_ids": r.input_ids, "labels": r.labels} for r in tokenized]
-    return [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    return [data.collate_records(tokenizer, records[i : i + batch_size], 1024) for i in range(0, len(records), batch_size)]
 
 
 @torch.no_grad()

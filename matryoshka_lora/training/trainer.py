@@ -242,8 +242,7 @@ def rank_loss_batch(cfg: TrainConfig, tokenizer) -> dict[str, torch.Tensor]:
         records = data.records_from_examples(tasks.task_examples(cfg.task, "dev", cfg.num_rank_loss))
     else:
         records = data.read_jsonl(cfg.data)[: cfg.num_rank_loss]
-    tokenized, _ = data.tokenize_records(tokenizer, records, cfg.max_seq_len)
-    return data.PadCollator(tokenizer.pad_token_id)([{"input_ids": r.input_ids, "labels": r.labels} for r in tokenized])
+    return data.collate_records(tokenizer, records, cfg.max_seq_len)
 
 
 def adapter_tensors(adapter: store.Adapter) -> dict[str, torch.Tensor]:
