@@ -143,28 +143,32 @@ def evaluate(cfg: EvalConfig) -> dict:
 
         engine = engine_eval.eval_engine(model, tokenizer)
 
-        def sweep(adapter, ranks):
-            name = None if adapter is None else engine.load_adapter(str(adapter.path)).name
+        def sweep(path, ranks):
+            name = None if path is None else engine.load_adapter(str(path)).name
             accs = engine_eval.engine_rank_sweep(engine, name, task, examples, ranks, max_new_tokens)
             if name is not None:
                 engine.unload_adapter(name)
             return accs
     else:
-        def sweep(adapter, ranks):
-            nonlocal model, tokenizer
-            if adapter is not None:
-                model, tokenizer = load_base_model(cfg.model)  # a fresh base model for each adapter
-                store.attach_adapter(model, adapter)
+        attached = False
+
+        def sweep(path, ranks):
+            nonlocal model, tokenizer, attached
+            if path is not None:
+                if attached:  # a fresh base model for each further adapter
+                    model, tokenizer = load_base_model(cfg.model)
+                store.attach_adapter(model, store.load_adapter(path))
+                attached = True
             return rank_sweep(model, tokenizer, task, examples, ranks, cfg.batch_size, max_new_tokens)
 
     base = sweep(None, [0])[0]
     result = {"task": cfg.task, "num_test": len(examples), "base_model": model_id(model), "base_accuracy": base,
               "backend": cfg.backend, "adapters": []}
     for path in cfg.adapters:
-        adapter = store.load_adapter(path)
-        log.info("evaluating %s (%s, r_max=%d) on %s", adapter.manifest.name, adapter.manifest.method, adapter.manifest.r_max, cfg.task)
-        accs = sweep(adapter, sweep_ranks(cfg.ranks, adapter.manifest))
-        entry = summarize(adapter.manifest.name, path, adapter.manifest, accs, len(examples))
+        manifest = store.read_manifest(path)
+        log.info("evaluating %s (%s, r_max=%d) on %s", manifest.name, manifest.method, manifest.r_max, cfg.task)
+        accs = sweep(path, sweep_ranks(cfg.ranks, manifest))
+        entry = summarize(manifest.name, path, manifest, accs, len(examples))
         result["adapters"].append(entry)
         if cfg.update_manifests:
             store.update_eval_results(path, manifest_results(result, entry))
