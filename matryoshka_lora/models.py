@@ -105,6 +105,15 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def gguf_source(model: str | os.PathLike | None) -> Path | None:
+    """The GGUF file a model's weights come from: the embedded default's, or the only *.gguf in a model
+    directory; None when there is none (or several)."""
+    if model is None or str(model) in ("", "default", DEFAULT_MODEL_ID):
+        return default_gguf_path()
+    found = sorted(Path(model).expanduser().glob("*.gguf"))
+    return found[0] if len(found) == 1 else None
+
+
 def load_base_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) in eval mode from a local directory or the embedded default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -29,33 +29,7 @@
 
    Without AVX2 + FMA (or with ML_PORTABLE_GEMM defined) a plain C micro-kernel runs the same loops. */
 
-#include <stddef.h>
-#include <stdint.h>
-
-#define NR 16
-#define MR 6
-#define PARALLEL_MIN_WEIGHTS 16384 /* 64 KB at 16 rows: below it, waking the thread pool costs more than it saves */
-
-/* 1 thread for a call too small to share: weights read x rows (at least 16) under PARALLEL_MIN_WEIGHTS x 16 */
-static inline int64_t threads_for(int64_t weight_floats, int64_t rows, int64_t num_threads) {
-    return weight_floats * (rows > 16 ? rows : 16) < (int64_t)PARALLEL_MIN_WEIGHTS * 16 ? 1 : num_threads;
-}
-
-static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-static inline int64_t num_blocks(int64_t columns) { return (columns + NR - 1) / NR; } /* panels of NR */
-
-/* y[r, :cols] = acc[r] + bias, or += acc[r] (accumulate) */
-static inline void store_rows(const float *acc, int mr, float *y, int64_t y_stride, int64_t cols,
-                              const float *bias, int accumulate) {
-    for (int r = 0; r < mr; r++) {
-        float *yr = y + r * y_stride;
-        const float *a = acc + r * NR;
-        if (accumulate)
-            for (int64_t j = 0; j < cols; j++) yr[j] += a[j];
-        else
-            for (int64_t j = 0; j < cols; j++) yr[j] = a[j] + (bias ? bias[j] : 0.0f);
-    }
-}
+#include "cpu_gemm.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(ML_PORTABLE_GEMM)
 #include <immintrin.h>
@@ -125,6 +99,11 @@ static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride,
     }
 }
 
+void ml_panel_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const float *w, int64_t cols,
+                   const float *next, float *y, int64_t y_stride, const float *bias, int accumulate) {
+    tile_gemm(rows, k, x, x_stride, w, cols, next, y, y_stride, bias, accumulate);
+}
+
 void ml_linear(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *panels,
                int64_t out_features, const float *bias, float *y, int64_t y_stride, int64_t num_threads) {
     const int64_t num_panels = num_blocks(out_features);
@@ -185,4 +164,13 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
                       col + NR < out_m ? w + r_max * NR : NULL, y + c0[m] + col, y_stride, NULL, 1);
         }
     }
+}
+
+/* 1 when the AVX2 + FMA micro-kernels are compiled in (this file's and cpu_gemm_blocks.c's), else 0 */
+int ml_gemm_vectorized(void) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(ML_PORTABLE_GEMM)
+    return 1;
+#else
+    return 0;
+#endif
 }

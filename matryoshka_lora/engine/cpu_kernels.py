@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from matryoshka_lora.engine.attention import AttentionMeta
-from matryoshka_lora.engine.cpu_linear import PanelLinear, pack_panels
+from matryoshka_lora.engine.cpu_linear import BlockLinear, PanelLinear, pack_panels
+from matryoshka_lora.engine.gguf_weights import BlockWeight
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.lora_ops import FusedLoRA, LoRAGroup
 from matryoshka_lora.engine.torch_ops import TorchOps
@@ -38,7 +39,8 @@ from matryoshka_lora.engine.weights import ModelSpec
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("cpu_kernels.c"), Path(__file__).with_name("cpu_gemm.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_kernels.c", "cpu_gemm.c", "cpu_gemm_blocks.c"))
+HEADERS = (Path(__file__).with_name("cpu_gemm.h"),)
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
          "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast")
 i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -48,6 +50,8 @@ SIGNATURES = {
     "ml_decode_attention": (ctypes.c_int, [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32, i64]),
     "ml_lora_group": (None, [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i64, ptr, i64]),
     "ml_linear": (None, [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64]),
+    "ml_linear_blocks": (None, [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64]),
+    "ml_gemm_vectorized": (ctypes.c_int, []),
 }
 
 
@@ -85,7 +89,7 @@ def build_library(extra_flags: tuple[str, ...] = ()) -> Path:
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     flags = (*FLAGS, *extra_flags)
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(flags).encode() + version.encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(flags).encode() + version.encode()
                          + platform.processor().encode() + _cpu_model().encode()).hexdigest()[:16]
     directory = _build_dir()
     target = directory / f"cpu_kernels-{key}.so"
@@ -169,15 +173,21 @@ class CKernelOps(TorchOps):
     def __init__(self, lib: ctypes.CDLL, num_threads: int | None = None):
         self.lib = lib
         self.num_threads = num_threads
+        self.vectorized = bool(lib.ml_gemm_vectorized())  # the AVX2 + FMA GEMMs, else oneDNN's linears
         self._h = torch.empty(0)  # the LoRA groups' scratch (_scratch)
 
     def _threads(self) -> int:
         return self.num_threads or torch.get_num_threads()
 
-    def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16):
-        """The model's frozen linears as PanelLinear (cpu_gemm.c); other dtypes as TorchOps packs them."""
-        if weight.dtype != torch.float32:
+    def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16,
+                    blocks: BlockWeight | None = None):
+        """The model's frozen linears on the GGUF file's blocks (BlockLinear) where given, else as float32
+        panels (PanelLinear); without the AVX2 micro-kernels, or for other dtypes, as TorchOps packs them
+        (oneDNN), which beats the portable C loops."""
+        if not self.vectorized or weight.dtype != torch.float32:
             return super().pack_linear(weight, bias, batch_size_hint)
+        if blocks is not None:
+            return BlockLinear(self.lib, blocks, bias, self._threads)
         return PanelLinear(self.lib, weight, bias, self._threads)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

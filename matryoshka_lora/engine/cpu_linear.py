@@ -9,6 +9,14 @@ kernel streams every panel once, front to back:
 
 `PanelLinear` is what `CKernelOps.pack_linear` builds in place of `linear.PackedLinear` (oneDNN), with
 the same call; tests hold the two equal to nn.Linear.
+
+`BlockLinear` is the same linear on a GGUF file's own blocks (gguf_weights.BlockWeight, run by
+`ml_linear_blocks`, cpu_gemm_blocks.c), in panels of 16 outputs, one record per block of 32 inputs:
+
+    Q4_1: record[p, blk] = d[16] f32 | m[16] f32 | q[32][8] u8     q[kk][j] = q[p*16+j, k] | q[p*16+j+8, k] << 4
+    Q8_0: record[p, blk] = d[16] f32 | q[32][16] i8                  (k = blk * 32 + kk)
+
+It gives the same bits as PanelLinear on the dequantised weight (tests hold the two equal).
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from matryoshka_lora.engine.gguf_weights import BLOCK_K, BlockWeight
+
 PANEL = 16  # NR of cpu_gemm.c
+BLOCK_KINDS = {"Q4_1": 0, "Q8_0": 1}  # the kind argument of ml_linear_blocks
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -28,6 +39,26 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     num_panels = -(-out_features // PANEL)
     padded = F.pad(weight, (0, 0, 0, num_panels * PANEL - out_features))
     return padded.reshape(num_panels, PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def _by_panel(t: torch.Tensor) -> torch.Tensor:
+    """[out, ...] -> [num_panels, 16, ...], zero-padded to whole panels."""
+    num_panels = -(-t.shape[0] // PANEL)
+    pad = [0, 0] * (t.dim() - 1) + [0, num_panels * PANEL - t.shape[0]]
+    return F.pad(t, pad).view(num_panels, PANEL, *t.shape[1:])
+
+
+def pack_blocks(w: BlockWeight) -> torch.Tensor:
+    """A BlockWeight -> its records, uint8 [num_panels, in / 32, record bytes] (the layout above)."""
+    out, in_features = w.shape
+    nkb = in_features // BLOCK_K
+    d = _by_panel(w.d).transpose(1, 2).contiguous().view(torch.uint8)  # [P, nkb, 16 * 4]
+    q = _by_panel(w.q.view(out, nkb, BLOCK_K)).permute(0, 2, 3, 1)  # [P, nkb, 32, 16]
+    if w.kind == "Q4_1":
+        m = _by_panel(w.m).transpose(1, 2).contiguous().view(torch.uint8)
+        nibbles = (q[..., :8] | (q[..., 8:] << 4)).reshape(q.shape[0], nkb, -1)
+        return torch.cat([d, m, nibbles], dim=-1).contiguous()
+    return torch.cat([d, q.contiguous().view(torch.uint8).reshape(q.shape[0], nkb, -1)], dim=-1).contiguous()
 
 
 class PanelLinear:
@@ -57,3 +88,35 @@ class PanelLinear:
 
     def __repr__(self) -> str:
         return f"PanelLinear({self.in_features} -> {self.out_features}, bias={self.bias is not None})"
+
+
+class BlockLinear:
+    """y = x @ W.T + bias for W given as GGUF blocks (Q4_1 or Q8_0), inference only; see the module docstring."""
+
+    def __init__(self, lib: ctypes.CDLL, blocks: BlockWeight, bias: torch.Tensor | None, num_threads: Callable[[], int]):
+        if blocks.kind not in BLOCK_KINDS or blocks.shape[1] % BLOCK_K:
+            raise ValueError(f"BlockLinear takes {sorted(BLOCK_KINDS)} with in_features % 32 == 0, got "
+                             f"{blocks.kind} {blocks.shape}")
+        self.lib, self.num_threads, self.kind = lib, num_threads, blocks.kind
+        self.out_features, self.in_features = blocks.shape
+        self.records = pack_blocks(blocks)
+        self.bias = bias.detach().float().contiguous() if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        rows = x.shape[0]
+        y = torch.empty((rows, self.out_features), dtype=x.dtype)
+        if rows:
+            self.lib.ml_linear_blocks(
+                x.data_ptr(), x.stride(0), rows, self.in_features, self.records.data_ptr(), BLOCK_KINDS[self.kind],
+                self.out_features, self.bias.data_ptr() if self.bias is not None else None, y.data_ptr(),
+                y.stride(0), self.num_threads())
+        return y
+
+    @property
+    def num_bytes(self) -> int:
+        return self.records.numel()
+
+    def __repr__(self) -> str:
+        return f"BlockLinear({self.in_features} -> {self.out_features}, {self.kind}, bias={self.bias is not None})"

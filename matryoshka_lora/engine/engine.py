@@ -35,6 +35,7 @@ from matryoshka_lora.engine.arrivals import Arrivals
 from matryoshka_lora.engine.cost_model import CostModel
 from matryoshka_lora.engine.step_features import step_features
 from matryoshka_lora.engine.cpu_kernels import load_step_ops
+from matryoshka_lora.engine.gguf_weights import read_blocks
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.latency_margin import in_flight_ratios
@@ -57,6 +58,26 @@ def eos_token_ids(hf_model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+def base_blocks(config: EngineConfig, ops, hf_model, loaded_from_config: bool) -> dict | None:
+    """The GGUF blocks the linears are computed on (config.weight_format), or None for float32.
+
+    "auto" looks for config.model's GGUF file only when the engine loaded config.model itself (a model
+    handed in may be another one); read_blocks keeps only tensors equal to hf_model's in any case."""
+    from matryoshka_lora.models import gguf_source
+
+    if config.weight_format == "float32":
+        return None
+    vectorized = getattr(ops, "vectorized", False)
+    source = gguf_source(config.model)
+    if config.weight_format == "gguf" and (source is None or not vectorized):
+        raise ConfigError("weight_format", "gguf", "float32 or auto: " + (
+            "the C kernels' AVX2 GEMM is not running here" if source is not None
+            else f"no single .gguf file found for model {config.model!r}"))
+    if source is None or not vectorized or (config.weight_format == "auto" and not loaded_from_config):
+        return None
+    return read_blocks(source, hf_model) or None
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, hf_model=None, tokenizer=None):
         from matryoshka_lora.models import load_base_model, model_fingerprint, model_id
@@ -64,12 +85,16 @@ class LLMEngine:
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        if hf_model is None:
+        loaded_from_config = hf_model is None
+        if loaded_from_config:
             hf_model, tokenizer = load_base_model(config.model)
         self.tokenizer = tokenizer
         self.model_name = model_id(hf_model)
         ops = load_step_ops(config.fused_kernels, torch.float32)  # fuse_weights stores float32
-        self.weights = fuse_weights(hf_model, batch_size_hint=min(config.max_num_seqs, 64), pack_linear=ops.pack_linear)
+        blocks = base_blocks(config, ops, hf_model, loaded_from_config)
+        self.weights = fuse_weights(hf_model, batch_size_hint=min(config.max_num_seqs, 64), pack_linear=ops.pack_linear,
+                                    blocks=blocks)
+        self.weight_format = "gguf" if blocks else "float32"
         self.fingerprint = model_fingerprint(hf_model)
         self.eos_ids = eos_token_ids(hf_model, tokenizer)
         self.max_model_len = config.resolve_max_model_len(self.weights.spec.max_position_embeddings)

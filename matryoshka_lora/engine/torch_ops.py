@@ -8,8 +8,10 @@
                                           out[r] = attention of decode row r over its cache slot
                                           (attention.decode_attention); other rows of out untouched
     lora_grouped_(y, x, groups, weights)  y += each group's per-row rank-r LoRA delta (lora_ops)
-    pack_linear(weight, bias)             the frozen linear the model's weights are stored as:
-                                          y = x @ weight.T + bias (linear.PackedLinear here)
+    pack_linear(weight, bias, hint, blocks)
+                                          the frozen linear the model's weights are stored as:
+                                          y = x @ weight.T + bias (linear.PackedLinear here; blocks, the
+                                          GGUF file's own form of weight, is for op sets that read it)
     pack_lora(fused)                      an adapter group (lora_ops.FusedLoRA) in the layout lora_grouped_
                                           takes, the only copy the engine keeps (FusedLoRA itself here)
 """
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka_lora.engine.attention import AttentionMeta, decode_attention
+from matryoshka_lora.engine.gguf_weights import BlockWeight
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.linear import PackedLinear
 from matryoshka_lora.engine.lora_ops import FusedLoRA, lora_grouped_
@@ -37,7 +40,8 @@ class TorchOps:
     name = "torch"
     lora_grouped_ = staticmethod(lora_grouped_)
 
-    def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16) -> PackedLinear:
+    def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16,
+                    blocks: BlockWeight | None = None) -> PackedLinear:
         return PackedLinear(weight, bias, batch_size_hint)
 
     def pack_lora(self, w: FusedLoRA) -> FusedLoRA:

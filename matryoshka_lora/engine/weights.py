@@ -1,7 +1,8 @@
 """Hugging Face Llama-family checkpoint -> the engine's fused, pre-transposed weight layout.
 
 Layout (each a frozen `Linear`, y = x @ W.T + b, W as nn.Linear stores it: [out, in]; stored as the
-step's op set packs it: linear.PackedLinear for the torch ops, cpu_linear.PanelLinear for the C kernels):
+step's op set packs it: linear.PackedLinear for the torch ops, cpu_linear.PanelLinear for the C kernels,
+cpu_linear.BlockLinear where the GGUF file's own blocks are given):
     qkv      [(num_heads + 2 * num_kv_heads) * head_dim, hidden]   = [q_proj; k_proj; v_proj] (+ bias)
     o        [hidden, num_heads * head_dim]
     gate_up  [2 * intermediate, hidden]                            = [gate_proj; up_proj]
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from matryoshka_lora.engine.gguf_weights import BlockWeight, concat
 from matryoshka_lora.engine.linear import PackedLinear
 from matryoshka_lora.errors import ConfigError
 
@@ -117,19 +119,28 @@ def _b(linear: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def fuse_weights(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32, batch_size_hint: int = 16,
-                 pack_linear: Callable[..., Linear] = PackedLinear) -> ModelWeights:
+                 pack_linear: Callable[..., Linear] = PackedLinear,
+                 blocks: dict[str, BlockWeight] | None = None) -> ModelWeights:
     """Copy a loaded HF CausalLM's weights into the fused, packed layout (the HF model can be dropped after).
 
-    pack_linear(weight, bias, batch_size_hint): stores each frozen linear; the step's op set decides
-    (TorchOps / CKernelOps.pack_linear: oneDNN's packed weight, or the C kernels' panels).
+    pack_linear(weight, bias, batch_size_hint, blocks=...): stores each frozen linear; the step's op set
+    decides (TorchOps / CKernelOps.pack_linear: oneDNN's packed weight, the C kernels' float32 panels,
+    or the GGUF blocks). blocks: {HF parameter name: the same weight as GGUF blocks}
+    (gguf_weights.read_blocks); a fused linear gets blocks only when every member has them.
     """
     config = hf_model.config
     check_supported(config, type(hf_model).__name__)
     spec = model_spec(config)
     base = hf_model.model
+    blocks = blocks or {}
+    prefix = {id(m): n for n, m in hf_model.named_modules()}
 
-    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-        return pack_linear(weight, bias, batch_size_hint)
+    def linear(modules: tuple[torch.nn.Linear, ...], bias: torch.Tensor | None = None) -> Linear:
+        weight = torch.cat([_w(m, dtype) for m in modules]) if len(modules) > 1 else _w(modules[0], dtype)
+        fused_blocks = concat([blocks.get(f"{prefix[id(m)]}.weight") for m in modules])
+        if fused_blocks is None:
+            return pack_linear(weight, bias, batch_size_hint)
+        return pack_linear(weight, bias, batch_size_hint, blocks=fused_blocks)
 
     layers = []
     for layer in base.layers:
@@ -138,14 +149,14 @@ def fuse_weights(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32, 
         qkv_bias = torch.cat([_b(p, dtype) for p in projections]) if attn.q_proj.bias is not None else None
         layers.append(LayerWeights(
             input_norm=layer.input_layernorm.weight.detach().to(dtype).clone(),
-            qkv=linear(torch.cat([_w(p, dtype) for p in projections]), qkv_bias),
-            o=linear(_w(attn.o_proj, dtype), _b(attn.o_proj, dtype)),
+            qkv=linear(projections, qkv_bias),
+            o=linear((attn.o_proj,), _b(attn.o_proj, dtype)),
             post_norm=layer.post_attention_layernorm.weight.detach().to(dtype).clone(),
-            gate_up=linear(torch.cat([_w(mlp.gate_proj, dtype), _w(mlp.up_proj, dtype)])),
-            down=linear(_w(mlp.down_proj, dtype)),
+            gate_up=linear((mlp.gate_proj, mlp.up_proj)),
+            down=linear((mlp.down_proj,)),
         ))
     embed = base.embed_tokens.weight.detach().to(dtype).clone()
-    lm_head = linear(_w(hf_model.lm_head, dtype))
+    lm_head = linear((hf_model.lm_head,))
     return ModelWeights(spec, embed, layers, base.norm.weight.detach().to(dtype).clone(), lm_head, base.rotary_emb)
 
 

@@ -1,0 +1,39 @@
+/* What cpu_gemm.c (float32 panels) and cpu_gemm_blocks.c (GGUF block panels) share: the tile sizes,
+   the threading rule and the row store. */
+
+#ifndef ML_CPU_GEMM_H
+#define ML_CPU_GEMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define NR 16 /* columns per panel */
+#define MR 6  /* rows per register tile */
+#define PARALLEL_MIN_WEIGHTS 16384 /* 64 KB at 16 rows: below it, waking the thread pool costs more than it saves */
+
+/* 1 thread for a call too small to share: weights read x rows (at least 16) under PARALLEL_MIN_WEIGHTS x 16 */
+static inline int64_t threads_for(int64_t weight_floats, int64_t rows, int64_t num_threads) {
+    return weight_floats * (rows > 16 ? rows : 16) < (int64_t)PARALLEL_MIN_WEIGHTS * 16 ? 1 : num_threads;
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t num_blocks(int64_t columns) { return (columns + NR - 1) / NR; } /* panels of NR */
+
+/* y[r, :cols] = acc[r] + bias, or += acc[r] (accumulate) */
+static inline void store_rows(const float *acc, int mr, float *y, int64_t y_stride, int64_t cols,
+                              const float *bias, int accumulate) {
+    for (int r = 0; r < mr; r++) {
+        float *yr = y + r * y_stride;
+        const float *a = acc + r * NR;
+        if (accumulate)
+            for (int64_t j = 0; j < cols; j++) yr[j] += a[j];
+        else
+            for (int64_t j = 0; j < cols; j++) yr[j] = a[j] + (bias ? bias[j] : 0.0f);
+    }
+}
+
+/* cpu_gemm.c's float32 panel GEMM: y[rows, :cols] (=|+=) x[rows, :k] @ w[:k, :cols] for a panel w ([k][NR]) */
+void ml_panel_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const float *w, int64_t cols,
+                   const float *next, float *y, int64_t y_stride, const float *bias, int accumulate);
+
+#endif

@@ -1,0 +1,147 @@
+"""cpu_gemm_blocks.c: BlockLinear on GGUF blocks gives the same bits as PanelLinear on the decoded float32
+weight (the AVX2 micro-kernels; the portable ones to float rounding; every row-tile remainder, partial panels, bias, threads), and an engine on a GGUF
+model's blocks generates what its float32 engine does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matryoshka_lora.engine import cpu_kernels
+from matryoshka_lora.engine.cpu_linear import BlockLinear, PanelLinear, pack_blocks
+from matryoshka_lora.engine.gguf_weights import BlockWeight
+
+from .engine_support import request, run, tokens
+from .gguf_support import write_gguf
+
+SHAPES = {"tiny": (5, 32), "partial-panel": (40, 64), "qkv": (960, 576), "lm-head-slice": (1000, 576)}
+ROWS = [0, 1, 5, 6, 7, 16, 61]
+
+
+def random_blocks(kind: str, out: int, in_features: int, seed: int) -> BlockWeight:
+    """Blocks with float16-representable d and m, as a file has."""
+    gen = torch.Generator().manual_seed(seed)
+    nkb = in_features // 32
+    d = (torch.rand(out, nkb, generator=gen) * 0.05 + 1e-3).half().float()
+    if kind == "Q4_1":
+        q = torch.randint(0, 16, (out, in_features), generator=gen, dtype=torch.uint8)
+        return BlockWeight(kind, q, d, (torch.randn(out, nkb, generator=gen) * 0.2).half().float())
+    q = torch.randint(-127, 128, (out, in_features), generator=gen, dtype=torch.int8)
+    return BlockWeight(kind, q, d, None)
+
+
+@pytest.fixture(scope="module", params=["avx2-or-native", "portable"])
+def lib(request, c_ops):
+    if request.param == "avx2-or-native":
+        return c_ops.lib
+    return cpu_kernels._load(cpu_kernels.build_library(("-DML_PORTABLE_GEMM",)))
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_block_linear_equals_float32_panels_bit_for_bit(lib, kind, shape, rows, with_bias):
+    out_f, in_f = SHAPES[shape]
+    blocks = random_blocks(kind, out_f, in_f, seed=rows + out_f)
+    gen = torch.Generator().manual_seed(rows)
+    bias = torch.randn(out_f, generator=gen) if with_bias else None
+    x = torch.randn(rows, in_f, generator=gen)
+    got = BlockLinear(lib, blocks, bias, lambda: 2)(x)
+    panels = PanelLinear(lib, blocks.dequantize(), bias, lambda: 2)(x)
+    if lib.ml_gemm_vectorized():  # the same FMAs in the same order: the same bits
+        assert torch.equal(got, panels)
+    else:  # plain C loops, which -fassociative-math may reorder differently
+        torch.testing.assert_close(got, panels, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, blocks.dequantize(), bias), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_block_linear_at_any_thread_count(c_ops, num_threads):
+    blocks = random_blocks("Q4_1", 700, 320, seed=num_threads)
+    x = torch.randn(9, 320)
+    assert torch.equal(BlockLinear(c_ops.lib, blocks, None, lambda: num_threads)(x),
+                       BlockLinear(c_ops.lib, blocks, None, lambda: 1)(x))
+
+
+@pytest.mark.parametrize("kind,record_bytes", [("Q4_1", 384), ("Q8_0", 576)])
+def test_records_decode_to_the_weight(kind, record_bytes):
+    """The record layout of cpu_linear's docstring, decoded here in Python."""
+    blocks = random_blocks(kind, 20, 64, seed=3)
+    records = pack_blocks(blocks)
+    assert records.shape == (2, 2, record_bytes) and records.dtype == torch.uint8
+    w = torch.zeros(32, 64)
+    for p in range(2):
+        for b in range(2):
+            rec = records[p, b]
+            d = rec[:64].view(torch.float32)
+            if kind == "Q4_1":
+                m, packed = rec[64:128].view(torch.float32), rec[128:].view(32, 8)
+                q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # [kk, 16]
+                w[p * 16:(p + 1) * 16, b * 32:(b + 1) * 32] = (d[:, None] * q.t() + m[:, None])
+            else:
+                q = rec[64:].view(torch.int8).view(32, 16).float()
+                w[p * 16:(p + 1) * 16, b * 32:(b + 1) * 32] = d[:, None] * q.t()
+    assert torch.equal(w[:20], blocks.dequantize()) and not w[20:].any()
+
+
+def test_block_linear_refuses_a_ragged_input():
+    with pytest.raises(ValueError, match="in_features % 32"):
+        BlockLinear(None, BlockWeight("Q4_1", torch.zeros(4, 40, dtype=torch.uint8), torch.zeros(4, 1),
+                                      torch.zeros(4, 1)), None, lambda: 1)
+
+
+@pytest.fixture
+def gguf_model_dir(tiny_model, tmp_path):
+    """A model directory with a .gguf file whose blocks decode to its saved float32 weights."""
+    from transformers import AutoTokenizer
+
+    from matryoshka_lora.models import default_model_dir
+
+    tiny_model.config.tie_word_embeddings = True
+    write_gguf(tiny_model, tmp_path / "model.gguf")
+    tiny_model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_engine_on_gguf_blocks_generates_what_float32_does(gguf_model_dir, c_ops):
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.cpu_linear import BlockLinear as Block
+    from matryoshka_lora.engine.engine import LLMEngine
+
+    outputs = {}
+    for weight_format in ("gguf", "float32"):
+        engine = LLMEngine(EngineConfig(model=str(gguf_model_dir), max_num_seqs=4, max_model_len=64, warmup=False,
+                                        weight_format=weight_format))
+        assert engine.weight_format == weight_format
+        assert isinstance(engine.weights.lm_head, Block) == (weight_format == "gguf")
+        reqs = [request(i, max_tokens=8) for i in range(4)]
+        outputs[weight_format] = {k: tokens(v) for k, v in run(engine, reqs).items()}
+    assert outputs["gguf"] == outputs["float32"]
+
+
+def test_gguf_format_without_a_gguf_file_is_refused(tiny_model_dir):
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.engine import LLMEngine
+    from matryoshka_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="weight_format"):
+        LLMEngine(EngineConfig(model=str(tiny_model_dir), warmup=False, weight_format="gguf"))
+    with pytest.raises(ConfigError, match="weight_format"):
+        EngineConfig(weight_format="int3")
+
+
+def test_without_the_avx2_gemm_the_linears_are_onednn(c_ops):
+    """A library built without the AVX2 + FMA micro-kernels (as on a CPU without them) stores the model's
+    linears as oneDNN's packed ones (faster than the portable C loops); with them, as panels or blocks."""
+    from matryoshka_lora.engine.cpu_kernels import CKernelOps
+    from matryoshka_lora.engine.linear import PackedLinear
+
+    portable = CKernelOps(cpu_kernels._load(cpu_kernels.build_library(("-DML_PORTABLE_GEMM",))))
+    blocks = random_blocks("Q4_1", 16, 32, seed=0)
+    assert not portable.vectorized
+    assert isinstance(portable.pack_linear(blocks.dequantize(), None, 16, blocks=blocks), PackedLinear)
+    if c_ops.vectorized:
+        assert isinstance(c_ops.pack_linear(blocks.dequantize(), None, 16, blocks=blocks), BlockLinear)
+        assert isinstance(c_ops.pack_linear(blocks.dequantize(), None, 16), PanelLinear)
