@@ -103,6 +103,29 @@ def make_adapters(model, root: Path, r_max: int, targets: tuple[str, ...] | None
             for seed, name in enumerate(("bench-a", "bench-b"))]
 
 
+def engine_rows(engine, label: str, args, prompts) -> list[dict]:
+    """base, each rank, mixed ranks + adapters (n requests at once), and one user alone at r_max."""
+    names = engine.adapters.names()
+    r_max = engine.adapters.get(names[0]).r_max
+    bench_engine(engine, "warmup", prompts[:4], [(names[0], r_max)] * 4, 4)
+
+    def best(name, prompts, cases, max_tokens):
+        runs = [bench_engine(engine, f"{label} {name}", prompts, cases, max_tokens) for _ in range(max(args.repeats, 1))]
+        return max(runs, key=lambda r: r["tok_s"])
+
+    n = args.num_requests
+    rank_list = [1, r_max] if args.quick else sorted({1, 8, 32, r_max} & set(range(1, r_max + 1)))
+    rows = [best("base", prompts, [(None, None)] * n, args.max_tokens)]
+    rows += [best(f"rank {rank}", prompts, [(names[0], rank)] * n, args.max_tokens) for rank in rank_list]
+    mixed_ranks = [r for r in (1, 8, 32, r_max) if r <= r_max]
+    mixed = [(names[i % len(names)], mixed_ranks[i % len(mixed_ranks)]) for i in range(n)]
+    rows.append(best("mixed ranks+adapters", prompts, mixed, args.max_tokens))
+    rows.append(best(f"one user, rank {r_max}, {args.single_tokens} tokens", prompts[:1], [(names[0], r_max)],
+                     args.single_tokens))
+    rows.append(best(f"one user, base, {args.single_tokens} tokens", prompts[:1], [(None, None)], args.single_tokens))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 requests x 16 tokens; ranks 1 and r_max only")
@@ -118,6 +141,9 @@ def main() -> None:
                         help="every request gets the load tests' fixed prompt of exactly this many tokens "
                              "(default: 16 short chat prompts, ~37 tokens)")
     parser.add_argument("--skip-peers", action="store_true", help="only the native engine")
+    parser.add_argument("--weight-formats", default="gguf,float32",
+                        help="engine weight formats to run, comma-separated (gguf: the GGUF file's blocks; float32)")
+    parser.add_argument("--single-tokens", type=int, default=128, help="output tokens of the one-user row")
     parser.add_argument("--model", help="a local HF model directory instead of the default model")
     parser.add_argument("--vllm-python", help="python of a venv with vLLM (e.g. .venv-vllm/bin/python): adds vLLM rows")
     parser.add_argument("--random-init", action="store_true",
@@ -128,6 +154,7 @@ def main() -> None:
         args.num_requests, args.max_tokens, args.repeats = 8, 16, 1
     torch.set_num_threads(args.threads)
 
+    from matryoshka_lora.adapters.store import load_adapter
     from matryoshka_lora.engine.adapter_slots import adapter_dirs
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
@@ -150,30 +177,20 @@ def main() -> None:
         prompts = encode_prompts(tokenizer, args.num_requests)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
     paths = adapter_dirs(args.adapters) if args.adapters else make_adapters(model, tmp, args.r_max, tuple(args.targets.split(",")) if args.targets else None)
-    engine = LLMEngine(EngineConfig(adapters=[str(p) for p in paths], max_num_seqs=max(args.num_requests, 1),
-                                    max_model_len=min(512, model.config.max_position_embeddings), num_threads=args.threads), hf_model=model, tokenizer=tokenizer)
-    names = engine.adapters.names()
-    first = engine.adapters.get(names[0])
-    r_max = first.r_max
-    bench_engine(engine, "warmup", prompts[:4], [(names[0], r_max)] * 4, 4)
-
-    def best(name, prompts, cases, max_tokens):
-        runs = [bench_engine(engine, name, prompts, cases, max_tokens) for _ in range(max(args.repeats, 1))]
-        return max(runs, key=lambda r: r["tok_s"])
-
     rows = []
     n = args.num_requests
-    rank_list = [1, r_max] if args.quick else sorted({1, 8, 32, r_max} & set(range(1, r_max + 1)))
-    rows.append(best("engine base", prompts, [(None, None)] * n, args.max_tokens))
-    for rank in rank_list:
-        rows.append(best(f"engine rank {rank}", prompts, [(names[0], rank)] * n, args.max_tokens))
-    mixed_ranks = [r for r in (1, 8, 32, r_max) if r <= r_max]
-    mixed = [(names[i % len(names)], mixed_ranks[i % len(mixed_ranks)]) for i in range(n)]
-    rows.append(best("engine mixed ranks+adapters", prompts, mixed, args.max_tokens))
+    for weight_format in args.weight_formats.split(","):
+        engine = LLMEngine(EngineConfig(adapters=[str(p) for p in paths], max_num_seqs=max(n, 1),
+                                        max_model_len=min(512, model.config.max_position_embeddings),
+                                        num_threads=args.threads, weight_format=weight_format),
+                           hf_model=model, tokenizer=tokenizer)
+        rows += engine_rows(engine, f"engine {weight_format}", args, prompts)
+        del engine
     if not args.skip_peers:
+        r_max = load_adapter(paths[0]).manifest.r_max
         rows += peer_rows(args, model, paths[0], r_max, prompts, tmp)
     print(f"\n{n} requests x {args.max_tokens} tokens ({sum(map(len, prompts))} prompt tokens), greedy, "
-          f"{args.threads} threads, r_max {r_max}")
+          f"{args.threads} threads")
     print(f"{'workload':45s} {'tok/s':>8s} {'wall s':>8s} {'p50 s':>8s} {'p95 s':>8s}")
     for r in rows:
         print(f"{r['name']:45s} {r['tok_s']:8.1f} {r['wall_s']:8.2f} {r['p50_s']:8.2f} {r['p95_s']:8.2f}")

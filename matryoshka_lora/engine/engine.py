@@ -75,7 +75,10 @@ def base_blocks(config: EngineConfig, ops, hf_model, loaded_from_config: bool) -
             else f"no single .gguf file found for model {config.model!r}"))
     if source is None or not vectorized or (config.weight_format == "auto" and not loaded_from_config):
         return None
-    return read_blocks(source, hf_model) or None
+    blocks = read_blocks(source, hf_model)
+    if not blocks and config.weight_format == "gguf":
+        raise ConfigError("weight_format", "gguf", f"float32 or auto: no tensor of {source.name} equals the model's")
+    return blocks or None
 
 
 class LLMEngine:

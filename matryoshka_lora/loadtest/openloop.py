@@ -160,9 +160,11 @@ async def stream_completion(client: Http1Client, body: dict) -> CompletionCount:
 
 
 async def completions_burst(url: str, model: str, prompt: str, max_tokens: int, num_requests: int,
-                            ignore_eos: bool = True) -> list[CompletionCount]:
-    """`num_requests` greedy streamed completions of `prompt` sent at once to an OpenAI-compatible server."""
+                            ignore_eos: bool = True, extras: list[dict] | None = None) -> list[CompletionCount]:
+    """`num_requests` greedy streamed completions of `prompt` sent at once to an OpenAI-compatible server;
+    request i's body also takes extras[i % len(extras)] (e.g. another model, or llama.cpp's `lora`)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    bodies = [{**body, **extras[i % len(extras)]} if extras else body for i in range(num_requests)]
     async with make_client(url) as client:
-        return list(await asyncio.gather(*(stream_completion(client, body) for _ in range(num_requests))))
+        return list(await asyncio.gather(*(stream_completion(client, b) for b in bodies)))

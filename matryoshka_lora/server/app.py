@@ -74,6 +74,7 @@ def build_backend(settings: ServerSettings) -> EngineBackend:
         max_queue_len=settings.max_queue_len,
         num_threads=settings.num_threads,
         fused_kernels=settings.fused_kernels,
+        weight_format=settings.weight_format,
         seed=settings.seed,
     )
     return NativeBackend(config)

@@ -72,6 +72,11 @@ class ServerSettings(BaseSettings):
         True, description="Native engine: the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C "
         "kernels (built once with the system C compiler; torch ops when there is none)."
     )
+    weight_format: Literal["auto", "gguf", "float32"] = Field(
+        "auto", description="Native engine with the C kernels: compute the base linears on the GGUF file's own Q4_1 / "
+        "Q8_0 blocks (gguf: the same results as float32 with ~5.6x fewer bytes per decode step), on float32 panels "
+        "(float32, the reference), or on the blocks where the model has a GGUF file (auto)."
+    )
     budget_unmet: Literal["serve", "refuse"] = Field(
         "serve", description="A request whose latency budget no rank is predicted to meet: serve it at the lowest "
         "rank and say so (rank_reason budget_unmet), or refuse it with 503 + Retry-After so that the load stays "
