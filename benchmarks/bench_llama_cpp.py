@@ -44,17 +44,21 @@ def ours_rows(args, adapter, prompt: str, workdir: Path) -> list[dict]:
     rows = []
     for weight_format in args.weight_formats.split(","):
         serve = serve_args(None, [Path(args.adapter)], args.threads, max_num_seqs=args.num_requests)
-        with ServerProcess([*serve, "--weight-format", weight_format, "--no-access-log"],
-                           workdir / f"ours-{weight_format}.log") as server:
+        with ServerProcess(
+            [*serve, "--weight-format", weight_format, "--no-access-log"], workdir / f"ours-{weight_format}.log"
+        ) as server:
             for label, n, m, extras in workloads:
+
                 def generate(tokens: int, n=n, extras=extras) -> int:
-                    counts = asyncio.run(completions_burst(server.url, DEFAULT_MODEL_ID, prompt, tokens, n,
-                                                           extras=extras))
+                    counts = asyncio.run(
+                        completions_burst(server.url, DEFAULT_MODEL_ID, prompt, tokens, n, extras=extras)
+                    )
                     return sum(c.completion_tokens for c in counts)
 
                 result = timed(f"ours ({weight_format}) {label}", generate, n, m, args.repeats)
-                rows.append({"system": result.system, "workload": label, "tok_s": result.output_tok_s,
-                             "error": result.error})
+                rows.append(
+                    {"system": result.system, "workload": label, "tok_s": result.output_tok_s, "error": result.error}
+                )
     return rows
 
 
@@ -69,11 +73,23 @@ def llama_rows(args, adapter, prompt: str, workdir: Path) -> list[dict]:
     r_max = adapter.manifest.r_max
     peft_dir = export_peft(Path(args.adapter), r_max, workdir / "peft")
     lora = convert_lora(llama, peft_dir, default_model_dir(), workdir / "lora.gguf")
-    results = llama_cpp_peers(llama, default_gguf_path(), lora, prompt, args.num_requests, args.max_tokens,
-                              args.single_tokens, args.threads, workdir, args.repeats)
+    results = llama_cpp_peers(
+        llama,
+        default_gguf_path(),
+        lora,
+        prompt,
+        args.num_requests,
+        args.max_tokens,
+        args.single_tokens,
+        args.threads,
+        workdir,
+        args.repeats,
+    )
     labels = ["base", f"rank {r_max}", "mixed", f"one user, rank {r_max}", "one user, base"]
-    return [{"system": r.system, "workload": label, "tok_s": r.output_tok_s, "error": r.error}
-            for r, label in zip(results, labels)]
+    return [
+        {"system": r.system, "workload": label, "tok_s": r.output_tok_s, "error": r.error}
+        for r, label in zip(results, labels)
+    ]
 
 
 def main() -> None:
@@ -101,9 +117,11 @@ def main() -> None:
     ours = ours_rows(args, adapter, prompt, workdir)
     theirs = llama_rows(args, adapter, prompt, workdir)
     llama_by_workload = {r["workload"].split(",")[0] if r["workload"] != "mixed" else "mixed": r for r in theirs}
-    print(f"\n{args.num_requests} at once x {args.max_tokens} tokens; one user x {args.single_tokens} tokens; "
-          f"adapter {adapter.manifest.name} (r_max {adapter.manifest.r_max}, {','.join(adapter.manifest.target_modules)}); "
-          f"{args.threads} threads")
+    print(
+        f"\n{args.num_requests} at once x {args.max_tokens} tokens; one user x {args.single_tokens} tokens; "
+        f"adapter {adapter.manifest.name} (r_max {adapter.manifest.r_max}, {','.join(adapter.manifest.target_modules)}); "
+        f"{args.threads} threads"
+    )
     print(f"{'system':60s} {'tok/s':>8s} {'ours/llama.cpp':>15s}")
     for row in ours + theirs:
         key = "mixed" if row["workload"].startswith("mixed") else row["workload"]
@@ -114,8 +132,9 @@ def main() -> None:
         print(f"{row['system']:60s} {tok_s:>8s} {(f'{ratio:.2f}x' if ratio else ''):>15s}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": ours + theirs},
-                                       indent=1))
+        args.out.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": ours + theirs}, indent=1)
+        )
 
 
 if __name__ == "__main__":

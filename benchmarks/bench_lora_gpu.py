@@ -107,8 +107,10 @@ def bench_shape(name: str, rows_list: list[int], dtype: torch.dtype) -> None:
         base_us = time_us(layer.base_step, graph=True)
         cases = [(f"all rows at rank {r}", [LoRAGroup(0, rows, 0, r, 1.0)]) for r in RANKS]
         if rows <= 64:
-            cases += [("mixed 1/8/32/64, a group per rank", mixed_groups(rows, masked=False)),
-                      ("mixed 1/8/32/64, one masked group", mixed_groups(rows, masked=True))]
+            cases += [
+                ("mixed 1/8/32/64, a group per rank", mixed_groups(rows, masked=False)),
+                ("mixed 1/8/32/64, one masked group", mixed_groups(rows, masked=True)),
+            ]
         for label, groups in cases:
             graph_us = time_us(partial(layer.lora_step, groups), graph=True)
             eager_us = time_us(partial(layer.lora_step, groups), graph=False)

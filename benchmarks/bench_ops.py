@@ -32,8 +32,13 @@ import torch
 from matryoshka_lora.engine.linear import PackedLinear
 
 HIDDEN, INTERMEDIATE, VOCAB = 576, 1536, 49152
-LINEARS = {"qkv": (HIDDEN, 960), "o": (HIDDEN, HIDDEN), "gate_up": (HIDDEN, 2 * INTERMEDIATE),
-           "down": (INTERMEDIATE, HIDDEN), "lm_head": (HIDDEN, VOCAB)}
+LINEARS = {
+    "qkv": (HIDDEN, 960),
+    "o": (HIDDEN, HIDDEN),
+    "gate_up": (HIDDEN, 2 * INTERMEDIATE),
+    "down": (INTERMEDIATE, HIDDEN),
+    "lm_head": (HIDDEN, VOCAB),
+}
 LORA_GROUPS = {"qkv": (HIDDEN, (576, 192, 192)), "gate_up": (HIDDEN, (1536, 1536)), "down": (INTERMEDIATE, (576,))}
 _flush = torch.zeros(16 * 1024 * 1024)
 
@@ -56,8 +61,10 @@ def bench_linear() -> None:
     from matryoshka_lora.engine.cpu_kernels import load_step_ops
 
     c_ops = load_step_ops()
-    print("\n1. linear, µs per call, cache-cold (a decode step reads each weight once from memory):\n"
-          "   x @ W (MKL, row-major [in, out]) vs PackedLinear (oneDNN, packed for 16 rows) vs PanelLinear (cpu_gemm.c)")
+    print(
+        "\n1. linear, µs per call, cache-cold (a decode step reads each weight once from memory):\n"
+        "   x @ W (MKL, row-major [in, out]) vs PackedLinear (oneDNN, packed for 16 rows) vs PanelLinear (cpu_gemm.c)"
+    )
     print(f"{'weight':10s} {'rows':>5s} {'x @ W':>9s} {'oneDNN':>9s} {'C panels':>9s} {'C/oneDNN':>9s}")
     for name, (i, o) in LINEARS.items():
         weight = torch.randn(o, i)
@@ -92,12 +99,12 @@ def bench_lora_layout(rows: int = 16, r_max: int = 64) -> None:
         members, block, col = [], torch.zeros(k * r_max, out), 0
         for m, width in enumerate(outs):
             b = torch.randn(r_max, width)
-            block[m::k, col:col + width] = b
+            block[m::k, col : col + width] = b
             members.append((b, col, col + width))
             col += width
         x, y = torch.randn(rows, i), torch.zeros(rows, out)
         for rank in (8, 64):
-            a, blk = lora_A[:, :k * rank], block[:k * rank]
+            a, blk = lora_A[:, : k * rank], block[: k * rank]
             per_rank = [(b[:rank], c0, c1) for b, c0, c1 in members]
             block_us = per_call_us(expand_block, y, x, a, blk, cold=True)
             member_us = per_call_us(expand_per_member, y, x, a, per_rank, cold=True)
@@ -123,8 +130,10 @@ def bench_kernels(r_max: int = 64) -> None:
     print(f"\n3. fused C kernels (1 thread, {threads} threads) vs torch ops, µs per call")
     print(f"{'':44s} {'torch':>7s} {'C 1 thr':>8s} {f'C {threads} thr':>8s}")
     x, w = torch.randn(16, HIDDEN), torch.randn(HIDDEN)
-    print(f"{'RMSNorm, 16 rows':44s} {per_call_us(ref.rms_norm, x, w, 1e-5):7.0f} "
-          f"{per_call_us(fused.rms_norm, x, w, 1e-5):8.0f}")
+    print(
+        f"{'RMSNorm, 16 rows':44s} {per_call_us(ref.rms_norm, x, w, 1e-5):7.0f} "
+        f"{per_call_us(fused.rms_norm, x, w, 1e-5):8.0f}"
+    )
     spec = SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64)
     kv = KVCache(spec, 16, 512)
     kv.cache.normal_()
@@ -134,9 +143,14 @@ def bench_kernels(r_max: int = 64) -> None:
     def attention_30_layers(ops):
         for layer in range(30):
             ops.decode_attention(q, layer, meta, kv, out)
-    print(f"{'decode attention, 16 seqs x 30 layers':44s} "
-          + " ".join(f"{per_call_us(attention_30_layers, ops, n=20, cold=True):{w}.0f}"
-                     for ops, w in ((ref, 7), (serial, 8), (fused, 8))))
+
+    print(
+        f"{'decode attention, 16 seqs x 30 layers':44s} "
+        + " ".join(
+            f"{per_call_us(attention_30_layers, ops, n=20, cold=True):{w}.0f}"
+            for ops, w in ((ref, 7), (serial, 8), (fused, 8))
+        )
+    )
     layer = []
     for i, outs in LORA_GROUPS.values():
         members, col = [], 0
@@ -144,11 +158,13 @@ def bench_kernels(r_max: int = 64) -> None:
             members.append((torch.randn(r_max, width) * 0.02, col, col + width))
             col += width
         layer.append((FusedLoRA(torch.randn(i, len(outs) * r_max) * 0.02, tuple(members)), i, col))
-    cases = {"16 rows at rank 1": [(0, 16, 0, 1, 1.0)], "16 rows at rank 64": [(0, 16, 0, 64, 1.0)],
-             "4 rows at rank 64": [(0, 4, 0, 64, 1.0)],
-             "8 rows at ranks 1/8/32/64 (masked)": [(2 * j, 2 * j + 2, 0, r, 1.0) for j, r in enumerate((1, 8, 32, 64))],
-             **{f"{n} rows at rank {r} (prefill)": [(0, n, 0, r, 1.0)]
-                for n in (128, 512) for r in (1, 8, 64)}}
+    cases = {
+        "16 rows at rank 1": [(0, 16, 0, 1, 1.0)],
+        "16 rows at rank 64": [(0, 16, 0, 64, 1.0)],
+        "4 rows at rank 64": [(0, 4, 0, 64, 1.0)],
+        "8 rows at ranks 1/8/32/64 (masked)": [(2 * j, 2 * j + 2, 0, r, 1.0) for j, r in enumerate((1, 8, 32, 64))],
+        **{f"{n} rows at rank {r} (prefill)": [(0, n, 0, r, 1.0)] for n in (128, 512) for r in (1, 8, 64)},
+    }
     for case, rows in cases.items():
         groups = build_groups(build_segments(rows))
         n = rows[-1][1]
@@ -181,8 +197,13 @@ def bench_steps(threads: int) -> None:
     model, tokenizer = load_base_model(None)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ops-"))
     paths = [save_random_adapter(model, tmp / n, n, 64, seed=s, std=0.02) for s, n in enumerate(("a", "b"))]
-    engine = LLMEngine(EngineConfig(adapters=[str(p) for p in paths], max_num_seqs=16, max_model_len=512,
-                                    num_threads=threads, warmup=False), hf_model=model, tokenizer=tokenizer)
+    engine = LLMEngine(
+        EngineConfig(
+            adapters=[str(p) for p in paths], max_num_seqs=16, max_model_len=512, num_threads=threads, warmup=False
+        ),
+        hf_model=model,
+        tokenizer=tokenizer,
+    )
     slot_a, slot_b = (engine.adapters.get(n).slot for n in ("a", "b"))
 
     def items(kind: str) -> list[StepItem]:
@@ -197,16 +218,24 @@ def bench_steps(threads: int) -> None:
             out.append(StepItem([100 + i], i, 100, True, slot, rank, 1.0 if rank else 0.0))
         return out
 
-    cases = {"base": (items("base"), 64), "rank 1": (items("1"), 64), "rank 64": (items("64"), 64),
-             "mixed, masked groups": (items("mixed"), 64), "mixed, a group per rank": (items("mixed"), 0)}
+    cases = {
+        "base": (items("base"), 64),
+        "rank 1": (items("1"), 64),
+        "rank 64": (items("64"), 64),
+        "mixed, masked groups": (items("mixed"), 64),
+        "mixed, a group per rank": (items("mixed"), 0),
+    }
     c_ops = engine.runner.ops
     onednn = fuse_weights(model, batch_size_hint=16)  # the torch ops' linears: oneDNN-packed weights
     torch_adapters = AdapterSlots(engine.weights.spec, engine.adapters.max_adapters)  # the torch ops' layout
     for path in paths:  # installed in the engine's order: the same slots
         adapter = load_adapter(path)
-        torch_adapters.install(adapter.manifest.name, adapter.manifest, str(path),
-                               fuse_adapter(engine.weights.spec, adapter.weights, adapter.manifest.r_max,
-                                            TorchOps().pack_lora))
+        torch_adapters.install(
+            adapter.manifest.name,
+            adapter.manifest,
+            str(path),
+            fuse_adapter(engine.weights.spec, adapter.weights, adapter.manifest.r_max, TorchOps().pack_lora),
+        )
     runners = {  # one KV cache; each op set with the linears and adapters it packs
         "torch ops": ModelRunner(onednn, engine.kv, torch_adapters.table, TorchOps()),
         "C, oneDNN lin.": ModelRunner(onednn, engine.kv, engine.adapters.table, c_ops),

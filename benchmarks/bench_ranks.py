@@ -30,19 +30,31 @@ from transformers import AutoTokenizer
 log = logging.getLogger("bench_ranks")
 
 PROMPTS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis simply.",
-    "List three prime numbers.", "How do I boil an egg?", "Translate 'good morning' to Spanish.",
-    "What is 17 times 3?", "Name a famous painter.", "Why is the sky blue?", "Give me a synonym for happy.",
-    "What does a CPU do?", "Suggest a name for a cat.", "How many legs does a spider have?",
-    "What is the boiling point of water?", "Describe a rainbow.", "Tell me a fun fact about octopuses.",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis simply.",
+    "List three prime numbers.",
+    "How do I boil an egg?",
+    "Translate 'good morning' to Spanish.",
+    "What is 17 times 3?",
+    "Name a famous painter.",
+    "Why is the sky blue?",
+    "Give me a synonym for happy.",
+    "What does a CPU do?",
+    "Suggest a name for a cat.",
+    "How many legs does a spider have?",
+    "What is the boiling point of water?",
+    "Describe a rainbow.",
+    "Tell me a fun fact about octopuses.",
 ]
 
 
 def encode_prompts(tokenizer, n: int) -> list[list[int]]:
     out = []
     for i in range(n):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                            add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True, tokenize=True
+        )
         out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return out
 
@@ -61,8 +73,10 @@ def bench_engine(engine, name: str, prompts, cases, max_tokens: int) -> dict:
     finals = []
     started = time.perf_counter()
     for i, (prompt, (adapter, rank)) in enumerate(zip(prompts, cases)):
-        engine.add_request(GenerationRequest(f"{name}-{i}", tuple(prompt), params, adapter, rank),
-                           lambda e: finals.append(e) if e.finished else None)
+        engine.add_request(
+            GenerationRequest(f"{name}-{i}", tuple(prompt), params, adapter, rank),
+            lambda e: finals.append(e) if e.finished else None,
+        )
     while engine.scheduler.has_work():
         engine.step()
     wall = time.perf_counter() - started
@@ -86,10 +100,19 @@ def peer_rows(args, model, adapter_dir: Path, r_max: int, prompts, tmp: Path) ->
     peft_dir = export_peft(adapter_dir, r_max, tmp / "peft")
     results = peers.transformers_peers(str(model_dir), peft_dir, prompts, args.max_tokens, args.threads, args.repeats)
     if args.vllm_python:
-        results += peers.vllm_peers(Path(args.vllm_python), model_dir, peft_dir, prompts, args.max_tokens,
-                                    args.threads, tmp / "vllm")
-    return [{"name": r.system, "tok_s": r.output_tok_s or float("nan"), "wall_s": r.wall_s or float("nan"),
-             "p50_s": r.wall_s or float("nan"), "p95_s": r.wall_s or float("nan")} for r in results]
+        results += peers.vllm_peers(
+            Path(args.vllm_python), model_dir, peft_dir, prompts, args.max_tokens, args.threads, tmp / "vllm"
+        )
+    return [
+        {
+            "name": r.system,
+            "tok_s": r.output_tok_s or float("nan"),
+            "wall_s": r.wall_s or float("nan"),
+            "p50_s": r.wall_s or float("nan"),
+            "p95_s": r.wall_s or float("nan"),
+        }
+        for r in results
+    ]
 
 
 def make_adapters(model, root: Path, r_max: int, targets: tuple[str, ...] | None = None) -> list[Path]:
@@ -98,9 +121,12 @@ def make_adapters(model, root: Path, r_max: int, targets: tuple[str, ...] | None
         save_random_adapter,
     )
 
-    return [save_random_adapter(model, root / name, name, r_max, target_modules=targets or DEFAULT_TARGET_MODULES,
-                                seed=seed, std=0.02)
-            for seed, name in enumerate(("bench-a", "bench-b"))]
+    return [
+        save_random_adapter(
+            model, root / name, name, r_max, target_modules=targets or DEFAULT_TARGET_MODULES, seed=seed, std=0.02
+        )
+        for seed, name in enumerate(("bench-a", "bench-b"))
+    ]
 
 
 def engine_rows(engine, label: str, args, prompts) -> list[dict]:
@@ -110,7 +136,9 @@ def engine_rows(engine, label: str, args, prompts) -> list[dict]:
     bench_engine(engine, "warmup", prompts[:4], [(names[0], r_max)] * 4, 4)
 
     def best(name, prompts, cases, max_tokens):
-        runs = [bench_engine(engine, f"{label} {name}", prompts, cases, max_tokens) for _ in range(max(args.repeats, 1))]
+        runs = [
+            bench_engine(engine, f"{label} {name}", prompts, cases, max_tokens) for _ in range(max(args.repeats, 1))
+        ]
         return max(runs, key=lambda r: r["tok_s"])
 
     n = args.num_requests
@@ -120,8 +148,11 @@ def engine_rows(engine, label: str, args, prompts) -> list[dict]:
     mixed_ranks = [r for r in (1, 8, 32, r_max) if r <= r_max]
     mixed = [(names[i % len(names)], mixed_ranks[i % len(mixed_ranks)]) for i in range(n)]
     rows.append(best("mixed ranks+adapters", prompts, mixed, args.max_tokens))
-    rows.append(best(f"one user, rank {r_max}, {args.single_tokens} tokens", prompts[:1], [(names[0], r_max)],
-                     args.single_tokens))
+    rows.append(
+        best(
+            f"one user, rank {r_max}, {args.single_tokens} tokens", prompts[:1], [(names[0], r_max)], args.single_tokens
+        )
+    )
     rows.append(best(f"one user, base, {args.single_tokens} tokens", prompts[:1], [(None, None)], args.single_tokens))
     return rows
 
@@ -135,19 +166,31 @@ def main() -> None:
     parser.add_argument("--r-max", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="runs per engine workload; the best is reported")
     parser.add_argument("--adapters", help="a folder of adapters to use instead of random ones")
-    parser.add_argument("--targets", help="modules of the random adapters, comma-separated (default: all seven "
-                                          "q,k,v,o,gate,up,down projections), e.g. q_proj,v_proj")
-    parser.add_argument("--prompt-tokens", type=int,
-                        help="every request gets the load tests' fixed prompt of exactly this many tokens "
-                             "(default: 16 short chat prompts, ~37 tokens)")
+    parser.add_argument(
+        "--targets",
+        help="modules of the random adapters, comma-separated (default: all seven "
+        "q,k,v,o,gate,up,down projections), e.g. q_proj,v_proj",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        help="every request gets the load tests' fixed prompt of exactly this many tokens "
+        "(default: 16 short chat prompts, ~37 tokens)",
+    )
     parser.add_argument("--skip-peers", action="store_true", help="only the native engine")
-    parser.add_argument("--weight-formats", default="gguf,float32",
-                        help="engine weight formats to run, comma-separated (gguf: the GGUF file's blocks; float32)")
+    parser.add_argument(
+        "--weight-formats",
+        default="gguf,float32",
+        help="engine weight formats to run, comma-separated (gguf: the GGUF file's blocks; float32)",
+    )
     parser.add_argument("--single-tokens", type=int, default=128, help="output tokens of the one-user row")
     parser.add_argument("--model", help="a local HF model directory instead of the default model")
     parser.add_argument("--vllm-python", help="python of a venv with vLLM (e.g. .venv-vllm/bin/python): adds vLLM rows")
-    parser.add_argument("--random-init", action="store_true",
-                        help="random weights of --model's architecture (timing only, where the weights are absent)")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="random weights of --model's architecture (timing only, where the weights are absent)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
@@ -176,21 +219,34 @@ def main() -> None:
     else:
         prompts = encode_prompts(tokenizer, args.num_requests)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
-    paths = adapter_dirs(args.adapters) if args.adapters else make_adapters(model, tmp, args.r_max, tuple(args.targets.split(",")) if args.targets else None)
+    paths = (
+        adapter_dirs(args.adapters)
+        if args.adapters
+        else make_adapters(model, tmp, args.r_max, tuple(args.targets.split(",")) if args.targets else None)
+    )
     rows = []
     n = args.num_requests
     for weight_format in args.weight_formats.split(","):
-        engine = LLMEngine(EngineConfig(adapters=[str(p) for p in paths], max_num_seqs=max(n, 1),
-                                        max_model_len=min(512, model.config.max_position_embeddings),
-                                        num_threads=args.threads, weight_format=weight_format),
-                           hf_model=model, tokenizer=tokenizer)
+        engine = LLMEngine(
+            EngineConfig(
+                adapters=[str(p) for p in paths],
+                max_num_seqs=max(n, 1),
+                max_model_len=min(512, model.config.max_position_embeddings),
+                num_threads=args.threads,
+                weight_format=weight_format,
+            ),
+            hf_model=model,
+            tokenizer=tokenizer,
+        )
         rows += engine_rows(engine, f"engine {weight_format}", args, prompts)
         del engine
     if not args.skip_peers:
         r_max = load_adapter(paths[0]).manifest.r_max
         rows += peer_rows(args, model, paths[0], r_max, prompts, tmp)
-    print(f"\n{n} requests x {args.max_tokens} tokens ({sum(map(len, prompts))} prompt tokens), greedy, "
-          f"{args.threads} threads")
+    print(
+        f"\n{n} requests x {args.max_tokens} tokens ({sum(map(len, prompts))} prompt tokens), greedy, "
+        f"{args.threads} threads"
+    )
     print(f"{'workload':45s} {'tok/s':>8s} {'wall s':>8s} {'p50 s':>8s} {'p95 s':>8s}")
     for r in rows:
         print(f"{r['name']:45s} {r['tok_s']:8.1f} {r['wall_s']:8.2f} {r['p50_s']:8.2f} {r['p95_s']:8.2f}")

@@ -87,7 +87,9 @@ def main() -> None:
                 times[method].append(elapsed)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "rank": args.rank, "batch_size": args.batch_size, "seq_len": int(batch["input_ids"].shape[1]),
+        "rank": args.rank,
+        "batch_size": args.batch_size,
+        "seq_len": int(batch["input_ids"].shape[1]),
         "steps": args.steps,
         "median_s": {m: statistics.median(t) for m, t in times.items()},
         "p90_s": {m: sorted(t)[int(0.9 * (len(t) - 1))] for m, t in times.items()},
@@ -95,7 +97,9 @@ def main() -> None:
     if "lora" in times and "matryoshka" in times:
         result["matryoshka_over_lora"] = result["median_s"]["matryoshka"] / result["median_s"]["lora"]
     for m in methods:
-        log.info("%-10s median %.3f s  p90 %.3f s  (%d steps)", m, result["median_s"][m], result["p90_s"][m], len(times[m]))
+        log.info(
+            "%-10s median %.3f s  p90 %.3f s  (%d steps)", m, result["median_s"][m], result["p90_s"][m], len(times[m])
+        )
     if "matryoshka_over_lora" in result:
         log.info("matryoshka / lora step time: %.3f", result["matryoshka_over_lora"])
     if args.json:

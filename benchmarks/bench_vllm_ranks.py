@@ -30,8 +30,13 @@ async def run_batch(backend, ranks: list[int | None], prompt: tuple[int, ...], n
     from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
 
     async def one(i: int, rank: int | None) -> int:
-        req = GenerationRequest(f"{tag}-{i}", prompt, SamplingParams(max_tokens=num_tokens, ignore_eos=True),
-                                "bench" if rank else None, rank)
+        req = GenerationRequest(
+            f"{tag}-{i}",
+            prompt,
+            SamplingParams(max_tokens=num_tokens, ignore_eos=True),
+            "bench" if rank else None,
+            rank,
+        )
         return sum([len(e.token_ids) async for e in backend.generate(req)])
 
     started = time.perf_counter()
@@ -48,16 +53,29 @@ async def main(args) -> None:
     model, _ = load_base_model()
     save_random_adapter(model, work / "bench", "bench", R_MAX, seed=0, std=0.05)
     del model
-    backend = VLLMBackend(VLLMConfig(adapters=[str(work / "bench")], max_loras=args.max_loras,
-                                     max_num_seqs=args.requests, max_model_len=512, cache_dir=str(work / "cache")))
+    backend = VLLMBackend(
+        VLLMConfig(
+            adapters=[str(work / "bench")],
+            max_loras=args.max_loras,
+            max_num_seqs=args.requests,
+            max_model_len=512,
+            cache_dir=str(work / "cache"),
+        )
+    )
     await backend.start()
     prompt = tuple(backend.encode_prompt(None, [{"role": "user", "content": "Write a short story about a fox."}]))
     n = args.requests
-    rows = [("base", [None] * n), ("rank 1", [1] * n), (f"rank {R_MAX}", [R_MAX] * n),
-            (f"{len(MIXED_RANKS)} ranks mixed", [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(n)])]
+    rows = [
+        ("base", [None] * n),
+        ("rank 1", [1] * n),
+        (f"rank {R_MAX}", [R_MAX] * n),
+        (f"{len(MIXED_RANKS)} ranks mixed", [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(n)]),
+    ]
     await run_batch(backend, [1, R_MAX, None] + list(MIXED_RANKS), prompt, 2, "warmup")  # export + load every slice
-    print(f"vLLM backend, {n} requests x {args.tokens} tokens, max_lora_rank {backend.max_lora_rank}, "
-          f"max_loras {args.max_loras}")
+    print(
+        f"vLLM backend, {n} requests x {args.tokens} tokens, max_lora_rank {backend.max_lora_rank}, "
+        f"max_loras {args.max_loras}"
+    )
     for label, ranks in rows:
         results = [await run_batch(backend, ranks, prompt, args.tokens, f"{label}-{k}") for k in range(args.repeats)]
         runs = ", ".join(f"{r:.1f}" for r in results)

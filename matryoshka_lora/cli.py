@@ -60,7 +60,9 @@ def import_(
     peft_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory (adapter_config.json + weights).")],
     out: Annotated[Path, typer.Option("--out", help="Output adapter directory in this project's format.")],
     model: ModelOpt = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="Adapter name; default: the PEFT directory's name.")] = None,
+    name: Annotated[
+        Optional[str], typer.Option("--name", help="Adapter name; default: the PEFT directory's name.")
+    ] = None,
 ) -> None:
     """Import a PEFT LoRA adapter by SVD: every rank-k slice becomes its best rank-k approximation.
 
@@ -79,20 +81,37 @@ def import_(
 def nest(
     adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory to nest (any method).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for the nested adapter.")],
-    source: Annotated[Optional[str], typer.Option("--source", help="p: the training diagonal folded in (matryoshka's default) | r_max: the adapter as served at r_max (every other method's default).")] = None,
+    source: Annotated[
+        Optional[str],
+        typer.Option(
+            "--source",
+            help="p: the training diagonal folded in (matryoshka's default) | r_max: the adapter as served at r_max (every other method's default).",
+        ),
+    ] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Adapter name; default: the source adapter's.")] = None,
-    bf16: Annotated[bool, typer.Option("--bf16", help="Store the nested weights in bfloat16 (half the size; loaders compute in float32).")] = False,
-    svd: Annotated[bool, typer.Option("--svd/--fold-only", help="--fold-only: fold the diagonal into A and keep the trained column order (a diagnostic).")] = True,
+    bf16: Annotated[
+        bool,
+        typer.Option(
+            "--bf16", help="Store the nested weights in bfloat16 (half the size; loaders compute in float32)."
+        ),
+    ] = False,
+    svd: Annotated[
+        bool,
+        typer.Option(
+            "--svd/--fold-only",
+            help="--fold-only: fold the diagonal into A and keep the trained column order (a diagnostic).",
+        ),
+    ] = True,
 ) -> None:
     """Re-factor each module's trained update by SVD so that every rank-k slice is its best rank-k approximation.
 
     The output is served with scaling none and alpha 1; rank r_max reproduces the trained function
     exactly, and lower ranks keep the largest singular directions first. No model is loaded.
     """
+    import torch
+
     from matryoshka_lora.adapters.nest import nest_adapter
     from matryoshka_lora.adapters.store import load_adapter, save_adapter
-
-    import torch
 
     nested = nest_adapter(load_adapter(adapter_dir), source=source, name=name, svd=svd)
     if bf16:
@@ -115,9 +134,18 @@ def _rank_list(text: str) -> list[int]:
 @app.command()
 def demo(
     model: ModelOpt = None,
-    ranks: Annotated[str, typer.Option("--ranks", help="Comma-separated ranks to generate at (0 = base model).")] = "1,4,16",
-    prompt: Annotated[str, typer.Option("--prompt", help="The user message.")] = "Give me three short tips for learning to cook.",
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory; default: the first shipped one in adapters/ that fits the model.")] = None,
+    ranks: Annotated[
+        str, typer.Option("--ranks", help="Comma-separated ranks to generate at (0 = base model).")
+    ] = "1,4,16",
+    prompt: Annotated[
+        str, typer.Option("--prompt", help="The user message.")
+    ] = "Give me three short tips for learning to cook.",
+    adapter: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--adapter", help="Adapter directory; default: the first shipped one in adapters/ that fits the model."
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate per rank.")] = 48,
 ) -> None:
     """Generate greedily from one prompt at several ranks of one Matryoshka adapter.
@@ -151,30 +179,78 @@ def _int_list(text: str | None, what: str) -> tuple[int, ...] | None:
 
 @app.command()
 def train(
-    out: Annotated[Path, typer.Option("--out", help="Output adapter directory (checkpoints go to <out>-checkpoints/).")],
-    task: Annotated[Optional[str], typer.Option("--task", help="Built-in task (add3, sort5, caesar, reverse, arithmetic).")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help='JSONL of {"prompt","completion"} or {"messages": [...]}.')] = None,
-    method: Annotated[str, typer.Option("--method", help="lora | dylora | matryoshka (only the diagonal p differs).")] = "matryoshka",
+    out: Annotated[
+        Path, typer.Option("--out", help="Output adapter directory (checkpoints go to <out>-checkpoints/).")
+    ],
+    task: Annotated[
+        Optional[str], typer.Option("--task", help="Built-in task (add3, sort5, caesar, reverse, arithmetic).")
+    ] = None,
+    data: Annotated[
+        Optional[Path], typer.Option("--data", help='JSONL of {"prompt","completion"} or {"messages": [...]}.')
+    ] = None,
+    method: Annotated[
+        str, typer.Option("--method", help="lora | dylora | matryoshka (only the diagonal p differs).")
+    ] = "matryoshka",
     rank: Annotated[int, typer.Option("--rank", help="r_max: the adapter's largest rank.")] = 32,
-    train_ranks: Annotated[Optional[str], typer.Option("--train-ranks", help="Nested ranks S, e.g. 1,2,4,8; default: powers of two up to r_max.")] = None,
-    scaling: Annotated[str, typer.Option("--scaling", help="Per-rank scale s_r: none | rank (1/r) | sqrt (1/sqrt r).")] = "none",
+    train_ranks: Annotated[
+        Optional[str],
+        typer.Option("--train-ranks", help="Nested ranks S, e.g. 1,2,4,8; default: powers of two up to r_max."),
+    ] = None,
+    scaling: Annotated[
+        str, typer.Option("--scaling", help="Per-rank scale s_r: none | rank (1/r) | sqrt (1/sqrt r).")
+    ] = "none",
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (the update is alpha * s_r * x A B).")] = 1.0,
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated module names; default: all attention and MLP projections.")] = None,
+    targets: Annotated[
+        Optional[str],
+        typer.Option("--targets", help="Comma-separated module names; default: all attention and MLP projections."),
+    ] = None,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     epochs: Annotated[float, typer.Option("--epochs")] = 1.0,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps; overrides --epochs.")] = None,
+    max_steps: Annotated[
+        Optional[int], typer.Option("--max-steps", help="Optimizer steps; overrides --epochs.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Per device.")] = 16,
     grad_accum: Annotated[int, typer.Option("--grad-accum")] = 1,
-    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Longer records are skipped (counted, logged).")] = 64,
+    max_seq_len: Annotated[
+        int, typer.Option("--max-seq-len", help="Longer records are skipped (counted, logged).")
+    ] = 64,
     num_train: Annotated[int, typer.Option("--num-train", help="Examples drawn from a built-in task.")] = 4000,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N optimizer steps.")] = None,
+    save_every: Annotated[
+        Optional[int], typer.Option("--save-every", help="Checkpoint every N optimizer steps.")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of --out.")] = False,
-    name: Annotated[Optional[str], typer.Option("--name", help="Adapter name; default: the --out directory's name.")] = None,
-    slice_loss: Annotated[int, typer.Option("--slice-loss", min=0, help="Also train K sampled lower ranks as served, each step (K+1 forward passes).")] = 0,
-    nest: Annotated[bool, typer.Option("--nest/--no-nest", help="Write the adapter nested by SVD (training diagonal folded in) to --out, the raw one to <out>-raw; --no-nest: the raw one to --out.")] = True,
-    rank_loss_every: Annotated[Optional[int], typer.Option("--rank-loss-every", help="Log the dev loss at every train rank every N steps (<out>-checkpoints/rank_losses.jsonl).")] = None,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bf16 autocast; default: on where supported (CUDA, or a CPU with AVX512-BF16).", show_default=False)] = None,
+    name: Annotated[
+        Optional[str], typer.Option("--name", help="Adapter name; default: the --out directory's name.")
+    ] = None,
+    slice_loss: Annotated[
+        int,
+        typer.Option(
+            "--slice-loss", min=0, help="Also train K sampled lower ranks as served, each step (K+1 forward passes)."
+        ),
+    ] = 0,
+    nest: Annotated[
+        bool,
+        typer.Option(
+            "--nest/--no-nest",
+            help="Write the adapter nested by SVD (training diagonal folded in) to --out, the raw one to <out>-raw; --no-nest: the raw one to --out.",
+        ),
+    ] = True,
+    rank_loss_every: Annotated[
+        Optional[int],
+        typer.Option(
+            "--rank-loss-every",
+            help="Log the dev loss at every train rank every N steps (<out>-checkpoints/rank_losses.jsonl).",
+        ),
+    ] = None,
+    bf16: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--bf16/--no-bf16",
+            help="bf16 autocast; default: on where supported (CUDA, or a CPU with AVX512-BF16).",
+            show_default=False,
+        ),
+    ] = None,
     model: ModelOpt = None,
 ) -> None:
     """Train a LoRA / DyLoRA / Matryoshka adapter (Hugging Face Trainer; works under torchrun / accelerate launch)."""
@@ -183,12 +259,31 @@ def train(
     from matryoshka_lora.training.trainer import train as run_training
 
     cfg = TrainConfig(
-        out=out, method=method, r_max=rank, train_ranks=_int_list(train_ranks, "--train-ranks"), scaling=scaling,
-        alpha=alpha, target_modules=tuple(t.strip() for t in targets.split(",")) if targets else DEFAULT_TARGET_MODULES,
-        lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        max_seq_len=max_seq_len, num_train=num_train, seed=seed, save_every=save_every, resume=resume,
-        task=task, data=data, model=model, name=name, slice_loss=slice_loss, nest=nest,
-        rank_loss_every=rank_loss_every, bf16=bf16,
+        out=out,
+        method=method,
+        r_max=rank,
+        train_ranks=_int_list(train_ranks, "--train-ranks"),
+        scaling=scaling,
+        alpha=alpha,
+        target_modules=tuple(t.strip() for t in targets.split(",")) if targets else DEFAULT_TARGET_MODULES,
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_seq_len=max_seq_len,
+        num_train=num_train,
+        seed=seed,
+        save_every=save_every,
+        resume=resume,
+        task=task,
+        data=data,
+        model=model,
+        name=name,
+        slice_loss=slice_loss,
+        nest=nest,
+        rank_loss_every=rank_loss_every,
+        bf16=bf16,
     )
     run_training(cfg.validate())
 
@@ -197,14 +292,24 @@ def train(
 def eval_(
     adapters: Annotated[list[Path], typer.Argument(help="One or more adapter directories.")],
     task: Annotated[str, typer.Option("--task", help="Built-in task to evaluate on.")],
-    ranks: Annotated[Optional[str], typer.Option("--ranks", help="e.g. 1,2,4,8,16,32; default: each adapter's train ranks.")] = None,
+    ranks: Annotated[
+        Optional[str], typer.Option("--ranks", help="e.g. 1,2,4,8,16,32; default: each adapter's train ranks.")
+    ] = None,
     num_test: Annotated[int, typer.Option("--num-test", help="Test examples (a fixed, seeded split).")] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default: the task's.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the result JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the rank-accuracy curves to this PNG.")] = None,
-    no_manifest: Annotated[bool, typer.Option("--no-manifest", help="Do not store the accuracies in the manifests.")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="engine: the serving engine, every rank in one batch | hf: transformers generate, one rank at a time.")] = "engine",
+    no_manifest: Annotated[
+        bool, typer.Option("--no-manifest", help="Do not store the accuracies in the manifests.")
+    ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="engine: the serving engine, every rank in one batch | hf: transformers generate, one rank at a time.",
+        ),
+    ] = "engine",
     model: ModelOpt = None,
 ) -> None:
     """Accuracy of each adapter at every rank (greedy, exact match), AURAC (log2, linear) and the base model's accuracy."""
@@ -212,8 +317,14 @@ def eval_(
     from matryoshka_lora.training.plots import plot_rank_curves
 
     cfg = EvalConfig(
-        adapters=tuple(adapters), task=task, ranks=_int_list(ranks, "--ranks"), num_test=num_test,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, model=model, update_manifests=not no_manifest,
+        adapters=tuple(adapters),
+        task=task,
+        ranks=_int_list(ranks, "--ranks"),
+        num_test=num_test,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        model=model,
+        update_manifests=not no_manifest,
         backend=backend,
     )
     result = evaluate(cfg)
@@ -228,8 +339,12 @@ def eval_(
 def fit_scales(
     adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory; its manifest gets the fitted rank_scales.")],
     task: Annotated[str, typer.Option("--task", help="Task whose dev split the scales are fitted on.")],
-    ranks: Annotated[Optional[str], typer.Option("--ranks", help="e.g. 1,2,4; default: the adapter's train ranks.")] = None,
-    candidates: Annotated[Optional[str], typer.Option("--candidates", help="Comma-separated scales to try (must include 1).")] = None,
+    ranks: Annotated[
+        Optional[str], typer.Option("--ranks", help="e.g. 1,2,4; default: the adapter's train ranks.")
+    ] = None,
+    candidates: Annotated[
+        Optional[str], typer.Option("--candidates", help="Comma-separated scales to try (must include 1).")
+    ] = None,
     num_dev: Annotated[int, typer.Option("--num-dev", help="Dev examples the loss is measured on.")] = 200,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the fit, do not write the manifest.")] = False,
     model: ModelOpt = None,
@@ -239,8 +354,14 @@ def fit_scales(
 
     from matryoshka_lora.training import rank_scales as rs
 
-    cfg = rs.FitConfig(adapter=adapter_dir, task=task, ranks=_int_list(ranks, "--ranks"), num_dev=num_dev, model=model,
-                       candidates=_float_list(candidates, "--candidates") or rs.CANDIDATES)
+    cfg = rs.FitConfig(
+        adapter=adapter_dir,
+        task=task,
+        ranks=_int_list(ranks, "--ranks"),
+        num_dev=num_dev,
+        model=model,
+        candidates=_float_list(candidates, "--candidates") or rs.CANDIDATES,
+    )
     fitted, losses = rs.fit_rank_scales(cfg)
     typer.echo(json.dumps({"rank_scales": fitted, "dev_loss": losses}, indent=2))
     if not dry_run:
@@ -266,58 +387,158 @@ def _hash_key_from_stdin() -> None:
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind [MATRYOSHKA_HOST; 127.0.0.1]. "
-                                                 "A non-loopback address needs --tenants (or --allow-open).")] = None,
+    host: Annotated[
+        Optional[str],
+        typer.Option(
+            "--host",
+            help="Address to bind [MATRYOSHKA_HOST; 127.0.0.1]. "
+            "A non-loopback address needs --tenants (or --allow-open).",
+        ),
+    ] = None,
     port: Annotated[Optional[int], typer.Option("--port", help="Port [MATRYOSHKA_PORT; 8000].")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Local Hugging Face model directory [MATRYOSHKA_MODEL; "
-                                                  "default: the embedded SmolLM2-135M-Instruct].")] = None,
-    adapters: Annotated[Optional[list[Path]], typer.Option("--adapters", help="Adapter directory, or a directory of "
-                        "adapter directories; repeatable [MATRYOSHKA_ADAPTERS, comma-separated; default ./adapters "
-                        "if it exists].")] = None,
-    tenants: Annotated[Optional[Path], typer.Option("--tenants", help="Tenants file, TOML or YAML: API key hashes, "
-                       "allowed adapters, max_rank, rate limits, admin [MATRYOSHKA_TENANTS; none = open server, "
-                       "loopback only]. See deploy/tenants.example.toml.")] = None,
-    allow_open: Annotated[bool, typer.Option("--allow-open", help="Serve without a tenants file on a non-loopback "
-                          "host (no API keys!) [MATRYOSHKA_ALLOW_OPEN].")] = False,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="native (CPU engine) | vllm (GPU) | auto (vllm "
-                       "when importable with CUDA, else native) [MATRYOSHKA_BACKEND; native].")] = None,
-    max_num_seqs: Annotated[Optional[int], typer.Option("--max-num-seqs", help="Requests running at once "
-                            "[MATRYOSHKA_MAX_NUM_SEQS; 32].")] = None,
-    max_queue_len: Annotated[Optional[int], typer.Option("--max-queue-len", help="Requests waiting before the server "
-                             "answers 503 [MATRYOSHKA_MAX_QUEUE_LEN; 256].")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", help="Prompt + output tokens per request "
-                             "[MATRYOSHKA_MAX_MODEL_LEN; engine default].")] = None,
-    max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens", help="Longest prompt in tokens; "
-                                 "longer: 413 [MATRYOSHKA_MAX_PROMPT_TOKENS; 2048].")] = None,
-    max_output_tokens: Annotated[Optional[int], typer.Option("--max-output-tokens", help="Largest max_tokens of a "
-                                 "request; larger: 422 [MATRYOSHKA_MAX_OUTPUT_TOKENS; 1024].")] = None,
-    max_body_bytes: Annotated[Optional[int], typer.Option("--max-body-bytes", help="Largest request body; larger: 413 "
-                              "[MATRYOSHKA_MAX_BODY_BYTES; 1048576].")] = None,
-    drain_timeout: Annotated[Optional[float], typer.Option("--drain-timeout", help="Seconds requests in flight may "
-                             "take to finish after SIGTERM [MATRYOSHKA_DRAIN_TIMEOUT_S; 30].")] = None,
-    num_threads: Annotated[Optional[int], typer.Option("--num-threads", help="Torch threads of the engine "
-                           "[MATRYOSHKA_NUM_THREADS; torch default].")] = None,
-    fused_kernels: Annotated[Optional[bool], typer.Option("--fused-kernels/--no-fused-kernels", help="Native engine: "
-                             "the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C kernels compiled once "
-                             "with the system C compiler (torch ops without one) [MATRYOSHKA_FUSED_KERNELS; on].")] = None,
-    weight_format: Annotated[Optional[str], typer.Option("--weight-format", help="Native engine: auto | gguf | "
-                             "float32: the base linears on the GGUF file's own 4/8-bit blocks (same results, ~5.6x "
-                             "fewer bytes per step) or on float32 panels; auto = the blocks where the model has a "
-                             "GGUF file [MATRYOSHKA_WEIGHT_FORMAT; auto].")] = None,
-    budget_unmet: Annotated[Optional[str], typer.Option("--budget-unmet", help="A request whose latency_budget_ms no "
-                            "rank is predicted to meet: serve (at the lowest rank, rank_reason budget_unmet) | refuse "
-                            "(503 budget_unmet + Retry-After, so the admitted requests keep their budgets; only "
-                            "when even the typical case would be late, else served at the lowest rank) "
-                            "[MATRYOSHKA_BUDGET_UNMET; serve].")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of requests without one [MATRYOSHKA_SEED; 0].")] = None,
-    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug | info | warning | error; debug "
-                         "also logs each latency-budget decision's prediction terms, each budgeted request's "
-                         "real latency and each request held back to keep a promised budget [MATRYOSHKA_LOG_LEVEL; "
-                         "info].")] = None,
-    access_log: Annotated[Optional[bool], typer.Option("--access-log/--no-access-log", help="One log line per HTTP "
-                          "request, at info (off: ~0.1-0.2 ms less CPU per request) [MATRYOSHKA_ACCESS_LOG; on].")] = None,
-    hash_key: Annotated[bool, typer.Option("--hash-key", help="Read an API key from stdin, print its sha256 for the "
-                        "tenants file, and exit (serves nothing).")] = False,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            help="Local Hugging Face model directory [MATRYOSHKA_MODEL; default: the embedded SmolLM2-135M-Instruct].",
+        ),
+    ] = None,
+    adapters: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--adapters",
+            help="Adapter directory, or a directory of "
+            "adapter directories; repeatable [MATRYOSHKA_ADAPTERS, comma-separated; default ./adapters "
+            "if it exists].",
+        ),
+    ] = None,
+    tenants: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--tenants",
+            help="Tenants file, TOML or YAML: API key hashes, "
+            "allowed adapters, max_rank, rate limits, admin [MATRYOSHKA_TENANTS; none = open server, "
+            "loopback only]. See deploy/tenants.example.toml.",
+        ),
+    ] = None,
+    allow_open: Annotated[
+        bool,
+        typer.Option(
+            "--allow-open",
+            help="Serve without a tenants file on a non-loopback host (no API keys!) [MATRYOSHKA_ALLOW_OPEN].",
+        ),
+    ] = False,
+    backend: Annotated[
+        Optional[str],
+        typer.Option(
+            "--backend",
+            help="native (CPU engine) | vllm (GPU) | auto (vllm "
+            "when importable with CUDA, else native) [MATRYOSHKA_BACKEND; native].",
+        ),
+    ] = None,
+    max_num_seqs: Annotated[
+        Optional[int], typer.Option("--max-num-seqs", help="Requests running at once [MATRYOSHKA_MAX_NUM_SEQS; 32].")
+    ] = None,
+    max_queue_len: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-queue-len", help="Requests waiting before the server answers 503 [MATRYOSHKA_MAX_QUEUE_LEN; 256]."
+        ),
+    ] = None,
+    max_model_len: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-model-len", help="Prompt + output tokens per request [MATRYOSHKA_MAX_MODEL_LEN; engine default]."
+        ),
+    ] = None,
+    max_prompt_tokens: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-prompt-tokens", help="Longest prompt in tokens; longer: 413 [MATRYOSHKA_MAX_PROMPT_TOKENS; 2048]."
+        ),
+    ] = None,
+    max_output_tokens: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-output-tokens",
+            help="Largest max_tokens of a request; larger: 422 [MATRYOSHKA_MAX_OUTPUT_TOKENS; 1024].",
+        ),
+    ] = None,
+    max_body_bytes: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-body-bytes", help="Largest request body; larger: 413 [MATRYOSHKA_MAX_BODY_BYTES; 1048576]."
+        ),
+    ] = None,
+    drain_timeout: Annotated[
+        Optional[float],
+        typer.Option(
+            "--drain-timeout",
+            help="Seconds requests in flight may take to finish after SIGTERM [MATRYOSHKA_DRAIN_TIMEOUT_S; 30].",
+        ),
+    ] = None,
+    num_threads: Annotated[
+        Optional[int],
+        typer.Option("--num-threads", help="Torch threads of the engine [MATRYOSHKA_NUM_THREADS; torch default]."),
+    ] = None,
+    fused_kernels: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--fused-kernels/--no-fused-kernels",
+            help="Native engine: "
+            "the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C kernels compiled once "
+            "with the system C compiler (torch ops without one) [MATRYOSHKA_FUSED_KERNELS; on].",
+        ),
+    ] = None,
+    weight_format: Annotated[
+        Optional[str],
+        typer.Option(
+            "--weight-format",
+            help="Native engine: auto | gguf | "
+            "float32: the base linears on the GGUF file's own 4/8-bit blocks (same results, ~5.6x "
+            "fewer bytes per step) or on float32 panels; auto = the blocks where the model has a "
+            "GGUF file [MATRYOSHKA_WEIGHT_FORMAT; auto].",
+        ),
+    ] = None,
+    budget_unmet: Annotated[
+        Optional[str],
+        typer.Option(
+            "--budget-unmet",
+            help="A request whose latency_budget_ms no "
+            "rank is predicted to meet: serve (at the lowest rank, rank_reason budget_unmet) | refuse "
+            "(503 budget_unmet + Retry-After, so the admitted requests keep their budgets; only "
+            "when even the typical case would be late, else served at the lowest rank) "
+            "[MATRYOSHKA_BUDGET_UNMET; serve].",
+        ),
+    ] = None,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", help="Seed of requests without one [MATRYOSHKA_SEED; 0].")
+    ] = None,
+    log_level: Annotated[
+        Optional[str],
+        typer.Option(
+            "--log-level",
+            help="debug | info | warning | error; debug "
+            "also logs each latency-budget decision's prediction terms, each budgeted request's "
+            "real latency and each request held back to keep a promised budget [MATRYOSHKA_LOG_LEVEL; "
+            "info].",
+        ),
+    ] = None,
+    access_log: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--access-log/--no-access-log",
+            help="One log line per HTTP "
+            "request, at info (off: ~0.1-0.2 ms less CPU per request) [MATRYOSHKA_ACCESS_LOG; on].",
+        ),
+    ] = None,
+    hash_key: Annotated[
+        bool,
+        typer.Option(
+            "--hash-key",
+            help="Read an API key from stdin, print its sha256 for the tenants file, and exit (serves nothing).",
+        ),
+    ] = False,
 ) -> None:
     """Serve adapters over HTTP: /generate, OpenAI-compatible /v1/*, admin, /health, /ready, /metrics.
 
@@ -330,12 +551,27 @@ def serve(
     from matryoshka_lora.server.settings import load_settings
 
     settings = load_settings(
-        host=host, port=port, model=model, adapters=adapters or None, tenants=tenants, allow_open=allow_open or None,
-        backend=backend, max_num_seqs=max_num_seqs, max_queue_len=max_queue_len, max_model_len=max_model_len,
-        max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens, max_body_bytes=max_body_bytes,
-        drain_timeout_s=drain_timeout, num_threads=num_threads, fused_kernels=fused_kernels, weight_format=weight_format,
+        host=host,
+        port=port,
+        model=model,
+        adapters=adapters or None,
+        tenants=tenants,
+        allow_open=allow_open or None,
+        backend=backend,
+        max_num_seqs=max_num_seqs,
+        max_queue_len=max_queue_len,
+        max_model_len=max_model_len,
+        max_prompt_tokens=max_prompt_tokens,
+        max_output_tokens=max_output_tokens,
+        max_body_bytes=max_body_bytes,
+        drain_timeout_s=drain_timeout,
+        num_threads=num_threads,
+        fused_kernels=fused_kernels,
+        weight_format=weight_format,
         budget_unmet=budget_unmet,
-        seed=seed, log_level=log_level, access_log=access_log,
+        seed=seed,
+        log_level=log_level,
+        access_log=access_log,
     )
     run_server(settings)
 
@@ -360,37 +596,88 @@ def _float_list(text: str | None, what: str) -> tuple[float, ...] | None:
 @app.command()
 def loadtest(
     scenario: Annotated[str, typer.Argument(help="rank-sweep | mixed | budget | tenants | overload | soak | peers")],
-    url: Annotated[Optional[str], typer.Option("--url", help="A running server; default: start `serve` on a free "
-                                               "127.0.0.1 port (stopped at the end).")] = None,
+    url: Annotated[
+        Optional[str],
+        typer.Option(
+            "--url", help="A running server; default: start `serve` on a free 127.0.0.1 port (stopped at the end)."
+        ),
+    ] = None,
     model: ModelOpt = None,
-    adapters: Annotated[Optional[list[Path]], typer.Option("--adapters", help="Adapter directory (or a directory of "
-                        "them) for the server it starts; repeatable. Default: random adapters at --r-max.")] = None,
-    duration: Annotated[Optional[float], typer.Option("--duration", help="Seconds per phase (a rank x users cell, "
-                        "a rate step, ...); default per scenario: see loadtests/README.md.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory; default "
-                   "loadtest-results/SCENARIO-TIME.")] = None,
-    users: Annotated[str, typer.Option("--users", help="Concurrent users (rank-sweep; the largest: mixed, peers).")] = "1,4,16",
+    adapters: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--adapters",
+            help="Adapter directory (or a directory of "
+            "them) for the server it starts; repeatable. Default: random adapters at --r-max.",
+        ),
+    ] = None,
+    duration: Annotated[
+        Optional[float],
+        typer.Option(
+            "--duration",
+            help="Seconds per phase (a rank x users cell, "
+            "a rate step, ...); default per scenario: see loadtests/README.md.",
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Output directory; default loadtest-results/SCENARIO-TIME.")
+    ] = None,
+    users: Annotated[
+        str, typer.Option("--users", help="Concurrent users (rank-sweep; the largest: mixed, peers).")
+    ] = "1,4,16",
     ranks: Annotated[Optional[str], typer.Option("--ranks", help="Ranks to sweep; default 1,8,32,r_max.")] = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Tokens of the fixed prompt.")] = 128,
-    output_tokens: Annotated[int, typer.Option("--output-tokens", help="Tokens generated per request (EOS ignored).")] = 64,
+    output_tokens: Annotated[
+        int, typer.Option("--output-tokens", help="Tokens generated per request (EOS ignored).")
+    ] = 64,
     max_requests: Annotated[int, typer.Option("--max-requests", help="Most requests per phase.")] = 20_000,
-    num_threads: Annotated[Optional[int], typer.Option("--num-threads", help="Torch threads of the server it "
-                           "starts and of the in-process peers.")] = None,
-    max_queue_len: Annotated[int, typer.Option("--max-queue-len", help="overload: the server's queue bound (passed "
-                             "to the server it starts; give the server's own value with --url).")] = 32,
+    num_threads: Annotated[
+        Optional[int],
+        typer.Option("--num-threads", help="Torch threads of the server it starts and of the in-process peers."),
+    ] = None,
+    max_queue_len: Annotated[
+        int,
+        typer.Option(
+            "--max-queue-len",
+            help="overload: the server's queue bound (passed "
+            "to the server it starts; give the server's own value with --url).",
+        ),
+    ] = 32,
     r_max: Annotated[int, typer.Option("--r-max", help="r_max of the random adapters made without --adapters.")] = 64,
-    budget_ms: Annotated[Optional[float], typer.Option("--budget-ms", help="budget: the latency budget; default "
-                         "3 x the unloaded latency at r_max.")] = None,
-    rates: Annotated[Optional[str], typer.Option("--rates", help="budget: offered rates in requests/s; default "
-                     "0.25..1.5 x the rank-1 capacity.")] = None,
-    budget_unmet: Annotated[str, typer.Option("--budget-unmet", help="budget: serve | refuse, the --budget-unmet "
-                            "of the server it starts (refuse: a budget no rank is predicted to meet gets 503).")] = "serve",
+    budget_ms: Annotated[
+        Optional[float],
+        typer.Option("--budget-ms", help="budget: the latency budget; default 3 x the unloaded latency at r_max."),
+    ] = None,
+    rates: Annotated[
+        Optional[str],
+        typer.Option("--rates", help="budget: offered rates in requests/s; default 0.25..1.5 x the rank-1 capacity."),
+    ] = None,
+    budget_unmet: Annotated[
+        str,
+        typer.Option(
+            "--budget-unmet",
+            help="budget: serve | refuse, the --budget-unmet "
+            "of the server it starts (refuse: a budget no rank is predicted to meet gets 503).",
+        ),
+    ] = "serve",
     peers: Annotated[bool, typer.Option("--peers", help="rank-sweep: then run the peers scenario.")] = False,
-    vllm_python: Annotated[Optional[Path], typer.Option("--vllm-python", help="Python of a venv with vLLM "
-                           "(e.g. .venv-vllm/bin/python) for the vLLM peers: its offline engine, and `vllm serve` "
-                           "over HTTP.")] = None,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MATRYOSHKA_API_KEY", help="Bearer key for "
-                       "a --url server with tenants [MATRYOSHKA_API_KEY].")] = None,
+    vllm_python: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--vllm-python",
+            help="Python of a venv with vLLM "
+            "(e.g. .venv-vllm/bin/python) for the vLLM peers: its offline engine, and `vllm serve` "
+            "over HTTP.",
+        ),
+    ] = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key",
+            envvar="MATRYOSHKA_API_KEY",
+            help="Bearer key for a --url server with tenants [MATRYOSHKA_API_KEY].",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Load-test the server (Locust + an open-loop generator): latency per rank, the budget-to-rank
@@ -400,11 +687,26 @@ def loadtest(
     from matryoshka_lora.loadtest.runner import run
 
     config = LoadTestConfig(
-        scenario=scenario, out=out, url=url, model=model, adapters=adapters or [], duration_s=duration,
-        max_requests=max_requests, workload=Workload(prompt_tokens=prompt_tokens, output_tokens=output_tokens),
-        ranks=_int_list(ranks, "--ranks"), users=_int_list(users, "--users") or (), num_threads=num_threads,
-        max_queue_len=max_queue_len, r_max=r_max, budget_ms=budget_ms, rates=_float_list(rates, "--rates"),
-        budget_unmet=budget_unmet, peers=peers, vllm_python=vllm_python, api_key=api_key, seed=seed,
+        scenario=scenario,
+        out=out,
+        url=url,
+        model=model,
+        adapters=adapters or [],
+        duration_s=duration,
+        max_requests=max_requests,
+        workload=Workload(prompt_tokens=prompt_tokens, output_tokens=output_tokens),
+        ranks=_int_list(ranks, "--ranks"),
+        users=_int_list(users, "--users") or (),
+        num_threads=num_threads,
+        max_queue_len=max_queue_len,
+        r_max=r_max,
+        budget_ms=budget_ms,
+        rates=_float_list(rates, "--rates"),
+        budget_unmet=budget_unmet,
+        peers=peers,
+        vllm_python=vllm_python,
+        api_key=api_key,
+        seed=seed,
     )
     result, report_path = run(config)
     typer.echo(str(report_path))

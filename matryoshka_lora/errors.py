@@ -85,8 +85,10 @@ class BudgetUnmetError(MatryoshkaError):
     def __init__(self, budget_ms: float, predicted_ms: float, rank: int):
         self.budget_ms, self.predicted_ms, self.rank = budget_ms, predicted_ms, rank
         self.retry_after_s = min(max(1.0, (predicted_ms - budget_ms) / 1000.0), self.MAX_RETRY_AFTER_S)
-        super().__init__(f"latency budget {budget_ms:g} ms cannot be met under the current load: even rank {rank} "
-                         f"is predicted to take {predicted_ms:.0f} ms; retry later or with a larger budget")
+        super().__init__(
+            f"latency budget {budget_ms:g} ms cannot be met under the current load: even rank {rank} "
+            f"is predicted to take {predicted_ms:.0f} ms; retry later or with a larger budget"
+        )
 
 
 class EngineStoppedError(QueueFullError):

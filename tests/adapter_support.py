@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from tiny_config import tiny_llama_config
 
 from matryoshka_lora.adapters import inject, store
 from matryoshka_lora.models import model_fingerprint, model_id
-from tiny_config import tiny_llama_config
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -26,8 +26,15 @@ def random_adapter(method="matryoshka", scaling="none", alpha=2.0, r_max=8, targ
     initialised with seed 0, B drawn with seed 1 times `b_std`."""
     model = fresh_tiny()
     manifest = store.AdapterManifest(
-        name="t", base_model=model_id(model), base_fingerprint=model_fingerprint(model), target_modules=targets,
-        r_max=r_max, train_ranks=(1, 2, 4, 8), scaling=scaling, method=method, alpha=alpha,
+        name="t",
+        base_model=model_id(model),
+        base_fingerprint=model_fingerprint(model),
+        target_modules=targets,
+        r_max=r_max,
+        train_ranks=(1, 2, 4, 8),
+        scaling=scaling,
+        method=method,
+        alpha=alpha,
     )
     inject.inject_lora(model, r_max, scaling, targets, alpha, seed=0)
     generator = torch.Generator().manual_seed(1)

@@ -30,8 +30,15 @@ def test_aurac_hand_computed(ranks, accs, axis, expected):
 
 @pytest.mark.parametrize(
     "ranks, accs, axis",
-    [([], [], "log2"), ([1, 2], [0.5], "log2"), ([2, 1], [0.5, 0.5], "log2"), ([1, 1], [0.5, 0.5], "linear"),
-     ([0, 2], [0.5, 0.5], "log2"), ([1, 2], [0.5, 0.5], "ln"), ([1, 2], [0.5, float("nan")], "log2")],
+    [
+        ([], [], "log2"),
+        ([1, 2], [0.5], "log2"),
+        ([2, 1], [0.5, 0.5], "log2"),
+        ([1, 1], [0.5, 0.5], "linear"),
+        ([0, 2], [0.5, 0.5], "log2"),
+        ([1, 2], [0.5, 0.5], "ln"),
+        ([1, 2], [0.5, float("nan")], "log2"),
+    ],
 )
 def test_aurac_rejects(ranks, accs, axis):
     with pytest.raises(ConfigError):

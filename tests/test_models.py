@@ -36,7 +36,9 @@ def test_fingerprint_ignores_lora_layers():
     assert model_fingerprint(model) == before
 
 
-@pytest.mark.parametrize("make", [lambda p: p / "missing", lambda p: p, lambda p: (p / "f").write_text("x") and p / "f"])
+@pytest.mark.parametrize(
+    "make", [lambda p: p / "missing", lambda p: p, lambda p: (p / "f").write_text("x") and p / "f"]
+)
 def test_resolve_model_dir_refuses_a_non_model_path(tmp_path, make):
     with pytest.raises(ModelNotFoundError, match="not a Hugging Face model directory"):
         resolve_model_dir(make(tmp_path))

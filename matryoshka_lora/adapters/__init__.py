@@ -9,7 +9,6 @@ from matryoshka_lora.adapters.inject import (
     set_inference_ranks,
     set_p,
 )
-from matryoshka_lora.adapters import nest
 from matryoshka_lora.adapters.layer import LoRALinear
 from matryoshka_lora.adapters.p import (
     Method,
@@ -33,9 +32,28 @@ from matryoshka_lora.adapters.store import (
 )
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES", "FORMAT_VERSION", "Adapter", "AdapterManifest", "LoRALinear", "Method", "Scaling",
-    "adapter_from_model", "attach_adapter", "binary_matryoshka_delta", "build_p", "default_train_ranks",
-    "inject_lora", "load_adapter", "load_lora_state_dict", "lora_layers", "lora_state_dict",
-    "normalize_train_ranks", "rank_scale", "sample_dylora_rank", "save_adapter", "set_inference_ranks", "set_p",
+    "DEFAULT_TARGET_MODULES",
+    "FORMAT_VERSION",
+    "Adapter",
+    "AdapterManifest",
+    "LoRALinear",
+    "Method",
+    "Scaling",
+    "adapter_from_model",
+    "attach_adapter",
+    "binary_matryoshka_delta",
+    "build_p",
+    "default_train_ranks",
+    "inject_lora",
+    "load_adapter",
+    "load_lora_state_dict",
+    "lora_layers",
+    "lora_state_dict",
+    "normalize_train_ranks",
+    "rank_scale",
+    "sample_dylora_rank",
+    "save_adapter",
+    "set_inference_ranks",
+    "set_p",
     "update_eval_results",
 ]

@@ -1,9 +1,9 @@
 """The `demo` subcommand's work: one prompt, one adapter, greedy generation at several ranks.
 
-    model = load_base_model(...)
-    adapter = --adapter, else the first adapter in the top-level adapters/ folder made for this model
-              (Matryoshka first), else a fresh one (random A, zero B: equal to the base at every rank)
-    for r in ranks: set_inference_ranks(model, r); generate greedily with the chat template
+model = load_base_model(...)
+adapter = --adapter, else the first adapter in the top-level adapters/ folder made for this model
+          (Matryoshka first), else a fresh one (random A, zero B: equal to the base at every rank)
+for r in ranks: set_inference_ranks(model, r); generate greedily with the chat template
 """
 
 from __future__ import annotations
@@ -47,16 +47,29 @@ def attach_demo_adapter(model, adapter_dir: str | os.PathLike | None, max_rank: 
     from matryoshka_lora.models import model_fingerprint
 
     fingerprint = model_fingerprint(model)
-    adapter = store.load_adapter(adapter_dir, base_fingerprint=fingerprint) if adapter_dir else find_shipped_adapter(fingerprint)
+    adapter = (
+        store.load_adapter(adapter_dir, base_fingerprint=fingerprint)
+        if adapter_dir
+        else find_shipped_adapter(fingerprint)
+    )
     if adapter is None:
         r_max = max(FRESH_R_MAX, max_rank)
-        log.warning("no adapter for this base model under %s: attaching a fresh one (random A, zero B, r_max=%d), "
-                    "which equals the base model at every rank", shipped_adapters_dir(), r_max)
+        log.warning(
+            "no adapter for this base model under %s: attaching a fresh one (random A, zero B, r_max=%d), "
+            "which equals the base model at every rank",
+            shipped_adapters_dir(),
+            r_max,
+        )
         inject.inject_lora(model, r_max, seed=0)
         return None
     store.attach_adapter(model, adapter)
-    log.info("attached adapter %r (%s, r_max=%d) from %s", adapter.manifest.name, adapter.manifest.method,
-             adapter.manifest.r_max, adapter.path)
+    log.info(
+        "attached adapter %r (%s, r_max=%d) from %s",
+        adapter.manifest.name,
+        adapter.manifest.method,
+        adapter.manifest.r_max,
+        adapter.path,
+    )
     return adapter.manifest
 
 
@@ -66,10 +79,12 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def run_demo(model_dir, ranks: list[int], prompt: str, adapter_dir=None, max_new_tokens: int = 48) -> list[tuple[int, str]]:
+def run_demo(
+    model_dir, ranks: list[int], prompt: str, adapter_dir=None, max_new_tokens: int = 48
+) -> list[tuple[int, str]]:
     """[(rank, generated text)] for each rank the adapter offers (others are dropped with a warning)."""
     from matryoshka_lora.models import load_base_model
 

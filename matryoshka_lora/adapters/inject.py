@@ -1,9 +1,9 @@
 """Attach `LoRALinear`s to a Hugging Face model by target module names, and reach them afterwards.
 
-    inject_lora(model, r_max, ...)   every nn.Linear whose last name part is a target -> LoRALinear;
-                                     everything but lora_A / lora_B frozen
-    set_p / set_inference_ranks      broadcast to every LoRA layer
-    lora_state_dict                  {"<module path>.lora_A": A, "<module path>.lora_B": B}
+inject_lora(model, r_max, ...)   every nn.Linear whose last name part is a target -> LoRALinear;
+                                 everything but lora_A / lora_B frozen
+set_p / set_inference_ranks      broadcast to every LoRA layer
+lora_state_dict                  {"<module path>.lora_A": A, "<module path>.lora_B": B}
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
         )
     for key, target in current.items():
         if tuple(tensors[key].shape) != tuple(target.shape):
-            raise AdapterFormatError(f"LoRA tensor {key!r}: shape {tuple(tensors[key].shape)}, the model needs {tuple(target.shape)}")
+            raise AdapterFormatError(
+                f"LoRA tensor {key!r}: shape {tuple(tensors[key].shape)}, the model needs {tuple(target.shape)}"
+            )
     with torch.no_grad():
         for key, target in current.items():
             target.copy_(tensors[key])

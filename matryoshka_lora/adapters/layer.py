@@ -42,7 +42,9 @@ class LoRALinear(nn.Module):
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(self.in_features, r_max, **factory))
         self.lora_B = nn.Parameter(torch.zeros(r_max, self.out_features, **factory))
-        self.register_buffer("lora_p", build_p("lora", r_max, (r_max,), scaling).to(base.weight.device), persistent=False)
+        self.register_buffer(
+            "lora_p", build_p("lora", r_max, (r_max,), scaling).to(base.weight.device), persistent=False
+        )
         self.inference_ranks: Ranks = None
         self.rank_scales: dict[int, float] = {}  # c_r of the manifest's per-rank serving scale
         self.reset_lora_parameters()
@@ -103,10 +105,12 @@ class LoRALinear(nn.Module):
     def per_token_delta(self, x: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         """The update of each token at its own rank: loops over the distinct ranks, not the tokens.
 
-            for r in unique(ranks), r > 0:  out[ranks == r] = rank_delta(x[ranks == r], r)
+        for r in unique(ranks), r > 0:  out[ranks == r] = rank_delta(x[ranks == r], r)
         """
         if tuple(ranks.shape) != tuple(x.shape[:-1]):
-            raise ConfigError("inference ranks shape", tuple(ranks.shape), f"the input's token shape {tuple(x.shape[:-1])}")
+            raise ConfigError(
+                "inference ranks shape", tuple(ranks.shape), f"the input's token shape {tuple(x.shape[:-1])}"
+            )
         flat_x = x.reshape(-1, self.in_features)
         flat_ranks = ranks.reshape(-1).to(x.device)
         out = torch.zeros(flat_x.shape[0], self.out_features, dtype=self.lora_B.dtype, device=x.device)
@@ -127,5 +131,7 @@ class LoRALinear(nn.Module):
         return (self.scale(rank) * (self.lora_A[:, :rank] @ self.lora_B[:rank])).T.contiguous()
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r_max={self.r_max}, "
-                f"scaling={self.scaling!r}, alpha={self.alpha}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r_max={self.r_max}, "
+            f"scaling={self.scaling!r}, alpha={self.alpha}"
+        )

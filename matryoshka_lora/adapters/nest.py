@@ -35,7 +35,7 @@ SOURCES: tuple[str, ...] = get_args(Source)
 
 
 def default_source(method: str) -> str:
-    """"p" for a matryoshka adapter (its training forward), "r_max" for every other method."""
+    """ "p" for a matryoshka adapter (its training forward), "r_max" for every other method."""
     return "p" if method == "matryoshka" else "r_max"
 
 
@@ -70,7 +70,9 @@ def svd_nest(lora_A: torch.Tensor, lora_B: torch.Tensor, diagonal: torch.Tensor)
     return nested_A.to(lora_A.dtype), nested_B.to(lora_B.dtype)
 
 
-def fold_diagonal(lora_A: torch.Tensor, lora_B: torch.Tensor, diagonal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_diagonal(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, diagonal: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A diag(d), B): the same trained update with the diagonal folded into A, columns in their trained
     order (a diagnostic: slice k keeps the first k entries of P, without SVD re-ordering)."""
     return (lora_A.double() * diagonal.double()).to(lora_A.dtype), lora_B.clone()
@@ -95,7 +97,7 @@ def nest_adapter(adapter: Adapter, source: str | None = None, name: str | None =
         method="svd",
         alpha=1.0,
         notes=f"{'nested by SVD' if svd else 'diagonal folded into A, trained column order'} (source {source!r}) from {m.method} adapter {m.name!r} "
-              f"(scaling {m.scaling}, alpha {m.alpha:g}); its notes: {m.notes}",
+        f"(scaling {m.scaling}, alpha {m.alpha:g}); its notes: {m.notes}",
     )
     log.info("nested %r (%s, source %s, %d modules)", m.name, m.method, source, len(weights))
     return Adapter(manifest, weights, None)

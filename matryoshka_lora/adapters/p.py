@@ -80,9 +80,7 @@ def normalize_train_ranks(train_ranks, r_max: int) -> tuple[int, ...]:
     return kept
 
 
-def build_p(
-    method: str, r_max: int, train_ranks, scaling: str, sampled_rank: int | None = None
-) -> torch.Tensor:
+def build_p(method: str, r_max: int, train_ranks, scaling: str, sampled_rank: int | None = None) -> torch.Tensor:
     """The diagonal p (float32, shape [r_max]) of `method`; see the module docstring for the formulas."""
     if method not in METHODS:
         raise ConfigError("method", method, list(METHODS))

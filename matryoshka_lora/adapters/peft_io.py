@@ -142,7 +142,9 @@ def peft_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
     return {p: (kinds["A"], kinds["B"]) for p, kinds in sorted(found.items())}
 
 
-def svd_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, factor: float, r_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_factors(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, factor: float, r_max: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Our (A [in, r_max], B [r_max, out]) for delta = factor * lora_B @ lora_A (PEFT layout), nested by SVD."""
     r = lora_A.shape[0]
     pad_A = torch.zeros(lora_A.shape[1], r_max, dtype=torch.float64)
@@ -182,7 +184,7 @@ def import_peft(
         method="svd",
         alpha=1.0,
         notes=f"imported from PEFT adapter {peft_dir} (r={r}, lora_alpha={lora_alpha}, "
-              f"use_rslora={bool(config.get('use_rslora'))}) by SVD: each rank-k slice is the best rank-k approximation",
+        f"use_rslora={bool(config.get('use_rslora'))}) by SVD: each rank-k slice is the best rank-k approximation",
     )
     out = save_adapter(out_dir, manifest, weights)
     return Adapter(manifest, weights, out)

@@ -36,8 +36,17 @@ WEIGHTS_FILE = "adapter.safetensors"
 MANIFEST_METHODS = METHODS + ("svd",)  # "svd": imported from a PEFT adapter (peft_io.import_peft)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-REQUIRED_FIELDS = ("name", "base_model", "base_fingerprint", "target_modules", "r_max", "train_ranks",
-                   "scaling", "method", "format_version")
+REQUIRED_FIELDS = (
+    "name",
+    "base_model",
+    "base_fingerprint",
+    "target_modules",
+    "r_max",
+    "train_ranks",
+    "scaling",
+    "method",
+    "format_version",
+)
 
 Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -54,8 +63,14 @@ def check_rank_scales(scales, r_max: int) -> dict[str, float]:
     out = {}
     for key, value in scales.items():
         rank = key if _is_int(key) else int(key) if isinstance(key, str) and key.isdigit() else None
-        if rank is None or not 1 <= rank <= r_max or not isinstance(value, (int, float)) or isinstance(value, bool) \
-                or not math.isfinite(value) or value <= 0:
+        if (
+            rank is None
+            or not 1 <= rank <= r_max
+            or not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
             raise ConfigError("rank_scales", scales, allowed)
         out[str(rank)] = float(value)
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
@@ -83,28 +98,45 @@ class AdapterManifest:
     def validate(self) -> None:
         """Check every field; ConfigError names the field, what it got and what it allows."""
         if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
-            raise ConfigError("adapter name", self.name, "1-64 characters of A-Z a-z 0-9 . _ -, not starting with . _ -")
+            raise ConfigError(
+                "adapter name", self.name, "1-64 characters of A-Z a-z 0-9 . _ -, not starting with . _ -"
+            )
         for what in ("base_model", "base_fingerprint"):
             if not isinstance(getattr(self, what), str) or not getattr(self, what):
                 raise ConfigError(what, getattr(self, what), "a non-empty string")
         targets = self.target_modules
-        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets \
-                or not all(isinstance(t, str) and t for t in targets) or len(set(targets)) != len(targets):
+        if (
+            isinstance(targets, str)
+            or not isinstance(targets, (list, tuple))
+            or not targets
+            or not all(isinstance(t, str) and t for t in targets)
+            or len(set(targets)) != len(targets)
+        ):
             raise ConfigError("target_modules", targets, "a non-empty list of distinct module names")
         self.target_modules = tuple(targets)
         if not _is_int(self.r_max) or self.r_max < 1:
             raise ConfigError("r_max", self.r_max, "an integer >= 1")
         ranks = self.train_ranks
-        if not isinstance(ranks, (list, tuple)) or not ranks or not all(_is_int(r) for r in ranks) \
-                or list(ranks) != sorted(set(ranks)) or ranks[0] < 1 or ranks[-1] > self.r_max:
+        if (
+            not isinstance(ranks, (list, tuple))
+            or not ranks
+            or not all(_is_int(r) for r in ranks)
+            or list(ranks) != sorted(set(ranks))
+            or ranks[0] < 1
+            or ranks[-1] > self.r_max
+        ):
             raise ConfigError("train_ranks", ranks, f"a non-empty increasing list of distinct ranks in 1..{self.r_max}")
         self.train_ranks = tuple(ranks)
         if self.scaling not in SCALINGS:
             raise ConfigError("scaling", self.scaling, list(SCALINGS))
         if self.method not in MANIFEST_METHODS:
             raise ConfigError("method", self.method, list(MANIFEST_METHODS))
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) \
-                or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if (
+            not isinstance(self.alpha, (int, float))
+            or isinstance(self.alpha, bool)
+            or not math.isfinite(self.alpha)
+            or self.alpha <= 0
+        ):
             raise ConfigError("alpha", self.alpha, "a finite number > 0")
         self.alpha = float(self.alpha)
         if self.format_version != FORMAT_VERSION or not _is_int(self.format_version):
@@ -142,7 +174,9 @@ class AdapterManifest:
         missing = [k for k in REQUIRED_FIELDS if k not in values]
         unknown = sorted(set(values) - set(names))
         if missing or unknown:
-            raise AdapterFormatError(f"{MANIFEST_FILE}: missing fields {missing}, unknown fields {unknown}; allowed fields: {names}")
+            raise AdapterFormatError(
+                f"{MANIFEST_FILE}: missing fields {missing}, unknown fields {unknown}; allowed fields: {names}"
+            )
         if values["format_version"] != FORMAT_VERSION:
             raise AdapterFormatError(
                 f"{MANIFEST_FILE}: unknown format_version {values['format_version']!r}; this version reads {FORMAT_VERSION}"
@@ -168,15 +202,21 @@ def check_weights(manifest: AdapterManifest, weights: Weights) -> None:
     for path, (lora_A, lora_B) in weights.items():
         short = path.rsplit(".", 1)[-1]
         if short not in manifest.target_modules:
-            raise AdapterFormatError(f"module {path!r} is not one of the manifest's target_modules {list(manifest.target_modules)}")
+            raise AdapterFormatError(
+                f"module {path!r} is not one of the manifest's target_modules {list(manifest.target_modules)}"
+            )
         seen.add(short)
         for key, t in (("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
-                raise AdapterFormatError(f"{path}.{key}: expected a 2-D float tensor, got {getattr(t, 'shape', t)!r} "
-                                         f"{getattr(t, 'dtype', type(t).__name__)}")
+                raise AdapterFormatError(
+                    f"{path}.{key}: expected a 2-D float tensor, got {getattr(t, 'shape', t)!r} "
+                    f"{getattr(t, 'dtype', type(t).__name__)}"
+                )
         if lora_A.shape[1] != manifest.r_max or lora_B.shape[0] != manifest.r_max:
-            raise AdapterFormatError(f"{path}: A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)} do not match "
-                                     f"r_max={manifest.r_max}; expected A [in, {manifest.r_max}], B [{manifest.r_max}, out]")
+            raise AdapterFormatError(
+                f"{path}: A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)} do not match "
+                f"r_max={manifest.r_max}; expected A [in, {manifest.r_max}], B [{manifest.r_max}, out]"
+            )
         if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
             raise AdapterFormatError(f"{path}: LoRA weights hold NaN or infinite values")
     absent = [t for t in manifest.target_modules if t not in seen]
@@ -201,7 +241,9 @@ def _unflatten(tensors: dict[str, torch.Tensor]) -> Weights:
         else:
             bad.append(key)
     if bad:
-        raise AdapterFormatError(f"{WEIGHTS_FILE}: unexpected tensors {sorted(bad)[:6]}; expected only '<module>.lora_A' / '<module>.lora_B'")
+        raise AdapterFormatError(
+            f"{WEIGHTS_FILE}: unexpected tensors {sorted(bad)[:6]}; expected only '<module>.lora_A' / '<module>.lora_B'"
+        )
     missing = sorted(f"{p}.{k}" for p in paths for k in ("lora_A", "lora_B") if f"{p}.{k}" not in tensors)
     if missing:
         raise AdapterFormatError(f"{WEIGHTS_FILE}: missing tensors {missing[:6]} ({len(missing)})")
@@ -244,7 +286,14 @@ def save_adapter(out_dir: str | os.PathLike, manifest: AdapterManifest, weights:
         save_file(tensors, str(tmp_dir / WEIGHTS_FILE), metadata=metadata)
         (tmp_dir / MANIFEST_FILE).write_text(manifest.to_json())
         os.replace(tmp_dir, out)
-    log.info("saved adapter %r (%s, r_max=%d, %d modules) to %s", manifest.name, manifest.method, manifest.r_max, len(weights), out)
+    log.info(
+        "saved adapter %r (%s, r_max=%d, %d modules) to %s",
+        manifest.name,
+        manifest.method,
+        manifest.r_max,
+        len(weights),
+        out,
+    )
     return out
 
 

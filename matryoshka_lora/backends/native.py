@@ -127,8 +127,9 @@ class NativeBackend:
         ops start ends with it, rather than idling beside the engine's (see `_model_thread`)."""
         loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matryoshka-adapter-load")
         try:
-            entry = await asyncio.get_running_loop().run_in_executor(loader, self._engine().load_adapter, str(path),
-                                                                     name)
+            entry = await asyncio.get_running_loop().run_in_executor(
+                loader, self._engine().load_adapter, str(path), name
+            )
         finally:
             loader.shutdown(wait=False)
         return adapter_info(entry)

@@ -61,8 +61,9 @@ def decide_rank(request: GenerationRequest, adapter: str, r_max: int, train_rank
     return RankDecision(None, None, tuple(r for r in train_ranks if r <= cap) or (cap,))
 
 
-def check_budget_met(request: GenerationRequest, reason: RankReason, rank: int, predicted_s: float | None,
-                     typical_s: float | None = None) -> None:
+def check_budget_met(
+    request: GenerationRequest, reason: RankReason, rank: int, predicted_s: float | None, typical_s: float | None = None
+) -> None:
     """BudgetUnmetError for a request that refuses to be served late, when no rank met its budget and its
     typical prediction at `rank` (`typical_s`; None: no such estimate) does not meet it either. The error
     reports the typical prediction where there is one (its Retry-After is about the typical excess)."""

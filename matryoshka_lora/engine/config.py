@@ -64,5 +64,7 @@ class EngineConfig:
         if self.max_model_len is None:
             return min(DEFAULT_MAX_MODEL_LEN, model_max)
         if self.max_model_len > model_max:
-            raise ConfigError("max_model_len", self.max_model_len, f"<= the model's max_position_embeddings {model_max}")
+            raise ConfigError(
+                "max_model_len", self.max_model_len, f"<= the model's max_position_embeddings {model_max}"
+            )
         return self.max_model_len

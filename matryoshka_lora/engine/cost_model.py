@@ -47,6 +47,7 @@ from matryoshka_lora.engine.step_features import FEATURES, PendingPrompt, StepFe
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class LoadSnapshot:
     """What the engine is doing when a budgeted request arrives."""
@@ -96,9 +97,11 @@ class LatencyParts:
 
     def describe(self) -> str:
         rows = "saturated" if self.rows is None else f"rows {self.rows:.1f}"
-        return (f"queue {self.queue:.2f} + hold {self.hold:.2f} + "
-                f"(prefill {self.prefill:.2f} + decode {self.decode:.2f}) "
-                f"x stretch {self.stretch:.2f}, {rows}")
+        return (
+            f"queue {self.queue:.2f} + hold {self.hold:.2f} + "
+            f"(prefill {self.prefill:.2f} + decode {self.decode:.2f}) "
+            f"x stretch {self.stretch:.2f}, {rows}"
+        )
 
 
 def decode_lora(adapters: tuple[tuple[int, int, int], ...], slot: int, rank: int) -> tuple[int, int, int]:
@@ -116,8 +119,9 @@ def decode_lora(adapters: tuple[tuple[int, int, int], ...], slot: int, rank: int
     return flops, reads, groups
 
 
-def sustained_rows(decode_tokens_per_s: float, free_share: float, min_rows: int, max_rows: int,
-                   step_time) -> float | None:
+def sustained_rows(
+    decode_tokens_per_s: float, free_share: float, min_rows: int, max_rows: int, step_time
+) -> float | None:
     """Little's law for the decode batch: the rows N at which N / t(N) * free_share = decode_tokens_per_s
     (t = step_time, free_share = the machine's share left by prefill), at least min_rows; None when even
     max_rows rows cannot serve the demand (saturated)."""
@@ -185,13 +189,16 @@ class CostModel:
         if self.warmup_samples and self._since_refit >= self.refit_every:
             self._refit()
 
-    def predict_latency(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, rank: int) -> float:
+    def predict_latency(
+        self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, rank: int
+    ) -> float:
         """Predicted seconds from enqueue to the last token for a new request on adapter `slot` at `rank`
         (0 = base)."""
         return self.predict_parts(load, slot, num_prompt_tokens, max_tokens, rank).total
 
-    def predict_parts(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int,
-                      rank: int) -> LatencyParts:
+    def predict_parts(
+        self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, rank: int
+    ) -> LatencyParts:
         """predict_latency's terms."""
         active = load.num_running + load.num_admitted
         free = load.max_num_seqs - load.num_running
@@ -210,8 +217,11 @@ class CostModel:
 
         def step_at(rows: float) -> float:  # a decode step at `rows` rows with the active set's mix
             grow = rows / (active + 1)
-            return self.predict_step(StepFeatures(round(rows), round(lora_flops * grow), lora_reads, num_groups,
-                                                  round(mean_ctx * grow), round(rows)))
+            return self.predict_step(
+                StepFeatures(
+                    round(rows), round(lora_flops * grow), lora_reads, num_groups, round(mean_ctx * grow), round(rows)
+                )
+            )
 
         stretch = self.arrival_stretch(load.prompt_tokens_per_s)
         rows = sustained_rows(load.decode_tokens_per_s, 1.0 / stretch, active + 1, load.max_num_seqs, step_at)
@@ -226,8 +236,13 @@ class CostModel:
     def _prefill_steps(self, load: LoadSnapshot, prompts: tuple[PendingPrompt, ...]) -> tuple[float, int]:
         """(seconds, steps) to prefill `prompts` in chunks beside the running set's decode rows
         (step_features.plan_prefill)."""
-        steps = plan_prefill(prompts, load.num_running - load.num_prefilling, decode_lora(load.adapters, -1, 0),
-                             load.context_sum, load.max_num_batched_tokens)
+        steps = plan_prefill(
+            prompts,
+            load.num_running - load.num_prefilling,
+            decode_lora(load.adapters, -1, 0),
+            load.context_sum,
+            load.max_num_batched_tokens,
+        )
         return sum(self.predict_step(f) for f in steps), len(steps)
 
     def hold_s(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, rank: int) -> float:
@@ -237,8 +252,11 @@ class CostModel:
             return 0.0
         active = load.num_running + load.num_admitted
         step = self._active_step_s(load)
-        step_with = self.predict_step(StepFeatures(active + 1, *decode_lora(load.adapters, slot, rank),
-                                                   load.context_sum + num_prompt_tokens, active + 1))
+        step_with = self.predict_step(
+            StepFeatures(
+                active + 1, *decode_lora(load.adapters, slot, rank), load.context_sum + num_prompt_tokens, active + 1
+            )
+        )
         pending_s, pending_steps = self._prefill_steps(load, load.pending_prompts)
         own_s, own_steps = self._prefill_steps(load, (PendingPrompt(num_prompt_tokens, 0, rank),))
         ahead, extra = pending_s - pending_steps * step, own_s - own_steps * step
@@ -250,8 +268,14 @@ class CostModel:
         return MAX_STRETCH if rho >= 1 - 1 / MAX_STRETCH else 1.0 / (1.0 - rho)
 
     def choose_rank(
-        self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, candidates: list[int],
-        budget_s: float, margin: float | None = None,
+        self,
+        load: LoadSnapshot,
+        slot: int,
+        num_prompt_tokens: int,
+        max_tokens: int,
+        candidates: list[int],
+        budget_s: float,
+        margin: float | None = None,
     ) -> tuple[int, bool, float, LatencyParts]:
         """(rank, met, predicted seconds, its terms): the highest candidate predicted within budget, else the
         lowest. Predictions are scaled by `margin` (default: the learned one, `self.margin.value()`); the

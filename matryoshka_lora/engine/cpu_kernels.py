@@ -41,13 +41,25 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_kernels.c", "cpu_gemm.c", "cpu_gemm_blocks.c"))
 HEADERS = (Path(__file__).with_name("cpu_gemm.h"),)
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
-         "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fPIC",
+    "-shared",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-ffp-contract=fast",
+)
 i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     "ml_rms_norm": (None, [ptr, i64, ptr, ptr, i64, i64, f32]),
     "ml_rope_and_cache": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]),
-    "ml_decode_attention": (ctypes.c_int, [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32, i64]),
+    "ml_decode_attention": (
+        ctypes.c_int,
+        [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32, i64],
+    ),
     "ml_lora_group": (None, [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i64, ptr, i64]),
     "ml_linear": (None, [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64]),
     "ml_linear_blocks": (None, [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64]),
@@ -89,8 +101,13 @@ def build_library(extra_flags: tuple[str, ...] = ()) -> Path:
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     flags = (*FLAGS, *extra_flags)
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(flags).encode() + version.encode()
-                         + platform.processor().encode() + _cpu_model().encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"".join(s.read_bytes() for s in SOURCES + HEADERS)
+        + " ".join(flags).encode()
+        + version.encode()
+        + platform.processor().encode()
+        + _cpu_model().encode()
+    ).hexdigest()[:16]
     directory = _build_dir()
     target = directory / f"cpu_kernels-{key}.so"
     if target.is_file():
@@ -99,8 +116,9 @@ def build_library(extra_flags: tuple[str, ...] = ()) -> Path:
     os.close(fd)
     errors = ""
     for extra in (["-fopenmp"], []):  # a compiler without OpenMP (clang without libomp) builds it serial
-        result = subprocess.run([cc, *flags, *extra, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
-                                text=True, check=False)
+        result = subprocess.run(
+            [cc, *flags, *extra, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True, check=False
+        )
         if result.returncode == 0:
             break
         errors = result.stderr.strip()[-2000:]
@@ -151,8 +169,10 @@ class PanelLoRA:
     @classmethod
     def pack(cls, w: FusedLoRA) -> PanelLoRA:
         b_panels = tuple(pack_panels(b.t()) for b, _, _ in w.lora_B)
-        table = torch.tensor([[b.data_ptr() for b in b_panels], [c0 for _, c0, _ in w.lora_B],
-                              [c1 for _, _, c1 in w.lora_B]], dtype=torch.long)
+        table = torch.tensor(
+            [[b.data_ptr() for b in b_panels], [c0 for _, c0, _ in w.lora_B], [c1 for _, _, c1 in w.lora_B]],
+            dtype=torch.long,
+        )
         return cls(pack_panels(w.lora_A.t()), b_panels, table, w.num_members, w.lora_A.shape[1] // w.num_members)
 
 
@@ -179,8 +199,13 @@ class CKernelOps(TorchOps):
     def _threads(self) -> int:
         return self.num_threads or torch.get_num_threads()
 
-    def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16,
-                    blocks: BlockWeight | None = None):
+    def pack_linear(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        batch_size_hint: int = 16,
+        blocks: BlockWeight | None = None,
+    ):
         """The model's frozen linears on the GGUF file's blocks (BlockLinear) where given, else as float32
         panels (PanelLinear); without the AVX2 micro-kernels, or for other dtypes, as TorchOps packs them
         (oneDNN), which beats the portable C loops."""
@@ -206,18 +231,47 @@ class CKernelOps(TorchOps):
     def rope_and_cache(self, qkv: torch.Tensor, spec: ModelSpec, layer: int, meta: AttentionMeta, kv: KVCache):
         k_cache, v_cache, slot_stride = self._cache_ptrs(kv, layer)
         self.lib.ml_rope_and_cache(
-            qkv.data_ptr(), qkv.shape[0], qkv.stride(0), spec.num_heads, spec.num_kv_heads, spec.head_dim,
-            meta.cos.data_ptr(), meta.sin.data_ptr(), k_cache, v_cache,
-            meta.slots.data_ptr(), meta.positions.data_ptr(), slot_stride, kv.max_model_len)
+            qkv.data_ptr(),
+            qkv.shape[0],
+            qkv.stride(0),
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+            meta.cos.data_ptr(),
+            meta.sin.data_ptr(),
+            k_cache,
+            v_cache,
+            meta.slots.data_ptr(),
+            meta.positions.data_ptr(),
+            slot_stride,
+            kv.max_model_len,
+        )
         return self.split_qkv(qkv, spec)
 
-    def decode_attention(self, q: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache, out: torch.Tensor) -> None:
+    def decode_attention(
+        self, q: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache, out: torch.Tensor
+    ) -> None:
         d = meta.decode
         k_cache, v_cache, slot_stride = self._cache_ptrs(kv, layer)
         status = self.lib.ml_decode_attention(
-            q.data_ptr(), q.stride(0), k_cache, v_cache, d.rows.data_ptr(), d.slots.data_ptr(),
-            d.lengths.data_ptr(), out.data_ptr(), out.stride(0), d.rows.shape[0], q.shape[1], kv.num_kv_heads,
-            kv.head_dim, slot_stride, kv.max_model_len, kv.head_dim ** -0.5, self._threads())
+            q.data_ptr(),
+            q.stride(0),
+            k_cache,
+            v_cache,
+            d.rows.data_ptr(),
+            d.slots.data_ptr(),
+            d.lengths.data_ptr(),
+            out.data_ptr(),
+            out.stride(0),
+            d.rows.shape[0],
+            q.shape[1],
+            kv.num_kv_heads,
+            kv.head_dim,
+            slot_stride,
+            kv.max_model_len,
+            kv.head_dim**-0.5,
+            self._threads(),
+        )
         if status != 0:
             raise MemoryError("ml_decode_attention could not allocate its scratch buffers")
 
@@ -232,8 +286,9 @@ class CKernelOps(TorchOps):
             self._h = torch.empty(max(size, 2 * self._h.numel()))
         return self._h.data_ptr()
 
-    def lora_grouped_(self, y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup],
-                      weights: list[PanelLoRA | None]) -> torch.Tensor:
+    def lora_grouped_(
+        self, y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup], weights: list[PanelLoRA | None]
+    ) -> torch.Tensor:
         """lora_ops.lora_grouped_ over packed weights (pack_lora), one C call per group."""
         threads = self._threads()
         x_ptr, x_stride, y_ptr, y_stride = x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)
@@ -245,11 +300,25 @@ class CKernelOps(TorchOps):
             rows = g.end - g.start
             h = self._scratch(2 * rows * w.num_members * g.rank)  # the shrink, then its members masked and apart
             self.lib.ml_lora_group(
-                x_ptr + g.start * x_stride * item, x_stride, rows, in_features, w.a_panels.data_ptr(),
-                w.num_members, g.rank, w.r_max,
-                0 if g.row_ranks is None else g.row_ranks.data_ptr(), 0 if g.row_scales is None else g.row_scales.data_ptr(),
-                g.scale, w.b_table[0].data_ptr(), w.b_table[1].data_ptr(), w.b_table[2].data_ptr(),
-                y_ptr + g.start * y_stride * item, y_stride, h, threads)
+                x_ptr + g.start * x_stride * item,
+                x_stride,
+                rows,
+                in_features,
+                w.a_panels.data_ptr(),
+                w.num_members,
+                g.rank,
+                w.r_max,
+                0 if g.row_ranks is None else g.row_ranks.data_ptr(),
+                0 if g.row_scales is None else g.row_scales.data_ptr(),
+                g.scale,
+                w.b_table[0].data_ptr(),
+                w.b_table[1].data_ptr(),
+                w.b_table[2].data_ptr(),
+                y_ptr + g.start * y_stride * item,
+                y_stride,
+                h,
+                threads,
+            )
         return y
 
 

@@ -67,7 +67,9 @@ class PanelLinear:
     lib: the loaded C kernels (cpu_kernels); num_threads: called per call for the OpenMP thread count.
     """
 
-    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None, num_threads: Callable[[], int]):
+    def __init__(
+        self, lib: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None, num_threads: Callable[[], int]
+    ):
         if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
             raise TypeError(f"PanelLinear is float32 only, got {weight.dtype}")
         self.lib, self.num_threads = lib, num_threads
@@ -82,8 +84,17 @@ class PanelLinear:
         y = torch.empty((rows, self.out_features), dtype=x.dtype)
         if rows:
             self.lib.ml_linear(
-                x.data_ptr(), x.stride(0), rows, self.in_features, self.panels.data_ptr(), self.out_features,
-                self.bias.data_ptr() if self.bias is not None else None, y.data_ptr(), y.stride(0), self.num_threads())
+                x.data_ptr(),
+                x.stride(0),
+                rows,
+                self.in_features,
+                self.panels.data_ptr(),
+                self.out_features,
+                self.bias.data_ptr() if self.bias is not None else None,
+                y.data_ptr(),
+                y.stride(0),
+                self.num_threads(),
+            )
         return y
 
     def __repr__(self) -> str:
@@ -93,10 +104,13 @@ class PanelLinear:
 class BlockLinear:
     """y = x @ W.T + bias for W given as GGUF blocks (Q4_1 or Q8_0), inference only; see the module docstring."""
 
-    def __init__(self, lib: ctypes.CDLL, blocks: BlockWeight, bias: torch.Tensor | None, num_threads: Callable[[], int]):
+    def __init__(
+        self, lib: ctypes.CDLL, blocks: BlockWeight, bias: torch.Tensor | None, num_threads: Callable[[], int]
+    ):
         if blocks.kind not in BLOCK_KINDS or blocks.shape[1] % BLOCK_K:
-            raise ValueError(f"BlockLinear takes {sorted(BLOCK_KINDS)} with in_features % 32 == 0, got "
-                             f"{blocks.kind} {blocks.shape}")
+            raise ValueError(
+                f"BlockLinear takes {sorted(BLOCK_KINDS)} with in_features % 32 == 0, got {blocks.kind} {blocks.shape}"
+            )
         self.lib, self.num_threads, self.kind = lib, num_threads, blocks.kind
         self.out_features, self.in_features = blocks.shape
         self.records = pack_blocks(blocks)
@@ -109,9 +123,18 @@ class BlockLinear:
         y = torch.empty((rows, self.out_features), dtype=x.dtype)
         if rows:
             self.lib.ml_linear_blocks(
-                x.data_ptr(), x.stride(0), rows, self.in_features, self.records.data_ptr(), BLOCK_KINDS[self.kind],
-                self.out_features, self.bias.data_ptr() if self.bias is not None else None, y.data_ptr(),
-                y.stride(0), self.num_threads())
+                x.data_ptr(),
+                x.stride(0),
+                rows,
+                self.in_features,
+                self.records.data_ptr(),
+                BLOCK_KINDS[self.kind],
+                self.out_features,
+                self.bias.data_ptr() if self.bias is not None else None,
+                y.data_ptr(),
+                y.stride(0),
+                self.num_threads(),
+            )
         return y
 
     @property

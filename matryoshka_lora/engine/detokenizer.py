@@ -36,9 +36,9 @@ class IncrementalDetokenizer:
 class StopStringFilter:
     """Cuts the output at the first stop string and never emits a stop string's beginning early.
 
-        text += delta
-        if a stop string s occurs at i:  emit text[emitted:i], finish
-        else: hold back the longest tail of text that is a prefix of some stop string, emit the rest
+    text += delta
+    if a stop string s occurs at i:  emit text[emitted:i], finish
+    else: hold back the longest tail of text that is a prefix of some stop string, emit the rest
     """
 
     def __init__(self, stop: tuple[str, ...]):

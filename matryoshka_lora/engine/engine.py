@@ -30,13 +30,12 @@ from matryoshka_lora.engine.adapter_slots import (
     adapter_dirs,
     fuse_adapter,
 )
-from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.engine.arrivals import Arrivals
+from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.engine.cost_model import CostModel
-from matryoshka_lora.engine.step_features import step_features
 from matryoshka_lora.engine.cpu_kernels import load_step_ops
-from matryoshka_lora.engine.gguf_weights import read_blocks
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
+from matryoshka_lora.engine.gguf_weights import read_blocks
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.latency_margin import in_flight_ratios
 from matryoshka_lora.engine.model_runner import BASE_SLOT, ModelRunner, StepItem
@@ -44,6 +43,7 @@ from matryoshka_lora.engine.rank_policy import load_snapshot, resolve_rank
 from matryoshka_lora.engine.sampler import sample
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.engine.sequence import Sequence
+from matryoshka_lora.engine.step_features import step_features
 from matryoshka_lora.engine.weights import fuse_weights
 from matryoshka_lora.errors import ConfigError, EngineStoppedError
 
@@ -70,9 +70,16 @@ def base_blocks(config: EngineConfig, ops, hf_model, loaded_from_config: bool) -
     vectorized = getattr(ops, "vectorized", False)
     source = gguf_source(config.model)
     if config.weight_format == "gguf" and (source is None or not vectorized):
-        raise ConfigError("weight_format", "gguf", "float32 or auto: " + (
-            "the C kernels' AVX2 GEMM is not running here" if source is not None
-            else f"no single .gguf file found for model {config.model!r}"))
+        raise ConfigError(
+            "weight_format",
+            "gguf",
+            "float32 or auto: "
+            + (
+                "the C kernels' AVX2 GEMM is not running here"
+                if source is not None
+                else f"no single .gguf file found for model {config.model!r}"
+            ),
+        )
     if source is None or not vectorized or (config.weight_format == "auto" and not loaded_from_config):
         return None
     blocks = read_blocks(source, hf_model)
@@ -95,8 +102,9 @@ class LLMEngine:
         self.model_name = model_id(hf_model)
         ops = load_step_ops(config.fused_kernels, torch.float32)  # fuse_weights stores float32
         blocks = base_blocks(config, ops, hf_model, loaded_from_config)
-        self.weights = fuse_weights(hf_model, batch_size_hint=min(config.max_num_seqs, 64), pack_linear=ops.pack_linear,
-                                    blocks=blocks)
+        self.weights = fuse_weights(
+            hf_model, batch_size_hint=min(config.max_num_seqs, 64), pack_linear=ops.pack_linear, blocks=blocks
+        )
         self.weight_format = "gguf" if blocks else "float32"
         self.fingerprint = model_fingerprint(hf_model)
         self.eos_ids = eos_token_ids(hf_model, tokenizer)
@@ -159,14 +167,17 @@ class LLMEngine:
         params = request.sampling
         n = len(request.prompt_token_ids)
         if n == 0 or n >= self.max_model_len:
-            raise ConfigError("prompt length", n, f"1..{self.max_model_len - 1} tokens (max_model_len {self.max_model_len})")
+            raise ConfigError(
+                "prompt length", n, f"1..{self.max_model_len - 1} tokens (max_model_len {self.max_model_len})"
+            )
         if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
             raise ConfigError("max_tokens", params.max_tokens, "an integer >= 1")
         with self.lock:
             if not self._admitting:
                 raise EngineStoppedError()
-            choice = resolve_rank(request, self.adapters, self.cost_model, self.scheduler, self.max_model_len,
-                                  self.arrivals)
+            choice = resolve_rank(
+                request, self.adapters, self.cost_model, self.scheduler, self.max_model_len, self.arrivals
+            )
             self.arrivals.add(n, min(params.max_tokens, self.max_model_len - n), time.perf_counter())
             entry = choice.entry
             generator = None
@@ -174,12 +185,18 @@ class LLMEngine:
                 seed = params.seed if params.seed is not None else self.config.seed + self._next_id
                 generator = torch.Generator().manual_seed(seed)
             seq = Sequence(
-                request=request, emit=emit, adapter=entry.name if entry else None,
-                adapter_slot=entry.slot if entry else BASE_SLOT, rank=choice.rank,
-                scale=entry.scale(choice.rank) if entry else 0.0, rank_reason=choice.reason,
+                request=request,
+                emit=emit,
+                adapter=entry.name if entry else None,
+                adapter_slot=entry.slot if entry else BASE_SLOT,
+                rank=choice.rank,
+                scale=entry.scale(choice.rank) if entry else 0.0,
+                rank_reason=choice.reason,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids),
-                stop_filter=StopStringFilter(params.stop), generator=generator,
-                max_len=min(self.max_model_len, n + params.max_tokens), predicted_latency_s=choice.predicted_s,
+                stop_filter=StopStringFilter(params.stop),
+                generator=generator,
+                max_len=min(self.max_model_len, n + params.max_tokens),
+                predicted_latency_s=choice.predicted_s,
                 budget_margin=choice.margin,
             )
             self.scheduler.add(seq)  # may raise QueueFullError
@@ -202,12 +219,16 @@ class LLMEngine:
         """The scheduler's admission check (under the lock): joining now pushes no promised budget past it."""
         if not any(s.promised_s for s in self.scheduler.running):
             return True
-        hold = self.cost_model.hold_s(load_snapshot(self.scheduler, admitted=False), seq.adapter_slot,
-                                      seq.num_prompt_tokens, seq.rank)
+        hold = self.cost_model.hold_s(
+            load_snapshot(self.scheduler, admitted=False), seq.adapter_slot, seq.num_prompt_tokens, seq.rank
+        )
         if hold > 0 and seq.held_t is None:
             seq.held_t = time.perf_counter()
-            log.debug("%s waits (about %.2f s): joining now would end a promised request past its budget",
-                      seq.request_id, hold)
+            log.debug(
+                "%s waits (about %.2f s): joining now would end a promised request past its budget",
+                seq.request_id,
+                hold,
+            )
         return hold == 0
 
     def _finish(self, seq: Sequence) -> None:
@@ -236,8 +257,15 @@ class LLMEngine:
         if not work:
             return 0
         items = [
-            StepItem(s.token_ids[s.num_computed : s.num_computed + n], s.kv_slot, s.num_computed,
-                     s.num_computed + n == len(s.token_ids), s.adapter_slot, s.rank, s.scale)
+            StepItem(
+                s.token_ids[s.num_computed : s.num_computed + n],
+                s.kv_slot,
+                s.num_computed,
+                s.num_computed + n == len(s.token_ids),
+                s.adapter_slot,
+                s.rank,
+                s.scale,
+            )
             for s, n in work
         ]
         started = time.perf_counter()
@@ -258,8 +286,15 @@ class LLMEngine:
                 if s.promised_s and s.finish_reason == "length":
                     self.cost_model.margin.observe(s.promised_s, now - s.enqueue_t, now)
                 if s.predicted_latency_s:
-                    log.debug("%s (rank %d, %s) took %.2f s, predicted %.2f s with margin %.2f", s.request_id,
-                              s.rank, s.rank_reason, now - s.enqueue_t, s.predicted_latency_s, s.budget_margin)
+                    log.debug(
+                        "%s (rank %d, %s) took %.2f s, predicted %.2f s with margin %.2f",
+                        s.request_id,
+                        s.rank,
+                        s.rank_reason,
+                        now - s.enqueue_t,
+                        s.predicted_latency_s,
+                        s.budget_margin,
+                    )
                 if s.key in self._seqs:
                     self._finish(s)
             self._apply_aborts()

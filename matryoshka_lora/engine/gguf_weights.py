@@ -32,8 +32,12 @@ KINDS = {3: ("Q4_1", 20), 8: ("Q8_0", 34)}  # ggml type id -> (name, bytes per b
 # GGUF metadata value types -> struct format of one scalar (8: string, 9: array are read apart)
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 GGUF_TO_HF = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 
@@ -118,7 +122,7 @@ class _Cursor:
     def string(self) -> str:
         size = self.take("Q")
         self.pos += size
-        return bytes(self.data[self.pos - size:self.pos]).decode("utf-8", "replace")
+        return bytes(self.data[self.pos - size : self.pos]).decode("utf-8", "replace")
 
     def value(self, kind: int):
         if kind == 8:
@@ -166,7 +170,7 @@ def tensor_table(path: str | Path) -> dict[str, tuple[int, tuple[int, ...], np.n
         if kind in KINDS:
             rows = int(np.prod(dims[1:]))
             row_bytes = dims[0] // BLOCK_K * KINDS[kind][1]
-            raw = data[start + offset:start + offset + rows * row_bytes].reshape(rows, row_bytes)
+            raw = data[start + offset : start + offset + rows * row_bytes].reshape(rows, row_bytes)
             table[name] = (kind, dims, raw)
     return table
 
@@ -197,7 +201,10 @@ def read_blocks(gguf_path: str | Path, hf_model: torch.nn.Module) -> dict[str, B
             else:
                 mismatched.append(name)
     if mismatched:
-        log.warning("%d GGUF tensors do not match the loaded float weights and stay float32: %s",
-                    len(mismatched), ", ".join(mismatched[:4]))
+        log.warning(
+            "%d GGUF tensors do not match the loaded float weights and stay float32: %s",
+            len(mismatched),
+            ", ".join(mismatched[:4]),
+        )
     log.info("%d linears served from %s's blocks", len(found), Path(gguf_path).name)
     return found

@@ -37,8 +37,10 @@ class KVCache:
         )
         self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
         # Flat row views for writes: row = (slot * num_kv_heads + head) * max_model_len + position.
-        self._flat = [(self.cache[i, 0].view(-1, spec.head_dim), self.cache[i, 1].view(-1, spec.head_dim))
-                      for i in range(spec.num_layers)]
+        self._flat = [
+            (self.cache[i, 0].view(-1, spec.head_dim), self.cache[i, 1].view(-1, spec.head_dim))
+            for i in range(spec.num_layers)
+        ]
         self._head_rows = torch.arange(spec.num_kv_heads) * max_model_len
         self._free = list(range(max_num_seqs))
         heapq.heapify(self._free)

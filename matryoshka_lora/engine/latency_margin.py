@@ -64,8 +64,9 @@ def pace_s(decode_s: float, num_output: int, num_remaining: int) -> float | None
     return decode_s / (num_output - 1)
 
 
-def projected_ratio(raw_predicted_s: float, elapsed_s: float, decode_s: float, num_output: int,
-                    num_remaining: int) -> float | None:
+def projected_ratio(
+    raw_predicted_s: float, elapsed_s: float, decode_s: float, num_output: int, num_remaining: int
+) -> float | None:
     """A running promised request's projected latency over its raw prediction; None before MIN_PROGRESS.
 
     elapsed_s: since it was enqueued; decode_s: since its first token; num_output: tokens so far."""
@@ -81,16 +82,28 @@ def in_flight_ratios(running, now: float) -> list[float]:
     ratios = []
     for s in running:
         if s.promised_s and s.first_token_t is not None:
-            ratio = projected_ratio(s.promised_s, now - s.enqueue_t, now - s.first_token_t, s.num_output_tokens,
-                                    s.max_len - len(s.token_ids))
+            ratio = projected_ratio(
+                s.promised_s,
+                now - s.enqueue_t,
+                now - s.first_token_t,
+                s.num_output_tokens,
+                s.max_len - len(s.token_ids),
+            )
             if ratio is not None:
                 ratios.append(ratio)
     return ratios
 
 
 class LatencyMargin:
-    def __init__(self, quantile: float = 0.95, max_age_s: float = 60.0, min_samples: int = 16,
-                 max_samples: int = 256, half_life_s: float = 60.0, fresh_s: float = 5.0):
+    def __init__(
+        self,
+        quantile: float = 0.95,
+        max_age_s: float = 60.0,
+        min_samples: int = 16,
+        max_samples: int = 256,
+        half_life_s: float = 60.0,
+        fresh_s: float = 5.0,
+    ):
         if not 0.0 < quantile <= 1.0:
             raise ConfigError("margin quantile", quantile, "0 < q <= 1")
         if not 1 <= min_samples <= max_samples:

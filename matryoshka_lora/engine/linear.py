@@ -38,7 +38,9 @@ class PackedLinear:
     count works.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16, pack: bool = True):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16, pack: bool = True
+    ):
         self.out_features, self.in_features = weight.shape
         self.bias = bias.detach().contiguous() if bias is not None else None
         self.weight = weight.detach().contiguous()  # [out, in]

@@ -31,8 +31,16 @@ class LoRAApplier(Protocol):
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None: ...
 
 
-def attention_block(h: torch.Tensor, lw: LayerWeights, layer: int, w: ModelWeights, meta: AttentionMeta, kv: KVCache,
-                    lora: LoRAApplier | None, ops: TorchOps) -> torch.Tensor:
+def attention_block(
+    h: torch.Tensor,
+    lw: LayerWeights,
+    layer: int,
+    w: ModelWeights,
+    meta: AttentionMeta,
+    kv: KVCache,
+    lora: LoRAApplier | None,
+    ops: TorchOps,
+) -> torch.Tensor:
     qkv = lw.qkv(h)
     if lora is not None:
         lora.apply(qkv, h, layer, "qkv")
@@ -55,8 +63,14 @@ def mlp_block(h: torch.Tensor, lw: LayerWeights, layer: int, lora: LoRAApplier |
     return out
 
 
-def forward(w: ModelWeights, input_ids: torch.Tensor, meta: AttentionMeta, kv: KVCache,
-            lora: LoRAApplier | None = None, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
+def forward(
+    w: ModelWeights,
+    input_ids: torch.Tensor,
+    meta: AttentionMeta,
+    kv: KVCache,
+    lora: LoRAApplier | None = None,
+    ops: TorchOps = TORCH_OPS,
+) -> torch.Tensor:
     """input_ids [T] -> logits [len(meta.sample_rows), vocab]; writes this step's K/V into `kv`."""
     eps = w.spec.rms_norm_eps
     x = w.embed.index_select(0, input_ids)

@@ -58,8 +58,12 @@ def build_groups(segments: list[LoRASegment], max_masked_rows: int = MAX_MASKED_
     runs: list[list[LoRASegment]] = []
     for seg in segments:
         run = runs[-1] if runs else None
-        if (run is not None and run[-1].slot == seg.slot and run[-1].end == seg.start
-                and seg.end - run[0].start <= max_masked_rows):
+        if (
+            run is not None
+            and run[-1].slot == seg.slot
+            and run[-1].end == seg.start
+            and seg.end - run[0].start <= max_masked_rows
+        ):
             run.append(seg)
         else:
             runs.append([seg])
@@ -74,5 +78,12 @@ def _group(run: list[LoRASegment]) -> LoRAGroup:
     for seg in run:
         ranks += [seg.rank] * (seg.end - seg.start)
         scales += [seg.scale] * (seg.end - seg.start)
-    return LoRAGroup(first.start, last.end, first.slot, max(ranks), 0.0,
-                     torch.tensor(ranks), torch.tensor(scales, dtype=torch.float32))
+    return LoRAGroup(
+        first.start,
+        last.end,
+        first.slot,
+        max(ranks),
+        0.0,
+        torch.tensor(ranks),
+        torch.tensor(scales, dtype=torch.float32),
+    )

@@ -124,7 +124,9 @@ def lora_reference(
     return torch.bmm(h.unsqueeze(1), b).squeeze(1) * token_scales.unsqueeze(1)
 
 
-def lora_grouped_(y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup], weights: list[FusedLoRA | None]) -> torch.Tensor:
+def lora_grouped_(
+    y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup], weights: list[FusedLoRA | None]
+) -> torch.Tensor:
     """The fast op, in place on y.
 
         for g in groups:

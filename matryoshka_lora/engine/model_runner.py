@@ -55,8 +55,13 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, weights: ModelWeights, kv: KVCache, lora_table: list[dict[str, list[FusedLoRA | None]]] | None = None,
-                 ops: TorchOps = llama.TORCH_OPS):
+    def __init__(
+        self,
+        weights: ModelWeights,
+        kv: KVCache,
+        lora_table: list[dict[str, list[FusedLoRA | None]]] | None = None,
+        ops: TorchOps = llama.TORCH_OPS,
+    ):
         self.weights, self.kv, self.lora_table, self.ops = weights, kv, lora_table, ops
         self.cos, self.sin = rope_tables(weights, kv.max_model_len)
         self.max_masked_rows = MAX_MASKED_ROWS
@@ -95,7 +100,11 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows, dtype=torch.long),
         )
         groups = build_groups(build_segments(row_groups), self.max_masked_rows)
-        lora = LoRABatch(groups, self.lora_table, self.ops.lora_grouped_) if groups and self.lora_table is not None else None
+        lora = (
+            LoRABatch(groups, self.lora_table, self.ops.lora_grouped_)
+            if groups and self.lora_table is not None
+            else None
+        )
         return StepBatch(torch.tensor(input_ids, dtype=torch.long), meta, lora, sample_items, len(input_ids), groups)
 
     def execute(self, items: list[StepItem]) -> tuple[list[int], torch.Tensor]:

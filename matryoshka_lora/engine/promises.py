@@ -67,5 +67,7 @@ def seconds_until_released(p: Promise, step: float, delta: float, ahead: float, 
 
 def hold_s(promises: tuple[Promise, ...], step: float, delta: float, ahead: float, extra: float) -> float:
     """Seconds a newcomer waits before it may join, 0 for at once: until every promise lets it join."""
-    return max((seconds_until_released(p, step, delta, ahead, extra)
-                for p in promises if holds(p, step, delta, ahead, extra)), default=0.0)
+    return max(
+        (seconds_until_released(p, step, delta, ahead, extra) for p in promises if holds(p, step, delta, ahead, extra)),
+        default=0.0,
+    )

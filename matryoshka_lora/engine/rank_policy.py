@@ -1,13 +1,13 @@
 """Which adapter slot and rank a request gets, decided once at admission.
 
-    adapter None                 -> rank 0, "base"
-    rank given                   -> that rank (1..min(r_max, max_rank)), "requested"
-    latency_budget_ms given      -> highest candidate rank (train ranks <= max_rank) predicted by the
-                                    cost model (times its learned margin) to meet the budget, "budget";
-                                    else the lowest, "budget_unmet"
-                                    (or BudgetUnmetError when the request refuses to be served late and
-                                    the typical margin's prediction at the lowest rank misses too)
-    neither                      -> min(r_max, max_rank), "default"
+adapter None                 -> rank 0, "base"
+rank given                   -> that rank (1..min(r_max, max_rank)), "requested"
+latency_budget_ms given      -> highest candidate rank (train ranks <= max_rank) predicted by the
+                                cost model (times its learned margin) to meet the budget, "budget";
+                                else the lowest, "budget_unmet"
+                                (or BudgetUnmetError when the request refuses to be served late and
+                                the typical margin's prediction at the lowest rank misses too)
+neither                      -> min(r_max, max_rank), "default"
 """
 
 from __future__ import annotations
@@ -62,15 +62,21 @@ def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None, admitt
         mean_remaining=statistics.fmean(remaining) if remaining else 0.0,
         max_num_batched_tokens=scheduler.max_num_batched_tokens,
         num_admitted=len(admitted_seqs),
-        pending_prompts=tuple(PendingPrompt(s.num_prompt_tokens - s.num_computed, s.num_computed, s.rank)
-                              for s in active if s.is_prefilling),
+        pending_prompts=tuple(
+            PendingPrompt(s.num_prompt_tokens - s.num_computed, s.num_computed, s.rank)
+            for s in active
+            if s.is_prefilling
+        ),
         num_prefilling=sum(1 for s in running if s.is_prefilling),
         promises=tuple(promise(s, n, now) for s, n in zip(active, remaining, strict=True) if s.promised_s),
     )
     if arrivals is None:
         return snapshot
-    return replace(snapshot, prompt_tokens_per_s=arrivals.prompt_tokens.rate(now),
-                   decode_tokens_per_s=arrivals.decode_tokens.rate(now))
+    return replace(
+        snapshot,
+        prompt_tokens_per_s=arrivals.prompt_tokens.rate(now),
+        decode_tokens_per_s=arrivals.decode_tokens.rate(now),
+    )
 
 
 def promise(seq, num_remaining: int, now: float) -> Promise:
@@ -85,7 +91,11 @@ def promise(seq, num_remaining: int, now: float) -> Promise:
 
 
 def resolve_rank(
-    request: GenerationRequest, adapters: AdapterSlots, cost_model: CostModel, scheduler: Scheduler, max_model_len: int,
+    request: GenerationRequest,
+    adapters: AdapterSlots,
+    cost_model: CostModel,
+    scheduler: Scheduler,
+    max_model_len: int,
     arrivals: Arrivals | None = None,
 ) -> RankChoice:
     if is_base_request(request):
@@ -102,20 +112,40 @@ def resolve_rank(
     margin = cost_model.margin.value()
     load = load_snapshot(scheduler, arrivals)
     rank, met, predicted, parts = cost_model.choose_rank(
-        load, entry.slot, num_prompt, max_tokens, candidates, request.latency_budget_ms / 1000.0, margin,
+        load,
+        entry.slot,
+        num_prompt,
+        max_tokens,
+        candidates,
+        request.latency_budget_ms / 1000.0,
+        margin,
     )
     reason = "budget" if met else "budget_unmet"
     typical = None if met else predicted / margin * cost_model.margin.typical()
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("%s: budget %.2f s -> rank %d (%s): predicted %.2f s = margin %.2f x [%s]%s; running %d, "
-                  "waiting %d, pending prefill %d, arriving %.0f prompt + %.0f output tokens/s, step correction %.2f",
-                  request.request_id, request.latency_budget_ms / 1000.0, rank, reason, predicted, margin,
-                  parts.describe(), "" if typical is None else f", typical {typical:.2f} s", load.num_running,
-                  load.num_waiting, load.pending_prefill, load.prompt_tokens_per_s, load.decode_tokens_per_s,
-                  cost_model.correction)
+        log.debug(
+            "%s: budget %.2f s -> rank %d (%s): predicted %.2f s = margin %.2f x [%s]%s; running %d, "
+            "waiting %d, pending prefill %d, arriving %.0f prompt + %.0f output tokens/s, step correction %.2f",
+            request.request_id,
+            request.latency_budget_ms / 1000.0,
+            rank,
+            reason,
+            predicted,
+            margin,
+            parts.describe(),
+            "" if typical is None else f", typical {typical:.2f} s",
+            load.num_running,
+            load.num_waiting,
+            load.pending_prefill,
+            load.prompt_tokens_per_s,
+            load.decode_tokens_per_s,
+            cost_model.correction,
+        )
         if parts.hold > 0:
-            log.debug("%s: waits for the promises (budget left s / tokens left / s per token): %s", request.request_id,
-                      ", ".join(f"{p.budget_left_s:.2f}/{p.num_remaining}/{p.seconds_per_token:.3f}"
-                                for p in load.promises))
+            log.debug(
+                "%s: waits for the promises (budget left s / tokens left / s per token): %s",
+                request.request_id,
+                ", ".join(f"{p.budget_left_s:.2f}/{p.num_remaining}/{p.seconds_per_token:.3f}" for p in load.promises),
+            )
     check_budget_met(request, reason, rank, predicted, typical)
     return RankChoice(entry, rank, reason, predicted, margin)

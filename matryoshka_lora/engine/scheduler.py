@@ -24,8 +24,13 @@ from matryoshka_lora.errors import QueueFullError
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, max_num_batched_tokens: int, max_queue_len: int,
-                 may_admit: Callable[[Sequence], bool] | None = None):
+    def __init__(
+        self,
+        kv: KVCache,
+        max_num_batched_tokens: int,
+        max_queue_len: int,
+        may_admit: Callable[[Sequence], bool] | None = None,
+    ):
         self.kv = kv
         self.may_admit = may_admit
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -105,7 +105,9 @@ class Sequence:
             **extra,
         )
 
-    def finished_event(self, text: str = "", token_ids: list[int] | None = None, error: str | None = None) -> GenerationEvent:
+    def finished_event(
+        self, text: str = "", token_ids: list[int] | None = None, error: str | None = None
+    ) -> GenerationEvent:
         now = time.perf_counter()
         return self.event(
             text,

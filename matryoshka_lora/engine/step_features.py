@@ -33,8 +33,9 @@ class StepFeatures:
     num_sampled: int
 
     def vector(self) -> np.ndarray:
-        return np.array([1.0, self.num_tokens, self.lora_flops, self.lora_reads, self.num_groups, self.attn_work,
-                         self.num_sampled])
+        return np.array(
+            [1.0, self.num_tokens, self.lora_flops, self.lora_reads, self.num_groups, self.attn_work, self.num_sampled]
+        )
 
 
 def step_features(items, lora_groups) -> StepFeatures:
@@ -58,8 +59,13 @@ class PendingPrompt:
     rank: int = 0  # the LoRA rank its chunks run at (0: the base model); each chunk is a group of its own
 
 
-def plan_prefill(prompts: tuple[PendingPrompt, ...], num_decode_rows: int, decode_lora: tuple[int, int, int],
-                 decode_attn_work: int, max_num_batched_tokens: int) -> list[StepFeatures]:
+def plan_prefill(
+    prompts: tuple[PendingPrompt, ...],
+    num_decode_rows: int,
+    decode_lora: tuple[int, int, int],
+    decode_attn_work: int,
+    max_num_batched_tokens: int,
+) -> list[StepFeatures]:
     """The features of the steps that prefill `prompts` beside `num_decode_rows` decode rows (their LoRA
     (flops, reads, groups) `decode_lora`, their attention `decode_attn_work`), until the last prompt's
     last chunk; a finished prompt's row joins the decode rows (at no LoRA cost: a rough bound)."""

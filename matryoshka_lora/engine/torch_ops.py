@@ -1,19 +1,19 @@
 """The step's small ops in plain PyTorch: the reference that the fused C kernels (cpu_kernels.py) must equal.
 
-    rms_norm(x, w, eps)                   x * rsqrt(mean(x^2, -1) + eps) * w
-    silu_mul(gu)                          silu(gu[:, :n]) * gu[:, n:]            (n = gu.shape[1] // 2)
-    rope_and_cache(qkv, spec, layer, ..)  q, k = rope(q, k) at each row's position; cache[layer] <- k, v;
-                                          returns the views (q [T, heads, d], k, v [T, kv_heads, d])
-    decode_attention(q, layer, meta, kv, out)
-                                          out[r] = attention of decode row r over its cache slot
-                                          (attention.decode_attention); other rows of out untouched
-    lora_grouped_(y, x, groups, weights)  y += each group's per-row rank-r LoRA delta (lora_ops)
-    pack_linear(weight, bias, hint, blocks)
-                                          the frozen linear the model's weights are stored as:
-                                          y = x @ weight.T + bias (linear.PackedLinear here; blocks, the
-                                          GGUF file's own form of weight, is for op sets that read it)
-    pack_lora(fused)                      an adapter group (lora_ops.FusedLoRA) in the layout lora_grouped_
-                                          takes, the only copy the engine keeps (FusedLoRA itself here)
+rms_norm(x, w, eps)                   x * rsqrt(mean(x^2, -1) + eps) * w
+silu_mul(gu)                          silu(gu[:, :n]) * gu[:, n:]            (n = gu.shape[1] // 2)
+rope_and_cache(qkv, spec, layer, ..)  q, k = rope(q, k) at each row's position; cache[layer] <- k, v;
+                                      returns the views (q [T, heads, d], k, v [T, kv_heads, d])
+decode_attention(q, layer, meta, kv, out)
+                                      out[r] = attention of decode row r over its cache slot
+                                      (attention.decode_attention); other rows of out untouched
+lora_grouped_(y, x, groups, weights)  y += each group's per-row rank-r LoRA delta (lora_ops)
+pack_linear(weight, bias, hint, blocks)
+                                      the frozen linear the model's weights are stored as:
+                                      y = x @ weight.T + bias (linear.PackedLinear here; blocks, the
+                                      GGUF file's own form of weight, is for op sets that read it)
+pack_lora(fused)                      an adapter group (lora_ops.FusedLoRA) in the layout lora_grouped_
+                                      takes, the only copy the engine keeps (FusedLoRA itself here)
 """
 
 from __future__ import annotations
@@ -40,8 +40,13 @@ class TorchOps:
     name = "torch"
     lora_grouped_ = staticmethod(lora_grouped_)
 
-    def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_size_hint: int = 16,
-                    blocks: BlockWeight | None = None) -> PackedLinear:
+    def pack_linear(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        batch_size_hint: int = 16,
+        blocks: BlockWeight | None = None,
+    ) -> PackedLinear:
         return PackedLinear(weight, bias, batch_size_hint)
 
     def pack_lora(self, w: FusedLoRA) -> FusedLoRA:
@@ -73,7 +78,9 @@ class TorchOps:
         kv.write(layer, meta.cache_rows, k, v)
         return q, k, v
 
-    def decode_attention(self, q: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache, out: torch.Tensor) -> None:
+    def decode_attention(
+        self, q: torch.Tensor, layer: int, meta: AttentionMeta, kv: KVCache, out: torch.Tensor
+    ) -> None:
         d = meta.decode
         kc, vc = kv.range_view(layer, d.lo, d.hi, d.length)
         out.index_copy_(0, d.rows, decode_attention(q.index_select(0, d.rows), kc, vc, d))

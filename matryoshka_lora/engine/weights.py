@@ -54,8 +54,13 @@ class ModelSpec:
         """(in_features, out_features) of one target module by short name."""
         h, i = self.hidden_size, self.intermediate_size
         shapes = {
-            "q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
-            "o_proj": (self.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "q_proj": (h, self.q_size),
+            "k_proj": (h, self.kv_size),
+            "v_proj": (h, self.kv_size),
+            "o_proj": (self.q_size, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
         }
         return shapes[module]
 
@@ -92,7 +97,9 @@ def check_supported(config, class_name: str | None = None) -> None:
         raise ConfigError("mlp_bias", True, [False])
     window = getattr(config, "sliding_window", None)
     if window is not None and window < config.max_position_embeddings:
-        raise ConfigError("sliding_window", window, f"None or >= max_position_embeddings ({config.max_position_embeddings})")
+        raise ConfigError(
+            "sliding_window", window, f"None or >= max_position_embeddings ({config.max_position_embeddings})"
+        )
 
 
 def model_spec(config) -> ModelSpec:
@@ -118,9 +125,13 @@ def _b(linear: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
     return linear.bias.detach().to(dtype) if linear.bias is not None else None
 
 
-def fuse_weights(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32, batch_size_hint: int = 16,
-                 pack_linear: Callable[..., Linear] = PackedLinear,
-                 blocks: dict[str, BlockWeight] | None = None) -> ModelWeights:
+def fuse_weights(
+    hf_model: torch.nn.Module,
+    dtype: torch.dtype = torch.float32,
+    batch_size_hint: int = 16,
+    pack_linear: Callable[..., Linear] = PackedLinear,
+    blocks: dict[str, BlockWeight] | None = None,
+) -> ModelWeights:
     """Copy a loaded HF CausalLM's weights into the fused, packed layout (the HF model can be dropped after).
 
     pack_linear(weight, bias, batch_size_hint, blocks=...): stores each frozen linear; the step's op set
@@ -147,14 +158,16 @@ def fuse_weights(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32, 
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         qkv_bias = torch.cat([_b(p, dtype) for p in projections]) if attn.q_proj.bias is not None else None
-        layers.append(LayerWeights(
-            input_norm=layer.input_layernorm.weight.detach().to(dtype).clone(),
-            qkv=linear(projections, qkv_bias),
-            o=linear((attn.o_proj,), _b(attn.o_proj, dtype)),
-            post_norm=layer.post_attention_layernorm.weight.detach().to(dtype).clone(),
-            gate_up=linear((mlp.gate_proj, mlp.up_proj)),
-            down=linear((mlp.down_proj,)),
-        ))
+        layers.append(
+            LayerWeights(
+                input_norm=layer.input_layernorm.weight.detach().to(dtype).clone(),
+                qkv=linear(projections, qkv_bias),
+                o=linear((attn.o_proj,), _b(attn.o_proj, dtype)),
+                post_norm=layer.post_attention_layernorm.weight.detach().to(dtype).clone(),
+                gate_up=linear((mlp.gate_proj, mlp.up_proj)),
+                down=linear((mlp.down_proj,)),
+            )
+        )
     embed = base.embed_tokens.weight.detach().to(dtype).clone()
     lm_head = linear((hf_model.lm_head,))
     return ModelWeights(spec, embed, layers, base.norm.weight.detach().to(dtype).clone(), lm_head, base.rotary_emb)

@@ -29,8 +29,11 @@ def counters_match(server_delta: Counter, records: list[RequestRecord], phase: s
     """The server's `matryoshka_requests_total` delta equals the client's count, per (adapter, rank, status)."""
     client = Counter(r.metric_key() for r in records if r.status != STATUS_CONNECT_ERROR)
     keys = sorted(set(client) | set(server_delta))
-    wrong = {"/".join(k): {"client": client.get(k, 0), "server": server_delta.get(k, 0)}
-             for k in keys if client.get(k, 0) != server_delta.get(k, 0)}
+    wrong = {
+        "/".join(k): {"client": client.get(k, 0), "server": server_delta.get(k, 0)}
+        for k in keys
+        if client.get(k, 0) != server_delta.get(k, 0)
+    }
     name = f"counters match{f' ({phase})' if phase else ''}"
     if wrong:
         return Check(name, False, f"per adapter/rank/status, client vs server: {wrong}")
@@ -40,8 +43,11 @@ def counters_match(server_delta: Counter, records: list[RequestRecord], phase: s
 def all_answered(records: list[RequestRecord]) -> Check:
     """Every request got an HTTP answer (no refused or reset connection)."""
     lost = [r.error for r in records if r.status == STATUS_CONNECT_ERROR]
-    return Check("every request answered", not lost, f"{len(lost)} without an HTTP answer: {lost[:3]}" if lost
-                 else f"{len(records)} answered")
+    return Check(
+        "every request answered",
+        not lost,
+        f"{len(lost)} without an HTTP answer: {lost[:3]}" if lost else f"{len(records)} answered",
+    )
 
 
 def no_server_errors(records: list[RequestRecord], allowed: tuple[int, ...] = ()) -> Check:
@@ -55,17 +61,26 @@ def refusals_have_retry_after(records: list[RequestRecord], statuses: tuple[int,
     """Every 429/503 answer carries a Retry-After header."""
     refused = [r for r in records if r.status in statuses]
     missing = sum(1 for r in refused if not r.retry_after)
-    return Check("429/503 carry Retry-After", missing == 0,
-                 f"{missing} of {len(refused)} without Retry-After" if missing else f"{len(refused)} refusals")
+    return Check(
+        "429/503 carry Retry-After",
+        missing == 0,
+        f"{missing} of {len(refused)} without Retry-After" if missing else f"{len(refused)} refusals",
+    )
 
 
 def accepted_complete(records: list[RequestRecord]) -> Check:
     """Every request the engine accepted (a rank was served) finished normally (stop or length)."""
     accepted = [r for r in records if r.rank is not None]
-    unfinished = Counter(r.finish_reason or f"status {r.status}" for r in accepted
-                         if not (r.ok and r.finish_reason in ("stop", "length")))
-    return Check("every accepted request completes", not unfinished,
-                 f"unfinished: {dict(unfinished)}" if unfinished else f"{len(accepted)} accepted, all finished")
+    unfinished = Counter(
+        r.finish_reason or f"status {r.status}"
+        for r in accepted
+        if not (r.ok and r.finish_reason in ("stop", "length"))
+    )
+    return Check(
+        "every accepted request completes",
+        not unfinished,
+        f"unfinished: {dict(unfinished)}" if unfinished else f"{len(accepted)} accepted, all finished",
+    )
 
 
 def bounded_queue(max_waiting: float | None, limit: int) -> Check:
@@ -75,8 +90,13 @@ def bounded_queue(max_waiting: float | None, limit: int) -> Check:
     return Check("bounded queue", max_waiting <= limit, f"max waiting {max_waiting:.0f} (limit {limit})")
 
 
-def standard(records: list[RequestRecord], server_delta: Counter, phase: str = "",
-             allowed_5xx: tuple[int, ...] = ()) -> list[Check]:
+def standard(
+    records: list[RequestRecord], server_delta: Counter, phase: str = "", allowed_5xx: tuple[int, ...] = ()
+) -> list[Check]:
     """The checks of every phase: counters match, all answered, no unexpected 5xx, accepted ones complete."""
-    return [counters_match(server_delta, records, phase), all_answered(records),
-            no_server_errors(records, allowed_5xx), accepted_complete(records)]
+    return [
+        counters_match(server_delta, records, phase),
+        all_answered(records),
+        no_server_errors(records, allowed_5xx),
+        accepted_complete(records),
+    ]

@@ -15,8 +15,15 @@ from matryoshka_lora.errors import ConfigError
 SCENARIOS = ("rank-sweep", "mixed", "budget", "tenants", "overload", "soak", "peers")
 
 # Per-phase duration (seconds) of each scenario when --duration is not given.
-DEFAULT_DURATION_S = {"rank-sweep": 30.0, "mixed": 60.0, "budget": 30.0, "tenants": 60.0, "overload": 60.0,
-                      "soak": 600.0, "peers": 60.0}
+DEFAULT_DURATION_S = {
+    "rank-sweep": 30.0,
+    "mixed": 60.0,
+    "budget": 30.0,
+    "tenants": 60.0,
+    "overload": 60.0,
+    "soak": 600.0,
+    "peers": 60.0,
+}
 DEFAULT_MAX_REQUESTS = 20_000  # per phase: every phase is bounded in count as well as in time
 DEFAULT_R_MAX = 64  # r_max of the random adapters made when --adapters is not given
 
@@ -58,8 +65,12 @@ class MixEntry:
 
     def entry(self) -> dict:
         """As a Plan's mix entry."""
-        return {"adapter": self.adapter, "rank": self.rank, "latency_budget_ms": self.latency_budget_ms,
-                "weight": self.weight}
+        return {
+            "adapter": self.adapter,
+            "rank": self.rank,
+            "latency_budget_ms": self.latency_budget_ms,
+            "weight": self.weight,
+        }
 
 
 def _positive_ints(values, what: str) -> tuple[int, ...]:

@@ -185,8 +185,9 @@ class Http1Client:
         return Response(int(status), headers, conn, keep_alive)
 
     @asynccontextmanager
-    async def stream(self, method: str, path: str, json=None, headers: dict[str, str] | None = None
-                     ) -> AsyncIterator[Response]:
+    async def stream(
+        self, method: str, path: str, json=None, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[Response]:
         """One request; the answer's body is read inside the block. Raises HttpError (never for a status)."""
         request = self._request_bytes(method, path, json, headers)
         response = None

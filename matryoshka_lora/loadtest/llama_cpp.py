@@ -57,8 +57,17 @@ def find_llama_cpp() -> LlamaCpp | None:
 def convert_lora(llama: LlamaCpp, peft_dir: Path, base_dir: Path, out: Path, timeout_s: float = 600.0) -> Path:
     """llama.cpp's convert_lora_to_gguf.py: PEFT adapter (on base_dir's HF config) -> a float32 LoRA GGUF."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(llama.source / "convert_lora_to_gguf.py"), "--base", str(base_dir), "--outtype", "f32",
-           "--outfile", str(out), str(peft_dir)]
+    cmd = [
+        sys.executable,
+        str(llama.source / "convert_lora_to_gguf.py"),
+        "--base",
+        str(base_dir),
+        "--outtype",
+        "f32",
+        "--outfile",
+        str(out),
+        str(peft_dir),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     if result.returncode != 0 or not out.is_file():
         raise RuntimeError(f"convert_lora_to_gguf.py failed ({result.returncode}): {result.stderr[-1500:]}")
@@ -70,35 +79,77 @@ class LlamaServerProcess(ServerProcess):
 
     ready_path = "/health"
 
-    def __init__(self, llama: LlamaCpp, model: Path, lora: Path | None, num_slots: int, ctx_per_slot: int,
-                 num_threads: int, log_path: Path, ready_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        llama: LlamaCpp,
+        model: Path,
+        lora: Path | None,
+        num_slots: int,
+        ctx_per_slot: int,
+        num_threads: int,
+        log_path: Path,
+        ready_timeout_s: float = 300.0,
+    ):
         super().__init__([], log_path, ready_timeout_s=ready_timeout_s)
         self.llama, self.model, self.lora = llama, Path(model), lora
         self.num_slots, self.ctx_per_slot, self.num_threads = num_slots, ctx_per_slot, num_threads
 
     def command(self) -> list[str]:
-        cmd = [str(self.llama.server), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
-               "-np", str(self.num_slots), "-c", str(self.num_slots * self.ctx_per_slot), "-t", str(self.num_threads),
-               "-tb", str(self.num_threads), "--no-warmup", "--seed", "0"]
+        cmd = [
+            str(self.llama.server),
+            "-m",
+            str(self.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-np",
+            str(self.num_slots),
+            "-c",
+            str(self.num_slots * self.ctx_per_slot),
+            "-t",
+            str(self.num_threads),
+            "-tb",
+            str(self.num_threads),
+            "--no-warmup",
+            "--seed",
+            "0",
+        ]
         if self.lora is not None:
             cmd += ["--lora", str(self.lora), "--lora-init-without-apply"]
         return cmd
 
 
-def llama_cpp_peers(llama: LlamaCpp, model: Path, lora: Path, prompt: str, num_requests: int, max_tokens: int,
-                    single_tokens: int, num_threads: int, workdir: Path, repeats: int = 2) -> list[PeerResult]:
+def llama_cpp_peers(
+    llama: LlamaCpp,
+    model: Path,
+    lora: Path,
+    prompt: str,
+    num_requests: int,
+    max_tokens: int,
+    single_tokens: int,
+    num_threads: int,
+    workdir: Path,
+    repeats: int = 2,
+) -> list[PeerResult]:
     """The workloads of the module docstring; a PeerResult with `error` for each one that fails."""
     ctx_per_slot = 4 * len(prompt) // 3 + max(max_tokens, single_tokens) + 64  # >= the prompt's tokens + output
     workloads = [  # (system, requests, tokens, per-request lora scales)
         (f"llama.cpp (base), {num_requests} at once", num_requests, max_tokens, [0.0]),
         (f"llama.cpp (LoRA), {num_requests} at once", num_requests, max_tokens, [1.0]),
-        (f"llama.cpp (mixed LoRA scales 1/0/0.5), {num_requests} at once", num_requests, max_tokens, list(MIXED_SCALES)),
+        (
+            f"llama.cpp (mixed LoRA scales 1/0/0.5), {num_requests} at once",
+            num_requests,
+            max_tokens,
+            list(MIXED_SCALES),
+        ),
         (f"llama.cpp (LoRA), one user, {single_tokens} tokens", 1, single_tokens, [1.0]),
         (f"llama.cpp (base), one user, {single_tokens} tokens", 1, single_tokens, [0.0]),
     ]
     try:
-        server = LlamaServerProcess(llama, model, lora, num_requests, ctx_per_slot, num_threads,
-                                    Path(workdir) / "llama-server.log").start()
+        server = LlamaServerProcess(
+            llama, model, lora, num_requests, ctx_per_slot, num_threads, Path(workdir) / "llama-server.log"
+        ).start()
     except Exception as exc:
         log.warning("llama-server did not start: %s", exc)
         return [PeerResult(system, None, n, m, error=f"{type(exc).__name__}: {exc}") for system, n, m, _ in workloads]

@@ -54,10 +54,35 @@ def read_stats_json(path: Path) -> list[dict]:
 
 
 def locust_command(url: str, users: int, duration_s: float, prefix: Path) -> list[str]:
-    return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users),
-            "-r", str(users), "-t", f"{max(1, math.ceil(duration_s))}s", "--host", url,
-            "--csv", str(prefix), "--html", f"{prefix}.html", "--json-file", f"{prefix}_stats", "--only-summary",
-            "--stop-timeout", str(STOP_TIMEOUT_S), "--loglevel", "WARNING", "--exit-code-on-error", "0"]
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{max(1, math.ceil(duration_s))}s",
+        "--host",
+        url,
+        "--csv",
+        str(prefix),
+        "--html",
+        f"{prefix}.html",
+        "--json-file",
+        f"{prefix}_stats",
+        "--only-summary",
+        "--stop-timeout",
+        str(STOP_TIMEOUT_S),
+        "--loglevel",
+        "WARNING",
+        "--exit-code-on-error",
+        "0",
+    ]
 
 
 def run_locust(url: str, plan: Plan, users: int, duration_s: float, prefix: Path) -> LocustRun:
@@ -73,13 +98,11 @@ def run_locust(url: str, plan: Plan, users: int, duration_s: float, prefix: Path
     log.info("locust: %d users, %.0f s, %s", users, duration_s, prefix.name)
     env = {**os.environ, PLAN_ENV: str(plan_path)}
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=duration_s + STOP_TIMEOUT_S + 120)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + STOP_TIMEOUT_S + 120)
     except subprocess.TimeoutExpired as exc:
         raise LocustError(f"locust did not finish within {exc.timeout:.0f} s") from None
     Path(f"{prefix}_locust.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
         raise LocustError(f"locust exited with {proc.returncode}:\n{tail}")
-    return LocustRun(read_records(records_path), read_stats_json(Path(f"{prefix}_stats.json")), prefix,
-                     proc.returncode)
+    return LocustRun(read_records(records_path), read_stats_json(Path(f"{prefix}_stats.json")), prefix, proc.returncode)

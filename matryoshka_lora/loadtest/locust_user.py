@@ -38,16 +38,19 @@ CSV_CATCH_UP_S = 1.5  # Locust rewrites its CSV files every second: let them see
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
     """Options of interactive runs (ignored when $MATRYOSHKA_LOADTEST_PLAN names a plan file)."""
-    parser.add_argument("--mix", default="", help="Requests to draw from, e.g. alpha@1,alpha@8,beta@budget=500 "
-                        "(overrides --adapter/--rank/--latency-budget-ms)")
+    parser.add_argument(
+        "--mix",
+        default="",
+        help="Requests to draw from, e.g. alpha@1,alpha@8,beta@budget=500 "
+        "(overrides --adapter/--rank/--latency-budget-ms)",
+    )
     parser.add_argument("--adapter", default="", help="Adapter name; empty = the base model")
     parser.add_argument("--rank", type=int, default=0, help="Rank to serve; 0 = none (r_max, or the budget)")
     parser.add_argument("--latency-budget-ms", type=float, default=0.0, help="Latency budget instead of a rank")
     parser.add_argument("--max-tokens", type=int, default=64, help="Output tokens per request")
     parser.add_argument("--prompt", default="", help="Prompt text; empty = the documented fixed prompt")
     parser.add_argument("--ignore-eos", action="store_true", help="Generate max-tokens tokens even past EOS")
-    parser.add_argument("--api-key", default="", help="Bearer key (a server with a tenants file)",
-                        is_secret=True)
+    parser.add_argument("--api-key", default="", help="Bearer key (a server with a tenants file)", is_secret=True)
     parser.add_argument("--records", default="", include_in_web_ui=False, help="Append request records here")
 
 
@@ -86,16 +89,37 @@ STATE = _State()
 def plan_from_options(options) -> Plan:
     from matryoshka_lora.loadtest.prompts import PROMPT_TEXT
 
-    mix = parse_mix(options.mix) if options.mix else [{
-        "adapter": options.adapter or None, "rank": options.rank or None,
-        "latency_budget_ms": options.latency_budget_ms or None, "weight": 1.0}]
-    return Plan(mix=mix, prompt=options.prompt or PROMPT_TEXT, max_tokens=options.max_tokens,
-                ignore_eos=options.ignore_eos, api_key=options.api_key or None, records=options.records or None)
+    mix = (
+        parse_mix(options.mix)
+        if options.mix
+        else [
+            {
+                "adapter": options.adapter or None,
+                "rank": options.rank or None,
+                "latency_budget_ms": options.latency_budget_ms or None,
+                "weight": 1.0,
+            }
+        ]
+    )
+    return Plan(
+        mix=mix,
+        prompt=options.prompt or PROMPT_TEXT,
+        max_tokens=options.max_tokens,
+        ignore_eos=options.ignore_eos,
+        api_key=options.api_key or None,
+        records=options.records or None,
+    )
 
 
 def fire(environment, request_type: str, name: str, seconds: float, length: int = 0) -> None:
-    environment.events.request.fire(request_type=request_type, name=name, response_time=seconds * 1000.0,
-                                    response_length=length, exception=None, context={})
+    environment.events.request.fire(
+        request_type=request_type,
+        name=name,
+        response_time=seconds * 1000.0,
+        response_length=length,
+        exception=None,
+        context={},
+    )
 
 
 class MatryoshkaUser(FastHttpUser):
@@ -127,14 +151,26 @@ class MatryoshkaUser(FastHttpUser):
         STATE.write(record)
 
     def send(self, entry: dict) -> RequestRecord:
-        record = RequestRecord(adapter=entry.get("adapter"), requested_rank=entry.get("rank"),
-                               budget_ms=entry.get("latency_budget_ms"), tag=self.plan.tag, start=time.time())
+        record = RequestRecord(
+            adapter=entry.get("adapter"),
+            requested_rank=entry.get("rank"),
+            budget_ms=entry.get("latency_budget_ms"),
+            tag=self.plan.tag,
+            start=time.time(),
+        )
         headers = {"Accept": "text/event-stream"}
         if self.plan.api_key:
             headers["Authorization"] = f"Bearer {self.plan.api_key}"
         sent = time.perf_counter()
-        with self.client.request("POST", "/generate", json=self.plan.body(entry), headers=headers, stream=True,
-                                 catch_response=True, name=record.label) as resp:
+        with self.client.request(
+            "POST",
+            "/generate",
+            json=self.plan.body(entry),
+            headers=headers,
+            stream=True,
+            catch_response=True,
+            name=record.label,
+        ) as resp:
             if resp.status_code == 200:
                 read_stream(resp, StreamTracker(record, sent))
             else:
@@ -142,11 +178,21 @@ class MatryoshkaUser(FastHttpUser):
                     text = resp.text or ""
                 except Exception as exc:  # a connection error has no body
                     text = repr(exc)
-                refused(record, resp.status_code or 0, resp.headers.get("retry-after") if resp.headers else None,
-                        text, sent, time.perf_counter())
+                refused(
+                    record,
+                    resp.status_code or 0,
+                    resp.headers.get("retry-after") if resp.headers else None,
+                    text,
+                    sent,
+                    time.perf_counter(),
+                )
             meta = resp.request_meta
-            meta.update(request_type="E2E", name=record.label, response_time=(record.e2e_s or 0.0) * 1000.0,
-                        response_length=record.num_output_tokens)
+            meta.update(
+                request_type="E2E",
+                name=record.label,
+                response_time=(record.e2e_s or 0.0) * 1000.0,
+                response_length=record.num_output_tokens,
+            )
             if record.ok:
                 resp.success()
             else:

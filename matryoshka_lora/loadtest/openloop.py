@@ -60,8 +60,13 @@ def make_client(url: str) -> Http1Client:
 
 async def send(client: Http1Client, plan: Plan, entry: dict) -> RequestRecord:
     """One streamed `POST /generate`; never raises for HTTP trouble (the record says what happened)."""
-    record = RequestRecord(adapter=entry.get("adapter"), requested_rank=entry.get("rank"),
-                           budget_ms=entry.get("latency_budget_ms"), tag=plan.tag, start=time.time())
+    record = RequestRecord(
+        adapter=entry.get("adapter"),
+        requested_rank=entry.get("rank"),
+        budget_ms=entry.get("latency_budget_ms"),
+        tag=plan.tag,
+        start=time.time(),
+    )
     headers = {"accept": "text/event-stream"}
     if plan.api_key:
         headers["authorization"] = f"Bearer {plan.api_key}"
@@ -70,8 +75,7 @@ async def send(client: Http1Client, plan: Plan, entry: dict) -> RequestRecord:
         async with client.stream("POST", "/generate", json=plan.body(entry), headers=headers) as resp:
             if resp.status != 200:
                 text = (await resp.aread()).decode("utf-8", errors="replace")
-                return refused(record, resp.status, resp.headers.get("retry-after"), text, sent,
-                               time.perf_counter())
+                return refused(record, resp.status, resp.headers.get("retry-after"), text, sent, time.perf_counter())
             tracker = StreamTracker(record, sent)
             try:
                 async for line in resp.aiter_lines():
@@ -106,8 +110,9 @@ async def open_loop(url: str, plan: Plan, arrivals: Arrivals) -> list[RequestRec
         return list(await asyncio.gather(*tasks))
 
 
-async def closed_loop(url: str, plan: Plan, concurrency: int, num_requests: int, seed: int = 0,
-                      duration_s: float | None = None) -> list[RequestRecord]:
+async def closed_loop(
+    url: str, plan: Plan, concurrency: int, num_requests: int, seed: int = 0, duration_s: float | None = None
+) -> list[RequestRecord]:
     """`concurrency` clients send back to back (after a refusal, once its Retry-After has passed) until
     `num_requests` requests have been sent, or with `duration_s` until that many seconds have passed
     (no request starts later)."""
@@ -159,12 +164,26 @@ async def stream_completion(client: Http1Client, body: dict) -> CompletionCount:
     return CompletionCount(usage["prompt_tokens"], usage["completion_tokens"])
 
 
-async def completions_burst(url: str, model: str, prompt: str, max_tokens: int, num_requests: int,
-                            ignore_eos: bool = True, extras: list[dict] | None = None) -> list[CompletionCount]:
+async def completions_burst(
+    url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    num_requests: int,
+    ignore_eos: bool = True,
+    extras: list[dict] | None = None,
+) -> list[CompletionCount]:
     """`num_requests` greedy streamed completions of `prompt` sent at once to an OpenAI-compatible server;
     request i's body also takes extras[i % len(extras)] (e.g. another model, or llama.cpp's `lora`)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos,
+    }
     bodies = [{**body, **extras[i % len(extras)]} if extras else body for i in range(num_requests)]
     async with make_client(url) as client:
         return list(await asyncio.gather(*(stream_completion(client, b) for b in bodies)))

@@ -39,8 +39,9 @@ class PeerResult:
     error: str | None = None
 
 
-def timed(system: str, generate: Callable[[int], int], num_requests: int, max_tokens: int,
-          repeats: int = 2) -> PeerResult:
+def timed(
+    system: str, generate: Callable[[int], int], num_requests: int, max_tokens: int, repeats: int = 2
+) -> PeerResult:
     """`generate(max_tokens) -> generated tokens`: one warm-up run, then `repeats` timed runs."""
     try:
         generate(WARMUP_TOKENS)
@@ -68,8 +69,9 @@ def static_generate(model, prompts: list[list[int]], pad_id: int) -> Callable[[i
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
     def run(max_tokens: int) -> int:
-        config = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                                  pad_token_id=pad_id)
+        config = GenerationConfig(
+            max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad_id
+        )
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         return (out.shape[1] - width) * len(prompts)
@@ -89,8 +91,9 @@ def generate_batch(model, prompts: list[list[int]], pad_id: int) -> Callable[[in
     def run(max_tokens: int) -> int:
         config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=pad_id)
         blocks = sum(math.ceil((len(p) + max_tokens + 1) / PAGE_SIZE) + 1 for p in prompts)
-        cb_config = ContinuousBatchingConfig(allow_block_sharing=False, page_size=PAGE_SIZE, num_blocks=blocks,
-                                             max_batch_tokens=MAX_BATCH_TOKENS)
+        cb_config = ContinuousBatchingConfig(
+            allow_block_sharing=False, page_size=PAGE_SIZE, num_blocks=blocks, max_batch_tokens=MAX_BATCH_TOKENS
+        )
         with torch.no_grad():  # not inference_mode: its worker thread then fails to reset its input buffers
             out = model.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=cb_config)
         return sum(len(o.generated_tokens) for o in out.values())
@@ -98,8 +101,14 @@ def generate_batch(model, prompts: list[list[int]], pad_id: int) -> Callable[[in
     return run
 
 
-def transformers_peers(model_dir: str | None, peft_dir: Path, prompts: list[list[int]], max_tokens: int,
-                       num_threads: int | None, repeats: int = 2) -> list[PeerResult]:
+def transformers_peers(
+    model_dir: str | None,
+    peft_dir: Path,
+    prompts: list[list[int]],
+    max_tokens: int,
+    num_threads: int | None,
+    repeats: int = 2,
+) -> list[PeerResult]:
     """Static `generate` and `generate_batch`, each on the base model and with the PEFT adapter."""
     from peft import PeftModel
 
@@ -110,24 +119,54 @@ def transformers_peers(model_dir: str | None, peft_dir: Path, prompts: list[list
     model, tokenizer = load_base_model(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n, results = len(prompts), []
-    results.append(timed("transformers generate (base)", static_generate(model, prompts, pad_id), n, max_tokens, repeats))
-    results.append(timed("transformers generate_batch (base)", generate_batch(model, prompts, pad_id), n, max_tokens,
-                         repeats))
+    results.append(
+        timed("transformers generate (base)", static_generate(model, prompts, pad_id), n, max_tokens, repeats)
+    )
+    results.append(
+        timed("transformers generate_batch (base)", generate_batch(model, prompts, pad_id), n, max_tokens, repeats)
+    )
     peft_model = PeftModel.from_pretrained(model, str(peft_dir)).eval()
     rank = json.loads((peft_dir / "adapter_config.json").read_text())["r"]
-    results.append(timed(f"transformers generate (PEFT r{rank}, unmerged)", static_generate(peft_model, prompts, pad_id),
-                         n, max_tokens, repeats))
-    results.append(timed(f"transformers generate_batch (PEFT r{rank})", generate_batch(peft_model, prompts, pad_id), n,
-                         max_tokens, repeats))
+    results.append(
+        timed(
+            f"transformers generate (PEFT r{rank}, unmerged)",
+            static_generate(peft_model, prompts, pad_id),
+            n,
+            max_tokens,
+            repeats,
+        )
+    )
+    results.append(
+        timed(
+            f"transformers generate_batch (PEFT r{rank})",
+            generate_batch(peft_model, prompts, pad_id),
+            n,
+            max_tokens,
+            repeats,
+        )
+    )
     return results
 
 
-def vllm_peers(vllm_python: Path, model_dir: Path, peft_dir: Path, prompts: list[list[int]], max_tokens: int,
-               num_threads: int | None, workdir: Path, timeout_s: float = 1800.0) -> list[PeerResult]:
+def vllm_peers(
+    vllm_python: Path,
+    model_dir: Path,
+    peft_dir: Path,
+    prompts: list[list[int]],
+    max_tokens: int,
+    num_threads: int | None,
+    workdir: Path,
+    timeout_s: float = 1800.0,
+) -> list[PeerResult]:
     """vLLM's offline engine in the vLLM venv (base, then LoRA), via vllm_peer.py in a subprocess."""
     workdir.mkdir(parents=True, exist_ok=True)
-    request = {"model": str(model_dir), "peft": str(peft_dir), "prompts": prompts, "max_tokens": max_tokens,
-               "num_threads": num_threads}
+    request = {
+        "model": str(model_dir),
+        "peft": str(peft_dir),
+        "prompts": prompts,
+        "max_tokens": max_tokens,
+        "num_threads": num_threads,
+    }
     (workdir / "vllm_request.json").write_text(json.dumps(request), encoding="utf-8")
     out = workdir / "vllm_result.json"
     out.unlink(missing_ok=True)
@@ -136,8 +175,13 @@ def vllm_peers(vllm_python: Path, model_dir: Path, peft_dir: Path, prompts: list
     n = len(prompts)
     try:
         with open(workdir / "vllm.log", "wb") as log_file:
-            proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.run(
+                cmd,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                timeout=timeout_s,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
     except subprocess.TimeoutExpired:
         return [PeerResult("vLLM", None, n, max_tokens, error=f"timed out after {timeout_s:.0f} s")]
     if proc.returncode != 0 or not out.is_file():

@@ -1,8 +1,8 @@
 """What every scenario is made of: a run context, and measured phases.
 
-    phase = measure(ctx, "rank 8 x 16 users", lambda: run_locust(...).records)
-        scrape /metrics -> run -> scrape /metrics (again until the server has counted every request)
-        -> records saved as JSON lines, summary (stats.summarize), standard checks (checks.standard)
+phase = measure(ctx, "rank 8 x 16 users", lambda: run_locust(...).records)
+    scrape /metrics -> run -> scrape /metrics (again until the server has counted every request)
+    -> records saved as JSON lines, summary (stats.summarize), standard checks (checks.standard)
 """
 
 from __future__ import annotations
@@ -60,13 +60,21 @@ class RunContext:
         wanted = self.config.ranks or (1, 8, 32, adapter.r_max)
         return sorted({r for r in wanted if 1 <= r <= adapter.r_max})
 
-    def plan(self, mix: list[MixEntry], tag: str = "", max_requests: int | None = None,
-             api_key: str | None = None) -> Plan:
+    def plan(
+        self, mix: list[MixEntry], tag: str = "", max_requests: int | None = None, api_key: str | None = None
+    ) -> Plan:
         w = self.workload
-        return Plan(mix=[m.entry() for m in mix], prompt=self.prompt, max_tokens=w.output_tokens,
-                    temperature=w.temperature, ignore_eos=w.ignore_eos,
-                    max_requests=max_requests or self.config.max_requests, api_key=api_key or self.api_key,
-                    seed=self.config.seed, tag=tag)
+        return Plan(
+            mix=[m.entry() for m in mix],
+            prompt=self.prompt,
+            max_tokens=w.output_tokens,
+            temperature=w.temperature,
+            ignore_eos=w.ignore_eos,
+            max_requests=max_requests or self.config.max_requests,
+            api_key=api_key or self.api_key,
+            seed=self.config.seed,
+            tag=tag,
+        )
 
 
 @dataclass
@@ -84,8 +92,13 @@ class Phase:
         return prom.counter_sum(self.after, name, **labels) - prom.counter_sum(self.before, name, **labels)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "summary": self.summary, "checks": [asdict(c) for c in self.checks],
-                "records": str(self.records_path), **self.extra}
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "checks": [asdict(c) for c in self.checks],
+            "records": str(self.records_path),
+            **self.extra,
+        }
 
 
 def slug(text: str) -> str:
@@ -105,8 +118,13 @@ def settled_delta(url: str, before: prom.Samples, records: list[RequestRecord]) 
         time.sleep(0.1)
 
 
-def measure(ctx: RunContext, name: str, run: Callable[[], list[RequestRecord]], allowed_5xx: tuple[int, ...] = (),
-            wall_s: float | None = None) -> Phase:
+def measure(
+    ctx: RunContext,
+    name: str,
+    run: Callable[[], list[RequestRecord]],
+    allowed_5xx: tuple[int, ...] = (),
+    wall_s: float | None = None,
+) -> Phase:
     """Run one phase between two /metrics scrapes; save its records; summarize and check it."""
     before = prom.scrape(ctx.url)
     records = run()
@@ -118,9 +136,13 @@ def measure(ctx: RunContext, name: str, run: Callable[[], list[RequestRecord]], 
     summary = summarize(records, wall_s)
     checks = standard(records, delta, name, allowed_5xx)
     failed = [c.name for c in checks if not c.passed]
-    log.info("%s: %d requests, %s tok/s%s", name, len(records),
-             f"{summary['output_tok_s']:.1f}" if summary["output_tok_s"] else "-",
-             f", FAILED: {failed}" if failed else "")
+    log.info(
+        "%s: %d requests, %s tok/s%s",
+        name,
+        len(records),
+        f"{summary['output_tok_s']:.1f}" if summary["output_tok_s"] else "-",
+        f", FAILED: {failed}" if failed else "",
+    )
     return Phase(name, summary, checks, path, records=records, before=before, after=after)
 
 

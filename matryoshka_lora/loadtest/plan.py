@@ -32,8 +32,13 @@ class Plan:
 
     def body(self, entry: dict) -> dict:
         """The JSON body of a streamed `POST /generate` for one mix entry."""
-        body = {"prompt": self.prompt, "max_tokens": self.max_tokens, "temperature": self.temperature,
-                "stream": True, **self.extra}
+        body = {
+            "prompt": self.prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "stream": True,
+            **self.extra,
+        }
         if self.ignore_eos:
             body["ignore_eos"] = True
         for key in ("adapter", "rank", "latency_budget_ms"):
@@ -51,7 +56,7 @@ def read_plan(path: Path) -> Plan:
 
 
 def parse_mix(text: str) -> list[dict]:
-    """"alpha@1,alpha@8,beta@budget=500,base" -> mix entries (equal weights); `ADAPTER*W` sets a weight:
+    """ "alpha@1,alpha@8,beta@budget=500,base" -> mix entries (equal weights); `ADAPTER*W` sets a weight:
     "alpha@1*3,alpha@64" sends rank 1 three times as often."""
     from matryoshka_lora.errors import ConfigError
 
@@ -62,15 +67,20 @@ def parse_mix(text: str) -> list[dict]:
         entry: dict = {"adapter": None if name == "base" else name, "rank": None, "latency_budget_ms": None}
         try:
             if tail.startswith("budget="):
-                entry["latency_budget_ms"] = float(tail[len("budget="):])
+                entry["latency_budget_ms"] = float(tail[len("budget=") :])
             elif tail:
                 entry["rank"] = int(tail)
             entry["weight"] = float(weight) if weight else 1.0
         except ValueError:
-            raise ConfigError("--mix entry", part, "ADAPTER, ADAPTER@RANK or ADAPTER@budget=MS, optionally *WEIGHT") from None
+            raise ConfigError(
+                "--mix entry", part, "ADAPTER, ADAPTER@RANK or ADAPTER@budget=MS, optionally *WEIGHT"
+            ) from None
         if not name or (entry["adapter"] is None and tail) or entry["weight"] <= 0:
-            raise ConfigError("--mix entry", part, "ADAPTER, ADAPTER@RANK or ADAPTER@budget=MS (base: no rank), "
-                              "optionally *WEIGHT > 0")
+            raise ConfigError(
+                "--mix entry",
+                part,
+                "ADAPTER, ADAPTER@RANK or ADAPTER@budget=MS (base: no rank), optionally *WEIGHT > 0",
+            )
         entries.append(entry)
     if not entries:
         raise ConfigError("--mix", text, "one or more entries, e.g. alpha@1,alpha@8")

@@ -27,8 +27,12 @@ def _values(rows: list[dict], x: str, y: str) -> tuple[list, list]:
 def rank_latency(rows: list[dict], path: Path) -> Path:
     """TTFT, TPOT and e2e against rank (log2 axis): p50 solid, p99 dashed, one colour per concurrency."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, metric, title in zip(axes, ("ttft", "tpot", "e2e"), ("time to first token", "time per output token",
-                                                                  "end-to-end latency"), strict=True):
+    for ax, metric, title in zip(
+        axes,
+        ("ttft", "tpot", "e2e"),
+        ("time to first token", "time per output token", "end-to-end latency"),
+        strict=True,
+    ):
         for i, users in enumerate(sorted({r["users"] for r in rows})):
             group = sorted((r for r in rows if r["users"] == users), key=lambda r: r["rank"])
             color = f"C{i}"

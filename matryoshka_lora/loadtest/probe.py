@@ -1,7 +1,7 @@
 """Short measurements that size a scenario's load to the machine it runs on.
 
-    unloaded latency at rank r  = median e2e of `num` requests sent one after another
-    capacity at rank r          = requests/s of a closed loop of `users` clients sending `num` requests
+unloaded latency at rank r  = median e2e of `num` requests sent one after another
+capacity at rank r          = requests/s of a closed loop of `users` clients sending `num` requests
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ def capacity(ctx: RunContext, entry: MixEntry, users: int, num: int, tag: str = 
     """(completed requests/s of a closed loop, the phase). A burst of `users` may overflow a small queue:
     503s are allowed here, and only completed requests count."""
     plan = ctx.plan([entry], tag=tag)
-    phase = measure(ctx, f"{tag} {entry.adapter}@{entry.rank} x {users}",
-                    lambda: asyncio.run(closed_loop(ctx.url, plan, users, num)), allowed_5xx=(503,))
+    phase = measure(
+        ctx,
+        f"{tag} {entry.adapter}@{entry.rank} x {users}",
+        lambda: asyncio.run(closed_loop(ctx.url, plan, users, num)),
+        allowed_5xx=(503,),
+    )
     ok = [r for r in phase.records if r.ok]
     wall = window_s(phase.records)
     return (len(ok) / wall if wall > 0 else float("nan")), phase

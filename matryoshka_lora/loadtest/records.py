@@ -76,7 +76,7 @@ def parse_sse_line(line: str | bytes) -> dict | None:
     line = line.strip()
     if not line.startswith("data:"):
         return None
-    payload = line[len("data:"):].strip()
+    payload = line[len("data:") :].strip()
     if not payload or payload == "[DONE]":
         return None
     try:
@@ -129,8 +129,9 @@ class StreamTracker:
         return self.record
 
 
-def refused(record: RequestRecord, status: int, retry_after: str | None, body: str, sent: float,
-            now: float) -> RequestRecord:
+def refused(
+    record: RequestRecord, status: int, retry_after: str | None, body: str, sent: float, now: float
+) -> RequestRecord:
     """Fill `record` for an answer refused before the engine (4xx/5xx with a JSON error body)."""
     record.status, record.retry_after, record.e2e_s = status, retry_after, now - sent
     try:

@@ -1,13 +1,13 @@
 """The orchestrator of `matryoshka-lora loadtest SCENARIO` (plain Python; Locust runs in subprocesses).
 
-    prepare   the scenario's server options (a tenants file, a small queue) and state
-    target    --url, or `matryoshka-lora serve` on a free loopback port (random adapters at r_max for
-              the model under OUT/adapters when --adapters is not given), ready once /ready is 200
-    context   the fixed prompt (exact token count, model's tokenizer), the served adapters (/v1/adapters),
-              whether the server honours `ignore_eos` (its OpenAPI schema)
-    run       a warm-up phase (each adapter at each sweep rank, twice), then the scenario
-              (rank-sweep --peers: then the peers)
-    report    OUT/result.json, OUT/report.md, PNG plots
+prepare   the scenario's server options (a tenants file, a small queue) and state
+target    --url, or `matryoshka-lora serve` on a free loopback port (random adapters at r_max for
+          the model under OUT/adapters when --adapters is not given), ready once /ready is 200
+context   the fixed prompt (exact token count, model's tokenizer), the served adapters (/v1/adapters),
+          whether the server honours `ignore_eos` (its OpenAPI schema)
+run       a warm-up phase (each adapter at each sweep rank, twice), then the scenario
+          (rank-sweep --peers: then the peers)
+report    OUT/result.json, OUT/report.md, PNG plots
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ def make_random_adapters(model: str | None, root: Path, r_max: int) -> list[Path
     from matryoshka_lora.models import load_base_model
 
     hf_model, _ = load_base_model(model)
-    paths = [save_random_adapter(hf_model, root / name, name, r_max, seed=seed, std=0.02)
-             for seed, name in enumerate(RANDOM_ADAPTERS, start=1)]
+    paths = [
+        save_random_adapter(hf_model, root / name, name, r_max, seed=seed, std=0.02)
+        for seed, name in enumerate(RANDOM_ADAPTERS, start=1)
+    ]
     log.info("made random adapters %s (r_max %d) under %s", list(RANDOM_ADAPTERS), r_max, root)
     return paths
 
@@ -79,12 +81,24 @@ def build_context(config: LoadTestConfig, url: str, server, prepared: dict, dirs
     workload, notes = config.workload, []
     if workload.ignore_eos and not honours_ignore_eos(url):
         workload = dataclasses.replace(workload, ignore_eos=False)
-        notes.append("the server does not accept `ignore_eos`: requests may stop early at EOS, so output lengths "
-                     "vary (tokens/s still count the tokens generated)")
+        notes.append(
+            "the server does not accept `ignore_eos`: requests may stop early at EOS, so output lengths "
+            "vary (tokens/s still count the tokens generated)"
+        )
         log.warning(notes[-1])
-    return RunContext(config=config, url=url, out=config.out, prompt=prompt, prompt_ids=prompt_ids, workload=workload,
-                      adapters=served_adapters(url, api_key), server=server, api_key=api_key,
-                      state={**prepared.get("state", {}), "adapter_dirs": dirs}, notes=notes)
+    return RunContext(
+        config=config,
+        url=url,
+        out=config.out,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        workload=workload,
+        adapters=served_adapters(url, api_key),
+        server=server,
+        api_key=api_key,
+        state={**prepared.get("state", {}), "adapter_dirs": dirs},
+        notes=notes,
+    )
 
 
 def run_scenarios(ctx: RunContext) -> ScenarioResult:
@@ -114,16 +128,22 @@ def run(config: LoadTestConfig) -> tuple[ScenarioResult, Path]:
         server = None
         if config.url is None:
             adapters = config.adapters or make_random_adapters(config.model, out / "adapters", config.r_max)
-            args = serve_args(config.model, adapters, config.num_threads, config.max_num_seqs,
-                              **prepared.get("serve", {}))
+            args = serve_args(
+                config.model, adapters, config.num_threads, config.max_num_seqs, **prepared.get("serve", {})
+            )
             server = stack.enter_context(ServerProcess(args, out / "server.log"))
             url = server.url
         else:
             adapters, url = config.adapters, config.url
         ctx = build_context(config, url, server, prepared, adapter_dirs_by_name(adapters))
         result = run_scenarios(ctx)
-    info = {"command": command_line(), "started": started, "elapsed_s": time.monotonic() - t0, "machine": machine,
-            "machine_end": machine_info()}
+    info = {
+        "command": command_line(),
+        "started": started,
+        "elapsed_s": time.monotonic() - t0,
+        "machine": machine,
+        "machine_end": machine_info(),
+    }
     _, md_path = write_report(ctx, result, info)
     log.info("report: %s (%s)", md_path, "all invariants hold" if result.passed else "INVARIANTS FAILED")
     return result, md_path

@@ -38,9 +38,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_args(model: str | None, adapters: list[Path], num_threads: int | None = None, max_num_seqs: int = 32,
-               max_queue_len: int | None = None, tenants: Path | None = None, max_output_tokens: int = 4096,
-               budget_unmet: str | None = None) -> list[str]:
+def serve_args(
+    model: str | None,
+    adapters: list[Path],
+    num_threads: int | None = None,
+    max_num_seqs: int = 32,
+    max_queue_len: int | None = None,
+    tenants: Path | None = None,
+    max_output_tokens: int = 4096,
+    budget_unmet: str | None = None,
+) -> list[str]:
     """The `serve` flags of a load-test server (host and port are added by ServerProcess)."""
     args = ["--max-num-seqs", str(max_num_seqs), "--max-output-tokens", str(max_output_tokens)]
     if model is not None:
@@ -106,8 +113,17 @@ class ServerProcess:
         return rss_bytes(self.proc.pid) if self.proc is not None else None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "matryoshka_lora.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                *self.args]
+        return [
+            sys.executable,
+            "-m",
+            "matryoshka_lora.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
 
     def environ(self) -> dict[str, str]:
         return {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -117,8 +133,9 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting the server: %s", " ".join(cmd))
         with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=self.environ(),
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, env=self.environ(), start_new_session=True
+            )
         try:
             wait_ready(self.url, self.ready_timeout_s, alive=lambda: self.proc.poll() is None, path=self.ready_path)
         except ServerStartError as exc:

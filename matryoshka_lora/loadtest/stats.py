@@ -1,8 +1,8 @@
 """Statistics of a set of request records: exact percentiles (not Locust's rounded ones), rates.
 
-    window      = last end - first start                     (wall clock of the records)
-    output_tok_s = sum(output tokens of 200s) / window;  req_s = number of 200s / window
-    ttft / tpot / itl / e2e: p50, p90, p95, p99 and mean over the 200s (itl: over every gap)
+window      = last end - first start                     (wall clock of the records)
+output_tok_s = sum(output tokens of 200s) / window;  req_s = number of 200s / window
+ttft / tpot / itl / e2e: p50, p90, p95, p99 and mean over the 200s (itl: over every gap)
 """
 
 from __future__ import annotations

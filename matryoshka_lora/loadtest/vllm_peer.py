@@ -29,8 +29,15 @@ def measure(request: dict, lora: bool) -> dict:
 
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]
     max_len = max(len(p) for p in request["prompts"]) + request["max_tokens"] + 8
-    kwargs = dict(model=request["model"], dtype="float32", enforce_eager=True, enable_prefix_caching=False,
-                  max_num_seqs=max(len(prompts), 1), max_model_len=max_len, seed=0)
+    kwargs = dict(
+        model=request["model"],
+        dtype="float32",
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        max_num_seqs=max(len(prompts), 1),
+        max_model_len=max_len,
+        seed=0,
+    )
     lora_request, system = None, "vLLM (base)"
     if lora:
         from vllm.lora.request import LoRARequest
@@ -54,8 +61,14 @@ def measure(request: dict, lora: bool) -> dict:
         num_tokens = generate(request["max_tokens"])
         walls.append(time.perf_counter() - started)
         rates.append(num_tokens / walls[-1])
-    return {"system": system, "output_tok_s": sum(rates) / len(rates), "num_requests": len(prompts),
-            "max_tokens": request["max_tokens"], "wall_s": sum(walls) / len(walls), "error": None}
+    return {
+        "system": system,
+        "output_tok_s": sum(rates) / len(rates),
+        "num_requests": len(prompts),
+        "max_tokens": request["max_tokens"],
+        "wall_s": sum(walls) / len(walls),
+        "error": None,
+    }
 
 
 def main() -> None:
@@ -69,9 +82,18 @@ def main() -> None:
         part = result_path.with_suffix(f".{mode}.json")
         part.unlink(missing_ok=True)
         code = subprocess.call([sys.executable, __file__, str(request_path), str(part), mode])
-        rows.append(json.loads(part.read_text()) if code == 0 and part.is_file() else
-                    {"system": f"vLLM ({mode})", "output_tok_s": None, "num_requests": 0, "max_tokens": 0,
-                     "wall_s": None, "error": f"exit {code}"})
+        rows.append(
+            json.loads(part.read_text())
+            if code == 0 and part.is_file()
+            else {
+                "system": f"vLLM ({mode})",
+                "output_tok_s": None,
+                "num_requests": 0,
+                "max_tokens": 0,
+                "wall_s": None,
+                "error": f"exit {code}",
+            }
+        )
     result_path.write_text(json.dumps(rows))
 
 

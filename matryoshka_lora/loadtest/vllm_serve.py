@@ -33,35 +33,74 @@ class VLLMServeProcess(ServerProcess):
 
     ready_path = "/health"
 
-    def __init__(self, vllm_python: Path, model_dir: Path, args: list[str], log_path: Path,
-                 num_threads: int | None = None, ready_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        vllm_python: Path,
+        model_dir: Path,
+        args: list[str],
+        log_path: Path,
+        num_threads: int | None = None,
+        ready_timeout_s: float = 600.0,
+    ):
         super().__init__(args, log_path, ready_timeout_s=ready_timeout_s)
         self.vllm_python, self.model_dir, self.num_threads = Path(vllm_python), Path(model_dir), num_threads
 
     def command(self) -> list[str]:
-        return [str(self.vllm_python), "-m", "matryoshka_lora.vllm_plugin", "serve", str(self.model_dir),
-                "--served-model-name", SERVED_NAME, "--dtype", "float32", "--enforce-eager",
-                "--no-enable-prefix-caching", "--seed", "0", "--disable-uvicorn-access-log",
-                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        return [
+            str(self.vllm_python),
+            "-m",
+            "matryoshka_lora.vllm_plugin",
+            "serve",
+            str(self.model_dir),
+            "--served-model-name",
+            SERVED_NAME,
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--no-enable-prefix-caching",
+            "--seed",
+            "0",
+            "--disable-uvicorn-access-log",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
 
     def environ(self) -> dict[str, str]:
         from matryoshka_lora.backends.vllm_env import prepare_cpu_env
 
         env = super().environ()
         if self.num_threads is not None:  # only the CPU binding: the plugin sets the rest in its own venv
-            env.update({k: v for k, v in prepare_cpu_env(self.num_threads, environ={}).items()
-                        if k == "VLLM_CPU_OMP_THREADS_BIND"})
+            env.update(
+                {
+                    k: v
+                    for k, v in prepare_cpu_env(self.num_threads, environ={}).items()
+                    if k == "VLLM_CPU_OMP_THREADS_BIND"
+                }
+            )
         return env
 
 
-def vllm_serve_peer(vllm_python: Path, model_dir: Path, prompt: str, num_prompt_tokens: int, num_requests: int,
-                    max_tokens: int, num_threads: int | None, workdir: Path, repeats: int = 2) -> PeerResult:
+def vllm_serve_peer(
+    vllm_python: Path,
+    model_dir: Path,
+    prompt: str,
+    num_prompt_tokens: int,
+    num_requests: int,
+    max_tokens: int,
+    num_threads: int | None,
+    workdir: Path,
+    repeats: int = 2,
+) -> PeerResult:
     """The base model served by vLLM over HTTP, timed as the other peers (`peers.timed`); a PeerResult
     with `error` set when it cannot be measured."""
     system = SYSTEM.format(n=num_requests)
     args = ["--max-num-seqs", str(num_requests), "--max-model-len", str(num_prompt_tokens + max_tokens + 8)]
     try:
         with VLLMServeProcess(vllm_python, model_dir, args, Path(workdir) / "vllm-serve.log", num_threads) as server:
+
             def generate(tokens: int) -> int:
                 counts = asyncio.run(completions_burst(server.url, SERVED_NAME, prompt, tokens, num_requests))
                 check_counts(counts, num_prompt_tokens, num_requests, tokens)
@@ -78,5 +117,7 @@ def check_counts(counts: list, num_prompt_tokens: int, num_requests: int, max_to
     prompt_seen = {c.prompt_tokens for c in counts}
     generated = [c.completion_tokens for c in counts]
     if len(counts) != num_requests or prompt_seen != {num_prompt_tokens} or set(generated) != {max_tokens}:
-        raise RuntimeError(f"{len(counts)} answers, prompt tokens {sorted(prompt_seen)} (expected {num_prompt_tokens}),"
-                           f" completion tokens {sorted(set(generated))} (expected {max_tokens} each)")
+        raise RuntimeError(
+            f"{len(counts)} answers, prompt tokens {sorted(prompt_seen)} (expected {num_prompt_tokens}),"
+            f" completion tokens {sorted(set(generated))} (expected {max_tokens} each)"
+        )

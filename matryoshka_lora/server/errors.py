@@ -159,9 +159,14 @@ def map_exception(exc: Exception) -> JSONResponse:
             503, "queue_full", str(exc), allowed=f"<= {exc.limit} requests waiting", retry_after_s=1.0
         )
     if isinstance(exc, BudgetUnmetError):
-        return error_response(503, "budget_unmet", str(exc), given=f"{exc.budget_ms:g} ms",
-                              allowed=f"a budget this load can meet (rank {exc.rank}: ~{exc.predicted_ms:.0f} ms)",
-                              retry_after_s=exc.retry_after_s)
+        return error_response(
+            503,
+            "budget_unmet",
+            str(exc),
+            given=f"{exc.budget_ms:g} ms",
+            allowed=f"a budget this load can meet (rank {exc.rank}: ~{exc.predicted_ms:.0f} ms)",
+            retry_after_s=exc.retry_after_s,
+        )
     if isinstance(exc, NotReadyError):
         return error_response(503, "not_ready", str(exc), retry_after_s=exc.retry_after_s)
     if isinstance(exc, ClientGoneError):

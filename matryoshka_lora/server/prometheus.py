@@ -65,8 +65,12 @@ class EngineStatsCollector:
             ("matryoshka_num_requests_waiting", "Requests waiting in the engine queue.", stats.num_waiting),
             ("matryoshka_kv_cache_usage_ratio", "Share of the KV cache in use (0..1).", stats.kv_cache_usage),
             ("matryoshka_adapters_loaded", "Adapters loaded.", num_adapters),
-            ("matryoshka_budget_latency_margin", "Factor the latency-budget controller multiplies its predictions "
-             "by, learned from the requests it promised (1 = none).", stats.budget_latency_margin),
+            (
+                "matryoshka_budget_latency_margin",
+                "Factor the latency-budget controller multiplies its predictions "
+                "by, learned from the requests it promised (1 = none).",
+                stats.budget_latency_margin,
+            ),
             ("vllm:num_requests_running", "Requests running (vLLM name).", stats.num_running),
             ("vllm:num_requests_waiting", "Requests waiting (vLLM name).", stats.num_waiting),
             ("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = 100 percent (vLLM name).", stats.kv_cache_usage),

@@ -69,24 +69,28 @@ class ServerSettings(BaseSettings):
     )
     num_threads: int | None = Field(None, ge=1, description="Torch threads of the engine; None = torch's default.")
     fused_kernels: bool = Field(
-        True, description="Native engine: the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C "
-        "kernels (built once with the system C compiler; torch ops when there is none)."
+        True,
+        description="Native engine: the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C "
+        "kernels (built once with the system C compiler; torch ops when there is none).",
     )
     weight_format: Literal["auto", "gguf", "float32"] = Field(
-        "auto", description="Native engine with the C kernels: compute the base linears on the GGUF file's own Q4_1 / "
+        "auto",
+        description="Native engine with the C kernels: compute the base linears on the GGUF file's own Q4_1 / "
         "Q8_0 blocks (gguf: the same results as float32 with ~5.6x fewer bytes per decode step), on float32 panels "
-        "(float32, the reference), or on the blocks where the model has a GGUF file (auto)."
+        "(float32, the reference), or on the blocks where the model has a GGUF file (auto).",
     )
     budget_unmet: Literal["serve", "refuse"] = Field(
-        "serve", description="A request whose latency budget no rank is predicted to meet: serve it at the lowest "
+        "serve",
+        description="A request whose latency budget no rank is predicted to meet: serve it at the lowest "
         "rank and say so (rank_reason budget_unmet), or refuse it with 503 + Retry-After so that the load stays "
         "within what the admitted budgets allow (shedding by deadline). Refuse sheds only what even the typical "
-        "case (the median of observed / predicted latency) would serve late; the rest is served at the lowest rank."
+        "case (the median of observed / predicted latency) would serve late; the rest is served at the lowest rank.",
     )
     seed: int = Field(0, description="Seed of requests that carry none.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Log level (debug: each budget decision's terms, each budgeted request's real latency, "
-        "each request held back to keep a promised budget)."
+        "info",
+        description="Log level (debug: each budget decision's terms, each budgeted request's real latency, "
+        "each request held back to keep a promised budget).",
     )
     access_log: bool = Field(True, description="Log one line per HTTP request (uvicorn's access log, at info).")
 

@@ -57,7 +57,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"JSON at {path}:{line_no}", line.strip()[:80], f"one JSON object per line ({exc.msg})") from None
+                raise ConfigError(
+                    f"JSON at {path}:{line_no}", line.strip()[:80], f"one JSON object per line ({exc.msg})"
+                ) from None
             out.append((line_no, record_messages(record, f"{path}:{line_no}")))
     if not out:
         raise ConfigError(f"data file {path}", "no records", "at least one JSON record")
@@ -74,7 +76,9 @@ def record_messages(record: object, where: str) -> list[dict]:
         if not isinstance(messages, list) or len(messages) < 2:
             raise ConfigError(f"messages at {where}", messages, "a list of >= 2 messages")
         for message in messages:
-            if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
+            if not (
+                isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
+            ):
                 raise ConfigError(f"message at {where}", message, f"{{'role': one of {ROLES}, 'content': str}}")
         if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
             raise ConfigError(f"last message at {where}", messages[-1], "a non-empty assistant message")
@@ -103,9 +107,11 @@ def tokenize_messages(tokenizer, messages: list[dict]) -> TokenizedRecord:
     prompt_text = render_prompt(tokenizer, messages[:-1])
     full_text = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full_text.startswith(prompt_text):
-        raise ConfigError("chat template", "a template whose prompt is not a prefix of the chat", "a prefix-stable template")
+        raise ConfigError(
+            "chat template", "a template whose prompt is not a prefix of the chat", "a prefix-stable template"
+        )
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
     return TokenizedRecord(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
 
 
@@ -124,10 +130,16 @@ def tokenize_records(
     if too_long:
         log.warning(
             "skipped %d of %d records longer than max_seq_len=%d tokens (lines %s%s)",
-            len(too_long), len(records), max_seq_len, list(report.too_long_lines), " ..." if len(too_long) > 20 else "",
+            len(too_long),
+            len(records),
+            max_seq_len,
+            list(report.too_long_lines),
+            " ..." if len(too_long) > 20 else "",
         )
     if not kept:
-        raise ConfigError("data", f"all {len(records)} records longer than max_seq_len={max_seq_len}", "raise --max-seq-len")
+        raise ConfigError(
+            "data", f"all {len(records)} records longer than max_seq_len={max_seq_len}", "raise --max-seq-len"
+        )
     return kept, report
 
 

@@ -29,8 +29,13 @@ def eval_engine(model, tokenizer, max_num_seqs: int = 64, max_model_len: int = 5
     from matryoshka_lora.engine.engine import LLMEngine
 
     max_model_len = min(max_model_len, model.config.max_position_embeddings)
-    config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_num_batched_tokens=1024,
-                          max_queue_len=1_000_000, warmup=False)
+    config = EngineConfig(
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        max_num_batched_tokens=1024,
+        max_queue_len=1_000_000,
+        warmup=False,
+    )
     return LLMEngine(config, model, tokenizer)
 
 
@@ -40,8 +45,9 @@ def prompt_ids(tokenizer, prompt: str) -> tuple[int, ...]:
     return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def engine_completions(engine, adapter: str | None, prompts: list[tuple[int, ...]], ranks: list[int],
-                       max_new_tokens: int) -> dict[int, list[str]]:
+def engine_completions(
+    engine, adapter: str | None, prompts: list[tuple[int, ...]], ranks: list[int], max_new_tokens: int
+) -> dict[int, list[str]]:
     """Greedy completion of every prompt at every rank (0 = base), all enqueued at once."""
     from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
 
@@ -56,6 +62,7 @@ def engine_completions(engine, adapter: str | None, prompts: list[tuple[int, ...
                 raise RuntimeError(f"request {event.request_id} failed: {event.error}")
             if event.finished:
                 bar.update(1)
+
         return emit
 
     for rank in ranks:
@@ -69,13 +76,20 @@ def engine_completions(engine, adapter: str | None, prompts: list[tuple[int, ...
     return {rank: ["".join(texts[(rank, i)]) for i in range(len(prompts))] for rank in ranks}
 
 
-def engine_rank_sweep(engine, adapter: str | None, task: tasks.Task, examples: list[tasks.Example], ranks: list[int],
-                      max_new_tokens: int) -> dict[int, float]:
+def engine_rank_sweep(
+    engine, adapter: str | None, task: tasks.Task, examples: list[tasks.Example], ranks: list[int], max_new_tokens: int
+) -> dict[int, float]:
     """Accuracy of `adapter` (loaded in `engine`) at each rank; rank 0 = the base model."""
     started = time.perf_counter()
     prompts = [prompt_ids(engine.tokenizer, ex.prompt) for ex in examples]
     completions = engine_completions(engine, adapter, prompts, list(ranks), max_new_tokens)
     results = {rank: accuracy(task, texts, examples) for rank, texts in completions.items()}
-    log.info("%s: %s (%d examples x %d ranks, %.1f s)", adapter, {r: round(a, 3) for r, a in results.items()},
-             len(examples), len(ranks), time.perf_counter() - started)
+    log.info(
+        "%s: %s (%d examples x %d ranks, %.1f s)",
+        adapter,
+        {r: round(a, 3) for r, a in results.items()},
+        len(examples),
+        len(ranks),
+        time.perf_counter() - started,
+    )
     return results

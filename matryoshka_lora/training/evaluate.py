@@ -46,7 +46,6 @@ class EvalConfig:
     update_manifests: bool = True
     backend: str = "engine"  # "engine": the serving engine, all ranks in one batch; "hf": model.generate per rank
 
-
     def validate(self) -> EvalConfig:
         tasks.get_task(self.task)
         if not self.adapters:
@@ -69,7 +68,9 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     tokenizer.padding_side = "left"
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [data.render_prompt(tokenizer, data.prompt_messages(p)) for p in prompts[start : start + batch_size]]
+            texts = [
+                data.render_prompt(tokenizer, data.prompt_messages(p)) for p in prompts[start : start + batch_size]
+            ]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             generated = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
@@ -84,14 +85,18 @@ def accuracy(task: tasks.Task, completions: list[str], examples: list[tasks.Exam
     return sum(tasks.score(task, c, ex.answer) for c, ex in zip(completions, examples, strict=True)) / len(examples)
 
 
-def rank_sweep(model, tokenizer, task: tasks.Task, examples, ranks, batch_size: int, max_new_tokens: int) -> dict[int, float]:
+def rank_sweep(
+    model, tokenizer, task: tasks.Task, examples, ranks, batch_size: int, max_new_tokens: int
+) -> dict[int, float]:
     """Accuracy at each rank of the adapter attached to `model` (rank 0 = base alone)."""
     prompts = [ex.prompt for ex in examples]
     results = {}
     for rank in ranks:
         started = time.perf_counter()
         inject.set_inference_ranks(model, rank)
-        results[rank] = accuracy(task, generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size), examples)
+        results[rank] = accuracy(
+            task, generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size), examples
+        )
         log.info("rank %d: accuracy %.3f (%.1f s)", rank, results[rank], time.perf_counter() - started)
     return results
 
@@ -101,7 +106,9 @@ def binomial_stderr(accuracy: float, num: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / num) if num else 0.0
 
 
-def summarize(name: str, path: Path, manifest: store.AdapterManifest, accs: dict[int, float], num_test: int = 0) -> dict:
+def summarize(
+    name: str, path: Path, manifest: store.AdapterManifest, accs: dict[int, float], num_test: int = 0
+) -> dict:
     """One adapter's entry: per-rank accuracy and its binomial standard error (string keys, JSON-style),
     and AURAC over the ranks >= 1."""
     ranks = sorted(r for r in accs if r >= 1)
@@ -162,8 +169,14 @@ def evaluate(cfg: EvalConfig) -> dict:
             return rank_sweep(model, tokenizer, task, examples, ranks, cfg.batch_size, max_new_tokens)
 
     base = sweep(None, [0])[0]
-    result = {"task": cfg.task, "num_test": len(examples), "base_model": model_id(model), "base_accuracy": base,
-              "backend": cfg.backend, "adapters": []}
+    result = {
+        "task": cfg.task,
+        "num_test": len(examples),
+        "base_model": model_id(model),
+        "base_accuracy": base,
+        "backend": cfg.backend,
+        "adapters": [],
+    }
     for path in cfg.adapters:
         manifest = store.read_manifest(path)
         log.info("evaluating %s (%s, r_max=%d) on %s", manifest.name, manifest.method, manifest.r_max, cfg.task)
@@ -178,7 +191,12 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def manifest_results(result: dict, entry: dict) -> dict:
     keys = ("accuracy", "stderr", "aurac_log2", "aurac_linear")
-    return {"task": result["task"], "num_test": result["num_test"], "base_accuracy": result["base_accuracy"], **{k: entry[k] for k in keys}}
+    return {
+        "task": result["task"],
+        "num_test": result["num_test"],
+        "base_accuracy": result["base_accuracy"],
+        **{k: entry[k] for k in keys},
+    }
 
 
 def format_table(result: dict) -> str:
@@ -188,8 +206,16 @@ def format_table(result: dict) -> str:
     rows = []
     for entry in result["adapters"]:
         cells = [f"{100 * entry['accuracy'][str(r)]:.1f}" if str(r) in entry["accuracy"] else "-" for r in ranks]
-        rows.append([entry["name"], entry["method"], f"{100 * result['base_accuracy']:.1f}", *cells,
-                     f"{100 * entry['aurac_log2']:.1f}", f"{100 * entry['aurac_linear']:.1f}"])
+        rows.append(
+            [
+                entry["name"],
+                entry["method"],
+                f"{100 * result['base_accuracy']:.1f}",
+                *cells,
+                f"{100 * entry['aurac_log2']:.1f}",
+                f"{100 * entry['aurac_linear']:.1f}",
+            ]
+        )
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
     return "\n".join(lines)

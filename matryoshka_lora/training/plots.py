@@ -23,7 +23,12 @@ def plot_rank_curves(result: dict, out: str | Path, title: str | None = None) ->
         accs = [100 * entry["accuracy"][str(r)] for r in ranks]
         label = f"{entry['name']} (AURAC {100 * entry['aurac_log2']:.1f})"
         ax.plot(ranks, accs, marker="o", label=label)
-    ax.axhline(100 * result["base_accuracy"], color="gray", linestyle="--", label=f"base model ({100 * result['base_accuracy']:.1f})")
+    ax.axhline(
+        100 * result["base_accuracy"],
+        color="gray",
+        linestyle="--",
+        label=f"base model ({100 * result['base_accuracy']:.1f})",
+    )
     ax.set_xscale("log", base=2)
     if all_ranks:
         ax.set_xticks(sorted(all_ranks), [str(r) for r in sorted(all_ranks)])

@@ -44,14 +44,18 @@ class FitConfig:
         if not self.candidates or any(not c > 0 for c in self.candidates) or 1.0 not in self.candidates:
             raise ConfigError("candidates", self.candidates, "scales > 0, including 1.0")
         if self.num_dev < 1 or self.batch_size < 1 or self.min_gain < 0:
-            raise ConfigError("num_dev/batch_size/min_gain", (self.num_dev, self.batch_size, self.min_gain), ">= 1, >= 1, >= 0")
+            raise ConfigError(
+                "num_dev/batch_size/min_gain", (self.num_dev, self.batch_size, self.min_gain), ">= 1, >= 1, >= 0"
+            )
         self.adapter = Path(self.adapter)
         return self
 
 
 def dev_batches(tokenizer, task: str, num_dev: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     records = data.records_from_examples(tasks.task_examples(task, "dev", num_dev))
-    return [data.collate_records(tokenizer, records[i : i + batch_size], 1024) for i in range(0, len(records), batch_size)]
+    return [
+        data.collate_records(tokenizer, records[i : i + batch_size], 1024) for i in range(0, len(records), batch_size)
+    ]
 
 
 @torch.no_grad()
@@ -87,7 +91,14 @@ def fit_rank_scales(cfg: FitConfig) -> tuple[dict[str, float], dict[str, dict[st
         keep_one = measured[best] > measured[1.0] * (1 - cfg.min_gain)
         fitted[str(rank)] = 1.0 if keep_one else float(best)
         losses[str(rank)] = {f"{c:g}": round(v, 5) for c, v in measured.items()}
-        log.info("rank %d: c = %g (loss %.4f at c = 1, %.4f at c = %g)", rank, fitted[str(rank)], measured[1.0], measured[best], best)
+        log.info(
+            "rank %d: c = %g (loss %.4f at c = 1, %.4f at c = %g)",
+            rank,
+            fitted[str(rank)],
+            measured[1.0],
+            measured[best],
+            best,
+        )
     return fitted, losses
 
 

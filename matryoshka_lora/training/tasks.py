@@ -106,10 +106,23 @@ TASKS: dict[str, Task] = {
     for task in (
         Task("add3", "add two 3-digit numbers; answer = the first integer", _add3, parse_int, 8),
         Task("sort5", "sort five 2-digit numbers; answer = the integers of the first line", _sort5, parse_int_list, 24),
-        Task("caesar", "shift 4 letters by one (z -> a); answer = the letters of the first line", _caesar, parse_letters, 16),
+        Task(
+            "caesar",
+            "shift 4 letters by one (z -> a); answer = the letters of the first line",
+            _caesar,
+            parse_letters,
+            16,
+        ),
         Task("reverse", "reverse 5 letters; answer = the letters of the first line", _reverse, parse_letters, 16),
-        Task("arithmetic", "allenai/basic_arithmetic: 'Calculate 5 + 91 =' (+ - * /, 1-6 digits); answer = the last "
-             "integer of the first line", None, parse_last_int, 12, datasets.BASIC_ARITHMETIC),
+        Task(
+            "arithmetic",
+            "allenai/basic_arithmetic: 'Calculate 5 + 91 =' (+ - * /, 1-6 digits); answer = the last "
+            "integer of the first line",
+            None,
+            parse_last_int,
+            12,
+            datasets.BASIC_ARITHMETIC,
+        ),
     )
 }
 

@@ -40,7 +40,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from matryoshka_lora.adapters import inject, p as p_mod, store
+from matryoshka_lora.adapters import inject, store
+from matryoshka_lora.adapters import p as p_mod
 from matryoshka_lora.errors import ConfigError
 from matryoshka_lora.models import load_base_model, model_fingerprint, model_id
 from matryoshka_lora.training import data, tasks
@@ -105,7 +106,11 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), ">= 1 (or unset)")
         if not (self.lr > 0 and self.epochs > 0 and self.alpha > 0 and 0 <= self.warmup_ratio < 1):
-            raise ConfigError("lr/epochs/alpha/warmup_ratio", (self.lr, self.epochs, self.alpha, self.warmup_ratio), "lr, epochs, alpha > 0; 0 <= warmup_ratio < 1")
+            raise ConfigError(
+                "lr/epochs/alpha/warmup_ratio",
+                (self.lr, self.epochs, self.alpha, self.warmup_ratio),
+                "lr, epochs, alpha > 0; 0 <= warmup_ratio < 1",
+            )
         ranks = p_mod.default_train_ranks(self.r_max) if self.train_ranks is None else self.train_ranks
         self.train_ranks = p_mod.normalize_train_ranks(ranks, self.r_max)
         if self.slice_loss and len(self.train_ranks) < 2 and self.train_ranks[-1] == self.r_max:
@@ -188,7 +193,9 @@ class AdapterTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:
-            save_model_adapter(self.accelerator.unwrap_model(self.model), self.manifest, Path(output_dir or self.args.output_dir))
+            save_model_adapter(
+                self.accelerator.unwrap_model(self.model), self.manifest, Path(output_dir or self.args.output_dir)
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         adapter = store.load_adapter(resume_from_checkpoint)
@@ -199,8 +206,15 @@ class RankLossCallback(TrainerCallback):
     """Every `every` steps (and at the end): the dev batch's loss at each train rank as served, logged and
     appended as one JSON line {"step", "loss": {rank: loss}} to `file`."""
 
-    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ranks: tuple[int, ...], every: int, file: Path,
-                 bf16: bool):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        ranks: tuple[int, ...],
+        every: int,
+        file: Path,
+        bf16: bool,
+    ):
         self.model, self.batch, self.ranks, self.every, self.file, self.bf16 = model, batch, ranks, every, file, bf16
         self.history: list[dict] = []
 
@@ -263,7 +277,12 @@ def load_training_data(cfg: TrainConfig, tokenizer) -> data.SFTDataset:
     else:
         records = data.read_jsonl(cfg.data)
     tokenized, report = data.tokenize_records(tokenizer, records, cfg.max_seq_len)
-    log.info("training data: %d records, %d kept, %d skipped as too long", report.num_records, report.num_kept, report.num_too_long)
+    log.info(
+        "training data: %d records, %d kept, %d skipped as too long",
+        report.num_records,
+        report.num_kept,
+        report.num_too_long,
+    )
     return data.SFTDataset(tokenized)
 
 
@@ -324,11 +343,21 @@ def build_trainer(cfg: TrainConfig, callbacks: list[TrainerCallback] = ()) -> Ad
     dataset = load_training_data(cfg, tokenizer)
     if cfg.rank_loss_every:
         file = checkpoint_dir(cfg.out) / "rank_losses.jsonl"
-        all_callbacks.append(RankLossCallback(model, rank_loss_batch(cfg, tokenizer), cfg.train_ranks,
-                                              cfg.rank_loss_every, file, use_bf16(cfg)))
+        all_callbacks.append(
+            RankLossCallback(
+                model, rank_loss_batch(cfg, tokenizer), cfg.train_ranks, cfg.rank_loss_every, file, use_bf16(cfg)
+            )
+        )
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("%s r_max=%d ranks=%s scaling=%s: %d trainable parameters, %d examples",
-             cfg.method, cfg.r_max, list(cfg.train_ranks), cfg.scaling, num_trainable, len(dataset))
+    log.info(
+        "%s r_max=%d ranks=%s scaling=%s: %d trainable parameters, %d examples",
+        cfg.method,
+        cfg.r_max,
+        list(cfg.train_ranks),
+        cfg.scaling,
+        num_trainable,
+        len(dataset),
+    )
     return AdapterTrainer(
         model=model,
         args=training_arguments(cfg, checkpoint_dir(cfg.out)),
@@ -362,7 +391,13 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] = ()) -> Path:
         if cfg.nest:
             manifest.name = f"{manifest.name[:60]}-raw"
         save_model_adapter(trainer.model, manifest, raw_out)
-        log.info("adapter written to %s (%d steps, %.0f s, mean loss %.4f)", raw_out, trainer.state.global_step, wall_s, result.training_loss)
+        log.info(
+            "adapter written to %s (%d steps, %.0f s, mean loss %.4f)",
+            raw_out,
+            trainer.state.global_step,
+            wall_s,
+            result.training_loss,
+        )
         if cfg.nest:
             from matryoshka_lora.adapters.nest import nest_adapter
 

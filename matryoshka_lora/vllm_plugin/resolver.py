@@ -67,8 +67,13 @@ class MatryoshkaResolver(LoRAResolver):
             return None
         path = self.find(adapter)
         if path is None:
-            log.warning("refusing %r: no Matryoshka adapter %r under %s (found: %s)", name, adapter, self.root,
-                        sorted(self.paths))
+            log.warning(
+                "refusing %r: no Matryoshka adapter %r under %s (found: %s)",
+                name,
+                adapter,
+                self.root,
+                sorted(self.paths),
+            )
             return None
         manifest = read_manifest(path)
         rank = manifest.r_max if rank is None else rank
@@ -77,8 +82,14 @@ class MatryoshkaResolver(LoRAResolver):
             return None
         base = Path(base_model_name).name
         if manifest.base_model != base and os.environ.get(SKIP_BASE_CHECK_ENV) != "1":
-            log.warning("refusing %r: adapter %r was trained on %r, this server runs %r (set %s=1 to skip this check)",
-                        name, adapter, manifest.base_model, base, SKIP_BASE_CHECK_ENV)
+            log.warning(
+                "refusing %r: adapter %r was trained on %r, this server runs %r (set %s=1 to skip this check)",
+                name,
+                adapter,
+                manifest.base_model,
+                base,
+                SKIP_BASE_CHECK_ENV,
+            )
             return None
         return adapter, rank, path
 
@@ -94,5 +105,6 @@ class MatryoshkaResolver(LoRAResolver):
             return None
         lora_id = self.ids.id_for((adapter, rank, adapter_digest(path)))
         log.info("resolved %r -> %s (id %d)", lora_name, out, lora_id)
-        return LoRARequest(lora_name=lora_name, lora_int_id=lora_id, lora_path=str(out),
-                           base_model_name=base_model_name)
+        return LoRARequest(
+            lora_name=lora_name, lora_int_id=lora_id, lora_path=str(out), base_model_name=base_model_name
+        )

@@ -24,8 +24,10 @@ def make_peft(tiny_model_dir, out):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -35,8 +37,19 @@ def make_peft(tiny_model_dir, out):
 
 def test_import_then_export_round_trips_the_peft_weights(tiny_model_dir, tmp_path):
     make_peft(tiny_model_dir, tmp_path / "peft")
-    result = runner.invoke(app, ["import", str(tmp_path / "peft"), "--out", str(tmp_path / "ours"),
-                                 "--model", str(tiny_model_dir), "--name", "imported"])
+    result = runner.invoke(
+        app,
+        [
+            "import",
+            str(tmp_path / "peft"),
+            "--out",
+            str(tmp_path / "ours"),
+            "--model",
+            str(tiny_model_dir),
+            "--name",
+            "imported",
+        ],
+    )
     assert result.exit_code == 0, result.output
     adapter = store.load_adapter(tmp_path / "ours")
     assert adapter.manifest.name == "imported" and adapter.manifest.r_max == 4
@@ -49,7 +62,9 @@ def test_import_then_export_round_trips_the_peft_weights(tiny_model_dir, tmp_pat
         config = json.loads((directory / "adapter_config.json").read_text())
         t = load_file(str(directory / "adapter_model.safetensors"))
         scale = config["lora_alpha"] / config["r"]
-        return {k[: -len(".lora_A.weight")]: scale * t[k.replace("lora_A", "lora_B")] @ t[k] for k in t if "lora_A" in k}
+        return {
+            k[: -len(".lora_A.weight")]: scale * t[k.replace("lora_A", "lora_B")] @ t[k] for k in t if "lora_A" in k
+        }
 
     original, back = deltas(tmp_path / "peft"), deltas(tmp_path / "back")
     assert original.keys() == back.keys() and len(original) == 4
@@ -59,7 +74,9 @@ def test_import_then_export_round_trips_the_peft_weights(tiny_model_dir, tmp_pat
 
 def test_export_refuses_a_rank_above_r_max(tiny_model_dir, tmp_path):
     make_peft(tiny_model_dir, tmp_path / "peft")
-    runner.invoke(app, ["import", str(tmp_path / "peft"), "--out", str(tmp_path / "ours"), "--model", str(tiny_model_dir)])
+    runner.invoke(
+        app, ["import", str(tmp_path / "peft"), "--out", str(tmp_path / "ours"), "--model", str(tiny_model_dir)]
+    )
     result = runner.invoke(app, ["export", str(tmp_path / "ours"), "--rank", "5", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "rank" in str(result.exception)
 
@@ -69,8 +86,20 @@ def demo_lines(output):
 
 
 def test_demo_with_a_fresh_adapter_equals_the_base_at_every_rank(tiny_model_dir):
-    result = runner.invoke(app, ["demo", "--model", str(tiny_model_dir), "--ranks", "16,0,2", "--max-new-tokens", "4",
-                                 "--prompt", "Count to five"])
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--model",
+            str(tiny_model_dir),
+            "--ranks",
+            "16,0,2",
+            "--max-new-tokens",
+            "4",
+            "--prompt",
+            "Count to five",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = demo_lines(result.output)
     assert [rank for rank, _ in lines] == ["0", "2", "16"]
@@ -82,9 +111,16 @@ def test_demo_with_an_adapter_generates_at_each_rank(tiny_model_dir, tmp_path):
 
     model, tokenizer = load_base_model(tiny_model_dir)
     base_text = demo.generate(model, tokenizer, "Count to five", 6)
-    manifest = store.AdapterManifest(name="rand", base_model=model_id(model), base_fingerprint=model_fingerprint(model),
-                                     target_modules=inject.DEFAULT_TARGET_MODULES, r_max=4, train_ranks=(1, 2, 4),
-                                     scaling="none", method="matryoshka")
+    manifest = store.AdapterManifest(
+        name="rand",
+        base_model=model_id(model),
+        base_fingerprint=model_fingerprint(model),
+        target_modules=inject.DEFAULT_TARGET_MODULES,
+        r_max=4,
+        train_ranks=(1, 2, 4),
+        scaling="none",
+        method="matryoshka",
+    )
     inject.inject_lora(model, 4, seed=0)
     with torch.no_grad():
         for layer in inject.lora_layers(model).values():
@@ -102,8 +138,16 @@ def test_demo_prefers_a_shipped_matryoshka_adapter_for_the_model(tiny_model, tmp
     fingerprint = model_fingerprint(tiny_model)
     inject.inject_lora(tiny_model, 2, target_modules=("q_proj",))
     for name, method in (("a-lora", "lora"), ("b-mat", "matryoshka")):
-        manifest = store.AdapterManifest(name=name, base_model=model_id(tiny_model), base_fingerprint=fingerprint,
-                                         target_modules=("q_proj",), r_max=2, train_ranks=(1, 2), scaling="none", method=method)
+        manifest = store.AdapterManifest(
+            name=name,
+            base_model=model_id(tiny_model),
+            base_fingerprint=fingerprint,
+            target_modules=("q_proj",),
+            r_max=2,
+            train_ranks=(1, 2),
+            scaling="none",
+            method=method,
+        )
         store.save_adapter(tmp_path / name, manifest, store.adapter_from_model(tiny_model, manifest).weights)
     assert demo.find_shipped_adapter(fingerprint, tmp_path).manifest.name == "b-mat"
     assert demo.find_shipped_adapter("0" * 16, tmp_path) is None

@@ -29,7 +29,9 @@ def masked_reference(layer, x, ranks):
         r = int(flat_r[t])
         if r:
             mask = (torch.arange(R_MAX) < r).to(layer.lora_A.dtype)
-            flat_out[t] += layer.alpha * rank_scale(r, layer.scaling) * (flat_x[t] @ (layer.lora_A * mask)) @ layer.lora_B
+            flat_out[t] += (
+                layer.alpha * rank_scale(r, layer.scaling) * (flat_x[t] @ (layer.lora_A * mask)) @ layer.lora_B
+            )
     return out
 
 

@@ -3,12 +3,12 @@ lower rank is the Eckart-Young optimum of each module's update, and the error fa
 
 import pytest
 import torch
+from adapter_support import fresh_tiny, random_adapter
 from typer.testing import CliRunner
 
 from matryoshka_lora.adapters import build_p, inject, nest, store
 from matryoshka_lora.cli import app
 from matryoshka_lora.errors import ConfigError
-from adapter_support import fresh_tiny, random_adapter
 
 TOKENS = torch.tensor([[5, 9, 17, 3, 44, 2, 90], [1, 77, 8, 8, 120, 64, 33]])
 TARGETS = ("q_proj", "v_proj", "down_proj")
@@ -29,16 +29,23 @@ def served_model(adapter):
     "method, scaling, source, diagonal",
     [
         ("matryoshka", "none", "p", [4, 3, 2, 2, 1, 1, 1, 1]),
-        ("matryoshka", "rank", "p", [1 + 1 / 2 + 1 / 4 + 1 / 8] + [1 / 2 + 1 / 4 + 1 / 8] + [1 / 4 + 1 / 8] * 2 + [1 / 8] * 4),
+        (
+            "matryoshka",
+            "rank",
+            "p",
+            [1 + 1 / 2 + 1 / 4 + 1 / 8] + [1 / 2 + 1 / 4 + 1 / 8] + [1 / 4 + 1 / 8] * 2 + [1 / 8] * 4,
+        ),
         ("matryoshka", "none", "r_max", [1] * 8),
-        ("lora", "sqrt", "p", [8 ** -0.5] * 8),
+        ("lora", "sqrt", "p", [8**-0.5] * 8),
         ("dylora", "rank", "p", [1 / 8] * 8),
         ("svd", "none", "p", [1] * 8),
     ],
 )
 def test_trained_diagonal(method, scaling, source, diagonal):
     manifest = trained_adapter(method, scaling, alpha=2.0)[1].manifest
-    torch.testing.assert_close(nest.trained_diagonal(manifest, source), 2.0 * torch.tensor(diagonal, dtype=torch.float64))
+    torch.testing.assert_close(
+        nest.trained_diagonal(manifest, source), 2.0 * torch.tensor(diagonal, dtype=torch.float64)
+    )
 
 
 def test_default_source_and_refusal():
@@ -128,7 +135,10 @@ def test_cli_nest_bf16_halves_the_file_and_serves_within_bf16_rounding(tmp_path)
     src = store.save_adapter(tmp_path / "m", adapter.manifest, adapter.weights)
     for flags, out in (([], "f32"), (["--bf16"], "bf16")):
         assert CliRunner().invoke(app, ["nest", str(src), "--out", str(tmp_path / out), *flags]).exit_code == 0
-    f32, bf16 = (tmp_path / "f32" / store.WEIGHTS_FILE).stat().st_size, (tmp_path / "bf16" / store.WEIGHTS_FILE).stat().st_size
+    f32, bf16 = (
+        (tmp_path / "f32" / store.WEIGHTS_FILE).stat().st_size,
+        (tmp_path / "bf16" / store.WEIGHTS_FILE).stat().st_size,
+    )
     assert bf16 < 0.6 * f32
     loaded = store.load_adapter(tmp_path / "bf16")
     assert all(a.dtype == torch.bfloat16 for a, _ in loaded.weights.values())

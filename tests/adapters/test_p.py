@@ -71,8 +71,13 @@ def test_build_p(method, r_max, ranks, scaling, sampled, expected):
 
 @pytest.mark.parametrize(
     "method, r_max, scaling, sampled",
-    [("qlora", 4, "none", None), ("lora", 0, "none", None), ("lora", 4, "log", None),
-     ("dylora", 4, "none", None), ("dylora", 4, "none", 3)],
+    [
+        ("qlora", 4, "none", None),
+        ("lora", 0, "none", None),
+        ("lora", 4, "log", None),
+        ("dylora", 4, "none", None),
+        ("dylora", 4, "none", 3),
+    ],
 )
 def test_build_p_rejects(method, r_max, scaling, sampled):
     with pytest.raises(ConfigError) as info:

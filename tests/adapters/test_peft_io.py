@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from adapter_support import ALL_TARGETS as TARGETS
+from adapter_support import fresh_tiny, random_adapter
 
 from matryoshka_lora.adapters import inject, peft_io, store
 from matryoshka_lora.errors import AdapterFormatError, ConfigError, InvalidRankError
-from adapter_support import ALL_TARGETS as TARGETS
-from adapter_support import fresh_tiny, random_adapter
 
 TOKENS = torch.tensor([[5, 9, 17, 3, 44, 2, 90], [1, 77, 8, 8, 120, 64, 33]])
 
@@ -49,8 +49,13 @@ def test_export_from_a_directory_and_rank_checks(tmp_path):
 def make_peft_adapter(out, r=4, lora_alpha=16, **config_kwargs):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj", "down_proj"],
-                        task_type="CAUSAL_LM", **config_kwargs)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+        **config_kwargs,
+    )
     peft_model = get_peft_model(fresh_tiny(), config)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -66,7 +71,13 @@ def test_import_at_full_rank_reproduces_the_peft_logits(use_rslora, tmp_path):
     peft_model = make_peft_adapter(tmp_path / "peft", use_rslora=use_rslora)
     adapter = peft_io.import_peft(tmp_path / "peft", tmp_path / "ours", fresh_tiny())
     m = adapter.manifest
-    assert (m.method, m.scaling, m.alpha, m.r_max, m.target_modules) == ("svd", "none", 1.0, 4, ("down_proj", "q_proj", "v_proj"))
+    assert (m.method, m.scaling, m.alpha, m.r_max, m.target_modules) == (
+        "svd",
+        "none",
+        1.0,
+        4,
+        ("down_proj", "q_proj", "v_proj"),
+    )
     assert m.name == "peft" and store.load_adapter(tmp_path / "ours").manifest == m
     model = fresh_tiny()
     store.attach_adapter(model, store.load_adapter(tmp_path / "ours"))
@@ -104,9 +115,15 @@ def test_svd_factors_pad_beyond_the_rank_of_the_delta():
 
 @pytest.mark.parametrize(
     "edit, error",
-    [({"use_dora": True}, ConfigError), ({"bias": "all"}, ConfigError), ({"peft_type": "IA3"}, ConfigError),
-     ({"rank_pattern": {"q_proj": 2}}, ConfigError), ({"modules_to_save": ["lm_head"]}, ConfigError),
-     ({"r": 0}, ConfigError), ({"r": 8}, AdapterFormatError)],
+    [
+        ({"use_dora": True}, ConfigError),
+        ({"bias": "all"}, ConfigError),
+        ({"peft_type": "IA3"}, ConfigError),
+        ({"rank_pattern": {"q_proj": 2}}, ConfigError),
+        ({"modules_to_save": ["lm_head"]}, ConfigError),
+        ({"r": 0}, ConfigError),
+        ({"r": 8}, AdapterFormatError),
+    ],
 )
 def test_import_refuses_what_lora_cannot_express(tmp_path, edit, error):
     make_peft_adapter(tmp_path / "peft")
@@ -121,9 +138,8 @@ def test_import_refuses_missing_files_and_foreign_modules(tmp_path):
     with pytest.raises(AdapterFormatError, match="adapter_config.json"):
         peft_io.import_peft(tmp_path, tmp_path / "ours", fresh_tiny())
     make_peft_adapter(tmp_path / "peft")
-    from transformers import LlamaForCausalLM
-
     from tiny_config import tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     one_layer = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1))
     with pytest.raises(AdapterFormatError, match="does not exist"):

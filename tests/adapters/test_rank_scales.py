@@ -15,11 +15,14 @@ def greedy_tokens(engine, cases) -> list[list[int]]:
 
     out = [[] for _ in cases]
     for i, (adapter, rank) in enumerate(cases):
-        request = GenerationRequest(f"r{i}", (5, 17, 33, 9), SamplingParams(max_tokens=8, ignore_eos=True), adapter, rank)
+        request = GenerationRequest(
+            f"r{i}", (5, 17, 33, 9), SamplingParams(max_tokens=8, ignore_eos=True), adapter, rank
+        )
         engine.add_request(request, lambda event, i=i: out[i].extend(event.token_ids))
     while engine.scheduler.has_work():
         engine.step()
     return out
+
 
 TOKENS = torch.tensor([[5, 9, 17, 3, 44, 2, 90]])
 
@@ -28,8 +31,17 @@ def saved_adapter(model, out, rank_scales=None, scale_rows=None):
     """A random r_max-8 sqrt-scaled adapter; scale_rows (k, c) multiplies B[:k] by c (the reference)."""
     from matryoshka_lora.engine.random_adapter import save_random_adapter
 
-    path = save_random_adapter(model, out, out.name, 8, scaling="sqrt", alpha=2.0,
-                               target_modules=("q_proj", "v_proj", "down_proj"), seed=4, std=0.3)
+    path = save_random_adapter(
+        model,
+        out,
+        out.name,
+        8,
+        scaling="sqrt",
+        alpha=2.0,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+        seed=4,
+        std=0.3,
+    )
     adapter = store.load_adapter(path)
     if scale_rows:
         k, c = scale_rows
@@ -77,7 +89,9 @@ def test_layer_and_peft_export_serve_the_scaled_slice(tiny_model_dir, tmp_path):
         store.attach_adapter(served, store.load_adapter(path))
         inject.set_inference_ranks(served, 2)
         base, _ = load_base_model(tiny_model_dir)
-        peft_model = PeftModel.from_pretrained(base, str(peft_io.export_peft(path, 2, tmp_path / f"{name}-peft"))).eval()
+        peft_model = PeftModel.from_pretrained(
+            base, str(peft_io.export_peft(path, 2, tmp_path / f"{name}-peft"))
+        ).eval()
         with torch.no_grad():
             outputs[name] = served(TOKENS).logits, peft_model(TOKENS).logits
     torch.testing.assert_close(outputs["scaled"][0], outputs["ref"][0], atol=1e-5, rtol=1e-5)
@@ -92,7 +106,10 @@ def test_engine_serves_the_scaled_slice(tiny_model_dir, tmp_path):
     model, tokenizer = load_base_model(tiny_model_dir)
     saved_adapter(model, tmp_path / "dir" / "scaled", rank_scales={"2": 3.0})
     saved_adapter(model, tmp_path / "dir" / "ref", scale_rows=(2, 3.0))
-    engine = LLMEngine(EngineConfig(adapters=[str(tmp_path / "dir")], max_num_seqs=4, max_model_len=64, warmup=False),
-                       hf_model=model, tokenizer=tokenizer)
+    engine = LLMEngine(
+        EngineConfig(adapters=[str(tmp_path / "dir")], max_num_seqs=4, max_model_len=64, warmup=False),
+        hf_model=model,
+        tokenizer=tokenizer,
+    )
     scaled_2, ref_2, base = greedy_tokens(engine, [("scaled", 2), ("ref", 2), (None, None)])
     assert scaled_2 == ref_2 and scaled_2 != base

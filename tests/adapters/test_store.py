@@ -15,8 +15,15 @@ TARGETS = ("q_proj", "v_proj", "down_proj")
 
 def make_manifest(model, **overrides):
     values = dict(
-        name="tiny-adapter", base_model=model_id(model), base_fingerprint=model_fingerprint(model),
-        target_modules=TARGETS, r_max=4, train_ranks=(1, 2, 4), scaling="sqrt", method="matryoshka", alpha=2.0,
+        name="tiny-adapter",
+        base_model=model_id(model),
+        base_fingerprint=model_fingerprint(model),
+        target_modules=TARGETS,
+        r_max=4,
+        train_ranks=(1, 2, 4),
+        scaling="sqrt",
+        method="matryoshka",
+        alpha=2.0,
     )
     return store.AdapterManifest(**(values | overrides))
 
@@ -50,10 +57,24 @@ def test_manifest_json_roundtrip(tiny_model):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("name", ""), ("name", "a b"), ("name", "../x"), ("r_max", 0), ("r_max", 2.0), ("train_ranks", (2, 1)),
-     ("train_ranks", (1, 8)), ("train_ranks", ()), ("scaling", "log"), ("method", "qlora"), ("alpha", -1.0),
-     ("target_modules", ()), ("target_modules", "q_proj"), ("format_version", 2), ("eval_results", [1]),
-     ("base_fingerprint", "")],
+    [
+        ("name", ""),
+        ("name", "a b"),
+        ("name", "../x"),
+        ("r_max", 0),
+        ("r_max", 2.0),
+        ("train_ranks", (2, 1)),
+        ("train_ranks", (1, 8)),
+        ("train_ranks", ()),
+        ("scaling", "log"),
+        ("method", "qlora"),
+        ("alpha", -1.0),
+        ("target_modules", ()),
+        ("target_modules", "q_proj"),
+        ("format_version", 2),
+        ("eval_results", [1]),
+        ("base_fingerprint", ""),
+    ],
 )
 def test_manifest_rejects_bad_fields(tiny_model, field, value):
     with pytest.raises(ConfigError) as info:
@@ -63,11 +84,14 @@ def test_manifest_rejects_bad_fields(tiny_model, field, value):
 
 @pytest.mark.parametrize(
     "edit, message",
-    [(lambda d: "{not json", "not valid JSON"), (lambda d: "[]", "JSON object"),
-     (lambda d: json.dumps({k: v for k, v in d.items() if k != "r_max"}), "missing fields"),
-     (lambda d: json.dumps(d | {"rmax": 4}), "unknown fields"),
-     (lambda d: json.dumps(d | {"format_version": 99}), "format_version"),
-     (lambda d: json.dumps(d | {"scaling": "log"}), "scaling")],
+    [
+        (lambda d: "{not json", "not valid JSON"),
+        (lambda d: "[]", "JSON object"),
+        (lambda d: json.dumps({k: v for k, v in d.items() if k != "r_max"}), "missing fields"),
+        (lambda d: json.dumps(d | {"rmax": 4}), "unknown fields"),
+        (lambda d: json.dumps(d | {"format_version": 99}), "format_version"),
+        (lambda d: json.dumps(d | {"scaling": "log"}), "scaling"),
+    ],
 )
 def test_manifest_from_json_errors(tiny_model, edit, message):
     values = json.loads(make_manifest(tiny_model).to_json())
@@ -143,7 +167,10 @@ Q = "model.layers.0.self_attn.q_proj"
         (lambda out: rewrite_tensors(out, set_key(f"{Q}.lora_B", torch.full((4, 32), float("nan")))), "NaN"),
         (lambda out: rewrite_tensors(out, set_key(f"{Q}.lora_B", torch.zeros(4, 32, dtype=torch.int32))), "float"),
         (lambda out: rewrite_tensors(out, add_up_proj), "target_modules"),
-        (lambda out: rewrite_tensors(out, lambda t: [t.pop(k) for k in list(t) if "v_proj" in k]), "no tensors for target"),
+        (
+            lambda out: rewrite_tensors(out, lambda t: [t.pop(k) for k in list(t) if "v_proj" in k]),
+            "no tensors for target",
+        ),
     ],
 )
 def test_load_refuses_a_damaged_directory(saved, damage, message):

@@ -30,15 +30,22 @@ def backend_for(tiny_model_dir, adapters_dir, **overrides):
     from matryoshka_lora.backends.native import NativeBackend
     from matryoshka_lora.engine.config import EngineConfig
 
-    values = {"model": str(tiny_model_dir), "adapters": [str(adapters_dir / "served")], "max_num_seqs": 4,
-                  "max_model_len": 256, "num_threads": 1, "warmup": True}
+    values = {
+        "model": str(tiny_model_dir),
+        "adapters": [str(adapters_dir / "served")],
+        "max_num_seqs": 4,
+        "max_model_len": 256,
+        "num_threads": 1,
+        "warmup": True,
+    }
     values.update(overrides)
     return NativeBackend(EngineConfig(**values))
 
 
 def req(i, adapter="alpha", rank=None, max_tokens=8, budget=None, prompt=(5, 6, 7)):
-    return GenerationRequest(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), adapter, rank,
-                             latency_budget_ms=budget)
+    return GenerationRequest(
+        f"r{i}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), adapter, rank, latency_budget_ms=budget
+    )
 
 
 async def collect(backend, request):
@@ -51,8 +58,9 @@ def test_generate_streams_and_reports(tiny_model_dir, adapters_dir):
         assert not backend.ready
         await backend.start()
         assert backend.ready and [a.name for a in backend.list_adapters()] == ["alpha"]
-        results = await asyncio.gather(*(collect(backend, req(i, *case)) for i, case in
-                                         enumerate([("alpha", 2), ("alpha", None), (None, None)])))
+        results = await asyncio.gather(
+            *(collect(backend, req(i, *case)) for i, case in enumerate([("alpha", 2), ("alpha", None), (None, None)]))
+        )
         await backend.shutdown(5.0)
         return results
 
@@ -171,6 +179,7 @@ def test_the_engine_is_built_warmed_up_and_stepped_on_one_thread(tiny_model_dir,
         def wrapped(*args, **kwargs):
             seen[key].add(threading.get_ident())
             return fn(*args, **kwargs)
+
         return wrapped
 
     monkeypatch.setattr(engine.LLMEngine, "__init__", spy("init", real_init))

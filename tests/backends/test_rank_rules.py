@@ -9,17 +9,21 @@ from matryoshka_lora.backends.rank_rules import check_budget_met
 from matryoshka_lora.errors import BudgetUnmetError
 
 
-@pytest.mark.parametrize("reason, refuse, predicted_s, typical_s, refused", [
-    ("budget_unmet", True, 3.0, None, True),  # no typical estimate (the vLLM backend's table): refused
-    ("budget_unmet", True, 3.0, 2.5, True),  # even the typical case is late for a 2 s budget
-    ("budget_unmet", True, 3.0, 2.0, False),  # the typical case meets it exactly: served at the lowest rank
-    ("budget_unmet", True, 3.0, 1.2, False),
-    ("budget_unmet", False, 3.0, 2.5, False),  # --budget-unmet serve: never refused
-    ("budget", True, 1.5, None, False),  # a rank met the budget
-])
+@pytest.mark.parametrize(
+    "reason, refuse, predicted_s, typical_s, refused",
+    [
+        ("budget_unmet", True, 3.0, None, True),  # no typical estimate (the vLLM backend's table): refused
+        ("budget_unmet", True, 3.0, 2.5, True),  # even the typical case is late for a 2 s budget
+        ("budget_unmet", True, 3.0, 2.0, False),  # the typical case meets it exactly: served at the lowest rank
+        ("budget_unmet", True, 3.0, 1.2, False),
+        ("budget_unmet", False, 3.0, 2.5, False),  # --budget-unmet serve: never refused
+        ("budget", True, 1.5, None, False),  # a rank met the budget
+    ],
+)
 def test_who_is_refused(reason, refuse, predicted_s, typical_s, refused):
-    request = GenerationRequest("r", (1, 2), SamplingParams(max_tokens=4), "alpha", latency_budget_ms=2000.0,
-                                refuse_unmet_budget=refuse)
+    request = GenerationRequest(
+        "r", (1, 2), SamplingParams(max_tokens=4), "alpha", latency_budget_ms=2000.0, refuse_unmet_budget=refuse
+    )
     if not refused:
         check_budget_met(request, reason, 1, predicted_s, typical_s)
         return

@@ -60,7 +60,7 @@ def reference_tokens(default_model, adapter_dir, prompt_ids):
         with torch.no_grad():  # plain argmax, EOS included (the requests ignore EOS, they do not mask it)
             for _ in range(NUM_TOKENS):
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-        out[rank] = ids[len(prompt_ids):]
+        out[rank] = ids[len(prompt_ids) :]
     return out
 
 
@@ -69,8 +69,13 @@ def served(adapter_dir, reference_tokens, tmp_path_factory):
     """(backend, event loop): one started VLLMBackend for the module, driven from a private loop."""
     from matryoshka_lora.backends.vllm_backend import VLLMBackend, VLLMConfig
 
-    config = VLLMConfig(adapters=[str(adapter_dir)], max_loras=2, max_num_seqs=4, max_model_len=512,
-                        cache_dir=str(tmp_path_factory.mktemp("vllm-cache")))
+    config = VLLMConfig(
+        adapters=[str(adapter_dir)],
+        max_loras=2,
+        max_num_seqs=4,
+        max_model_len=512,
+        cache_dir=str(tmp_path_factory.mktemp("vllm-cache")),
+    )
     backend = VLLMBackend(config)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(backend.start())
@@ -80,8 +85,9 @@ def served(adapter_dir, reference_tokens, tmp_path_factory):
 
 
 def request(rid, adapter="rnd", rank=None, prompt=(1, 2, 3), max_tokens=NUM_TOKENS, budget=None):
-    return GenerationRequest(rid, tuple(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                             adapter, rank, budget)
+    return GenerationRequest(
+        rid, tuple(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True), adapter, rank, budget
+    )
 
 
 def run(served, coro):
@@ -100,16 +106,20 @@ def test_start_serves_the_adapter(served):
     assert (info.name, info.r_max, info.train_ranks, info.method) == ("rnd", R_MAX, (1, 2, 4, 8), "matryoshka")
 
 
-@pytest.mark.parametrize("adapter, rank, budget, served_rank, reason", [
-    ("rnd", 2, None, 2, "requested"),
-    ("rnd", None, None, R_MAX, "default"),
-    (None, None, None, 0, "base"),
-    ("rnd", None, 1e7, R_MAX, "budget"),
-    ("rnd", None, 1e-3, 1, "budget_unmet"),
-])
+@pytest.mark.parametrize(
+    "adapter, rank, budget, served_rank, reason",
+    [
+        ("rnd", 2, None, 2, "requested"),
+        ("rnd", None, None, R_MAX, "default"),
+        (None, None, None, 0, "base"),
+        ("rnd", None, 1e7, R_MAX, "budget"),
+        ("rnd", None, 1e-3, 1, "budget_unmet"),
+    ],
+)
 def test_request_returns_text_and_served_rank(served, prompt_ids, adapter, rank, budget, served_rank, reason):
-    events = run(served, collect(served[0], request(f"rank-{adapter}-{rank}-{budget}", adapter, rank, prompt_ids,
-                                                    budget=budget)))
+    events = run(
+        served, collect(served[0], request(f"rank-{adapter}-{rank}-{budget}", adapter, rank, prompt_ids, budget=budget))
+    )
     assert {(e.rank, e.rank_reason) for e in events} == {(served_rank, reason)}
     assert "".join(e.text_delta for e in events).strip()
     assert sum(len(e.token_ids) for e in events) == NUM_TOKENS
@@ -150,10 +160,17 @@ def test_closing_the_stream_aborts_the_request(served, prompt_ids):
     assert not backend._in_flight
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(rank=9), InvalidRankError), (dict(rank=0), InvalidRankError), (dict(adapter=None, rank=2), InvalidRankError),
-    (dict(adapter="nope"), UnknownAdapterError), (dict(prompt=()), ConfigError), (dict(max_tokens=0), ConfigError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(rank=9), InvalidRankError),
+        (dict(rank=0), InvalidRankError),
+        (dict(adapter=None, rank=2), InvalidRankError),
+        (dict(adapter="nope"), UnknownAdapterError),
+        (dict(prompt=()), ConfigError),
+        (dict(max_tokens=0), ConfigError),
+    ],
+)
 def test_bad_requests_raise_before_enqueueing(served, kwargs, error):
     with pytest.raises(error):
         served[0].generate(request("bad", **kwargs))

@@ -16,8 +16,9 @@ from matryoshka_lora.backends.vllm_stats import adapter_names
 from matryoshka_lora.errors import BudgetUnmetError, ConfigError, InvalidRankError, UnknownAdapterError
 
 
-@pytest.mark.parametrize("r_max, expected",
-                         [(1, 1), (2, 8), (8, 8), (9, 16), (16, 16), (33, 64), (300, 320), (512, 512)])
+@pytest.mark.parametrize(
+    "r_max, expected", [(1, 1), (2, 8), (8, 8), (9, 16), (16, 16), (33, 64), (300, 320), (512, 512)]
+)
 def test_max_lora_rank_rounds_up_to_a_vllm_size(r_max, expected):
     assert vllm_max_lora_rank(r_max) == expected
 
@@ -28,8 +29,15 @@ def test_max_lora_rank_refuses(r_max):
         vllm_max_lora_rank(r_max)
 
 
-@pytest.mark.parametrize("name, expected", [("add3@8", ("add3", 8)), ("add3", ("add3", None)),
-                                            ("a@b@4", ("a@b", 4)), ("my.adapter-1@16", ("my.adapter-1", 16))])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("add3@8", ("add3", 8)),
+        ("add3", ("add3", None)),
+        ("a@b@4", ("a@b", 4)),
+        ("my.adapter-1@16", ("my.adapter-1", 16)),
+    ],
+)
 def test_parse_lora_name(name, expected):
     assert parse_lora_name(name) == expected
 
@@ -93,23 +101,27 @@ ADAPTERS = {"add3": ServedAdapter("add3", "/x/add3", 16, (1, 2, 4, 8, 16), "d")}
 
 
 def request(adapter="add3", rank=None, budget=None, max_rank=None, refuse=False):
-    return GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=10), adapter, rank, budget, max_rank,
-                             refuse_unmet_budget=refuse)
+    return GenerationRequest(
+        "r", (1, 2, 3), SamplingParams(max_tokens=10), adapter, rank, budget, max_rank, refuse_unmet_budget=refuse
+    )
 
 
-@pytest.mark.parametrize("kwargs, rank, reason", [
-    (dict(adapter=None), 0, "base"),
-    (dict(adapter=None, rank=0), 0, "base"),
-    (dict(rank=4), 4, "requested"),
-    (dict(rank=16), 16, "requested"),
-    (dict(), 16, "default"),
-    (dict(max_rank=6), 6, "default"),
-    (dict(budget=10_000), 16, "budget"),  # prior: 0.1 + 9 * 0.03 = 0.37 s fits
-    (dict(budget=10_000, max_rank=6), 4, "budget"),  # the highest train rank under the cap
-    (dict(budget=1), 1, "budget_unmet"),
-    (dict(budget=10_000, refuse=True), 16, "budget"),  # refusing changes nothing when a rank fits
-    (dict(rank=16, refuse=True), 16, "requested"),
-])
+@pytest.mark.parametrize(
+    "kwargs, rank, reason",
+    [
+        (dict(adapter=None), 0, "base"),
+        (dict(adapter=None, rank=0), 0, "base"),
+        (dict(rank=4), 4, "requested"),
+        (dict(rank=16), 16, "requested"),
+        (dict(), 16, "default"),
+        (dict(max_rank=6), 6, "default"),
+        (dict(budget=10_000), 16, "budget"),  # prior: 0.1 + 9 * 0.03 = 0.37 s fits
+        (dict(budget=10_000, max_rank=6), 4, "budget"),  # the highest train rank under the cap
+        (dict(budget=1), 1, "budget_unmet"),
+        (dict(budget=10_000, refuse=True), 16, "budget"),  # refusing changes nothing when a rank fits
+        (dict(rank=16, refuse=True), 16, "requested"),
+    ],
+)
 def test_resolve_rank(kwargs, rank, reason):
     choice = resolve_rank(request(**kwargs), ADAPTERS, RankLatencyTable(), max_tokens=10)
     assert (choice.rank, choice.reason) == (rank, reason)
@@ -124,11 +136,19 @@ def test_resolve_rank_refuses_an_unmet_budget_when_asked():
     assert info.value.retry_after_s == 1.0  # at least a second
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(rank=17), InvalidRankError), (dict(rank=0), InvalidRankError), (dict(rank=5, max_rank=4), InvalidRankError),
-    (dict(adapter=None, rank=2), InvalidRankError), (dict(adapter="nope"), UnknownAdapterError),
-    (dict(rank=2, budget=100), ConfigError), (dict(budget=0), ConfigError), (dict(max_rank=0), ConfigError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(rank=17), InvalidRankError),
+        (dict(rank=0), InvalidRankError),
+        (dict(rank=5, max_rank=4), InvalidRankError),
+        (dict(adapter=None, rank=2), InvalidRankError),
+        (dict(adapter="nope"), UnknownAdapterError),
+        (dict(rank=2, budget=100), ConfigError),
+        (dict(budget=0), ConfigError),
+        (dict(max_rank=0), ConfigError),
+    ],
+)
 def test_resolve_rank_refuses(kwargs, error):
     with pytest.raises(error):
         resolve_rank(request(**kwargs), ADAPTERS, RankLatencyTable(), max_tokens=10)
@@ -163,18 +183,26 @@ def test_prepare_cpu_env_sets_only_what_is_unset(monkeypatch):
     monkeypatch.setattr(vllm_env, "find_preload_libs", lambda prefix=None: libs)
     env = {"VLLM_CPU_KVCACHE_SPACE": "4", "LD_PRELOAD": "/other.so"}
     changed = vllm_env.prepare_cpu_env(num_threads=2, environ=env)
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-                   "LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4:/v/lib/libiomp5.so:/other.so"}
+    assert env == {
+        "VLLM_CPU_KVCACHE_SPACE": "4",
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+        "LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4:/v/lib/libiomp5.so:/other.so",
+    }
     assert set(changed) == {"VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD"}
     assert vllm_env.prepare_cpu_env(num_threads=2, environ=env) == {}  # idempotent
     with pytest.raises(ConfigError):
         vllm_env.prepare_cpu_env(num_threads=0, environ={})
 
 
-@pytest.mark.parametrize("importable, cpu_build, cuda, expected", [
-    (False, False, True, "native"), (True, True, True, "native"), (True, False, False, "native"),
-    (True, False, True, "vllm"),
-])
+@pytest.mark.parametrize(
+    "importable, cpu_build, cuda, expected",
+    [
+        (False, False, True, "native"),
+        (True, True, True, "native"),
+        (True, False, False, "native"),
+        (True, False, True, "vllm"),
+    ],
+)
 def test_choose_backend_auto(monkeypatch, importable, cpu_build, cuda, expected):
     monkeypatch.setattr(vllm_env, "vllm_importable", lambda: importable)
     monkeypatch.setattr(vllm_env, "is_cpu_build", lambda: cpu_build)
@@ -204,8 +232,24 @@ def test_config_from_server_settings():
     from matryoshka_lora.backends.vllm_backend import VLLMBackend
     from matryoshka_lora.server.settings import load_settings
 
-    settings = load_settings(max_loras=3, max_num_seqs=5, max_queue_len=7, max_model_len=300, num_threads=1,
-                             seed=9, adapters=[], backend="vllm")
+    settings = load_settings(
+        max_loras=3,
+        max_num_seqs=5,
+        max_queue_len=7,
+        max_model_len=300,
+        num_threads=1,
+        seed=9,
+        adapters=[],
+        backend="vllm",
+    )
     config = VLLMBackend.from_settings(settings).config
-    assert (config.max_loras, config.max_num_seqs, config.max_queue_len, config.max_model_len, config.num_threads,
-            config.seed, config.adapters, config.model) == (3, 5, 7, 300, 1, 9, [], None)
+    assert (
+        config.max_loras,
+        config.max_num_seqs,
+        config.max_queue_len,
+        config.max_model_len,
+        config.num_threads,
+        config.seed,
+        config.adapters,
+        config.model,
+    ) == (3, 5, 7, 300, 1, 9, [], None)

@@ -46,7 +46,9 @@ def dropped_keys(given: Any, round_trip: Any, path: str = "dashboard") -> list[s
                 errors += dropped_keys(value, round_trip[key], f"{path}.{key}")
         return errors
     if isinstance(given, list) and isinstance(round_trip, list):
-        return [error for i, (a, b) in enumerate(zip(given, round_trip)) for error in dropped_keys(a, b, f"{path}[{i}]")]
+        return [
+            error for i, (a, b) in enumerate(zip(given, round_trip)) for error in dropped_keys(a, b, f"{path}[{i}]")
+        ]
     return []
 
 

@@ -56,8 +56,13 @@ def docker_daemon() -> Iterator[dict]:
     dockerd = "/usr/sbin/dockerd" if Path("/usr/sbin/dockerd").is_file() else find_tool("dockerd")
     CACHE.mkdir(parents=True, exist_ok=True)
     log = CACHE / "dockerd.log"
-    args = [dockerd, f"--data-root={CACHE / 'docker'}", "--exec-root=/tmp/matryoshka-deploy-exec",
-            "--pidfile=/tmp/matryoshka-deploy-dockerd.pid", f"--host=unix://{SOCKET}"]
+    args = [
+        dockerd,
+        f"--data-root={CACHE / 'docker'}",
+        "--exec-root=/tmp/matryoshka-deploy-exec",
+        "--pidfile=/tmp/matryoshka-deploy-dockerd.pid",
+        f"--host=unix://{SOCKET}",
+    ]
     daemon = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -80,8 +85,13 @@ def base_image(env: dict) -> str:
     if docker("image", "inspect", BASE_IMAGE, env=env, check=False).returncode == 0:
         return BASE_IMAGE
     find_tool("debootstrap")
-    result = subprocess.run(["bash", str(Path(__file__).with_name("make_base_image.sh")), BASE_IMAGE, str(CACHE)],
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", str(Path(__file__).with_name("make_base_image.sh")), BASE_IMAGE, str(CACHE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if result.returncode != 0:
         raise AssertionError(f"make_base_image.sh failed:\n{result.stdout}\n{result.stderr}")
     return BASE_IMAGE
@@ -118,13 +128,20 @@ def local_torch_index() -> Iterator[str | None]:
 def build_cpu_image(env: dict, tag: str, log: Path) -> str:
     """`docker build --target cpu` of the repository (niced: the machine is shared); returns its log."""
     with local_torch_index() as torch_index:
-        args = [find_tool("docker"), "build", "--network=host", "--target=cpu", f"--tag={tag}",
-                f"--build-arg=BASE_IMAGE={base_image(env)}"]
+        args = [
+            find_tool("docker"),
+            "build",
+            "--network=host",
+            "--target=cpu",
+            f"--tag={tag}",
+            f"--build-arg=BASE_IMAGE={base_image(env)}",
+        ]
         if torch_index:
             args.append(f"--build-arg=TORCH_INDEX_URL={torch_index}")
         with log.open("w") as out:
-            result = subprocess.run(["nice", "-n", "10", *args, str(REPO)], env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, timeout=900)
+            result = subprocess.run(
+                ["nice", "-n", "10", *args, str(REPO)], env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900
+            )
     text = log.read_text(errors="replace")
     if result.returncode != 0:
         raise AssertionError(f"docker build failed ({result.returncode}):\n" + "\n".join(text.splitlines()[-40:]))

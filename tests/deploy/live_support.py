@@ -52,8 +52,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(probe: Callable[[], T | None], timeout_s: float, what: str, proc: subprocess.Popen | None = None,
-               log: Path | None = None, interval_s: float = 0.25) -> T:
+def wait_until(
+    probe: Callable[[], T | None],
+    timeout_s: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+    interval_s: float = 0.25,
+) -> T:
     """Call `probe` until it returns a truthy value; fail after `timeout_s` or when `proc` has exited."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -92,9 +98,15 @@ def write_tiny_adapter(model_dir: Path, out_dir: Path, name: str = TINY_ADAPTER,
             lora_B = torch.randn(r_max, module.out_features, generator=generator) * 0.1
             weights[path] = (lora_A, lora_B)
     manifest = AdapterManifest(
-        name=name, base_model=model_id(model), base_fingerprint=model_fingerprint(model),
-        target_modules=("q_proj", "v_proj"), r_max=r_max, train_ranks=TINY_RANKS, scaling="none",
-        method="matryoshka", notes="random weights for the deploy tests",
+        name=name,
+        base_model=model_id(model),
+        base_fingerprint=model_fingerprint(model),
+        target_modules=("q_proj", "v_proj"),
+        r_max=r_max,
+        train_ranks=TINY_RANKS,
+        scaling="none",
+        method="matryoshka",
+        notes="random weights for the deploy tests",
     )
     return save_adapter(out_dir / name, manifest, weights)
 
@@ -102,12 +114,26 @@ def write_tiny_adapter(model_dir: Path, out_dir: Path, name: str = TINY_ADAPTER,
 def start_server(model_dir: Path, adapters_dir: Path, port: int, log: Path) -> subprocess.Popen:
     """`matryoshka-lora serve` on 127.0.0.1:port, open (no tenants), one torch thread."""
     env = dict(os.environ, MATRYOSHKA_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "matryoshka_lora.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--model", str(model_dir), "--adapters", str(adapters_dir)]
+    args = [
+        sys.executable,
+        "-m",
+        "matryoshka_lora.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        str(model_dir),
+        "--adapters",
+        str(adapters_dir),
+    ]
     return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=log.parent)
 
 
-def start_prometheus(prometheus: str, target: str, port: int, work_dir: Path, rule_files: list[Path]) -> subprocess.Popen:
+def start_prometheus(
+    prometheus: str, target: str, port: int, work_dir: Path, rule_files: list[Path]
+) -> subprocess.Popen:
     """A real Prometheus on 127.0.0.1:port scraping `target` every second, evaluating `rule_files`."""
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -117,8 +143,13 @@ def start_prometheus(prometheus: str, target: str, port: int, work_dir: Path, ru
     config_file = work_dir / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config))
     log = work_dir / "prometheus.log"
-    args = [prometheus, f"--config.file={config_file}", f"--storage.tsdb.path={work_dir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+    args = [
+        prometheus,
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={work_dir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
     return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

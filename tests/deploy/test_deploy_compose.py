@@ -33,7 +33,9 @@ def _spec():
 @pytest.fixture(scope="module", params=PROFILES)
 def rendered(request) -> tuple[str, str]:
     """(profile, `docker-compose config` output) for each profile."""
-    result = run_tool([find_tool("docker-compose"), "-f", str(COMPOSE), "--profile", request.param, "config"], env=_env())
+    result = run_tool(
+        [find_tool("docker-compose"), "-f", str(COMPOSE), "--profile", request.param, "config"], env=_env()
+    )
     assert result.returncode == 0, result.stderr
     return request.param, result.stdout
 
@@ -104,7 +106,9 @@ def test_prometheus_scrapes_the_server_with_its_rules(rendered):
     host, port = target.split(":")
     server = _server(profile, services)
     assert host in server["networks"]["default"]["aliases"]
-    assert any(str(p["target"] if isinstance(p, dict) else p.split(":")[-1].split("/")[0]) == port for p in server["ports"])
+    assert any(
+        str(p["target"] if isinstance(p, dict) else p.split(":")[-1].split("/")[0]) == port for p in server["ports"]
+    )
 
 
 def test_grafana_loads_the_provisioning_and_dashboards(rendered):
@@ -120,8 +124,10 @@ def test_server_profiles(rendered):
     profile, text = rendered
     server = _server(profile, _services(text))
     devices = server.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
-    ports = [p if isinstance(p, str) else f"{p.get('host_ip', '0.0.0.0')}:{p['published']}:{p['target']}"
-             for p in server["ports"]]
+    ports = [
+        p if isinstance(p, str) else f"{p.get('host_ip', '0.0.0.0')}:{p['published']}:{p['target']}"
+        for p in server["ports"]
+    ]
     env = server["environment"]
     if profile == "gpu":
         assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]

@@ -50,15 +50,26 @@ def live(tiny_model_dir, tmp_path_factory):
     server_url, prom_url = f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{prom_port}"
     server_log = work / "server.log"
     server = start_server(tiny_model_dir, work / "adapters", server_port, server_log)
-    prom = start_prometheus(prometheus, f"127.0.0.1:{server_port}", prom_port, work, [DEPLOY / "prometheus" / "alerts.yml"])
+    prom = start_prometheus(
+        prometheus, f"127.0.0.1:{server_port}", prom_port, work, [DEPLOY / "prometheus" / "alerts.yml"]
+    )
     try:
-        wait_until(lambda: httpx.get(f"{server_url}/ready", timeout=5).status_code == 200, 180, "/ready", server, server_log)
-        wait_until(lambda: httpx.get(f"{prom_url}/-/ready", timeout=5).status_code == 200, 60, "Prometheus",
-                   prom, work / "prometheus.log")
+        wait_until(
+            lambda: httpx.get(f"{server_url}/ready", timeout=5).status_code == 200, 180, "/ready", server, server_log
+        )
+        wait_until(
+            lambda: httpx.get(f"{prom_url}/-/ready", timeout=5).status_code == 200,
+            60,
+            "Prometheus",
+            prom,
+            work / "prometheus.log",
+        )
         total = "sum(matryoshka_requests_total)"
         for wave in (1, 2):
             assert send_wave(server_url) == EXPECTED_STATUS, tail(server_log)
-            wait_until(lambda: prom_scalar(prom_url, total) == wave * len(MIXED_TRAFFIC), 30, f"scrape after wave {wave}")
+            wait_until(
+                lambda: prom_scalar(prom_url, total) == wave * len(MIXED_TRAFFIC), 30, f"scrape after wave {wave}"
+            )
         yield server_url, prom_url
     finally:
         stop(prom)

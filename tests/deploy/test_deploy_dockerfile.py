@@ -94,5 +94,7 @@ def test_dockerignore_keeps_the_context_small():
     included = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
     copied = {src for target in ("cpu", "gpu") for args in instructions(target, "COPY") for src in args.split()[:-1]}
     for source in copied:
-        assert any(source == inc or source.startswith(inc + "/") or re.fullmatch(source.replace("[d]", "d"), inc)
-                   for inc in included), f"COPY {source} is excluded by .dockerignore"
+        assert any(
+            source == inc or source.startswith(inc + "/") or re.fullmatch(source.replace("[d]", "d"), inc)
+            for inc in included
+        ), f"COPY {source} is excluded by .dockerignore"

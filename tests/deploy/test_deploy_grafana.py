@@ -90,13 +90,21 @@ def test_queries_use_only_documented_metrics(dashboard):
 
 
 def test_dashboard_covers_every_served_metric(dashboard):
-    used = {base_metric(name) for query in panel_queries(dashboard) for name in re.findall(r"\bmatryoshka_[a-z_]+", query.expr)}
+    used = {
+        base_metric(name)
+        for query in panel_queries(dashboard)
+        for name in re.findall(r"\bmatryoshka_[a-z_]+", query.expr)
+    }
     assert {name for name in documented_metrics() if name.startswith("matryoshka_")} - used == set()
 
 
 @pytest.mark.parametrize(
     "histogram",
-    ["matryoshka_time_to_first_token_seconds", "matryoshka_time_per_output_token_seconds", "matryoshka_request_latency_seconds"],
+    [
+        "matryoshka_time_to_first_token_seconds",
+        "matryoshka_time_per_output_token_seconds",
+        "matryoshka_request_latency_seconds",
+    ],
 )
 def test_latency_quantiles_by_rank_and_adapter(dashboard, histogram):
     exprs = [query.expr for query in panel_queries(dashboard) if f"{histogram}_bucket" in query.expr]

@@ -39,14 +39,25 @@ def container(tmp_path_factory):
         build_log = build_cpu_image(env, IMAGE, work / "build.log")
         docker("rm", "-f", CONTAINER, env=env, check=False)
         port = free_port()
-        docker("run", "--detach", f"--name={CONTAINER}", f"--publish=127.0.0.1:{port}:8000",
-               "--env=MATRYOSHKA_ALLOW_OPEN=true", "--env=MATRYOSHKA_ADAPTERS=/adapters",
-               f"--env=MATRYOSHKA_DRAIN_TIMEOUT_S={DRAIN_TIMEOUT_S}",
-               # a short warm-up on a shared CPU: one thread (no OpenMP spinning), a small grid
-               "--env=MATRYOSHKA_NUM_THREADS=1", "--env=MATRYOSHKA_MAX_NUM_SEQS=2", "--env=MATRYOSHKA_MAX_MODEL_LEN=160",
-               f"--volume={adapters}:/adapters:ro", IMAGE, env=env)
+        docker(
+            "run",
+            "--detach",
+            f"--name={CONTAINER}",
+            f"--publish=127.0.0.1:{port}:8000",
+            "--env=MATRYOSHKA_ALLOW_OPEN=true",
+            "--env=MATRYOSHKA_ADAPTERS=/adapters",
+            f"--env=MATRYOSHKA_DRAIN_TIMEOUT_S={DRAIN_TIMEOUT_S}",
+            # a short warm-up on a shared CPU: one thread (no OpenMP spinning), a small grid
+            "--env=MATRYOSHKA_NUM_THREADS=1",
+            "--env=MATRYOSHKA_MAX_NUM_SEQS=2",
+            "--env=MATRYOSHKA_MAX_MODEL_LEN=160",
+            f"--volume={adapters}:/adapters:ro",
+            IMAGE,
+            env=env,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
+
             def ready():
                 state = docker("inspect", "--format={{.State.Running}}", CONTAINER, env=env).stdout.strip()
                 if state != "true":
@@ -104,7 +115,9 @@ def test_sigterm_drains_the_request_in_flight(container):
     body = {"adapter": TINY_ADAPTER, "rank": 8, "prompt": "Write a long story about a lighthouse keeper."}
     worker = threading.Thread(target=lambda: result.update(response=generate(url, body, max_tokens=96, timeout_s=300)))
     worker.start()
-    wait_until(lambda: (metric_value(url, "matryoshka_num_requests_running") or 0) >= 1, 60, "the request to be running")
+    wait_until(
+        lambda: (metric_value(url, "matryoshka_num_requests_running") or 0) >= 1, 60, "the request to be running"
+    )
     started = time.monotonic()
     docker("kill", "--signal=SIGTERM", CONTAINER, env=env)
     worker.join(DRAIN_TIMEOUT_S + 30)

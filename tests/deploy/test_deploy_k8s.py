@@ -44,10 +44,16 @@ def test_core_manifests_validate_strictly(tool, version):
     [
         ("          image: registry", "          imag: registry", "'imag' was unexpected"),
         ("  replicas: 2", "  replicas: two", "'two' is not of type 'integer'"),
-        ("            periodSeconds: 10\n            failureThreshold: 90",
-         "            periodSeconds: ten\n            failureThreshold: 90", "'ten' is not of type 'integer'"),
-        ("      terminationGracePeriodSeconds: 75", "      terminationGracePeriod: 75",
-         "'terminationGracePeriod' was unexpected"),
+        (
+            "            periodSeconds: 10\n            failureThreshold: 90",
+            "            periodSeconds: ten\n            failureThreshold: 90",
+            "'ten' is not of type 'integer'",
+        ),
+        (
+            "      terminationGracePeriodSeconds: 75",
+            "      terminationGracePeriod: 75",
+            "'terminationGracePeriod' was unexpected",
+        ),
     ],
     ids=["unknown-field", "replicas-type", "probe-type", "misspelt-grace"],
 )
@@ -119,7 +125,9 @@ def test_deployment_runs_on_gpu_nodes():
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
-@pytest.mark.parametrize("probe, path", [("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")])
+@pytest.mark.parametrize(
+    "probe, path", [("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")]
+)
 def test_probes(probe, path):
     container = _container(by_kind()["Deployment"])
     port_names = {port["name"] for port in container["ports"]}
@@ -165,4 +173,3 @@ def test_ports_agree():
     assert objects["InferencePool"]["spec"]["targetPorts"] == [{"number": port["containerPort"]}]
     (rule,) = objects["HTTPRoute"]["spec"]["rules"]
     assert rule["backendRefs"][0]["name"] == objects["InferencePool"]["metadata"]["name"]
-

@@ -38,13 +38,25 @@ def test_promtool_accepts(tool, args):
         ('{status=~"5.."}', '{status=~"[45].."}'),  # 4xx counted as errors
         ('{outcome=~"miss|refused"}', '{outcome="hit"}'),
         ('{outcome=~"miss|refused"}', '{outcome="miss"}'),  # refusals (--budget-unmet refuse) not counted
-        ("min_over_time(matryoshka_num_requests_waiting[10m]) > 0", "max_over_time(matryoshka_num_requests_waiting[10m]) > 0"),
+        (
+            "min_over_time(matryoshka_num_requests_waiting[10m]) > 0",
+            "max_over_time(matryoshka_num_requests_waiting[10m]) > 0",
+        ),
         ('{status="503"}', '{status="500"}'),
         ("matryoshka_kv_cache_usage_ratio > 0.95", "matryoshka_kv_cache_usage_ratio > 0.5"),
         ('up{job="matryoshka-lora"} == 0', 'up{job="matryoshka-lora"} == 1'),
     ],
-    ids=["ttft-threshold", "ttft-traffic-guard", "errors-4xx", "budget-outcome", "budget-refused", "queue-max",
-         "queue-503", "kv", "down"],
+    ids=[
+        "ttft-threshold",
+        "ttft-traffic-guard",
+        "errors-4xx",
+        "budget-outcome",
+        "budget-refused",
+        "queue-max",
+        "queue-503",
+        "kv",
+        "down",
+    ],
 )
 def test_unit_tests_catch_a_broken_rule(tool, tmp_path, old, new):
     rules = (PROM / "alerts.yml").read_text()
@@ -61,7 +73,11 @@ def _alerts() -> list[dict]:
 
 
 def test_every_alert_is_tested_firing_and_silent():
-    cases = [case for test in yaml.safe_load((PROM / "alerts_test.yml").read_text())["tests"] for case in test["alert_rule_test"]]
+    cases = [
+        case
+        for test in yaml.safe_load((PROM / "alerts_test.yml").read_text())["tests"]
+        for case in test["alert_rule_test"]
+    ]
     for rule in _alerts():
         mine = [case for case in cases if case["alertname"] == rule["alert"]]
         assert any(case["exp_alerts"] for case in mine), f"{rule['alert']} is never shown firing"

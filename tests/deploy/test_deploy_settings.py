@@ -24,7 +24,9 @@ def _compose() -> set[str]:
 
 def _k8s() -> set[str]:
     deployment = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
-    return {env["name"] for container in deployment["spec"]["template"]["spec"]["containers"] for env in container["env"]}
+    return {
+        env["name"] for container in deployment["spec"]["template"]["spec"]["containers"] for env in container["env"]
+    }
 
 
 @pytest.mark.parametrize("names", [_dockerfile, _compose, _k8s], ids=["Dockerfile", "compose", "k8s"])

@@ -24,11 +24,24 @@ def engine_adapters(tiny_hf, tmp_path_factory):
     model, _ = tiny_hf
     root = tmp_path_factory.mktemp("engine-adapters")
     save_random_adapter(model, root / "served" / "alpha", "alpha", 8, seed=1, std=0.3)
-    save_random_adapter(model, root / "served" / "beta", "beta", 4, scaling="sqrt", alpha=2.0,
-                        target_modules=("q_proj", "v_proj", "down_proj"), seed=2, std=0.3)
+    save_random_adapter(
+        model,
+        root / "served" / "beta",
+        "beta",
+        4,
+        scaling="sqrt",
+        alpha=2.0,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+        seed=2,
+        std=0.3,
+    )
     save_random_adapter(model, root / "gamma", "gamma", 4, seed=3, std=0.3)
-    return {"dir": root / "served", "alpha": root / "served" / "alpha", "beta": root / "served" / "beta",
-            "gamma": root / "gamma"}
+    return {
+        "dir": root / "served",
+        "alpha": root / "served" / "alpha",
+        "beta": root / "served" / "beta",
+        "gamma": root / "gamma",
+    }
 
 
 @pytest.fixture
@@ -38,8 +51,14 @@ def make_engine(tiny_hf, tiny_model_dir, engine_adapters):
     from matryoshka_lora.engine.engine import LLMEngine
 
     def make(**overrides):
-        values = {"model": str(tiny_model_dir), "adapters": [str(engine_adapters["dir"])], "max_num_seqs": 4,
-                      "max_model_len": 128, "num_threads": None, "warmup": False}
+        values = {
+            "model": str(tiny_model_dir),
+            "adapters": [str(engine_adapters["dir"])],
+            "max_num_seqs": 4,
+            "max_model_len": 128,
+            "num_threads": None,
+            "warmup": False,
+        }
         values.update(overrides)
         model, tokenizer = tiny_hf
         return LLMEngine(EngineConfig(**values), hf_model=model, tokenizer=tokenizer)

@@ -15,8 +15,14 @@ PROMPTS = [(5, 17, 33, 9), (40, 41, 42), (7, 8, 9, 10, 11, 12, 13), (99,), (64, 
 
 def request(i: int, adapter=None, rank=None, max_tokens=6, prompt=None, **sampling) -> GenerationRequest:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=sampling.pop("ignore_eos", True), **sampling)
-    return GenerationRequest(f"req-{i}", tuple(prompt or PROMPTS[i % len(PROMPTS)]), params, adapter, rank,
-                             tenant=sampling.get("tenant", "default"))
+    return GenerationRequest(
+        f"req-{i}",
+        tuple(prompt or PROMPTS[i % len(PROMPTS)]),
+        params,
+        adapter,
+        rank,
+        tenant=sampling.get("tenant", "default"),
+    )
 
 
 def run(engine, requests: list[GenerationRequest]) -> dict[str, list[GenerationEvent]]:

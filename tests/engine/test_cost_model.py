@@ -15,8 +15,14 @@ def synthetic(n=60, noise=0.0, seed=0):
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n):
-        f = StepFeatures(int(rng.integers(1, 256)), int(rng.integers(0, 4096)), int(rng.integers(0, 256)),
-                         int(rng.integers(0, 6)), int(rng.integers(0, 20000)), int(rng.integers(1, 32)))
+        f = StepFeatures(
+            int(rng.integers(1, 256)),
+            int(rng.integers(0, 4096)),
+            int(rng.integers(0, 256)),
+            int(rng.integers(0, 6)),
+            int(rng.integers(0, 20000)),
+            int(rng.integers(1, 32)),
+        )
         t = float(f.vector() @ TRUE) * (1 + noise * rng.standard_normal())
         samples.append((f, t))
     return samples
@@ -45,22 +51,34 @@ def test_online_correction_tracks_a_slower_machine():
 
 
 def load(num_running=4, num_waiting=0, max_num_seqs=8) -> LoadSnapshot:
-    return LoadSnapshot(num_running, num_waiting, max_num_seqs, adapters=((0, 2, 8), (1, 2, 4)),
-                        context_sum=4 * 50, mean_remaining=20.0, max_num_batched_tokens=256)
+    return LoadSnapshot(
+        num_running,
+        num_waiting,
+        max_num_seqs,
+        adapters=((0, 2, 8), (1, 2, 4)),
+        context_sum=4 * 50,
+        mean_remaining=20.0,
+        max_num_batched_tokens=256,
+    )
 
 
 def test_latency_grows_with_rank_and_load():
     model = CostModel(coef=TRUE.copy())
     ranks = [model.predict_latency(load(), 2, 20, 32, r) for r in (0, 1, 8, 64)]
     assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
-    assert model.predict_latency(load(num_running=8, num_waiting=8), 2, 20, 32, 8) > model.predict_latency(load(), 2, 20, 32, 8)
+    assert model.predict_latency(load(num_running=8, num_waiting=8), 2, 20, 32, 8) > model.predict_latency(
+        load(), 2, 20, 32, 8
+    )
 
 
-@pytest.mark.parametrize("budget_factor, expected_rank, met", [
-    (10.0, 64, True),  # generous: the highest candidate
-    (1.0, None, True),  # exactly the rank-8 prediction: rank 8 meets it, 64 does not
-    (0.01, 1, False),  # impossible: the lowest, flagged unmet
-])
+@pytest.mark.parametrize(
+    "budget_factor, expected_rank, met",
+    [
+        (10.0, 64, True),  # generous: the highest candidate
+        (1.0, None, True),  # exactly the rank-8 prediction: rank 8 meets it, 64 does not
+        (0.01, 1, False),  # impossible: the lowest, flagged unmet
+    ],
+)
 def test_choose_rank(budget_factor, expected_rank, met):
     model = CostModel(coef=TRUE.copy())
     snap = load()
@@ -70,10 +88,13 @@ def test_choose_rank(budget_factor, expected_rank, met):
     assert predicted == pytest.approx(model.predict_latency(snap, 2, 20, 32, rank))
 
 
-@pytest.mark.parametrize("margin, expected_rank, met", [
-    (1.0, 8, True),  # the budget is the rank-8 prediction
-    (1.5, 1, False),  # 1.5 x every prediction: the budget no longer fits rank 8, nor rank 1 (within 1.5x)
-])
+@pytest.mark.parametrize(
+    "margin, expected_rank, met",
+    [
+        (1.0, 8, True),  # the budget is the rank-8 prediction
+        (1.5, 1, False),  # 1.5 x every prediction: the budget no longer fits rank 8, nor rank 1 (within 1.5x)
+    ],
+)
 def test_choose_rank_scales_predictions_by_the_margin(margin, expected_rank, met):
     model = CostModel(coef=TRUE.copy())
     snap = load()
@@ -92,14 +113,17 @@ def test_choose_rank_uses_the_learned_margin_by_default():
     assert model.choose_rank(snap, 2, 20, 32, [8], budget)[:2] == (8, False)
 
 
-@pytest.mark.parametrize("adapters, slot, rank, expected", [
-    ((), 0, 0, (0, 0, 0)),  # base only
-    ((), 0, 8, (8, 8, 1)),  # the first LoRA row: one group at its rank
-    (((0, 3, 64),), 0, 1, (4 * 64, 64, 1)),  # joins a rank-64 group: computed at 64
-    (((0, 3, 8),), 0, 32, (4 * 32, 32, 1)),  # raises its adapter's group to 32
-    (((0, 3, 8),), 1, 2, (3 * 8 + 2, 8 + 2, 2)),  # another adapter: a group of its own
-    (((0, 64, 4),), 0, 4, (65 * 4, 2 * 4, 2)),  # past MAX_MASKED_ROWS rows: two groups
-])
+@pytest.mark.parametrize(
+    "adapters, slot, rank, expected",
+    [
+        ((), 0, 0, (0, 0, 0)),  # base only
+        ((), 0, 8, (8, 8, 1)),  # the first LoRA row: one group at its rank
+        (((0, 3, 64),), 0, 1, (4 * 64, 64, 1)),  # joins a rank-64 group: computed at 64
+        (((0, 3, 8),), 0, 32, (4 * 32, 32, 1)),  # raises its adapter's group to 32
+        (((0, 3, 8),), 1, 2, (3 * 8 + 2, 8 + 2, 2)),  # another adapter: a group of its own
+        (((0, 64, 4),), 0, 4, (65 * 4, 2 * 4, 2)),  # past MAX_MASKED_ROWS rows: two groups
+    ],
+)
 def test_decode_lora_follows_the_op_grouping(adapters, slot, rank, expected):
     from matryoshka_lora.engine.cost_model import decode_lora
 
@@ -133,14 +157,17 @@ def linear_step(t0: float, per_row: float):
     return lambda rows: t0 + per_row * rows
 
 
-@pytest.mark.parametrize("demand, free_share, expected", [
-    (0.0, 1.0, 4.0),  # nothing arriving: the active set alone
-    (10.0, 1.0, 4.0),  # N = 10 * (0.1 + 0.01 N) -> 1.11 rows < the 4 active: stays 4
-    (50.0, 1.0, 10.0),  # N = 50 * (0.1 + 0.01 N) -> N = 5 / 0.5 = 10
-    (25.0, 0.5, 10.0),  # half the machine on prefill: the same rows as twice the demand
-    (100.0, 1.0, None),  # 16 rows serve 16 / 0.26 = 61.5 tok/s < 100: saturated
-    (62.0, 1.0, None),  # just past capacity
-])
+@pytest.mark.parametrize(
+    "demand, free_share, expected",
+    [
+        (0.0, 1.0, 4.0),  # nothing arriving: the active set alone
+        (10.0, 1.0, 4.0),  # N = 10 * (0.1 + 0.01 N) -> 1.11 rows < the 4 active: stays 4
+        (50.0, 1.0, 10.0),  # N = 50 * (0.1 + 0.01 N) -> N = 5 / 0.5 = 10
+        (25.0, 0.5, 10.0),  # half the machine on prefill: the same rows as twice the demand
+        (100.0, 1.0, None),  # 16 rows serve 16 / 0.26 = 61.5 tok/s < 100: saturated
+        (62.0, 1.0, None),  # just past capacity
+    ],
+)
 def test_sustained_rows_is_littles_law(demand, free_share, expected):
     from matryoshka_lora.engine.cost_model import sustained_rows
 
@@ -159,8 +186,10 @@ def test_decode_demand_past_capacity_makes_every_budget_unmet():
     t_full = model.predict_step(StepFeatures(8, 0, 0, 0, 0, 8))  # ~ a full 8-row step, base
     busy = replace(quiet, decode_tokens_per_s=0.8 * 8 / t_full)
     flooded = replace(quiet, decode_tokens_per_s=3.0 * 8 / t_full)
-    at = {name: model.predict_latency(snap, 2, 20, 32, 8) for name, snap in
-          (("quiet", quiet), ("busy", busy), ("flooded", flooded))}
+    at = {
+        name: model.predict_latency(snap, 2, 20, 32, 8)
+        for name, snap in (("quiet", quiet), ("busy", busy), ("flooded", flooded))
+    }
     assert at["quiet"] < at["busy"] < at["flooded"]
     assert at["flooded"] >= MAX_STRETCH * at["quiet"]
     budget = 3 * at["quiet"]  # ample when quiet
@@ -190,9 +219,17 @@ LINEAR = np.array([0.01, 1e-3, 1e-5, 0.0, 0.0, 0.0, 0.0])
 def promised_load(*promises: tuple[float, int], pending_prefill: int = 0) -> LoadSnapshot:
     from matryoshka_lora.engine.cost_model import Promise
 
-    return LoadSnapshot(4, 0, 8, adapters=(), context_sum=0, mean_remaining=50.0, max_num_batched_tokens=256,
-                        pending_prompts=(PendingPrompt(pending_prefill),) if pending_prefill else (),
-                        promises=tuple(Promise(b, n) for b, n in promises))
+    return LoadSnapshot(
+        4,
+        0,
+        8,
+        adapters=(),
+        context_sum=0,
+        mean_remaining=50.0,
+        max_num_batched_tokens=256,
+        pending_prompts=(PendingPrompt(pending_prefill),) if pending_prefill else (),
+        promises=tuple(Promise(b, n) for b, n in promises),
+    )
 
 
 # 4 decode rows: a step takes 14 ms; with a newcomer's row at rank r, 15 ms + 10 us x r; its 10-token
@@ -201,28 +238,36 @@ def promised_load(*promises: tuple[float, int], pending_prefill: int = 0) -> Loa
 # Held, the newcomer joins at the first token k (14 ms each) where the promise's remaining 100 - k tokens cost
 # it no more than the budget left: (100 - k) x (0.014 + 0.00101) + 0.0101 <= 1.45 - 0.014 k at rank 1: k = 61.
 JOINS = 61 * 0.014
-@pytest.mark.parametrize("promises, rank, expected", [
-    ((), 1, 0.0),  # no promise: joins at once
-    (((5.0, 100),), 1, 0.0),  # ample: 1.51 s < 5 s
-    (((1.45, 100),), 1, JOINS),  # fits without it (1.4 s), not with it (1.511 s): waits 61 tokens
-    (((1.55, 100),), 1, 0.0),  # rank 1 keeps it (1.511 s)...
-    (((1.55, 100),), 64, 19 * 0.014),  # ...rank 64 does not (1.580 s): 0.0304 <= 0.00164 k
-    (((1.2, 100),), 1, 0.0),  # past its budget either way: holding would not save it
-    (((1.405, 100),), 1, 1.4),  # in time alone by 5 ms, less than the new prompt's prefill: until it ends
-    (((1.45, 100), (0.75, 50), (9.0, 10)), 1, JOINS),  # the longest wait among the promises it would break
-])
+
+
+@pytest.mark.parametrize(
+    "promises, rank, expected",
+    [
+        ((), 1, 0.0),  # no promise: joins at once
+        (((5.0, 100),), 1, 0.0),  # ample: 1.51 s < 5 s
+        (((1.45, 100),), 1, JOINS),  # fits without it (1.4 s), not with it (1.511 s): waits 61 tokens
+        (((1.55, 100),), 1, 0.0),  # rank 1 keeps it (1.511 s)...
+        (((1.55, 100),), 64, 19 * 0.014),  # ...rank 64 does not (1.580 s): 0.0304 <= 0.00164 k
+        (((1.2, 100),), 1, 0.0),  # past its budget either way: holding would not save it
+        (((1.405, 100),), 1, 1.4),  # in time alone by 5 ms, less than the new prompt's prefill: until it ends
+        (((1.45, 100), (0.75, 50), (9.0, 10)), 1, JOINS),  # the longest wait among the promises it would break
+    ],
+)
 def test_a_newcomer_waits_while_it_would_break_a_promise(promises, rank, expected):
     model = CostModel(coef=LINEAR.copy())
     assert model.hold_s(promised_load(*promises), 2, 10, rank) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("seconds_per_token, expected", [
-    (0.0, 0.0),  # no pace yet: the model's step, 14 ms: ends in 1.4 s alone, 1.511 s with it: within 1.55 s
-    (0.010, 0.0),  # faster than the model: the model's step counts
-    (0.0145, 8 * 0.014),  # its pace, 14.5 ms a token: 1.45 s without it, 1.561 s with it: 0.0111 <= 0.00151 k
-    (0.020, 81 * 0.014),  # late at its pace (2 s), in time at the model's step alone: held while its
-    # remaining tokens at 20 ms + the newcomer's share outrun the budget left (0.5612 <= 0.00701 k)
-])
+@pytest.mark.parametrize(
+    "seconds_per_token, expected",
+    [
+        (0.0, 0.0),  # no pace yet: the model's step, 14 ms: ends in 1.4 s alone, 1.511 s with it: within 1.55 s
+        (0.010, 0.0),  # faster than the model: the model's step counts
+        (0.0145, 8 * 0.014),  # its pace, 14.5 ms a token: 1.45 s without it, 1.561 s with it: 0.0111 <= 0.00151 k
+        (0.020, 81 * 0.014),  # late at its pace (2 s), in time at the model's step alone: held while its
+        # remaining tokens at 20 ms + the newcomer's share outrun the budget left (0.5612 <= 0.00701 k)
+    ],
+)
 def test_a_promise_behind_the_model_counts_at_its_own_pace(seconds_per_token, expected):
     from dataclasses import replace
 

@@ -13,7 +13,10 @@ from matryoshka_lora.engine.cpu_linear import PanelLinear, pack_panels
 from matryoshka_lora.engine.weights import ModelSpec
 
 SHAPES = {  # (out, in): below the threading threshold, a partial last panel, SmolLM2's qkv and down
-    "tiny": (5, 3), "partial-panel": (40, 24), "qkv": (960, 576), "down": (576, 1536),
+    "tiny": (5, 3),
+    "partial-panel": (40, 24),
+    "qkv": (960, 576),
+    "down": (576, 1536),
 }
 ROWS = [0, 1, 5, 6, 7, 16, 61]  # MR = 6: every remainder of a row tile, and several tiles
 
@@ -33,7 +36,7 @@ def lib(request, c_ops):
 def test_panel_linear_equals_linear(lib, shape, rows, with_bias):
     out_f, in_f = SHAPES[shape]
     gen = torch.Generator().manual_seed(rows * 7 + out_f)
-    weight = torch.randn(out_f, in_f, generator=gen) / in_f ** 0.5
+    weight = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
     bias = torch.randn(out_f, generator=gen) if with_bias else None
     x = torch.randn(rows, in_f, generator=gen)
     got = PanelLinear(lib, weight, bias, lambda: 2)(x)
@@ -81,9 +84,11 @@ SMOLLM2 = ModelSpec(1, 576, 9, 3, 64, 1536, 32, 1e-5, 32)
 
 
 @pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
-@pytest.mark.parametrize("row_ranks", [[64] * 5, [1, 8, 8, 32, 64], [2, 3, 1], [5] * 16, [7] * 40, [1] * 100, [8] * 300],
-                         ids=["uniform", "masked", "small", "16-rows-rank-5", "40-rows-rank-7", "100-rows-rank-1",
-                              "300-rows-rank-8"])
+@pytest.mark.parametrize(
+    "row_ranks",
+    [[64] * 5, [1, 8, 8, 32, 64], [2, 3, 1], [5] * 16, [7] * 40, [1] * 100, [8] * 300],
+    ids=["uniform", "masked", "small", "16-rows-rank-5", "40-rows-rank-7", "100-rows-rank-1", "300-rows-rank-8"],
+)
 def test_lora_group_at_every_thread_count_equals_torch(lib, group, row_ranks):
     """SmolLM2's shapes at r_max 64: above PARALLEL_MIN_WEIGHTS (blocks split across threads) and below
     it ("small": one thread); widths that end in a partial 16-column block (ranks 5, 7; k * r < 16);
@@ -109,7 +114,6 @@ def test_lora_group_at_every_thread_count_equals_torch(lib, group, row_ranks):
     groups = build_groups(build_segments([(t, t + 1, 0, r, 0.5 / r) for t, r in enumerate(row_ranks)]))
     want = lora_grouped_(torch.zeros(len(row_ranks), out_f), x, groups, fused)
     panels = [cpu_kernels.PanelLoRA.pack(w) for w in fused]
-    got = [cpu_kernels.CKernelOps(lib, n).lora_grouped_(torch.zeros_like(want), x, groups, panels)
-           for n in (1, 2, 3)]
+    got = [cpu_kernels.CKernelOps(lib, n).lora_grouped_(torch.zeros_like(want), x, groups, panels) for n in (1, 2, 3)]
     for result in got:
         torch.testing.assert_close(result, want, atol=1e-3, rtol=1e-4)

@@ -60,8 +60,9 @@ def test_block_linear_equals_float32_panels_bit_for_bit(lib, kind, shape, rows, 
 def test_block_linear_at_any_thread_count(c_ops, num_threads):
     blocks = random_blocks("Q4_1", 700, 320, seed=num_threads)
     x = torch.randn(9, 320)
-    assert torch.equal(BlockLinear(c_ops.lib, blocks, None, lambda: num_threads)(x),
-                       BlockLinear(c_ops.lib, blocks, None, lambda: 1)(x))
+    assert torch.equal(
+        BlockLinear(c_ops.lib, blocks, None, lambda: num_threads)(x), BlockLinear(c_ops.lib, blocks, None, lambda: 1)(x)
+    )
 
 
 @pytest.mark.parametrize("kind,record_bytes", [("Q4_1", 384), ("Q8_0", 576)])
@@ -78,17 +79,21 @@ def test_records_decode_to_the_weight(kind, record_bytes):
             if kind == "Q4_1":
                 m, packed = rec[64:128].view(torch.float32), rec[128:].view(32, 8)
                 q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # [kk, 16]
-                w[p * 16:(p + 1) * 16, b * 32:(b + 1) * 32] = (d[:, None] * q.t() + m[:, None])
+                w[p * 16 : (p + 1) * 16, b * 32 : (b + 1) * 32] = d[:, None] * q.t() + m[:, None]
             else:
                 q = rec[64:].view(torch.int8).view(32, 16).float()
-                w[p * 16:(p + 1) * 16, b * 32:(b + 1) * 32] = d[:, None] * q.t()
+                w[p * 16 : (p + 1) * 16, b * 32 : (b + 1) * 32] = d[:, None] * q.t()
     assert torch.equal(w[:20], blocks.dequantize()) and not w[20:].any()
 
 
 def test_block_linear_refuses_a_ragged_input():
     with pytest.raises(ValueError, match="in_features % 32"):
-        BlockLinear(None, BlockWeight("Q4_1", torch.zeros(4, 40, dtype=torch.uint8), torch.zeros(4, 1),
-                                      torch.zeros(4, 1)), None, lambda: 1)
+        BlockLinear(
+            None,
+            BlockWeight("Q4_1", torch.zeros(4, 40, dtype=torch.uint8), torch.zeros(4, 1), torch.zeros(4, 1)),
+            None,
+            lambda: 1,
+        )
 
 
 @pytest.fixture
@@ -112,8 +117,11 @@ def test_engine_on_gguf_blocks_generates_what_float32_does(gguf_model_dir, c_ops
 
     outputs = {}
     for weight_format in ("gguf", "float32"):
-        engine = LLMEngine(EngineConfig(model=str(gguf_model_dir), max_num_seqs=4, max_model_len=64, warmup=False,
-                                        weight_format=weight_format))
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(gguf_model_dir), max_num_seqs=4, max_model_len=64, warmup=False, weight_format=weight_format
+            )
+        )
         assert engine.weight_format == weight_format
         assert isinstance(engine.weights.lm_head, Block) == (weight_format == "gguf")
         reqs = [request(i, max_tokens=8) for i in range(4)]

@@ -23,7 +23,9 @@ def test_rms_norm_equals_torch(c_ops, rows, dim, stride_pad):
     gen = torch.Generator().manual_seed(rows)
     x = (torch.randn(rows, dim + stride_pad, generator=gen) * 3)[:, :dim]
     weight = torch.randn(dim, generator=gen)
-    torch.testing.assert_close(c_ops.rms_norm(x, weight, 1e-5), TorchOps().rms_norm(x, weight, 1e-5), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(
+        c_ops.rms_norm(x, weight, 1e-5), TorchOps().rms_norm(x, weight, 1e-5), atol=ATOL, rtol=1e-5
+    )
 
 
 def _step(spec: ModelSpec, max_num_seqs: int, max_model_len: int, items: list[tuple[int, int, int]], seed: int):
@@ -40,16 +42,23 @@ def _step(spec: ModelSpec, max_num_seqs: int, max_model_len: int, items: list[tu
     num_tokens = len(slots)
     angles = torch.randn(num_tokens, 1, spec.head_dim // 2, generator=gen)
     meta = AttentionMeta(
-        positions=torch.tensor(positions), slots=torch.tensor(slots), cache_rows=kv.write_rows(slots, positions),
-        cos=torch.cat([angles.cos()] * 2, dim=-1), sin=torch.cat([angles.sin()] * 2, dim=-1), prefills=[],
+        positions=torch.tensor(positions),
+        slots=torch.tensor(slots),
+        cache_rows=kv.write_rows(slots, positions),
+        cos=torch.cat([angles.cos()] * 2, dim=-1),
+        sin=torch.cat([angles.sin()] * 2, dim=-1),
+        prefills=[],
         decode=build_decode_meta(dec_rows, dec_slots, dec_lens) if dec_rows else None,
-        sample_rows=torch.arange(num_tokens))
+        sample_rows=torch.arange(num_tokens),
+    )
     qkv = torch.randn(num_tokens, spec.q_size + 2 * spec.kv_size, generator=gen)
     return qkv, meta, kv
 
 
 SPECS = {  # (num_heads, num_kv_heads, head_dim): GQA groups of 2 and 3 (SmolLM2's 9/3/64), none
-    "gqa2": (4, 2, 8), "smollm2": (9, 3, 64), "mha": (4, 4, 16),
+    "gqa2": (4, 2, 8),
+    "smollm2": (9, 3, 64),
+    "mha": (4, 4, 16),
 }
 STEPS = {  # (slot, first position, num tokens) per item: decode rows (n = 1) and prefill chunks
     "decode, scattered slots": [(5, 9, 1), (1, 0, 1), (3, 30, 1)],

@@ -15,10 +15,16 @@ def test_mixed_ranks_equal_alone_on_default_model(default_model, tmp_path):
 
     model, tokenizer = default_model
     save_random_adapter(model, tmp_path / "a", "a", 16, seed=1, std=0.15)
-    save_random_adapter(model, tmp_path / "b", "b", 8, scaling="sqrt", seed=2, std=0.02,
-                        target_modules=("q_proj", "v_proj"))
-    engine = LLMEngine(EngineConfig(adapters=[str(tmp_path / "a"), str(tmp_path / "b")], max_num_seqs=8,
-                                    max_model_len=256, warmup=False), hf_model=model, tokenizer=tokenizer)
+    save_random_adapter(
+        model, tmp_path / "b", "b", 8, scaling="sqrt", seed=2, std=0.02, target_modules=("q_proj", "v_proj")
+    )
+    engine = LLMEngine(
+        EngineConfig(
+            adapters=[str(tmp_path / "a"), str(tmp_path / "b")], max_num_seqs=8, max_model_len=256, warmup=False
+        ),
+        hf_model=model,
+        tokenizer=tokenizer,
+    )
     prompts = [tokenizer(p)["input_ids"] for p in ("The capital of France is", "1, 2, 3, 4,", "def add(a, b):")]
     cases = [(None, None, 0), ("a", 1, 1), ("a", 16, 0), ("b", 8, 2), ("b", 1, 1)]
     reqs = [request(i, a, r, max_tokens=3, prompt=prompts[p]) for i, (a, r, p) in enumerate(cases)]

@@ -16,7 +16,9 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(default_model_dir())
 
 
-@pytest.mark.parametrize("sample", ["Hello, world!", "naïve café — 東京タワー 🚀🎉", "  two  spaces\nnew line", "ünïcödé"])
+@pytest.mark.parametrize(
+    "sample", ["Hello, world!", "naïve café — 東京タワー 🚀🎉", "  two  spaces\nnew line", "ünïcödé"]
+)
 def test_deltas_concatenate_to_the_full_decode(tokenizer, sample):
     prompt = tokenizer("Say:")["input_ids"]
     ids = tokenizer(sample, add_special_tokens=False)["input_ids"]

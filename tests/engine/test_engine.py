@@ -30,7 +30,7 @@ def hf_greedy(base_model, adapter_path, rank, prompt, max_tokens):
     config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), generation_config=config)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def test_mixed_batch_equals_alone_and_hf_generate(make_engine, tiny_hf, engine_adapters):
@@ -197,11 +197,14 @@ def test_stats_and_kv_usage(make_engine):
     assert stats.running_adapters == ("alpha",) and stats.waiting_adapters == ("alpha",)
 
 
-@pytest.mark.parametrize("rank, budget_ms, reason, observed", [
-    (None, 1e9, "budget", True),  # predicted to fit, ran its whole max_tokens: one ratio for the margin
-    (None, 1e-6, "budget_unmet", False),  # served late: nothing was promised
-    (4, None, "requested", False),  # no prediction at all
-])
+@pytest.mark.parametrize(
+    "rank, budget_ms, reason, observed",
+    [
+        (None, 1e9, "budget", True),  # predicted to fit, ran its whole max_tokens: one ratio for the margin
+        (None, 1e-6, "budget_unmet", False),  # served late: nothing was promised
+        (4, None, "requested", False),  # no prediction at all
+    ],
+)
 def test_the_latency_margin_learns_from_promised_requests(make_engine, rank, budget_ms, reason, observed):
     import dataclasses
 
@@ -222,11 +225,14 @@ def test_the_latency_margin_learns_from_promised_requests(make_engine, rank, bud
         assert worst_running == 1.0
 
 
-@pytest.mark.parametrize("learned_ratios, outcome", [
-    ([0.5] * 10 + [3.0] * 6, "budget_unmet"),  # margin 3 (nothing fits), typical 1: likely in time, served
-    ([4.0] * 16, "refused"),  # typical 4: even the median case misses
-    ([1.0] * 16, "budget"),  # margin 1: rank 1 fits
-])
+@pytest.mark.parametrize(
+    "learned_ratios, outcome",
+    [
+        ([0.5] * 10 + [3.0] * 6, "budget_unmet"),  # margin 3 (nothing fits), typical 1: likely in time, served
+        ([4.0] * 16, "refused"),  # typical 4: even the median case misses
+        ([1.0] * 16, "budget"),  # margin 1: rank 1 fits
+    ],
+)
 def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(make_engine, learned_ratios, outcome):
     """--budget-unmet refuse: a budget no rank meets under the margin (the 0.95 quantile of observed /
     predicted) is still served, at the lowest rank, when the median ratio's prediction meets it."""
@@ -242,8 +248,9 @@ def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(make_engi
     req = dataclasses.replace(request(0, "alpha", None, max_tokens=6), refuse_unmet_budget=True)
     entry = engine.adapters.get("alpha")
     lowest = min(entry.train_ranks)
-    raw_s = engine.cost_model.predict_latency(load_snapshot(engine.scheduler, engine.arrivals), entry.slot,
-                                              len(req.prompt_token_ids), 6, lowest)
+    raw_s = engine.cost_model.predict_latency(
+        load_snapshot(engine.scheduler, engine.arrivals), entry.slot, len(req.prompt_token_ids), 6, lowest
+    )
     req = dataclasses.replace(req, latency_budget_ms=2.0 * raw_s * 1000.0)
     if outcome == "refused":
         with pytest.raises(BudgetUnmetError):
@@ -268,8 +275,9 @@ def test_a_promise_holds_a_newcomer_that_would_make_it_late(make_engine, slack_s
     engine = make_engine()
     engine.cost_model.coef, engine.cost_model.ema = np.array([1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]), 0.0
     a = request(0, "alpha", None, max_tokens=6)
-    raw_s = engine.cost_model.predict_latency(load_snapshot(engine.scheduler), engine.adapters.get("alpha").slot,
-                                              len(a.prompt_token_ids), 6, 8)
+    raw_s = engine.cost_model.predict_latency(
+        load_snapshot(engine.scheduler), engine.adapters.get("alpha").slot, len(a.prompt_token_ids), 6, 8
+    )
     a = dataclasses.replace(a, latency_budget_ms=(raw_s + slack_s) * 1000.0)  # 10.5 s predicted
     b = request(1, None, None, max_tokens=3, prompt=tuple(range(1, 31)))
     order: list[str] = []

@@ -11,13 +11,16 @@ from matryoshka_lora.engine.sequence import Sequence
 from matryoshka_lora.errors import ConfigError
 
 
-@pytest.mark.parametrize("ratios, expected", [
-    ([], 1.0),
-    ([3.0] * 15, 1.0),  # fewer than min_samples (16): no margin yet
-    ([3.0] * 16, 3.0),
-    ([0.5] * 40, 1.0),  # faster than predicted: never below 1 (a margin never raises a rank)
-    ([1.0 + i / 99 for i in range(100)], pytest.approx(1.95)),  # the 0.95 quantile of 1.00 .. 2.00
-])
+@pytest.mark.parametrize(
+    "ratios, expected",
+    [
+        ([], 1.0),
+        ([3.0] * 15, 1.0),  # fewer than min_samples (16): no margin yet
+        ([3.0] * 16, 3.0),
+        ([0.5] * 40, 1.0),  # faster than predicted: never below 1 (a margin never raises a rank)
+        ([1.0 + i / 99 for i in range(100)], pytest.approx(1.95)),  # the 0.95 quantile of 1.00 .. 2.00
+    ],
+)
 def test_the_quantile_of_recent_ratios(ratios, expected):
     margin = LatencyMargin(quantile=0.95, min_samples=16, max_samples=256)
     for i, ratio in enumerate(ratios):
@@ -32,7 +35,7 @@ def test_old_ratios_expire_and_the_margin_then_decays_to_1():
     assert margin.value(now=10.0) == 5.0
     # two of four left at 62.5: too few to compute it, the last one (5 at t = 10) halves toward 1 every 30 s
     assert margin.value(now=62.5) == pytest.approx(1.0 + 4.0 * 0.5 ** (52.5 / 30.0))
-    assert margin.value(now=100.0) == pytest.approx(1.0 + 4.0 * 0.5 ** 3.0)
+    assert margin.value(now=100.0) == pytest.approx(1.0 + 4.0 * 0.5**3.0)
     assert margin.value(now=10_000.0) == pytest.approx(1.0)
 
 
@@ -61,21 +64,33 @@ def test_meaningless_observations_are_ignored(predicted, observed):
     assert margin.value(now=0.0) == 1.0
 
 
-@pytest.mark.parametrize("kwargs", [{"quantile": 0.0}, {"quantile": 1.5}, {"min_samples": 0},
-                                    {"min_samples": 300, "max_samples": 256}, {"max_age_s": 0.0},
-                                    {"half_life_s": 0.0}, {"fresh_s": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"quantile": 0.0},
+        {"quantile": 1.5},
+        {"min_samples": 0},
+        {"min_samples": 300, "max_samples": 256},
+        {"max_age_s": 0.0},
+        {"half_life_s": 0.0},
+        {"fresh_s": 0.0},
+    ],
+)
 def test_refused_settings(kwargs):
     with pytest.raises(ConfigError):
         LatencyMargin(**kwargs)
 
 
-@pytest.mark.parametrize("raw_s, elapsed_s, decode_s, num_output, num_remaining, expected", [
-    (10.0, 4.0, 3.0, 16, 48, (4.0 + 48 * 3.0 / 15) / 10.0),  # a quarter done: 0.2 s per token so far
-    (10.0, 4.0, 3.0, 15, 49, None),  # under a quarter: too early to project
-    (10.0, 12.0, 9.0, 64, 0, 1.2),  # done: its latency over the prediction
-    (10.0, 1.0, 0.0, 1, 0, None),  # a single token has no pace
-    (0.0, 4.0, 3.0, 16, 48, None),
-])
+@pytest.mark.parametrize(
+    "raw_s, elapsed_s, decode_s, num_output, num_remaining, expected",
+    [
+        (10.0, 4.0, 3.0, 16, 48, (4.0 + 48 * 3.0 / 15) / 10.0),  # a quarter done: 0.2 s per token so far
+        (10.0, 4.0, 3.0, 15, 49, None),  # under a quarter: too early to project
+        (10.0, 12.0, 9.0, 64, 0, 1.2),  # done: its latency over the prediction
+        (10.0, 1.0, 0.0, 1, 0, None),  # a single token has no pace
+        (0.0, 4.0, 3.0, 16, 48, None),
+    ],
+)
 def test_projected_ratio(raw_s, elapsed_s, decode_s, num_output, num_remaining, expected):
     ratio = projected_ratio(raw_s, elapsed_s, decode_s, num_output, num_remaining)
     assert ratio == (None if expected is None else pytest.approx(expected))
@@ -84,10 +99,23 @@ def test_projected_ratio(raw_s, elapsed_s, decode_s, num_output, num_remaining, 
 def seq(reason, predicted_s, margin, enqueue_t, first_token_t, num_output, num_left, num_prompt=10) -> Sequence:
     """A running sequence with `num_output` tokens generated and `num_left` to go."""
     req = GenerationRequest("r", tuple(range(num_prompt)), SamplingParams(max_tokens=num_output + num_left))
-    s = Sequence(req, emit=lambda e: None, adapter="a", adapter_slot=0, rank=8, scale=1.0, rank_reason=reason,
-                 detokenizer=None, stop_filter=None, generator=None, max_len=num_prompt + num_output + num_left,
-                 predicted_latency_s=predicted_s, budget_margin=margin, enqueue_t=enqueue_t,
-                 first_token_t=first_token_t)
+    s = Sequence(
+        req,
+        emit=lambda e: None,
+        adapter="a",
+        adapter_slot=0,
+        rank=8,
+        scale=1.0,
+        rank_reason=reason,
+        detokenizer=None,
+        stop_filter=None,
+        generator=None,
+        max_len=num_prompt + num_output + num_left,
+        predicted_latency_s=predicted_s,
+        budget_margin=margin,
+        enqueue_t=enqueue_t,
+        first_token_t=first_token_t,
+    )
     s.token_ids += [0] * num_output
     return s
 
@@ -122,11 +150,14 @@ def test_a_running_promise_behind_its_pace_raises_the_margin_while_fresh():
     assert margin.value(now=25.0) == 1.6 and margin.typical(now=25.0) == pytest.approx(1.3)
 
 
-@pytest.mark.parametrize("ratios, value, typical", [
-    ([1.0 + i / 99 for i in range(100)], 1.95, 1.5),  # 1.00 .. 2.00: the 0.95 quantile and the median
-    ([0.5] * 10 + [3.0] * 6, 3.0, 1.0),  # most requests early: the typical margin stays at 1
-    ([2.0] * 16, 2.0, 2.0),
-])
+@pytest.mark.parametrize(
+    "ratios, value, typical",
+    [
+        ([1.0 + i / 99 for i in range(100)], 1.95, 1.5),  # 1.00 .. 2.00: the 0.95 quantile and the median
+        ([0.5] * 10 + [3.0] * 6, 3.0, 1.0),  # most requests early: the typical margin stays at 1
+        ([2.0] * 16, 2.0, 2.0),
+    ],
+)
 def test_the_typical_margin_is_the_median(ratios, value, typical):
     margin = LatencyMargin(min_samples=16, max_age_s=1000.0)
     for i, ratio in enumerate(ratios):

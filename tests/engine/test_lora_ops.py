@@ -83,14 +83,31 @@ def make_case(layout, group, scale_of, max_masked_rows) -> Case:
         rows.append((start, start + n, slot, rank, scale_of(rank) if rank else 0.0))
         start += n
     # reference: per member, unfused weights, masked per token
-    reference = torch.cat([
-        lora_reference(x, torch.stack([a[m][0] for a in adapters]), torch.stack([a[m][1] for a in adapters]),
-                       slots, ranks, scales)
-        for m in members
-    ], dim=1)
-    return Case(x, slots, ranks, scales, adapters, [fuse_group(spec, group, a, R_MAX) for a in adapters],
-                build_groups(build_segments(rows), max_masked_rows),
-                max(c[1] for c in member_columns(spec, group).values()), reference)
+    reference = torch.cat(
+        [
+            lora_reference(
+                x,
+                torch.stack([a[m][0] for a in adapters]),
+                torch.stack([a[m][1] for a in adapters]),
+                slots,
+                ranks,
+                scales,
+            )
+            for m in members
+        ],
+        dim=1,
+    )
+    return Case(
+        x,
+        slots,
+        ranks,
+        scales,
+        adapters,
+        [fuse_group(spec, group, a, R_MAX) for a in adapters],
+        build_groups(build_segments(rows), max_masked_rows),
+        max(c[1] for c in member_columns(spec, group).values()),
+        reference,
+    )
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
@@ -136,18 +153,31 @@ def test_torch_ops_on_cuda_equal_the_cpu_reference(layout, group, max_masked_row
     CPU reference's delta (bf16 within its rounding)."""
     c = make_case(layout, group, lambda r: 2.0 / r, max_masked_rows)
     x = c.x.to("cuda", dtype)
-    fast = lora_grouped_(torch.zeros(len(c.slots), c.out_features, device="cuda", dtype=dtype), x, c.groups,
-                         [w.to("cuda", dtype) for w in c.fused])
+    fast = lora_grouped_(
+        torch.zeros(len(c.slots), c.out_features, device="cuda", dtype=dtype),
+        x,
+        c.groups,
+        [w.to("cuda", dtype) for w in c.fused],
+    )
     assert fast.device.type == "cuda" and fast.dtype == dtype
     atol = rtol * max(c.reference.abs().max().item(), 1.0)
     torch.testing.assert_close(fast.float().cpu(), c.reference, atol=atol, rtol=rtol)
-    on_gpu = torch.cat([
-        lora_reference(x, torch.stack([a[m][0] for a in c.adapters]).to("cuda", dtype),
-                       torch.stack([a[m][1] for a in c.adapters]).to("cuda", dtype),
-                       c.slots.cuda(), c.ranks.cuda(), c.scales.to("cuda", dtype))
-        for m in c.adapters[0]
-    ], dim=1)
+    on_gpu = torch.cat(
+        [
+            lora_reference(
+                x,
+                torch.stack([a[m][0] for a in c.adapters]).to("cuda", dtype),
+                torch.stack([a[m][1] for a in c.adapters]).to("cuda", dtype),
+                c.slots.cuda(),
+                c.ranks.cuda(),
+                c.scales.to("cuda", dtype),
+            )
+            for m in c.adapters[0]
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(on_gpu.float().cpu(), c.reference, atol=atol, rtol=rtol)
+
 
 @pytest.mark.parametrize(
     "rows, expected",
@@ -166,16 +196,23 @@ def test_partial_targets_fuse(step_ops):
     """An adapter on q and v only: k's output columns get nothing, q and v get their deltas."""
     spec = model_spec(tiny_llama_config())
     gen = torch.Generator().manual_seed(1)
-    members = {m: (torch.randn(spec.module_shape(m)[0], R_MAX, generator=gen), torch.randn(R_MAX, spec.module_shape(m)[1], generator=gen))
-               for m in ("q_proj", "v_proj")}
+    members = {
+        m: (
+            torch.randn(spec.module_shape(m)[0], R_MAX, generator=gen),
+            torch.randn(R_MAX, spec.module_shape(m)[1], generator=gen),
+        )
+        for m in ("q_proj", "v_proj")
+    }
     fused = fuse_group(spec, "qkv", members, R_MAX)
     assert fused.num_members == 2
     x = torch.randn(3, spec.hidden_size, generator=gen)
     groups = build_groups(build_segments([(0, 1, 0, 3, 1.0), (1, 3, 0, 2, 1.0)]))
     y = step_ops.lora_grouped_(torch.zeros(3, spec.q_size + 2 * spec.kv_size), x, groups, [step_ops.pack_lora(fused)])
     ranks = torch.tensor([3, 2, 2]).unsqueeze(1)
+
     def delta(a, b):  # each row at its own rank
         return torch.cat([x[t : t + 1] @ a[:, : ranks[t]] @ b[: ranks[t]] for t in range(3)])
+
     q, v = delta(*members["q_proj"]), delta(*members["v_proj"])
     expected = torch.cat([q, torch.zeros(3, spec.kv_size), v], dim=1)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)

@@ -61,7 +61,9 @@ def test_prefill_then_decode_equals_hf(tiny_model, step_ops, prompt_lens, chunk)
             torch.testing.assert_close(row, hf_logits(tiny_model, seqs[j])[-1], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("overrides", [{"attention_bias": True}, {"num_key_value_heads": 4}, {"tie_word_embeddings": False}])
+@pytest.mark.parametrize(
+    "overrides", [{"attention_bias": True}, {"num_key_value_heads": 4}, {"tie_word_embeddings": False}]
+)
 def test_config_variants_equal_hf(overrides, step_ops):
     """qkv bias, no GQA, untied lm_head."""
     from transformers import LlamaForCausalLM
@@ -90,8 +92,14 @@ def test_llama3_rope_scaling_equals_hf(step_ops):
 
     from .engine_support import tiny_config as tiny_llama_config
 
-    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(rope_parameters=rope)).eval()
     runner, kv = make_runner(model, step_ops)
@@ -123,12 +131,28 @@ def test_mixed_adapters_and_ranks_equal_hf_at_that_rank(tiny_model, tmp_path, st
     weights = fuse_weights(tiny_model, pack_linear=step_ops.pack_linear)
     slots_table = AdapterSlots(weights.spec, max_adapters=2)
     adapters = {}
-    for name, seed, targets in [("a", 1, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-                                ("b", 2, ("q_proj", "v_proj", "down_proj"))]:
-        save_random_adapter(tiny_model, tmp_path / name, name, r_max=8, scaling=scaling, alpha=alpha, target_modules=targets, seed=seed, std=0.2)
+    for name, seed, targets in [
+        ("a", 1, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+        ("b", 2, ("q_proj", "v_proj", "down_proj")),
+    ]:
+        save_random_adapter(
+            tiny_model,
+            tmp_path / name,
+            name,
+            r_max=8,
+            scaling=scaling,
+            alpha=alpha,
+            target_modules=targets,
+            seed=seed,
+            std=0.2,
+        )
         adapter = load_adapter(tmp_path / name)
-        adapters[name] = (adapter, slots_table.install(
-            name, adapter.manifest, adapter.path, fuse_adapter(weights.spec, adapter.weights, 8, step_ops.pack_lora)))
+        adapters[name] = (
+            adapter,
+            slots_table.install(
+                name, adapter.manifest, adapter.path, fuse_adapter(weights.spec, adapter.weights, 8, step_ops.pack_lora)
+            ),
+        )
     kv = KVCache(weights.spec, 4, 64)
     runner = ModelRunner(weights, kv, slots_table.table, step_ops)
     cases = [(None, 0), ("a", 1), ("a", 8), ("b", 3)]
@@ -137,7 +161,11 @@ def test_mixed_adapters_and_ranks_equal_hf_at_that_rank(tiny_model, tmp_path, st
     items = []
     for (name, rank), prompt in zip(cases, prompts):
         entry = adapters[name][1] if name else None
-        items.append(StepItem(prompt, kv.allocate(), 0, True, entry.slot if entry else -1, rank, entry.scale(rank) if entry else 0.0))
+        items.append(
+            StepItem(
+                prompt, kv.allocate(), 0, True, entry.slot if entry else -1, rank, entry.scale(rank) if entry else 0.0
+            )
+        )
     idx, logits = runner.execute(items)
     got = dict(zip(idx, logits))
     for i, ((name, rank), prompt) in enumerate(zip(cases, prompts)):

@@ -19,15 +19,18 @@ def advanced(p: Promise, k: int, ahead: float) -> Promise:
     return Promise(p.budget_left_s - elapsed, p.num_remaining - k, pace, p.num_paced + k if p.num_paced else 0)
 
 
-@pytest.mark.parametrize("p, ahead", [
-    (Promise(1.45, 100), 0.0),  # kept once its last tokens pay little for the new row
-    (Promise(1.405, 100), 0.0),  # kept only when it ends
-    (Promise(1.65, 100), 0.2),  # a pending prefill ahead of it
-    (Promise(1.55, 100, 0.0145), 0.0),  # behind the model, its pace fixed
-    (Promise(1.55, 100, 0.020), 0.0),  # late at its pace, in time at the model's step
-    (Promise(1.6, 75, 0.030, 25), 0.0),  # a slow start (a cluster's prefills) that the next tokens dilute
-    (Promise(1.35, 80, 0.016, 20), 0.1),
-])
+@pytest.mark.parametrize(
+    "p, ahead",
+    [
+        (Promise(1.45, 100), 0.0),  # kept once its last tokens pay little for the new row
+        (Promise(1.405, 100), 0.0),  # kept only when it ends
+        (Promise(1.65, 100), 0.2),  # a pending prefill ahead of it
+        (Promise(1.55, 100, 0.0145), 0.0),  # behind the model, its pace fixed
+        (Promise(1.55, 100, 0.020), 0.0),  # late at its pace, in time at the model's step
+        (Promise(1.6, 75, 0.030, 25), 0.0),  # a slow start (a cluster's prefills) that the next tokens dilute
+        (Promise(1.35, 80, 0.016, 20), 0.1),
+    ],
+)
 def test_the_wait_ends_where_the_rule_stops_holding(p, ahead):
     assert holds(p, STEP, DELTA, ahead, EXTRA)
     wait = seconds_until_released(p, STEP, DELTA, ahead, EXTRA)
@@ -40,8 +43,9 @@ def test_the_wait_ends_where_the_rule_stops_holding(p, ahead):
 def test_a_slow_start_is_diluted():
     """The same pace measured over its first 25 tokens releases sooner than a pace that never changes."""
     fixed, diluted = Promise(1.6, 75, 0.030), Promise(1.6, 75, 0.030, 25)
-    assert seconds_until_released(diluted, STEP, DELTA, 0.0, EXTRA) < seconds_until_released(fixed, STEP, DELTA, 0.0,
-                                                                                              EXTRA)
+    assert seconds_until_released(diluted, STEP, DELTA, 0.0, EXTRA) < seconds_until_released(
+        fixed, STEP, DELTA, 0.0, EXTRA
+    )
 
 
 def test_the_wait_is_the_longest_among_the_promises_that_hold():

@@ -35,6 +35,10 @@ def test_greedy_rows_and_seeds():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
     greedy = SamplingParams()
     hot = SamplingParams(temperature=1.0)
-    first = sample(logits, [greedy, hot, hot], [None, torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)])
-    again = sample(logits, [greedy, hot, hot], [None, torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)])
+    first = sample(
+        logits, [greedy, hot, hot], [None, torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    )
+    again = sample(
+        logits, [greedy, hot, hot], [None, torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    )
     assert first == again and first[0] == int(logits[0].argmax())

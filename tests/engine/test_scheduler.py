@@ -15,9 +15,22 @@ SPEC = ModelSpec(1, 8, 2, 1, 4, 16, 32, 1e-5, 64)
 
 
 def seq(tenant: str, i: int, prompt_len: int = 3) -> Sequence:
-    req = GenerationRequest(f"{tenant}-{i}", tuple(range(1, prompt_len + 1)), SamplingParams(max_tokens=4), tenant=tenant)
-    return Sequence(req, emit=lambda e: None, adapter=None, adapter_slot=-1, rank=0, scale=0.0, rank_reason="base",
-                    detokenizer=None, stop_filter=None, generator=None, max_len=prompt_len + 4)
+    req = GenerationRequest(
+        f"{tenant}-{i}", tuple(range(1, prompt_len + 1)), SamplingParams(max_tokens=4), tenant=tenant
+    )
+    return Sequence(
+        req,
+        emit=lambda e: None,
+        adapter=None,
+        adapter_slot=-1,
+        rank=0,
+        scale=0.0,
+        rank_reason="base",
+        detokenizer=None,
+        stop_filter=None,
+        generator=None,
+        max_len=prompt_len + 4,
+    )
 
 
 def admitted_order(arrivals: list[str], max_num_seqs: int) -> list[str]:
@@ -58,11 +71,14 @@ def test_turn_order_persists_across_steps():
     assert order == ["A-0", "B-0", "A-1", "B-1", "A-2"]
 
 
-@pytest.mark.parametrize("budget, prompt_lens, expected", [
-    (4, [10], [4]),  # chunked prefill
-    (6, [3, 5], [3, 3]),  # second prompt gets the rest of the budget
-    (100, [3, 5], [3, 5]),
-])
+@pytest.mark.parametrize(
+    "budget, prompt_lens, expected",
+    [
+        (4, [10], [4]),  # chunked prefill
+        (6, [3, 5], [3, 3]),  # second prompt gets the rest of the budget
+        (100, [3, 5], [3, 5]),
+    ],
+)
 def test_token_budget_chunks_prefill(budget, prompt_lens, expected):
     sched = Scheduler(KVCache(SPEC, 4, 16), max_num_batched_tokens=budget, max_queue_len=100)
     for i, n in enumerate(prompt_lens):
@@ -74,7 +90,7 @@ def test_decode_before_prefill_and_bounded_queue():
     sched = Scheduler(KVCache(SPEC, 2, 16), max_num_batched_tokens=3, max_queue_len=2)
     a, b = seq("A", 0, 3), seq("B", 0, 6)
     sched.add(a)
-    (s, n), = sched.schedule()
+    ((s, n),) = sched.schedule()
     s.num_computed += n
     s.token_ids.append(9)  # sampled
     sched.add(b)
@@ -98,17 +114,24 @@ def test_remove_frees_slot_and_waiting_entry():
     assert kv.num_free_slots == 1 and sched.num_waiting == 0 and not sched.has_work()
 
 
-@pytest.mark.parametrize("held, expected", [
-    (set(), ["A-1", "B-1", "A-2"]),
-    ({"B-1"}, ["A-1"]),  # B-1's turn and it may not join: admission stops, nobody overtakes it
-    ({"A-1"}, []),
-])
+@pytest.mark.parametrize(
+    "held, expected",
+    [
+        (set(), ["A-1", "B-1", "A-2"]),
+        ({"B-1"}, ["A-1"]),  # B-1's turn and it may not join: admission stops, nobody overtakes it
+        ({"A-1"}, []),
+    ],
+)
 def test_may_admit_holds_the_request_whose_turn_it_is(held, expected):
-    sched = Scheduler(KVCache(SPEC, 4, 16), max_num_batched_tokens=1000, max_queue_len=100,
-                      may_admit=lambda s: s.request_id not in held)
+    sched = Scheduler(
+        KVCache(SPEC, 4, 16),
+        max_num_batched_tokens=1000,
+        max_queue_len=100,
+        may_admit=lambda s: s.request_id not in held,
+    )
     for tenant, i in (("A", 1), ("A", 2), ("B", 1)):
         sched.add(seq(tenant, i))
     assert [s.request_id for s, _ in sched.schedule()] == expected
     held.clear()  # allowed now: the held request keeps its turn
     second = [s.request_id for s, _ in sched.schedule() if s.request_id not in expected]
-    assert second == ["A-1", "B-1", "A-2"][len(expected):]
+    assert second == ["A-1", "B-1", "A-2"][len(expected) :]

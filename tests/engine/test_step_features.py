@@ -11,19 +11,26 @@ from .engine_support import request
 NO_LORA = (0, 0, 0)
 
 
-@pytest.mark.parametrize("prompts, rows, budget, expected", [
-    # one 10-token prompt beside 2 decode rows: one step, the prompt attends to itself only
-    ((PendingPrompt(10),), 2, 64, [StepFeatures(12, 0, 0, 0, 100, 3)]),
-    # two prompts share a step: attention per prompt (2 x 10 x 10, not 20 x 20)
-    ((PendingPrompt(10), PendingPrompt(10)), 0, 64, [StepFeatures(20, 0, 0, 0, 200, 2)]),
-    # chunked: 14 of 16 tokens per step beside 2 rows; the second chunk attends to the first
-    ((PendingPrompt(20),), 2, 16, [StepFeatures(16, 0, 0, 0, 14 * 14, 2), StepFeatures(8, 0, 0, 0, 6 * 20, 3)]),
-    # a prompt half done, then one at rank 8: a LoRA group of its own; the first's row decodes next step
-    ((PendingPrompt(4, 6), PendingPrompt(12, 0, 8)), 0, 10,
-     [StepFeatures(10, 6 * 8, 8, 1, 4 * 10 + 6 * 6, 1), StepFeatures(7, 6 * 8, 8, 1, 6 * 12, 2)]),
-    # nothing pending: no step
-    ((PendingPrompt(0),), 3, 16, []),
-])
+@pytest.mark.parametrize(
+    "prompts, rows, budget, expected",
+    [
+        # one 10-token prompt beside 2 decode rows: one step, the prompt attends to itself only
+        ((PendingPrompt(10),), 2, 64, [StepFeatures(12, 0, 0, 0, 100, 3)]),
+        # two prompts share a step: attention per prompt (2 x 10 x 10, not 20 x 20)
+        ((PendingPrompt(10), PendingPrompt(10)), 0, 64, [StepFeatures(20, 0, 0, 0, 200, 2)]),
+        # chunked: 14 of 16 tokens per step beside 2 rows; the second chunk attends to the first
+        ((PendingPrompt(20),), 2, 16, [StepFeatures(16, 0, 0, 0, 14 * 14, 2), StepFeatures(8, 0, 0, 0, 6 * 20, 3)]),
+        # a prompt half done, then one at rank 8: a LoRA group of its own; the first's row decodes next step
+        (
+            (PendingPrompt(4, 6), PendingPrompt(12, 0, 8)),
+            0,
+            10,
+            [StepFeatures(10, 6 * 8, 8, 1, 4 * 10 + 6 * 6, 1), StepFeatures(7, 6 * 8, 8, 1, 6 * 12, 2)],
+        ),
+        # nothing pending: no step
+        ((PendingPrompt(0),), 3, 16, []),
+    ],
+)
 def test_plan_prefill_by_hand(prompts, rows, budget, expected):
     assert plan_prefill(prompts, rows, NO_LORA, 0, budget) == expected
 
@@ -45,8 +52,9 @@ def test_the_plan_matches_the_steps_the_engine_runs(make_engine):
     for i in range(2, 5):
         engine.add_request(request(i, max_tokens=30), lambda e: None)
     load = load_snapshot(engine.scheduler)
-    plan = plan_prefill(load.pending_prompts, load.num_running - load.num_prefilling, NO_LORA, 0,
-                        load.max_num_batched_tokens)
+    plan = plan_prefill(
+        load.pending_prompts, load.num_running - load.num_prefilling, NO_LORA, 0, load.max_num_batched_tokens
+    )
     observed = []
     observe = engine.cost_model.observe
     engine.cost_model.observe = lambda f, seconds: (observed.append(f), observe(f, seconds))

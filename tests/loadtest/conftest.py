@@ -22,12 +22,19 @@ def save_tiny_adapter(model, out_dir: Path, name: str, r_max: int, train_ranks: 
     weights = {}
     for path, module in sorted(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and path.rsplit(".", 1)[-1] in targets:
-            lora_A = torch.randn(module.in_features, r_max, generator=gen) / module.in_features ** 0.5
+            lora_A = torch.randn(module.in_features, r_max, generator=gen) / module.in_features**0.5
             lora_B = torch.randn(r_max, module.out_features, generator=gen) * 0.3
             weights[path] = (lora_A, lora_B)
-    manifest = AdapterManifest(name=name, base_model=model_id(model), base_fingerprint=model_fingerprint(model),
-                               target_modules=targets, r_max=r_max, train_ranks=train_ranks, scaling="none",
-                               method="matryoshka")
+    manifest = AdapterManifest(
+        name=name,
+        base_model=model_id(model),
+        base_fingerprint=model_fingerprint(model),
+        target_modules=targets,
+        r_max=r_max,
+        train_ranks=train_ranks,
+        scaling="none",
+        method="matryoshka",
+    )
     return save_adapter(out_dir, manifest, weights)
 
 
@@ -49,7 +56,12 @@ def lt_server(tiny_model_dir, lt_adapters, tmp_path_factory):
     """`matryoshka-lora serve` on the tiny model, 4 sequences at once, a queue of 4 (so overload bites)."""
     from matryoshka_lora.loadtest.server import ServerProcess, serve_args
 
-    args = serve_args(str(tiny_model_dir), [lt_adapters], num_threads=1, max_num_seqs=SERVER_MAX_NUM_SEQS,
-                      max_queue_len=SERVER_MAX_QUEUE_LEN)
+    args = serve_args(
+        str(tiny_model_dir),
+        [lt_adapters],
+        num_threads=1,
+        max_num_seqs=SERVER_MAX_NUM_SEQS,
+        max_queue_len=SERVER_MAX_QUEUE_LEN,
+    )
     with ServerProcess(args, tmp_path_factory.mktemp("lt-server") / "server.log", ready_timeout_s=300) as server:
         yield server

@@ -9,21 +9,24 @@ from matryoshka_lora.errors import ConfigError
 from matryoshka_lora.loadtest.config import LoadTestConfig, MixEntry, Workload
 
 
-@pytest.mark.parametrize("overrides, what", [
-    ({"scenario": "stress"}, "scenario"),
-    ({"url": "localhost:8000"}, "--url"),
-    ({"scenario": "tenants", "url": "http://127.0.0.1:1"}, "--url"),
-    ({"duration_s": 0}, "--duration"),
-    ({"users": ()}, "--users"),
-    ({"users": (4, 0)}, "--users"),
-    ({"ranks": (1, -8)}, "--ranks"),
-    ({"max_requests": 0}, "--max-requests"),
-    ({"budget_ms": -1.0}, "--budget-ms"),
-    ({"budget_unmet": "sometimes"}, "--budget-unmet"),
-    ({"rates": (1.0, 0.0)}, "--rates"),
-    ({"adapters": ["/nonexistent/adapter"]}, "--adapters"),
-    ({"vllm_python": "/nonexistent/python"}, "--vllm-python"),
-])
+@pytest.mark.parametrize(
+    "overrides, what",
+    [
+        ({"scenario": "stress"}, "scenario"),
+        ({"url": "localhost:8000"}, "--url"),
+        ({"scenario": "tenants", "url": "http://127.0.0.1:1"}, "--url"),
+        ({"duration_s": 0}, "--duration"),
+        ({"users": ()}, "--users"),
+        ({"users": (4, 0)}, "--users"),
+        ({"ranks": (1, -8)}, "--ranks"),
+        ({"max_requests": 0}, "--max-requests"),
+        ({"budget_ms": -1.0}, "--budget-ms"),
+        ({"budget_unmet": "sometimes"}, "--budget-unmet"),
+        ({"rates": (1.0, 0.0)}, "--rates"),
+        ({"adapters": ["/nonexistent/adapter"]}, "--adapters"),
+        ({"vllm_python": "/nonexistent/python"}, "--vllm-python"),
+    ],
+)
 def test_bad_settings_are_refused(overrides, what, tmp_path):
     values = {"scenario": "rank-sweep", "out": tmp_path, **overrides}
     with pytest.raises(ConfigError) as info:
@@ -37,8 +40,14 @@ def test_bad_workload(kwargs):
         Workload(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [{"adapter": "a", "rank": 4, "latency_budget_ms": 100.0},
-                                    {"adapter": None, "rank": 4}, {"adapter": "a", "weight": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"adapter": "a", "rank": 4, "latency_budget_ms": 100.0},
+        {"adapter": None, "rank": 4},
+        {"adapter": "a", "weight": 0.0},
+    ],
+)
 def test_bad_mix_entry(kwargs):
     with pytest.raises(ConfigError):
         MixEntry(**kwargs)
@@ -58,11 +67,17 @@ def test_cli_refuses_an_unknown_scenario():
     assert isinstance(result.exception, ConfigError) and result.exception.given == "stress"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("alpha@8", [("alpha", 8, None, 1.0)]),
-    ("alpha@1*3, beta@budget=500,base", [("alpha", 1, None, 3.0), ("beta", None, 500.0, 1.0), (None, None, None, 1.0)]),
-    ("alpha", [("alpha", None, None, 1.0)]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("alpha@8", [("alpha", 8, None, 1.0)]),
+        (
+            "alpha@1*3, beta@budget=500,base",
+            [("alpha", 1, None, 3.0), ("beta", None, 500.0, 1.0), (None, None, None, 1.0)],
+        ),
+        ("alpha", [("alpha", None, None, 1.0)]),
+    ],
+)
 def test_parse_mix(text, expected):
     from matryoshka_lora.loadtest.plan import parse_mix
 

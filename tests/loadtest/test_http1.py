@@ -48,8 +48,14 @@ class ScriptedServer:
         try:
             for answer in answers:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
                 self.requests.append((head, await reader.readexactly(length)))
                 if answer == HANG:
                     await asyncio.sleep(3600)
@@ -111,22 +117,28 @@ def test_the_request_carries_method_path_headers_and_json():
     async def go():
         server = ScriptedServer([[OK_12]])
         async with server as url, Http1Client(url + "/api/") as client:
-            async with client.stream("POST", "/generate", json={"prompt": "hi", "rank": 8},
-                                     headers={"authorization": "Bearer k"}) as resp:
+            async with client.stream(
+                "POST", "/generate", json={"prompt": "hi", "rank": 8}, headers={"authorization": "Bearer k"}
+            ) as resp:
                 await resp.aread()
         return url, server.requests
 
     url, [(head, body)] = run(go())
     lines = head.decode().split("\r\n")
     assert lines[0] == "POST /api/generate HTTP/1.1"
-    assert {"host: " + url.removeprefix("http://"), "content-type: application/json",
-            f"content-length: {len(body)}", "authorization: Bearer k"} <= set(lines)
+    assert {
+        "host: " + url.removeprefix("http://"),
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "authorization: Bearer k",
+    } <= set(lines)
     assert json.loads(body) == {"prompt": "hi", "rank": 8}
 
 
 def test_a_pooled_connection_the_server_dropped_is_replaced_once():
     """The server reads the second request on the kept-alive connection and drops it unanswered (it had
     timed the connection out): the request goes again on a fresh one."""
+
     async def go():
         server = ScriptedServer([[OK_12, CLOSE], [OK_12]])
         async with server as url, Http1Client(url) as client:

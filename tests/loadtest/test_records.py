@@ -18,19 +18,27 @@ TOKEN = {"type": "token", "id": "g", "text": "a"}
 
 
 def done(finish_reason="length", num_output_tokens=3):
-    return {"type": "done", "id": "g", "finish_reason": finish_reason, "num_prompt_tokens": 5,
-            "num_output_tokens": num_output_tokens}
+    return {
+        "type": "done",
+        "id": "g",
+        "finish_reason": finish_reason,
+        "num_prompt_tokens": 5,
+        "num_output_tokens": num_output_tokens,
+    }
 
 
-@pytest.mark.parametrize("line, expected", [
-    ('data: {"type":"start","rank":4}', {"type": "start", "rank": 4}),
-    (b'data: {"type":"token","text":"x"}\n', {"type": "token", "text": "x"}),
-    ("data: [DONE]", None),
-    ("", None),
-    (": keep-alive", None),
-    ("data: {not json", None),
-    ("data: [1, 2]", None),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('data: {"type":"start","rank":4}', {"type": "start", "rank": 4}),
+        (b'data: {"type":"token","text":"x"}\n', {"type": "token", "text": "x"}),
+        ("data: [DONE]", None),
+        ("", None),
+        (": keep-alive", None),
+        ("data: {not json", None),
+        ("data: [1, 2]", None),
+    ],
+)
 def test_parse_sse_line(line, expected):
     assert parse_sse_line(line) == expected
 
@@ -69,11 +77,14 @@ def test_tpot_is_decode_time_per_token_after_the_first():
     assert rec.metric_key() == ("base", "0", "200")
 
 
-@pytest.mark.parametrize("status, body, error", [
-    (429, '{"error": {"type": "rate_limited", "message": "slow down"}}', "rate_limited"),
-    (503, '{"error": {"type": "queue_full"}}', "queue_full"),
-    (502, "<html>bad gateway</html>", "<html>bad gateway</html>"),
-])
+@pytest.mark.parametrize(
+    "status, body, error",
+    [
+        (429, '{"error": {"type": "rate_limited", "message": "slow down"}}', "rate_limited"),
+        (503, '{"error": {"type": "queue_full"}}', "queue_full"),
+        (502, "<html>bad gateway</html>", "<html>bad gateway</html>"),
+    ],
+)
 def test_refused_counts_under_no_rank(status, body, error):
     rec = refused(RequestRecord(adapter="a", requested_rank=4), status, "1", body, sent=1.0, now=1.25)
     assert rec.metric_key() == ("a", "none", str(status))
@@ -81,7 +92,9 @@ def test_refused_counts_under_no_rank(status, body, error):
 
 
 def test_records_round_trip(tmp_path):
-    records = [RequestRecord(adapter="a", rank=2, status=200, itl_s=[0.1, 0.2], num_output_tokens=3),
-               RequestRecord(adapter=None, status=503, retry_after="1")]
+    records = [
+        RequestRecord(adapter="a", rank=2, status=200, itl_s=[0.1, 0.2], num_output_tokens=3),
+        RequestRecord(adapter=None, status=503, retry_after="1"),
+    ]
     write_records(tmp_path / "r.jsonl", records)
     assert read_records(tmp_path / "r.jsonl") == records

@@ -17,14 +17,25 @@ from .conftest import SERVER_MAX_NUM_SEQS, SERVER_MAX_QUEUE_LEN
 
 pytestmark = pytest.mark.timeout(300)
 # Locust runs in a subprocess (never imported here: it would gevent-patch pytest's process).
-needs_locust = pytest.mark.skipif(importlib.util.find_spec("locust") is None,
-                                  reason="Locust is not installed (pip install -e '.[loadtest]')")
+needs_locust = pytest.mark.skipif(
+    importlib.util.find_spec("locust") is None, reason="Locust is not installed (pip install -e '.[loadtest]')"
+)
 
 
 def smoke_config(scenario, server, model_dir, adapters, out, **overrides) -> LoadTestConfig:
-    values = dict(scenario=scenario, out=out, url=server.url, model=str(model_dir), adapters=[adapters],
-                  duration_s=2.0, workload=Workload(prompt_tokens=16, output_tokens=8), users=(2,),
-                  max_num_seqs=SERVER_MAX_NUM_SEQS, max_queue_len=SERVER_MAX_QUEUE_LEN, num_threads=1)
+    values = dict(
+        scenario=scenario,
+        out=out,
+        url=server.url,
+        model=str(model_dir),
+        adapters=[adapters],
+        duration_s=2.0,
+        workload=Workload(prompt_tokens=16, output_tokens=8),
+        users=(2,),
+        max_num_seqs=SERVER_MAX_NUM_SEQS,
+        max_queue_len=SERVER_MAX_QUEUE_LEN,
+        num_threads=1,
+    )
     values.update(overrides)
     return LoadTestConfig(**values)
 
@@ -52,14 +63,17 @@ def assert_report(result, md_path, num_phases):
 
 @needs_locust
 def test_rank_sweep(lt_server, tiny_model_dir, lt_adapters, tmp_path):
-    result, md_path = runner.run(smoke_config("rank-sweep", lt_server, tiny_model_dir, lt_adapters, tmp_path,
-                                              ranks=(1, 8)))
+    result, md_path = runner.run(
+        smoke_config("rank-sweep", lt_server, tiny_model_dir, lt_adapters, tmp_path, ranks=(1, 8))
+    )
     checks = invariants(result)
     assert result.passed, failed(result)
     assert len(checks["counters match"]) == 3 and checks["Locust's stats agree"] == [True, True]
     assert result.phases[0].name == "warm-up"
     for phase in result.phases[1:]:  # every request served at the rank it asked for, the whole output
-        assert phase.records and {(r.rank, r.rank_reason) for r in phase.records} == {(phase.extra["rank"], "requested")}
+        assert phase.records and {(r.rank, r.rank_reason) for r in phase.records} == {
+            (phase.extra["rank"], "requested")
+        }
         assert {r.num_output_tokens for r in phase.records} == {8}
     rows = result.tables["latency per rank and concurrency"]
     assert [(r["rank"], r["users"]) for r in rows] == [(1, 2), (8, 2)]
@@ -67,8 +81,9 @@ def test_rank_sweep(lt_server, tiny_model_dir, lt_adapters, tmp_path):
 
 
 def test_budget(lt_server, tiny_model_dir, lt_adapters, tmp_path):
-    result, md_path = runner.run(smoke_config("budget", lt_server, tiny_model_dir, lt_adapters, tmp_path,
-                                              rates=(2.0, 40.0)))
+    result, md_path = runner.run(
+        smoke_config("budget", lt_server, tiny_model_dir, lt_adapters, tmp_path, rates=(2.0, 40.0))
+    )
     assert result.passed, failed(result)
     steps = [p for p in result.phases if p.name.startswith("budget step")]
     assert len(steps) == 2
@@ -83,8 +98,9 @@ def test_budget(lt_server, tiny_model_dir, lt_adapters, tmp_path):
 
 
 def test_overload(lt_server, tiny_model_dir, lt_adapters, tmp_path):
-    result, md_path = runner.run(smoke_config("overload", lt_server, tiny_model_dir, lt_adapters, tmp_path,
-                                              duration_s=3.0))
+    result, md_path = runner.run(
+        smoke_config("overload", lt_server, tiny_model_dir, lt_adapters, tmp_path, duration_s=3.0)
+    )
     assert result.passed, failed(result)
     checks = invariants(result)
     assert checks["bounded queue"] == [True] and checks["429/503 carry Retry-After"] == [True]
@@ -114,8 +130,15 @@ def test_tenants_starts_its_own_server_with_a_tenants_file(tiny_model_dir, lt_ad
     """No --url: the run writes a tenants file with fresh keys and starts `serve` with it. The trickle is
     never refused in either loaded phase, the flood gets 429s with Retry-After, the neighbour uses the
     flood's key within its limits; the goal compares the flood phase with the neighbour phase."""
-    config = LoadTestConfig(scenario="tenants", out=tmp_path, model=str(tiny_model_dir), adapters=[lt_adapters],
-                            duration_s=3.0, workload=Workload(prompt_tokens=16, output_tokens=8), num_threads=1)
+    config = LoadTestConfig(
+        scenario="tenants",
+        out=tmp_path,
+        model=str(tiny_model_dir),
+        adapters=[lt_adapters],
+        duration_s=3.0,
+        workload=Workload(prompt_tokens=16, output_tokens=8),
+        num_threads=1,
+    )
     result, md_path = runner.run(config)
     assert result.passed, failed(result)
     names = [p.name for p in result.phases]
@@ -136,9 +159,18 @@ def test_tenants_starts_its_own_server_with_a_tenants_file(tiny_model_dir, lt_ad
 def test_budget_with_refuse_starts_its_server_with_the_policy(tiny_model_dir, lt_adapters, tmp_path):
     """--budget-unmet refuse reaches the server it starts: with a 1 ms budget no rank ever fits, so every
     budgeted request is answered 503 budget_unmet (with Retry-After), counted to the request."""
-    config = LoadTestConfig(scenario="budget", out=tmp_path, model=str(tiny_model_dir), adapters=[lt_adapters],
-                            duration_s=2.0, workload=Workload(prompt_tokens=16, output_tokens=8), num_threads=1,
-                            budget_ms=1.0, rates=(4.0,), budget_unmet="refuse")
+    config = LoadTestConfig(
+        scenario="budget",
+        out=tmp_path,
+        model=str(tiny_model_dir),
+        adapters=[lt_adapters],
+        duration_s=2.0,
+        workload=Workload(prompt_tokens=16, output_tokens=8),
+        num_threads=1,
+        budget_ms=1.0,
+        rates=(4.0,),
+        budget_unmet="refuse",
+    )
     result, md_path = runner.run(config)
     assert result.passed, failed(result)
     (step,) = [p for p in result.phases if p.name.startswith("budget step")]

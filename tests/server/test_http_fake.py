@@ -109,10 +109,13 @@ def test_tenant_concurrency_limit_is_429_while_one_is_in_flight(fake_server):
         assert client.post("/generate", json={"prompt": "hi", "max_tokens": 1}, headers=auth("slow")).status_code == 200
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/generate", {"prompt": "hi", "max_tokens": 2, "stream": True}),
-    ("/v1/completions", {"model": "fake-base", "prompt": "hi", "max_tokens": 2, "stream": True}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/generate", {"prompt": "hi", "max_tokens": 2, "stream": True}),
+        ("/v1/completions", {"model": "fake-base", "prompt": "hi", "max_tokens": 2, "stream": True}),
+    ],
+)
 def test_a_client_at_its_concurrency_limit_may_send_its_next_request_at_once(fake_server, path, body):
     """The tenant's slot is free before the stream's last event is sent, so a closed-loop client with
     max_concurrency 1 that sends its next request the moment a stream ends is never refused."""

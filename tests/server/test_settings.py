@@ -89,14 +89,21 @@ def test_other_matryoshka_env_vars_and_empty_ones_are_ignored(monkeypatch):
     assert (s.tenants, s.adapters) == (None, [])
 
 
-@pytest.mark.parametrize("overrides, access_log, log_level", [
-    ({}, True, "info"),
-    ({"access_log": False}, False, "info"),
-    ({"log_level": "WARNING"}, True, "warning"),
-])
+@pytest.mark.parametrize(
+    "overrides, access_log, log_level",
+    [
+        ({}, True, "info"),
+        ({"access_log": False}, False, "info"),
+        ({"log_level": "WARNING"}, True, "warning"),
+    ],
+)
 def test_uvicorn_config_follows_the_settings(overrides, access_log, log_level):
     from matryoshka_lora.server.run import uvicorn_config
 
     config = uvicorn_config(object(), load_settings(port=9003, drain_timeout_s=2.5, **overrides))
     assert (config.access_log, config.log_level, config.port, config.timeout_graceful_shutdown) == (
-        access_log, log_level, 9003, 3)
+        access_log,
+        log_level,
+        9003,
+        3,
+    )

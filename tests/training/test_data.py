@@ -75,7 +75,11 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 @pytest.mark.parametrize("max_seq_len, num_kept, skipped_lines", [(1000, 3, ()), (40, 2, (3,))])
 def test_too_long_records_are_skipped_and_counted(tokenizer, tmp_path, caplog, max_seq_len, num_kept, skipped_lines):
-    records = [{"prompt": "hi", "completion": "yes"}, {"prompt": "", "completion": "no"}, {"prompt": "word " * 60, "completion": "x"}]
+    records = [
+        {"prompt": "hi", "completion": "yes"},
+        {"prompt": "", "completion": "no"},
+        {"prompt": "word " * 60, "completion": "x"},
+    ]
     path = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in records] + [""])
     with caplog.at_level(logging.WARNING):
         kept, report = data.tokenize_records(tokenizer, data.read_jsonl(path), max_seq_len)

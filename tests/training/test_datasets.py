@@ -11,8 +11,14 @@ from matryoshka_lora.errors import DatasetError
 from matryoshka_lora.training import datasets, tasks
 
 SOURCE = datasets.DatasetSource(
-    name="toy", relative_path="toy/validation/data.arrow", key="id", columns=("q", "a"),
-    to_example=lambda row: (row["q"], row["a"]), num_test=5, num_dev=3, licence="test data",
+    name="toy",
+    relative_path="toy/validation/data.arrow",
+    key="id",
+    columns=("q", "a"),
+    to_example=lambda row: (row["q"], row["a"]),
+    num_test=5,
+    num_dev=3,
+    licence="test data",
 )
 
 
@@ -47,15 +53,20 @@ def test_train_seed_shuffles_train_only(tmp_path):
     train0 = datasets.split_pairs(SOURCE, "train", root=tmp_path)
     train3 = datasets.split_pairs(SOURCE, "train", seed=3, root=tmp_path)
     assert train3 != train0 and sorted(train3) == sorted(train0)
-    assert datasets.split_pairs(SOURCE, "test", seed=3, root=tmp_path) == datasets.split_pairs(SOURCE, "test", root=tmp_path)
+    assert datasets.split_pairs(SOURCE, "test", seed=3, root=tmp_path) == datasets.split_pairs(
+        SOURCE, "test", root=tmp_path
+    )
 
 
 @pytest.mark.parametrize(
     "setup, what",
     [
         (lambda root: None, "dataset file"),  # nothing written
-        (lambda root: (root / "hf_datasets/toy/validation").mkdir(parents=True)
-         or (root / "hf_datasets" / SOURCE.relative_path).write_bytes(b"not arrow"), "dataset file"),
+        (
+            lambda root: (root / "hf_datasets/toy/validation").mkdir(parents=True)
+            or (root / "hf_datasets" / SOURCE.relative_path).write_bytes(b"not arrow"),
+            "dataset file",
+        ),
         (lambda root: write_arrow(root, [{"id": "1", "q": "x"}]), "columns of"),
         (lambda root: write_arrow(root, [{"id": "1", "q": "x", "a": "1"}] * 12), "key column"),
         (lambda root: write_arrow(root, toy_rows(8)), "rows of"),

@@ -34,8 +34,13 @@ def make_adapter(model_dir, out, seed=0):
     """A tiny adapter with random non-zero B, so that every rank changes the output."""
     model, _ = load_base_model(model_dir)
     manifest = store.AdapterManifest(
-        name=out.name, base_model=model_id(model), base_fingerprint=model_fingerprint(model),
-        target_modules=("q_proj", "v_proj", "down_proj"), r_max=R_MAX, train_ranks=(1, 2, 4, 8), scaling="none",
+        name=out.name,
+        base_model=model_id(model),
+        base_fingerprint=model_fingerprint(model),
+        target_modules=("q_proj", "v_proj", "down_proj"),
+        r_max=R_MAX,
+        train_ranks=(1, 2, 4, 8),
+        scaling="none",
         method="matryoshka",
     )
     inject.inject_lora(model, R_MAX, "none", manifest.target_modules, seed=seed)
@@ -65,13 +70,22 @@ def test_rank_sweep_matches_truncated_adapters_and_updates_manifest(tiny_model_d
     accuracy of the adapter truncated the long way, through HF."""
     monkeypatch.setitem(tasks.TASKS, "parity", parity_task())
     path = make_adapter(tiny_model_dir, tmp_path / "tiny-adapter")
-    cfg = ev.EvalConfig(adapters=(path,), task="parity", ranks=(1, 2, 8, 64), num_test=15, batch_size=5,
-                        model=str(tiny_model_dir), backend=backend)
+    cfg = ev.EvalConfig(
+        adapters=(path,),
+        task="parity",
+        ranks=(1, 2, 8, 64),
+        num_test=15,
+        batch_size=5,
+        model=str(tiny_model_dir),
+        backend=backend,
+    )
     result = ev.evaluate(cfg)
     (entry,) = result["adapters"]
     assert entry["ranks"] == [1, 2, 8]  # 64 > r_max is dropped
     examples = tasks.task_examples("parity", "test", 15)
-    expected = {str(r): truncated_reference(tiny_model_dir, path, tasks.TASKS["parity"], examples, r) for r in (1, 2, 8)}
+    expected = {
+        str(r): truncated_reference(tiny_model_dir, path, tasks.TASKS["parity"], examples, r) for r in (1, 2, 8)
+    }
     assert entry["accuracy"] == pytest.approx(expected, abs=1e-9)
     assert len(set(expected.values()) | {result["base_accuracy"]}) > 1  # the ranks really differ here
     accs = [expected[str(r)] for r in (1, 2, 8)]
@@ -92,8 +106,11 @@ def test_unknown_backend_is_refused(tmp_path):
 def test_default_ranks_are_the_train_ranks_and_no_manifest_flag(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(tasks.TASKS, "parity", parity_task())
     path = make_adapter(tiny_model_dir, tmp_path / "a")
-    result = ev.evaluate(ev.EvalConfig(adapters=(path,), task="parity", num_test=4, batch_size=4,
-                                       model=str(tiny_model_dir), update_manifests=False))
+    result = ev.evaluate(
+        ev.EvalConfig(
+            adapters=(path,), task="parity", num_test=4, batch_size=4, model=str(tiny_model_dir), update_manifests=False
+        )
+    )
     assert result["adapters"][0]["ranks"] == [1, 2, 4, 8]
     assert store.load_adapter(path).manifest.eval_results is None
 
@@ -111,7 +128,9 @@ def test_plot_is_a_png_with_every_curve(tmp_path):
     import matplotlib.image
 
     result = {
-        "task": "reverse", "num_test": 10, "base_accuracy": 0.1,
+        "task": "reverse",
+        "num_test": 10,
+        "base_accuracy": 0.1,
         "adapters": [
             {"name": n, "ranks": [1, 2, 4], "accuracy": {"1": a, "2": a + 0.1, "4": a + 0.2}, "aurac_log2": a + 0.1}
             for n, a in (("m", 0.5), ("l", 0.2))

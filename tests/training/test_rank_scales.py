@@ -17,8 +17,15 @@ def adapter_dir(tiny_model_dir, tmp_path):
 
 
 def test_fit_picks_the_lowest_loss_and_writes_the_manifest(tiny_model_dir, adapter_dir):
-    cfg = rs.FitConfig(adapter=adapter_dir, task="reverse", ranks=(1, 4), num_dev=6, batch_size=3,
-                       candidates=(0.5, 1.0, 2.0), model=str(tiny_model_dir))
+    cfg = rs.FitConfig(
+        adapter=adapter_dir,
+        task="reverse",
+        ranks=(1, 4),
+        num_dev=6,
+        batch_size=3,
+        candidates=(0.5, 1.0, 2.0),
+        model=str(tiny_model_dir),
+    )
     fitted, losses = rs.fit_rank_scales(cfg)
     assert set(fitted) == set(losses) == {"1", "4"}
     for rank, measured in losses.items():
@@ -31,8 +38,15 @@ def test_fit_picks_the_lowest_loss_and_writes_the_manifest(tiny_model_dir, adapt
 
 
 def test_no_gain_keeps_one(tiny_model_dir, adapter_dir):
-    cfg = rs.FitConfig(adapter=adapter_dir, task="reverse", ranks=(2,), num_dev=3, candidates=(0.5, 1.0, 2.0),
-                       min_gain=1.0, model=str(tiny_model_dir))
+    cfg = rs.FitConfig(
+        adapter=adapter_dir,
+        task="reverse",
+        ranks=(2,),
+        num_dev=3,
+        candidates=(0.5, 1.0, 2.0),
+        min_gain=1.0,
+        model=str(tiny_model_dir),
+    )
     assert rs.fit_rank_scales(cfg)[0] == {"2": 1.0}
 
 

@@ -11,7 +11,13 @@ from transformers import TrainerCallback
 from matryoshka_lora.adapters import inject, store
 from matryoshka_lora.errors import ConfigError
 from matryoshka_lora.training.trainer import (
-    DyLoRACallback, TrainConfig, build_trainer, checkpoint_dir, dylora_rank, slice_ranks, train,
+    DyLoRACallback,
+    TrainConfig,
+    build_trainer,
+    checkpoint_dir,
+    dylora_rank,
+    slice_ranks,
+    train,
 )
 
 R_MAX, TRAIN_RANKS = 8, (1, 2, 4)
@@ -19,8 +25,19 @@ R_MAX, TRAIN_RANKS = 8, (1, 2, 4)
 
 def tiny_config(model_dir, out, **overrides) -> TrainConfig:
     values = dict(
-        out=out, model=str(model_dir), task="reverse", num_train=24, batch_size=4, r_max=R_MAX,
-        train_ranks=TRAIN_RANKS, max_steps=3, lr=1e-2, warmup_ratio=0.0, max_seq_len=64, logging_steps=1, seed=3,
+        out=out,
+        model=str(model_dir),
+        task="reverse",
+        num_train=24,
+        batch_size=4,
+        r_max=R_MAX,
+        train_ranks=TRAIN_RANKS,
+        max_steps=3,
+        lr=1e-2,
+        warmup_ratio=0.0,
+        max_seq_len=64,
+        logging_steps=1,
+        seed=3,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -96,7 +113,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_model_dir, tmp_pa
 def test_checkpoints_and_output_are_adapters(tiny_model_dir, tmp_path):
     out = train(tiny_config(tiny_model_dir, tmp_path / "m", max_steps=2, save_every=1, nest=False))
     manifest = store.load_adapter(out).manifest
-    assert (manifest.method, manifest.r_max, tuple(manifest.train_ranks), manifest.name) == ("matryoshka", R_MAX, TRAIN_RANKS, "m")
+    assert (manifest.method, manifest.r_max, tuple(manifest.train_ranks), manifest.name) == (
+        "matryoshka",
+        R_MAX,
+        TRAIN_RANKS,
+        "m",
+    )
     assert "retrain:" in manifest.notes
     for step in (1, 2):
         checkpoint = store.load_adapter(checkpoint_dir(out) / f"checkpoint-{step}")
@@ -134,7 +156,7 @@ def test_cuda_training_runs_in_bf16_and_saves_float32(tiny_model_dir, tmp_path):
     adapter = store.load_adapter(train(cfg))
     for lora_A, lora_B in adapter.weights.values():
         assert lora_A.dtype == lora_B.dtype == torch.float32
-        assert lora_B[max(TRAIN_RANKS):].abs().sum() == 0  # Matryoshka: nothing beyond the largest train rank
+        assert lora_B[max(TRAIN_RANKS) :].abs().sum() == 0  # Matryoshka: nothing beyond the largest train rank
     assert any(b[: max(TRAIN_RANKS)].abs().sum() > 0 for _, b in adapter.weights.values())
 
 
@@ -162,7 +184,9 @@ def test_slice_loss_adds_the_served_rank_losses(tiny_model_dir, tmp_path):
 
 
 def test_nest_and_rank_losses(tiny_model_dir, tmp_path):
-    out = train(tiny_config(tiny_model_dir, tmp_path / "n", method="lora", rank_loss_every=2, bf16=False))  # nest: the default
+    out = train(
+        tiny_config(tiny_model_dir, tmp_path / "n", method="lora", rank_loss_every=2, bf16=False)
+    )  # nest: the default
     nested, raw = store.load_adapter(out), store.load_adapter(tmp_path / "n-raw")
     assert (nested.manifest.method, raw.manifest.method) == ("svd", "lora")
     assert (nested.manifest.name, raw.manifest.name) == ("n", "n-raw")
@@ -172,7 +196,9 @@ def test_nest_and_rank_losses(tiny_model_dir, tmp_path):
     assert all(set(row["loss"]) == {"1", "2", "4"} for row in rows)
 
 
-@pytest.mark.parametrize("overrides", [dict(slice_loss=-1), dict(rank_loss_every=0), dict(train_ranks=(8,), slice_loss=1)])
+@pytest.mark.parametrize(
+    "overrides", [dict(slice_loss=-1), dict(rank_loss_every=0), dict(train_ranks=(8,), slice_loss=1)]
+)
 def test_bad_options_are_refused(tiny_model_dir, tmp_path, overrides):
     with pytest.raises(ConfigError):
         tiny_config(tiny_model_dir, tmp_path / "x", **overrides).validate()

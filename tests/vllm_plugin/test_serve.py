@@ -40,12 +40,35 @@ def server(default_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("served-adapters")
     save_random_adapter(default_model[0], root / "rnd", "rnd", 8, seed=7, std=0.2)
     port, log_file = free_port(), root.parent / "vllm-serve.log"
-    env = dict(os.environ, MATRYOSHKA_ADAPTERS_DIR=str(root), VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-               MATRYOSHKA_CACHE=str(tmp_path_factory.mktemp("cache")))
-    command = [sys.executable, "-m", "matryoshka_lora.vllm_plugin", "serve", str(default_model_dir()),
-               "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32",
-               "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4",
-               "--host", "127.0.0.1", "--port", str(port)]
+    env = dict(
+        os.environ,
+        MATRYOSHKA_ADAPTERS_DIR=str(root),
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+        MATRYOSHKA_CACHE=str(tmp_path_factory.mktemp("cache")),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "matryoshka_lora.vllm_plugin",
+        "serve",
+        str(default_model_dir()),
+        "--enable-lora",
+        "--max-lora-rank",
+        "8",
+        "--max-loras",
+        "2",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--max-num-seqs",
+        "4",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with open(log_file, "w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -85,8 +108,10 @@ def test_adapter_at_rank_is_served(server, model):
     assert body["model"] == model and body["choices"][0]["text"] and body["usage"]["completion_tokens"] == 4
 
 
-@pytest.mark.parametrize("model, says", [("rnd@9", "rank 9 outside 1..8"), ("rnd@0", "rank 0 outside 1..8"),
-                                         ("nope@2", "no Matryoshka adapter 'nope'")])
+@pytest.mark.parametrize(
+    "model, says",
+    [("rnd@9", "rank 9 outside 1..8"), ("rnd@0", "rank 0 outside 1..8"), ("nope@2", "no Matryoshka adapter 'nope'")],
+)
 def test_bad_rank_or_unknown_adapter_is_404_with_a_log_line(server, model, says):
     url, log_file = server
     response = complete(url, model)

@@ -90,30 +90,41 @@ def run(ctx: RunContext) -> ScenarioResult:
     result.phases.append(phase)
     budget_ms = cfg.budget_ms or cfg.budget_factor * l_max * 1000.0
     rates = cfg.rates or tuple(f * c_1 for f in RATE_FACTORS)
-    result.notes.append(f"probe: unloaded e2e at r_max {l_max * 1000:.0f} ms, rank-1 capacity {c_1:.2f} req/s; "
-                        f"budget {budget_ms:.0f} ms; rates {', '.join(f'{r:.2f}' for r in rates)} req/s; "
-                        f"--budget-unmet {cfg.budget_unmet}" + (" (as given: a --url server's own)" if cfg.url else ""))
+    result.notes.append(
+        f"probe: unloaded e2e at r_max {l_max * 1000:.0f} ms, rank-1 capacity {c_1:.2f} req/s; "
+        f"budget {budget_ms:.0f} ms; rates {', '.join(f'{r:.2f}' for r in rates)} req/s; "
+        f"--budget-unmet {cfg.budget_unmet}" + (" (as given: a --url server's own)" if cfg.url else "")
+    )
     rows = []
     entry = MixEntry(adapter.name, latency_budget_ms=round(budget_ms, 1))
     for i, rate in enumerate(rates):
         plan = ctx.plan([entry], tag=f"step {i}")
         arrivals = Arrivals(rate, cfg.phase_s, cfg.max_requests, seed=cfg.seed + i)
-        phase = measure(ctx, f"budget step {i} at {rate:.2f} req/s",
-                        lambda plan=plan, arrivals=arrivals: asyncio.run(open_loop(ctx.url, plan, arrivals)),
-                        allowed_5xx=(503,))
+        phase = measure(
+            ctx,
+            f"budget step {i} at {rate:.2f} req/s",
+            lambda plan=plan, arrivals=arrivals: asyncio.run(open_loop(ctx.url, plan, arrivals)),
+            allowed_5xx=(503,),
+        )
         phase.extra["offered_rps"] = rate
         result.phases.append(phase)
         rows.append(step_row(rate, budget_ms, phase))
     result.tables["budget steps"] = rows
     below = [r for r in steps_below(rates, rows, c_1) if r["hit_rate"] is not None]
-    result.checks.append(goal(
-        f">= {HIT_GOAL:.0%} within budget below rank-1 capacity ({c_1:.2f} req/s)",
-        bool(below) and all(r["hit_rate"] >= HIT_GOAL for r in below),
-        "; ".join(f"{r['offered_rps']} req/s: {r['hit_rate']:.1%}" for r in below) or "no step below capacity"))
+    result.checks.append(
+        goal(
+            f">= {HIT_GOAL:.0%} within budget below rank-1 capacity ({c_1:.2f} req/s)",
+            bool(below) and all(r["hit_rate"] >= HIT_GOAL for r in below),
+            "; ".join(f"{r['offered_rps']} req/s: {r['hit_rate']:.1%}" for r in below) or "no step below capacity",
+        )
+    )
     predicted = [r for r in rows if r["hit_rate_when_predicted"] is not None]
-    result.checks.append(goal(
-        f">= {HIT_GOAL:.0%} within budget when a rank was predicted to fit",
-        all(r["hit_rate_when_predicted"] >= HIT_GOAL for r in predicted),
-        "; ".join(f"{r['offered_rps']} req/s: {r['hit_rate_when_predicted']:.1%}" for r in predicted) or "none"))
+    result.checks.append(
+        goal(
+            f">= {HIT_GOAL:.0%} within budget when a rank was predicted to fit",
+            all(r["hit_rate_when_predicted"] >= HIT_GOAL for r in predicted),
+            "; ".join(f"{r['offered_rps']} req/s: {r['hit_rate_when_predicted']:.1%}" for r in predicted) or "none",
+        )
+    )
     result.plots.append(plots.budget_vs_load(rows, ctx.out / "budget_rank_and_p95_vs_load.png"))
     return result

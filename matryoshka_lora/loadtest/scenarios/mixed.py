@@ -52,8 +52,9 @@ def run(ctx: RunContext) -> ScenarioResult:
     result.phases.append(mix_phase)
     rows, alone_phases = [], []
     for rank in sorted({m.rank for m in mix_entries(ctx)}):
-        alone = locust_phase(ctx, f"rank {rank} alone x {users} users", mix_entries(ctx, rank), users,
-                             ctx.config.phase_s)
+        alone = locust_phase(
+            ctx, f"rank {rank} alone x {users} users", mix_entries(ctx, rank), users, ctx.config.phase_s
+        )
         alone.extra["rank"] = rank
         alone_phases.append(alone)
         in_mix = [r for r in mix_phase.records if r.rank == rank]
@@ -61,10 +62,12 @@ def run(ctx: RunContext) -> ScenarioResult:
     result.tables["per-rank latency: in the mix vs alone"] = rows
     result.phases += alone_phases
     alone_tok_s = [p.summary["output_tok_s"] for p in alone_phases if p.summary["output_tok_s"]]
-    result.tables["throughput"] = [{
-        "workload": f"mix of {len(mix_phase.extra['mix'])} (adapter, rank) x {users} users",
-        "output_tok_s": mix_phase.summary["output_tok_s"],
-        "mean of single-rank runs tok/s": statistics.fmean(alone_tok_s) if alone_tok_s else None,
-    }]
+    result.tables["throughput"] = [
+        {
+            "workload": f"mix of {len(mix_phase.extra['mix'])} (adapter, rank) x {users} users",
+            "output_tok_s": mix_phase.summary["output_tok_s"],
+            "mean of single-rank runs tok/s": statistics.fmean(alone_tok_s) if alone_tok_s else None,
+        }
+    ]
     result.plots.append(plots.mixed_vs_alone(rows, ctx.out / "mixed_vs_alone.png"))
     return result

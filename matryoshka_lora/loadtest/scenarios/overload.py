@@ -43,25 +43,43 @@ def run(ctx: RunContext) -> ScenarioResult:
     plan = ctx.plan([entry], tag="overload")
     arrivals = Arrivals(rate, cfg.phase_s, cfg.max_requests, seed=cfg.seed)
     with prom.Sampler(ctx.url, interval_s=0.5) as sampler:
-        overload = measure(ctx, f"overload at {rate:.2f} req/s", lambda: asyncio.run(open_loop(ctx.url, plan, arrivals)),
-                        allowed_5xx=(503,))
+        overload = measure(
+            ctx,
+            f"overload at {rate:.2f} req/s",
+            lambda: asyncio.run(open_loop(ctx.url, plan, arrivals)),
+            allowed_5xx=(503,),
+        )
     refusals = sum(1 for r in overload.records if r.status in (429, 503))
-    overload.checks += [refusals_have_retry_after(overload.records),
-                        bounded_queue(sampler.max_waiting(), cfg.max_queue_len)]
+    overload.checks += [
+        refusals_have_retry_after(overload.records),
+        bounded_queue(sampler.max_waiting(), cfg.max_queue_len),
+    ]
     overload.extra.update(offered_rps=rate, max_waiting=sampler.max_waiting(), num_refused=refusals)
     result.phases.append(overload)
     l_after, phase = unloaded(ctx, entry, tag="after")
     result.phases.append(phase)
     result.checks += [
-        goal("back-pressure engaged (some 429/503)", refusals > 0,
-             f"{refusals} of {len(overload.records)} refused at {rate:.2f} req/s (capacity {cap:.2f})"),
-        goal(f"normal latency right after (<= {RECOVERY_FACTOR} x before)", l_after <= RECOVERY_FACTOR * l_0,
-             f"median e2e before {l_0 * 1000:.0f} ms, after {l_after * 1000:.0f} ms"),
+        goal(
+            "back-pressure engaged (some 429/503)",
+            refusals > 0,
+            f"{refusals} of {len(overload.records)} refused at {rate:.2f} req/s (capacity {cap:.2f})",
+        ),
+        goal(
+            f"normal latency right after (<= {RECOVERY_FACTOR} x before)",
+            l_after <= RECOVERY_FACTOR * l_0,
+            f"median e2e before {l_0 * 1000:.0f} ms, after {l_after * 1000:.0f} ms",
+        ),
     ]
-    result.tables["overload"] = [{
-        "capacity_rps": round(cap, 3), "offered_rps": round(rate, 3), "num_requests": len(overload.records),
-        "statuses": overload.summary["statuses"], "max_waiting": sampler.max_waiting(),
-        "max_queue_len": cfg.max_queue_len, "e2e_before_ms": round(l_0 * 1000, 1),
-        "e2e_after_ms": round(l_after * 1000, 1),
-    }]
+    result.tables["overload"] = [
+        {
+            "capacity_rps": round(cap, 3),
+            "offered_rps": round(rate, 3),
+            "num_requests": len(overload.records),
+            "statuses": overload.summary["statuses"],
+            "max_waiting": sampler.max_waiting(),
+            "max_queue_len": cfg.max_queue_len,
+            "e2e_before_ms": round(l_0 * 1000, 1),
+            "e2e_after_ms": round(l_after * 1000, 1),
+        }
+    ]
     return result

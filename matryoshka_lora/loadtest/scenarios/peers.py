@@ -1,19 +1,19 @@
 """peers: this server against transformers and vLLM on the same prompts, side by side, as ratios.
 
-    ours     the `mixed` scenario's mix (every adapter x ranks 1, 8, 32, r_max) over HTTP, streamed:
-             closed loop   U users (16) for --duration s; output tokens/s over the run
-             at once       BURSTS times U requests sent at once (request i: mix entry i mod the mix's
-                           size), as the peers run; tokens/s = U x M / (first send -> last end),
-                           averaged over the bursts
-    then the server is stopped (when this run started it) and, on the same fixed prompt, U requests x
-    the workload's output tokens at once:
-             transformers generate / generate_batch, base and PEFT adapter (the first adapter at r_max)
-             vLLM base and LoRA, when --vllm-python names a venv with vLLM (its offline engine)
-    and, with --vllm-python, the base model served by `vllm serve` over HTTP: the same client and
-    burst as ours (U streamed /v1/completions at once, BURSTS times; loadtest/vllm_serve.py)
-    goals    (ours at once, the like-for-like workload) > vLLM serve base over HTTP; > vLLM offline base;
-             >= 4 x vLLM LoRA; >= 1.5 x static generate with PEFT; >= 2 x generate_batch (its PEFT run;
-             the base run if PEFT failed)
+ours     the `mixed` scenario's mix (every adapter x ranks 1, 8, 32, r_max) over HTTP, streamed:
+         closed loop   U users (16) for --duration s; output tokens/s over the run
+         at once       BURSTS times U requests sent at once (request i: mix entry i mod the mix's
+                       size), as the peers run; tokens/s = U x M / (first send -> last end),
+                       averaged over the bursts
+then the server is stopped (when this run started it) and, on the same fixed prompt, U requests x
+the workload's output tokens at once:
+         transformers generate / generate_batch, base and PEFT adapter (the first adapter at r_max)
+         vLLM base and LoRA, when --vllm-python names a venv with vLLM (its offline engine)
+and, with --vllm-python, the base model served by `vllm serve` over HTTP: the same client and
+burst as ours (U streamed /v1/completions at once, BURSTS times; loadtest/vllm_serve.py)
+goals    (ours at once, the like-for-like workload) > vLLM serve base over HTTP; > vLLM offline base;
+         >= 4 x vLLM LoRA; >= 1.5 x static generate with PEFT; >= 2 x generate_batch (its PEFT run;
+         the base run if PEFT failed)
 """
 
 from __future__ import annotations
@@ -49,16 +49,25 @@ def peer_goal(ours: float | None, rows: list[dict], prefix: str, factor: float, 
     if row is None or not ours:
         return Check(wording, None, "not measured", "goal")
     ratio = ours / row["output_tok_s"]
-    return Check(wording, ratio >= factor if factor > 1 else ratio > factor,
-                 f"{ours:.1f} vs {row['output_tok_s']:.1f} tok/s ({row['system']}): {ratio:.2f}x", "goal")
+    return Check(
+        wording,
+        ratio >= factor if factor > 1 else ratio > factor,
+        f"{ours:.1f} vs {row['output_tok_s']:.1f} tok/s ({row['system']}): {ratio:.2f}x",
+        "goal",
+    )
 
 
 def burst_phases(ctx: RunContext, num_requests: int) -> list[Phase]:
     """BURSTS phases of `num_requests` requests of the mixed mix sent at once, one after another."""
     plan = ctx.plan(mix_entries(ctx), tag="at once")
-    return [measure(ctx, f"mix, {num_requests} at once ({i + 1}/{BURSTS})",
-                    lambda: asyncio.run(openloop.burst(ctx.url, plan, num_requests)))
-            for i in range(BURSTS)]
+    return [
+        measure(
+            ctx,
+            f"mix, {num_requests} at once ({i + 1}/{BURSTS})",
+            lambda: asyncio.run(openloop.burst(ctx.url, plan, num_requests)),
+        )
+        for i in range(BURSTS)
+    ]
 
 
 def run(ctx: RunContext) -> ScenarioResult:
@@ -78,8 +87,9 @@ def run(ctx: RunContext) -> ScenarioResult:
         ctx.server.stop()  # the peers get the whole machine, as the server had it
     from matryoshka_lora.adapters.peft_io import export_peft
 
-    peft_dir = export_peft(dirs[adapter.name], adapter.r_max,
-                           ctx.out / "peers" / f"peft-{adapter.name}-r{adapter.r_max}")
+    peft_dir = export_peft(
+        dirs[adapter.name], adapter.r_max, ctx.out / "peers" / f"peft-{adapter.name}-r{adapter.r_max}"
+    )
     prompts = [list(ctx.prompt_ids) for _ in range(users)]
     max_tokens = ctx.workload.output_tokens
     results = peers.transformers_peers(ctx.config.model, peft_dir, prompts, max_tokens, ctx.config.num_threads)
@@ -87,24 +97,46 @@ def run(ctx: RunContext) -> ScenarioResult:
         from matryoshka_lora.models import resolve_model_dir
 
         model_dir = resolve_model_dir(ctx.config.model)
-        results += peers.vllm_peers(ctx.config.vllm_python, model_dir, peft_dir, prompts, max_tokens,
-                                    ctx.config.num_threads, ctx.out / "peers")
-        results.append(vllm_serve_peer(ctx.config.vllm_python, model_dir, ctx.prompt, len(ctx.prompt_ids), users,
-                                       max_tokens, ctx.config.num_threads, ctx.out / "peers", repeats=BURSTS))
+        results += peers.vllm_peers(
+            ctx.config.vllm_python, model_dir, peft_dir, prompts, max_tokens, ctx.config.num_threads, ctx.out / "peers"
+        )
+        results.append(
+            vllm_serve_peer(
+                ctx.config.vllm_python,
+                model_dir,
+                ctx.prompt,
+                len(ctx.prompt_ids),
+                users,
+                max_tokens,
+                ctx.config.num_threads,
+                ctx.out / "peers",
+                repeats=BURSTS,
+            )
+        )
     else:
         result.notes.append("vLLM not run: pass --vllm-python VENV/bin/python (a venv with vLLM, e.g. .venv-vllm)")
-    rows = [{"system": f"matryoshka-lora (mixed ranks, {users} at once, HTTP streaming)", "output_tok_s": ours,
-             "ours": True},
-            {"system": f"matryoshka-lora (mixed ranks, {users} closed-loop users, HTTP streaming)",
-             "output_tok_s": closed_loop, "ours": True}]
+    rows = [
+        {
+            "system": f"matryoshka-lora (mixed ranks, {users} at once, HTTP streaming)",
+            "output_tok_s": ours,
+            "ours": True,
+        },
+        {
+            "system": f"matryoshka-lora (mixed ranks, {users} closed-loop users, HTTP streaming)",
+            "output_tok_s": closed_loop,
+            "ours": True,
+        },
+    ]
     rows += peers.as_rows(results)
     for r in rows:
         r["ratio_ours_over"] = round(ours / r["output_tok_s"], 3) if ours and r["output_tok_s"] else None
     result.tables["throughput vs peers"] = rows
     result.checks += [peer_goal(ours, rows, *g) for g in GOALS]
-    result.notes.append(f"peers: {users} requests at once x {max_tokens} tokens on the fixed "
-                        f"{len(ctx.prompt_ids)}-token prompt, in process (vLLM offline), and vLLM serve over HTTP "
-                        "(the same client and burst as ours); ours: the same number at once over HTTP (the goals' "
-                        "figure), and closed-loop users over HTTP")
+    result.notes.append(
+        f"peers: {users} requests at once x {max_tokens} tokens on the fixed "
+        f"{len(ctx.prompt_ids)}-token prompt, in process (vLLM offline), and vLLM serve over HTTP "
+        "(the same client and burst as ours); ours: the same number at once over HTTP (the goals' "
+        "figure), and closed-loop users over HTTP"
+    )
     result.plots.append(plots.peers_bars(rows, ctx.out / "peers_throughput.png"))
     return result

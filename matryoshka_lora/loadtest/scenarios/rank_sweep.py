@@ -30,8 +30,13 @@ def locust_phase(ctx: RunContext, name: str, mix: list[MixEntry], users: int, du
 
     phase = measure(ctx, name, run)
     locust_count = holder[0].count("E2E")
-    phase.checks.append(Check("Locust's stats agree", locust_count == len(phase.records),
-                              f"Locust E2E count {locust_count}, records {len(phase.records)}"))
+    phase.checks.append(
+        Check(
+            "Locust's stats agree",
+            locust_count == len(phase.records),
+            f"Locust E2E count {locust_count}, records {len(phase.records)}",
+        )
+    )
     phase.extra.update(users=users, locust_csv=f"{prefix}_stats.csv", locust_html=f"{prefix}.html")
     return phase
 
@@ -42,12 +47,15 @@ def run(ctx: RunContext) -> ScenarioResult:
     rows = []
     for users in ctx.config.users:
         for rank in ctx.sweep_ranks():
-            phase = locust_phase(ctx, f"{adapter.name}@{rank} x {users} users", [MixEntry(adapter.name, rank)],
-                                 users, ctx.config.phase_s)
+            phase = locust_phase(
+                ctx, f"{adapter.name}@{rank} x {users} users", [MixEntry(adapter.name, rank)], users, ctx.config.phase_s
+            )
             phase.extra["rank"] = rank
             result.phases.append(phase)
             rows.append(row_of(phase.summary, adapter=adapter.name, rank=rank, users=users))
     result.tables["latency per rank and concurrency"] = rows
-    result.plots += [plots.rank_latency(rows, ctx.out / "latency_per_rank.png"),
-                     plots.throughput_vs_concurrency(rows, ctx.out / "throughput_vs_concurrency.png")]
+    result.plots += [
+        plots.rank_latency(rows, ctx.out / "latency_per_rank.png"),
+        plots.throughput_vs_concurrency(rows, ctx.out / "throughput_vs_concurrency.png"),
+    ]
     return result

@@ -33,7 +33,11 @@ def rss_trend(times_s: list[float], rss: list[float]) -> dict:
     if t.size < 2 or t[-1] == t[0]:
         return {"slope_bytes_per_s": None, "growth_bytes": None, "median_bytes": float(np.median(rss)) if rss else None}
     slope = float(np.polyfit(t, y, 1)[0])
-    return {"slope_bytes_per_s": slope, "growth_bytes": slope * float(t[-1] - t[0]), "median_bytes": float(np.median(y))}
+    return {
+        "slope_bytes_per_s": slope,
+        "growth_bytes": slope * float(t[-1] - t[0]),
+        "median_bytes": float(np.median(y)),
+    }
 
 
 def run(ctx: RunContext) -> ScenarioResult:
@@ -49,20 +53,34 @@ def run(ctx: RunContext) -> ScenarioResult:
     tenth = max(1, len(ordered) // 10)
     first = statistics.median(r.e2e_s for r in ordered[:tenth]) if ordered else None
     last = statistics.median(r.e2e_s for r in ordered[-tenth:]) if ordered else None
-    row = {"users": users, "duration_s": duration, "num_requests": len(phase.records),
-           "e2e_p50_first_10pct_ms": ms(first), "e2e_p50_last_10pct_ms": ms(last)}
+    row = {
+        "users": users,
+        "duration_s": duration,
+        "num_requests": len(phase.records),
+        "e2e_p50_first_10pct_ms": ms(first),
+        "e2e_p50_last_10pct_ms": ms(last),
+    }
     if samples:
         times, rss = [s.t for s in samples], [float(s.rss_bytes) for s in samples]
         trend = rss_trend(times, rss)
-        row.update(rss_start_mib=round(rss[0] / MIB, 1), rss_end_mib=round(rss[-1] / MIB, 1),
-                   rss_max_mib=round(max(rss) / MIB, 1),
-                   rss_slope_mib_per_min=None if trend["slope_bytes_per_s"] is None
-                   else round(trend["slope_bytes_per_s"] * 60 / MIB, 3))
+        row.update(
+            rss_start_mib=round(rss[0] / MIB, 1),
+            rss_end_mib=round(rss[-1] / MIB, 1),
+            rss_max_mib=round(max(rss) / MIB, 1),
+            rss_slope_mib_per_min=None
+            if trend["slope_bytes_per_s"] is None
+            else round(trend["slope_bytes_per_s"] * 60 / MIB, 3),
+        )
         growth, median = trend["growth_bytes"], trend["median_bytes"]
         allowed = max(FLAT_SHARE * (median or 0.0), FLAT_MIN_BYTES)
-        result.checks.append(goal("server RSS flat (no leak)", growth is not None and abs(growth) <= allowed,
-                                  f"second-half growth {0 if growth is None else growth / MIB:.1f} MiB "
-                                  f"(allowed {allowed / MIB:.1f} MiB), {len(samples)} samples"))
+        result.checks.append(
+            goal(
+                "server RSS flat (no leak)",
+                growth is not None and abs(growth) <= allowed,
+                f"second-half growth {0 if growth is None else growth / MIB:.1f} MiB "
+                f"(allowed {allowed / MIB:.1f} MiB), {len(samples)} samples",
+            )
+        )
         result.plots.append(plots.rss_over_time(times, [v / MIB for v in rss], ctx.out / "soak_rss.png"))
     else:
         result.notes.append("no RSS samples: the server was not started by this run (--url)")

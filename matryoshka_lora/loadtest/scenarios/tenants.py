@@ -45,16 +45,19 @@ def write_tenants(path: Path, keys: dict[str, str]) -> Path:
     from matryoshka_lora.server.tenants import hash_key
 
     limits = "\n".join(f"{k} = {v}" for k, v in FLOOD_LIMITS.items())
-    path.write_text(f"""# written by `matryoshka-lora loadtest tenants` (random keys, this run only)
+    path.write_text(
+        f"""# written by `matryoshka-lora loadtest tenants` (random keys, this run only)
 [tenants.flood]
-api_key_sha256 = "{hash_key(keys['flood'])}"
+api_key_sha256 = "{hash_key(keys["flood"])}"
 adapters = "*"
 {limits}
 
 [tenants.trickle]
-api_key_sha256 = "{hash_key(keys['trickle'])}"
+api_key_sha256 = "{hash_key(keys["trickle"])}"
 adapters = "*"
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -77,11 +80,16 @@ def phase_row(phase, other: str | None, alone_p50: float | None) -> dict:
     served = [r for r in trickle_of(phase) if r.ok]
     e2e = percentiles(r.e2e_s for r in served)
     others = [r for r in phase.records if other and r.tag == other]
-    return {"phase": phase.name, "trickle_requests": len(served),
-            "trickle_p50_ms": ms(e2e["p50"]), "trickle_p95_ms": ms(e2e["p95"]),
-            "trickle_p50_vs_alone": round(e2e["p50"] / alone_p50, 3) if alone_p50 and e2e["p50"] else None,
-            "other_tenant": other, "other_statuses": dict(sorted(Counter(str(r.status) for r in others).items())),
-            "other_output_tok_s": summarize(others, phase.summary["wall_s"])["output_tok_s"]}
+    return {
+        "phase": phase.name,
+        "trickle_requests": len(served),
+        "trickle_p50_ms": ms(e2e["p50"]),
+        "trickle_p95_ms": ms(e2e["p95"]),
+        "trickle_p50_vs_alone": round(e2e["p50"] / alone_p50, 3) if alone_p50 and e2e["p50"] else None,
+        "other_tenant": other,
+        "other_statuses": dict(sorted(Counter(str(r.status) for r in others).items())),
+        "other_output_tok_s": summarize(others, phase.summary["wall_s"])["output_tok_s"],
+    }
 
 
 def run(ctx: RunContext) -> ScenarioResult:
@@ -104,34 +112,53 @@ def run(ctx: RunContext) -> ScenarioResult:
         return trickle_records + other_records
 
     neighbour = ctx.plan([entry], tag="neighbour", api_key=keys["flood"])
-    polite = measure(ctx, "trickle + neighbour within limits", lambda: asyncio.run(trickle_beside(
-        closed_loop(ctx.url, neighbour, FLOOD_LIMITS["max_concurrency"], cfg.max_requests, cfg.seed + 2, cfg.phase_s))))
+    polite = measure(
+        ctx,
+        "trickle + neighbour within limits",
+        lambda: asyncio.run(
+            trickle_beside(
+                closed_loop(
+                    ctx.url, neighbour, FLOOD_LIMITS["max_concurrency"], cfg.max_requests, cfg.seed + 2, cfg.phase_s
+                )
+            )
+        ),
+    )
     result.phases.append(polite)
     flood_arrivals = Arrivals(flood_rate, cfg.phase_s, cfg.max_requests, seed=cfg.seed + 1)
-    loaded = measure(ctx, "trickle + flood",
-                     lambda: asyncio.run(trickle_beside(open_loop(ctx.url, flood, flood_arrivals))))
+    loaded = measure(
+        ctx, "trickle + flood", lambda: asyncio.run(trickle_beside(open_loop(ctx.url, flood, flood_arrivals)))
+    )
     result.phases.append(loaded)
     flood_records = [r for r in loaded.records if r.tag == "flood"]
     num_429 = sum(1 for r in flood_records if r.status == 429)
-    loaded.checks.append(Check("flood gets 429s", num_429 > 0,
-                               f"{num_429} of {len(flood_records)} flood requests answered 429"))
+    loaded.checks.append(
+        Check("flood gets 429s", num_429 > 0, f"{num_429} of {len(flood_records)} flood requests answered 429")
+    )
     for phase in (polite, loaded):
         refused_trickle = [r for r in phase.records if r.tag == "trickle" and r.status != 200]
-        phase.checks += [Check("trickle is never refused", not refused_trickle,
-                               f"{len(refused_trickle)} trickle requests not 200"),
-                         refusals_have_retry_after(phase.records)]
+        phase.checks += [
+            Check("trickle is never refused", not refused_trickle, f"{len(refused_trickle)} trickle requests not 200"),
+            refusals_have_retry_after(phase.records),
+        ]
 
     base, beside, under = p50(alone.records), p50(trickle_of(polite)), p50(trickle_of(loaded))
     name = f"trickle p50 under the flood within {LATENCY_TOLERANCE:.0%} of beside the neighbour within limits"
     if base is None or beside is None or under is None:
         result.checks.append(Check(name, None, "not measured: a phase completed no trickle request", "goal"))
     else:
-        result.checks.append(goal(name, under <= (1 + LATENCY_TOLERANCE) * beside,
-                                  f"beside the neighbour {ms(beside)} ms, under the flood {ms(under)} ms "
-                                  f"({under / beside:.2f}x); alone {ms(base)} ms"))
+        result.checks.append(
+            goal(
+                name,
+                under <= (1 + LATENCY_TOLERANCE) * beside,
+                f"beside the neighbour {ms(beside)} ms, under the flood {ms(under)} ms "
+                f"({under / beside:.2f}x); alone {ms(base)} ms",
+            )
+        )
     rows = [phase_row(phase, other, base) for phase, other in ((alone, None), (polite, "neighbour"), (loaded, "flood"))]
     result.tables["tenants"] = rows
-    result.notes.append(f"trickle: {trickle_rate:.3f} req/s; flood: {flood_rate:g} req/s against limits "
-                        f"{FLOOD_LIMITS}; neighbour: the same key, "
-                        f"{FLOOD_LIMITS['max_concurrency']} closed-loop users")
+    result.notes.append(
+        f"trickle: {trickle_rate:.3f} req/s; flood: {flood_rate:g} req/s against limits "
+        f"{FLOOD_LIMITS}; neighbour: the same key, "
+        f"{FLOOD_LIMITS['max_concurrency']} closed-loop users"
+    )
     return result
