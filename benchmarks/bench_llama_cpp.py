@@ -5,7 +5,8 @@ and bursts, measured back to back in one run; ratios ours / llama.cpp.
     .venv/bin/python benchmarks/bench_llama_cpp.py         # ~5 min
     .venv/bin/python benchmarks/bench_llama_cpp.py --adapter adapters/arithmetic-matryoshka --out runs/llama-cpp-heavy.json
 
-Workloads (streamed POST /v1/completions, greedy, EOS ignored, the load tests' fixed 128-token prompt):
+Workloads (streamed POST /v1/completions, greedy, EOS ignored, the load tests' fixed prompt, 128 tokens
+unless --prompt-tokens):
     N at once x M tokens      base | the adapter at r_max | mixed: ours ranks 1/8/r_max in turn, llama.cpp
                               LoRA scales 1/0/0.5 in turn (it cannot serve a sub-rank)
     one user x S tokens       with the adapter at r_max | base
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--single-tokens", type=int, default=128)
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=128, help="tokens of the fixed prompt (loadtest/prompts.py)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--weight-formats", default="gguf,float32")
@@ -112,11 +116,11 @@ def main() -> None:
     from matryoshka_lora.models import default_model_dir
 
     adapter = load_adapter(args.adapter)
-    prompt = exact_prompt(AutoTokenizer.from_pretrained(default_model_dir()), 128)[0]
+    prompt = exact_prompt(AutoTokenizer.from_pretrained(default_model_dir()), args.prompt_tokens)[0]
     workdir = Path(tempfile.mkdtemp(prefix="bench-llama-cpp-"))
     ours = ours_rows(args, adapter, prompt, workdir)
     theirs = llama_rows(args, adapter, prompt, workdir)
-    llama_by_workload = {r["workload"].split(",")[0] if r["workload"] != "mixed" else "mixed": r for r in theirs}
+    llama_by_workload = {r["workload"]: r for r in theirs}
     print(
         f"\n{args.num_requests} at once x {args.max_tokens} tokens; one user x {args.single_tokens} tokens; "
         f"adapter {adapter.manifest.name} (r_max {adapter.manifest.r_max}, {','.join(adapter.manifest.target_modules)}); "
@@ -124,8 +128,7 @@ def main() -> None:
     )
     print(f"{'system':60s} {'tok/s':>8s} {'ours/llama.cpp':>15s}")
     for row in ours + theirs:
-        key = "mixed" if row["workload"].startswith("mixed") else row["workload"]
-        peer = llama_by_workload.get(key)
+        peer = llama_by_workload.get("mixed" if row["workload"].startswith("mixed") else row["workload"])
         ratio = row["tok_s"] / peer["tok_s"] if row["tok_s"] and peer and peer["tok_s"] and row in ours else None
         row["ratio_over_llama_cpp"] = round(ratio, 3) if ratio else None
         tok_s = f"{row['tok_s']:.1f}" if row["tok_s"] else f"failed: {row['error']}"
