@@ -290,13 +290,13 @@ class CKernelOps(TorchOps):
         self, y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup], weights: list[PanelLoRA | None]
     ) -> torch.Tensor:
         """lora_ops.lora_grouped_ over packed weights (pack_lora), one C call per group."""
+        todo = [(g, weights[g.slot]) for g in groups if weights[g.slot] is not None]
+        if not todo:  # no adapter of this step has this module group: nothing to read
+            return y
         threads = self._threads()
         x_ptr, x_stride, y_ptr, y_stride = x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)
         in_features, item = x.shape[1], x.element_size()
-        for g in groups:
-            w = weights[g.slot]
-            if w is None:
-                continue
+        for g, w in todo:
             rows = g.end - g.start
             h = self._scratch(2 * rows * w.num_members * g.rank)  # the shrink, then its members masked and apart
             self.lib.ml_lora_group(
