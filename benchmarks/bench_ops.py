@@ -183,13 +183,13 @@ def lora_layer(op, inputs, groups) -> None:
 
 
 def bench_steps(threads: int) -> None:
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
     from matryoshka_lora.adapters.store import load_adapter
     from matryoshka_lora.engine.adapter_slots import AdapterSlots, fuse_adapter
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.cpu_kernels import CKernelOps
     from matryoshka_lora.engine.engine import LLMEngine
     from matryoshka_lora.engine.model_runner import ModelRunner, StepItem
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
     from matryoshka_lora.engine.torch_ops import TorchOps
     from matryoshka_lora.engine.weights import fuse_weights
     from matryoshka_lora.models import load_base_model

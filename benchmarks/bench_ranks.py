@@ -67,7 +67,7 @@ def summary(name: str, num_tokens: int, wall: float, latencies: list[float]) -> 
 
 def bench_engine(engine, name: str, prompts, cases, max_tokens: int) -> dict:
     """cases[i] = (adapter, rank) of request i; all enqueued at once, stepped until idle."""
-    from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
+    from matryoshka_lora.types import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     finals = []
@@ -116,7 +116,7 @@ def peer_rows(args, model, adapter_dir: Path, r_max: int, prompts, tmp: Path) ->
 
 
 def make_adapters(model, root: Path, r_max: int, targets: tuple[str, ...] | None = None) -> list[Path]:
-    from matryoshka_lora.engine.random_adapter import (
+    from matryoshka_lora.adapters.random_adapter import (
         DEFAULT_TARGET_MODULES,
         save_random_adapter,
     )
@@ -197,8 +197,7 @@ def main() -> None:
         args.num_requests, args.max_tokens, args.repeats = 8, 16, 1
     torch.set_num_threads(args.threads)
 
-    from matryoshka_lora.adapters.store import load_adapter
-    from matryoshka_lora.engine.adapter_slots import adapter_dirs
+    from matryoshka_lora.adapters.store import adapter_dirs, load_adapter
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
     from matryoshka_lora.models import load_base_model

@@ -41,8 +41,21 @@ def build() -> ctypes.CDLL:
     directory = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     (directory / "stream.c").write_text(SOURCE)
     lib = directory / "stream.so"
-    subprocess.run(["cc", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-o", str(lib),
-                    str(directory / "stream.c")], check=True)
+    subprocess.run(
+        [
+            "cc",
+            "-O3",
+            "-march=native",
+            "-ffast-math",
+            "-fopenmp",
+            "-fPIC",
+            "-shared",
+            "-o",
+            str(lib),
+            str(directory / "stream.c"),
+        ],
+        check=True,
+    )
     return ctypes.CDLL(str(lib))
 
 
@@ -63,8 +76,12 @@ def main() -> None:
     kernels = {
         "read": (4, lambda: lib.ml_read(p(a.data_ptr()), i64(n), i32(args.threads))),
         "copy": (8, lambda: lib.ml_copy(p(c.data_ptr()), p(a.data_ptr()), i64(n), i32(args.threads))),
-        "triad": (12, lambda: lib.ml_triad(p(a.data_ptr()), p(b.data_ptr()), p(c.data_ptr()), f32(0.5), i64(n),
-                                           i32(args.threads))),
+        "triad": (
+            12,
+            lambda: lib.ml_triad(
+                p(a.data_ptr()), p(b.data_ptr()), p(c.data_ptr()), f32(0.5), i64(n), i32(args.threads)
+            ),
+        ),
     }
     print(f"{args.threads} threads, {args.mib} MiB arrays, best of {args.repeats}")
     for name, (bytes_per, run) in kernels.items():

@@ -27,7 +27,7 @@ MIXED_RANKS = (1, 2, 4, 8, 16, 32, 64)
 
 async def run_batch(backend, ranks: list[int | None], prompt: tuple[int, ...], num_tokens: int, tag: str) -> float:
     """Run one request per entry of `ranks` (None = base) at once; return output tokens per second."""
-    from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
+    from matryoshka_lora.types import GenerationRequest, SamplingParams
 
     async def one(i: int, rank: int | None) -> int:
         req = GenerationRequest(
@@ -45,8 +45,8 @@ async def run_batch(backend, ranks: list[int | None], prompt: tuple[int, ...], n
 
 
 async def main(args) -> None:
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
     from matryoshka_lora.backends.vllm_backend import VLLMBackend, VLLMConfig
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
     from matryoshka_lora.models import load_base_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))

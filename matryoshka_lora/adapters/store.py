@@ -379,3 +379,14 @@ def attach_adapter(model: nn.Module, adapter: Adapter, check_fingerprint: bool =
         tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"] = lora_A, lora_B
     inject.load_lora_state_dict(model, tensors)
     return layers
+
+
+def adapter_dirs(path: str | os.PathLike) -> list[Path]:
+    """An adapter directory (it holds manifest.json) -> [it]; a folder of adapter directories -> each of them."""
+    path = Path(path).expanduser()
+    if (path / MANIFEST_FILE).is_file():
+        return [path]
+    found = sorted(p for p in path.iterdir() if (p / MANIFEST_FILE).is_file()) if path.is_dir() else []
+    if not found:
+        raise AdapterFormatError(f"{path} holds no adapter: no {MANIFEST_FILE} in it or in its subdirectories")
+    return found

@@ -13,14 +13,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from matryoshka_lora.backends.base import (
-    AdapterInfo,
-    EngineStats,
-    GenerationEvent,
-    GenerationRequest,
-)
 from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.errors import ConfigError, EngineStoppedError
+from matryoshka_lora.types import AdapterInfo, EngineStats, GenerationEvent, GenerationRequest
 
 log = logging.getLogger(__name__)
 

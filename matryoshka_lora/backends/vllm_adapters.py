@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matryoshka_lora.backends.base import AdapterInfo
 from matryoshka_lora.backends.vllm_loras import adapter_digest
 from matryoshka_lora.errors import BaseModelMismatchError, ConfigError
+from matryoshka_lora.types import AdapterInfo
 
 log = logging.getLogger(__name__)
 

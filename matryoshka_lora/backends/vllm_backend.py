@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import AsyncIterator, Literal
 
 from matryoshka_lora.backends import vllm_env
-from matryoshka_lora.backends.base import AdapterInfo, EngineStats, GenerationEvent, GenerationRequest
 from matryoshka_lora.backends.vllm_adapters import (
     ServedAdapter,
     adapter_info,
@@ -37,6 +36,7 @@ from matryoshka_lora.backends.vllm_loras import LoraIdMap, export_slice, lora_ca
 from matryoshka_lora.backends.vllm_ranks import RankChoice, RankLatencyTable, resolve_rank
 from matryoshka_lora.backends.vllm_stats import LatestSchedulerStats, adapter_names, make_stat_logger_factory
 from matryoshka_lora.errors import ConfigError, EngineStoppedError, QueueFullError, UnknownAdapterError
+from matryoshka_lora.types import AdapterInfo, EngineStats, GenerationEvent, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class VLLMBackend:
     async def start(self) -> None:
         from transformers import AutoTokenizer
 
-        from matryoshka_lora.engine.adapter_slots import adapter_dirs
+        from matryoshka_lora.adapters.store import adapter_dirs
         from matryoshka_lora.models import resolve_model_dir
 
         self.model_dir = await asyncio.to_thread(resolve_model_dir, self.config.model)

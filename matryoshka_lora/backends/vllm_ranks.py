@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from matryoshka_lora.backends.base import GenerationRequest, RankReason
-from matryoshka_lora.backends.rank_rules import check_budget_met, decide_rank, is_base_request
 from matryoshka_lora.backends.vllm_adapters import ServedAdapter
 from matryoshka_lora.errors import ConfigError, UnknownAdapterError
+from matryoshka_lora.rank_rules import check_budget_met, decide_rank, is_base_request
+from matryoshka_lora.types import GenerationRequest, RankReason
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,18 @@
 """The native inference engine: one loop thread owns the model and serves many adapters at many ranks.
 
-Modules, one job each: `config` (EngineConfig), `weights` (HF checkpoint -> fused layout), `llama`
-(the forward as plain functions), `kv_cache` (slot-based cache), `adapter_slots` (adapter weights
-once at r_max), `lora_batch` (per-step token -> (adapter, rank) segments), `lora_ops` (reference and
-segmented LoRA op), `model_runner` (scheduled batch -> tensors -> logits), `sampler`, `detokenizer`,
-`sequence`, `scheduler`, `cost_model`, `engine` (the loop).
+Modules, one job each:
+    config          EngineConfig
+    weights         HF checkpoint -> the fused layout; gguf_weights: the GGUF file's own blocks
+    linear          frozen linears for oneDNN; cpu_linear (+ cpu_gemm.c, cpu_gemm_blocks.c): the C GEMMs
+    torch_ops       the step's small ops in torch (the reference); cpu_kernels (+ cpu_kernels.c): in C
+    llama, attention the forward as plain functions
+    kv_cache        slot-based cache
+    adapter_slots   adapter weights once at r_max; lora_batch: per-step groups; lora_ops: the LoRA op
+    model_runner    scheduled batch -> tensors -> logits; sampler; detokenizer
+    sequence, scheduler  a request's state; continuous batching with tenant fair share
+    rank_policy, cost_model, step_features, arrivals, promises, calibration, latency_margin
+                    the latency-budget controller (a request's budget -> a rank)
+    engine          the loop
 """
 
 from matryoshka_lora.engine.config import EngineConfig

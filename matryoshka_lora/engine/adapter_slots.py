@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from matryoshka_lora.adapters.store import MANIFEST_FILE
 from matryoshka_lora.engine.lora_ops import FusedLoRA
 from matryoshka_lora.engine.weights import ModelSpec
 from matryoshka_lora.errors import AdapterFormatError, ConfigError, InvalidRankError
@@ -172,17 +169,6 @@ class AdapterSlots:
                 layer[group][slot] = None
         heapq.heappush(self._free, slot)
         log.info("adapter slot %d freed", slot)
-
-
-def adapter_dirs(path: str | os.PathLike) -> list[Path]:
-    """An adapter directory (it holds manifest.json) -> [it]; a folder of adapter directories -> each of them."""
-    path = Path(path).expanduser()
-    if (path / MANIFEST_FILE).is_file():
-        return [path]
-    found = sorted(p for p in path.iterdir() if (p / MANIFEST_FILE).is_file()) if path.is_dir() else []
-    if not found:
-        raise AdapterFormatError(f"{path} holds no adapter: no {MANIFEST_FILE} in it or in its subdirectories")
-    return found
 
 
 def random_fused_adapter(spec: ModelSpec, r_max: int, pack_lora: Callable, seed: int = 0) -> list[dict]:

@@ -20,16 +20,8 @@ from concurrent.futures import Executor, Future
 
 import torch
 
-from matryoshka_lora.backends.base import (
-    EngineStats,
-    GenerationRequest,
-)
-from matryoshka_lora.engine.adapter_slots import (
-    AdapterSlots,
-    SlotEntry,
-    adapter_dirs,
-    fuse_adapter,
-)
+from matryoshka_lora.adapters.store import adapter_dirs
+from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry, fuse_adapter
 from matryoshka_lora.engine.arrivals import Arrivals
 from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.engine.cost_model import CostModel
@@ -46,6 +38,7 @@ from matryoshka_lora.engine.sequence import Sequence
 from matryoshka_lora.engine.step_features import step_features
 from matryoshka_lora.engine.weights import fuse_weights
 from matryoshka_lora.errors import ConfigError, EngineStoppedError
+from matryoshka_lora.types import EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
 

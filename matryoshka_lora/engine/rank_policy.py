@@ -17,8 +17,6 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 
-from matryoshka_lora.backends.base import GenerationRequest, RankReason
-from matryoshka_lora.backends.rank_rules import check_budget_met, decide_rank, is_base_request
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
 from matryoshka_lora.engine.arrivals import Arrivals
 from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot
@@ -27,6 +25,8 @@ from matryoshka_lora.engine.promises import Promise
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.engine.step_features import PendingPrompt
 from matryoshka_lora.errors import UnknownAdapterError
+from matryoshka_lora.rank_rules import check_budget_met, decide_rank, is_base_request
+from matryoshka_lora.types import GenerationRequest, RankReason
 
 log = logging.getLogger(__name__)
 

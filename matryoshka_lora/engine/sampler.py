@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from matryoshka_lora.backends.base import SamplingParams
+from matryoshka_lora.types import SamplingParams
 
 NUCLEUS_CANDIDATES = 1024  # look for the nucleus among the top-k first: a full vocabulary sort is slow
 

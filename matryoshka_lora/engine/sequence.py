@@ -9,13 +9,8 @@ from enum import Enum
 
 import torch
 
-from matryoshka_lora.backends.base import (
-    FinishReason,
-    GenerationEvent,
-    GenerationRequest,
-    RankReason,
-)
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
+from matryoshka_lora.types import FinishReason, GenerationEvent, GenerationRequest, RankReason
 
 BASE_SLOT = -1
 

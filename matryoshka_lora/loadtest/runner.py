@@ -36,7 +36,7 @@ RANDOM_ADAPTERS = ("lt-a", "lt-b")
 
 def make_random_adapters(model: str | None, root: Path, r_max: int) -> list[Path]:
     """Two Matryoshka-format adapters with random A and non-zero B (so ranks differ) for `model`."""
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
     from matryoshka_lora.models import load_base_model
 
     hf_model, _ = load_base_model(model)
@@ -49,8 +49,7 @@ def make_random_adapters(model: str | None, root: Path, r_max: int) -> list[Path
 
 
 def adapter_dirs_by_name(paths: list[Path]) -> dict[str, Path]:
-    from matryoshka_lora.adapters.store import read_manifest
-    from matryoshka_lora.engine.adapter_slots import adapter_dirs
+    from matryoshka_lora.adapters.store import adapter_dirs, read_manifest
 
     return {read_manifest(d).name: Path(d) for p in paths for d in adapter_dirs(p)}
 

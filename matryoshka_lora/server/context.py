@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from fastapi import Request, Security
 from fastapi.security import HTTPBearer
 
-from matryoshka_lora.backends.base import AdapterInfo, EngineBackend
+from matryoshka_lora.backends.base import EngineBackend
 from matryoshka_lora.server.errors import NotReadyError, PermissionDeniedError
 from matryoshka_lora.server.limits import RequestLimits, TenantLimiter
 from matryoshka_lora.server.prometheus import NO_RANK, UNKNOWN_ADAPTER, ServerMetrics
 from matryoshka_lora.server.settings import ServerSettings
 from matryoshka_lora.server.tenants import Tenant, TenantRegistry
+from matryoshka_lora.types import AdapterInfo
 
 GENERATION_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 

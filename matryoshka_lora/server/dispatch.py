@@ -19,16 +19,12 @@ from typing import Any, AsyncIterator, Awaitable
 
 from fastapi import Request
 
-from matryoshka_lora.backends.base import (
-    GenerationEvent,
-    GenerationRequest,
-    SamplingParams,
-)
 from matryoshka_lora.errors import BudgetUnmetError, UnknownAdapterError
 from matryoshka_lora.server.context import ServerContext
 from matryoshka_lora.server.errors import ClientGoneError, PermissionDeniedError
 from matryoshka_lora.server.prometheus import BASE_ADAPTER, NO_RANK
 from matryoshka_lora.server.tenants import Tenant
+from matryoshka_lora.types import GenerationEvent, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 STATUS_CLIENT_GONE = 499

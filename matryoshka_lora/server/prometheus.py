@@ -29,7 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from matryoshka_lora.backends.base import EngineBackend, GenerationEvent
+from matryoshka_lora.backends.base import EngineBackend
+from matryoshka_lora.types import GenerationEvent
 
 log = logging.getLogger(__name__)
 

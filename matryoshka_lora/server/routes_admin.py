@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from matryoshka_lora.backends.base import AdapterInfo
 from matryoshka_lora.errors import UnknownAdapterError
 from matryoshka_lora.server.context import admin_tenant, current_tenant, get_context
 from matryoshka_lora.server.schemas import (
@@ -19,6 +18,7 @@ from matryoshka_lora.server.schemas import (
     UnloadAdapterResponse,
 )
 from matryoshka_lora.server.tenants import Tenant
+from matryoshka_lora.types import AdapterInfo
 
 router = APIRouter(tags=["adapters"])
 

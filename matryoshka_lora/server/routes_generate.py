@@ -6,7 +6,6 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 
-from matryoshka_lora.backends.base import GenerationEvent, SamplingParams
 from matryoshka_lora.server.context import ServerContext, current_tenant, get_context
 from matryoshka_lora.server.dispatch import Flight, Job, complete, open_stream
 from matryoshka_lora.server.errors import EngineError, NotReadyError
@@ -20,6 +19,7 @@ from matryoshka_lora.server.schemas import (
 )
 from matryoshka_lora.server.sse import FlightStreamingResponse, sse_line
 from matryoshka_lora.server.tenants import Tenant
+from matryoshka_lora.types import GenerationEvent, SamplingParams
 
 router = APIRouter(tags=["generate"])
 

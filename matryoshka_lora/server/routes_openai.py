@@ -12,7 +12,6 @@ from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 
-from matryoshka_lora.backends.base import SamplingParams
 from matryoshka_lora.errors import ConfigError
 from matryoshka_lora.server.context import ServerContext, current_tenant, get_context
 from matryoshka_lora.server.dispatch import Flight, Job, complete, open_stream
@@ -43,6 +42,7 @@ from matryoshka_lora.server.schemas_openai import (
 )
 from matryoshka_lora.server.sse import DONE_LINE, FlightStreamingResponse, sse_line
 from matryoshka_lora.server.tenants import Tenant
+from matryoshka_lora.types import SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 STREAM_DOC = {

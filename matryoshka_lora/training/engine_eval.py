@@ -49,7 +49,7 @@ def engine_completions(
     engine, adapter: str | None, prompts: list[tuple[int, ...]], ranks: list[int], max_new_tokens: int
 ) -> dict[int, list[str]]:
     """Greedy completion of every prompt at every rank (0 = base), all enqueued at once."""
-    from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
+    from matryoshka_lora.types import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=max_new_tokens)
     texts: dict[tuple[int, int], list[str]] = {}

@@ -11,7 +11,7 @@ from matryoshka_lora.models import load_base_model
 
 def greedy_tokens(engine, cases) -> list[list[int]]:
     """Greedy ignore-EOS tokens of each (adapter, rank) on one prompt, all in one batch."""
-    from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
+    from matryoshka_lora.types import GenerationRequest, SamplingParams
 
     out = [[] for _ in cases]
     for i, (adapter, rank) in enumerate(cases):
@@ -29,7 +29,7 @@ TOKENS = torch.tensor([[5, 9, 17, 3, 44, 2, 90]])
 
 def saved_adapter(model, out, rank_scales=None, scale_rows=None):
     """A random r_max-8 sqrt-scaled adapter; scale_rows (k, c) multiplies B[:k] by c (the reference)."""
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
 
     path = save_random_adapter(
         model,

@@ -6,17 +6,17 @@ import asyncio
 
 import pytest
 
-from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
 from matryoshka_lora.errors import (
     EngineStoppedError,
     InvalidRankError,
     UnknownAdapterError,
 )
+from matryoshka_lora.types import GenerationRequest, SamplingParams
 
 
 @pytest.fixture(scope="module")
 def adapters_dir(tiny_model_dir, tmp_path_factory):
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
     from matryoshka_lora.models import load_base_model
 
     model, _ = load_base_model(tiny_model_dir)

@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (bash .ci/vllm_deps.sh sets up .venv-vllm)")
 
-from matryoshka_lora.backends.base import GenerationRequest, SamplingParams  # noqa: E402
 from matryoshka_lora.errors import ConfigError, InvalidRankError, UnknownAdapterError  # noqa: E402
+from matryoshka_lora.types import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture(scope="module")
 def adapter_dir(default_model, tmp_path_factory):
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
 
     root = tmp_path_factory.mktemp("vllm-adapters")
     return save_random_adapter(default_model[0], root / "rnd", "rnd", R_MAX, seed=7, std=0.2)

@@ -8,12 +8,12 @@ import json
 import pytest
 
 from matryoshka_lora.backends import vllm_env
-from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
 from matryoshka_lora.backends.vllm_adapters import ServedAdapter
 from matryoshka_lora.backends.vllm_loras import LoraIdMap, export_slice, parse_lora_name, vllm_max_lora_rank
 from matryoshka_lora.backends.vllm_ranks import RankLatencyTable, resolve_rank
 from matryoshka_lora.backends.vllm_stats import adapter_names
 from matryoshka_lora.errors import BudgetUnmetError, ConfigError, InvalidRankError, UnknownAdapterError
+from matryoshka_lora.types import GenerationRequest, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_lora_id_map_resolves_collisions(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_model_dir, tmp_path_factory):
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
     from matryoshka_lora.models import load_base_model
 
     model, _ = load_base_model(tiny_model_dir)

@@ -19,7 +19,7 @@ def tiny_hf(tiny_model_dir):
 def engine_adapters(tiny_hf, tmp_path_factory):
     """A folder with alpha (r_max 8, every target, scaling none) and beta (r_max 4, q/v/down, sqrt, alpha 2);
     gamma (r_max 4) lies outside it, for hot loading."""
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
 
     model, _ = tiny_hf
     root = tmp_path_factory.mktemp("engine-adapters")

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from tiny_config import tiny_llama_config as tiny_config  # noqa: F401  (re-exported for the engine tests)
 
-from matryoshka_lora.backends.base import (
-    GenerationEvent,
-    GenerationRequest,
-    SamplingParams,
-)
+from matryoshka_lora.types import GenerationEvent, GenerationRequest, SamplingParams
 
 PROMPTS = [(5, 17, 33, 9), (40, 41, 42), (7, 8, 9, 10, 11, 12, 13), (99,), (64, 3, 64, 3, 64)]
 

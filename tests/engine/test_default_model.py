@@ -9,9 +9,9 @@ from .engine_support import request, run, tokens
 
 @pytest.mark.slow
 def test_mixed_ranks_equal_alone_on_default_model(default_model, tmp_path):
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
 
     model, tokenizer = default_model
     save_random_adapter(model, tmp_path / "a", "a", 16, seed=1, std=0.15)

@@ -124,9 +124,9 @@ def test_mixed_adapters_and_ranks_equal_hf_at_that_rank(tiny_model, tmp_path, st
     import copy
 
     from matryoshka_lora.adapters.inject import set_inference_ranks
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
     from matryoshka_lora.adapters.store import attach_adapter, load_adapter
     from matryoshka_lora.engine.adapter_slots import AdapterSlots, fuse_adapter
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
 
     weights = fuse_weights(tiny_model, pack_linear=step_ops.pack_linear)
     slots_table = AdapterSlots(weights.spec, max_adapters=2)

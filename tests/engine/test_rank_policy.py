@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
 from matryoshka_lora.engine.promises import Promise
 from matryoshka_lora.engine.rank_policy import promise
 from matryoshka_lora.engine.sequence import Sequence
+from matryoshka_lora.types import GenerationRequest, SamplingParams
 
 
 def running_seq(num_output: int, first_token_t: float | None, max_tokens: int = 64) -> Sequence:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from matryoshka_lora.backends.base import SamplingParams
 from matryoshka_lora.engine.sampler import sample, sample_one, top_p_filter
+from matryoshka_lora.types import SamplingParams
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 

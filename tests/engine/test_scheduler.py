@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.engine.sequence import Sequence
 from matryoshka_lora.engine.weights import ModelSpec
 from matryoshka_lora.errors import QueueFullError
+from matryoshka_lora.types import GenerationRequest, SamplingParams
 
 SPEC = ModelSpec(1, 8, 2, 1, 4, 16, 32, 1e-5, 64)
 

@@ -9,13 +9,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from matryoshka_lora.backends.base import (
-    AdapterInfo,
-    EngineStats,
-    GenerationEvent,
-    GenerationRequest,
-)
 from matryoshka_lora.errors import InvalidRankError, QueueFullError, UnknownAdapterError
+from matryoshka_lora.types import AdapterInfo, EngineStats, GenerationEvent, GenerationRequest
 
 
 def fake_adapter(name: str, r_max: int = 8, train_ranks=(1, 2, 4, 8), eval_results=None) -> AdapterInfo:

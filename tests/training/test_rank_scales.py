@@ -10,7 +10,7 @@ from matryoshka_lora.training import rank_scales as rs
 
 @pytest.fixture
 def adapter_dir(tiny_model_dir, tmp_path):
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
 
     model, _ = load_base_model(tiny_model_dir)
     return save_random_adapter(model, tmp_path / "a", "a", 4, seed=5, std=0.3)

@@ -16,7 +16,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here (bash .ci/vllm_de
 @pytest.fixture(scope="module")
 def adapters_root(tiny_model_dir, tmp_path_factory):
     """Two tiny random adapters in one folder (directory names differ from adapter names on purpose)."""
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
     from matryoshka_lora.models import load_base_model
 
     model, _ = load_base_model(tiny_model_dir)
@@ -65,7 +65,7 @@ def test_refuses_another_base_model_unless_told(resolver, monkeypatch):
 
 
 def test_ids_are_stable_and_adapters_added_later_are_found(resolver, tiny_model_dir, adapters_root):
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
     from matryoshka_lora.models import load_base_model
 
     first = [resolve(resolver, tiny_model_dir, n).lora_int_id for n in ("one@2", "one@4", "two@2")]

@@ -34,7 +34,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(default_model, tmp_path_factory):
     """(base URL, log file) of a running `vllm serve BASE --enable-lora` with the resolver on."""
-    from matryoshka_lora.engine.random_adapter import save_random_adapter
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
     from matryoshka_lora.models import default_model_dir
 
     root = tmp_path_factory.mktemp("served-adapters")

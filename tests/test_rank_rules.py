@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from matryoshka_lora.backends.base import GenerationRequest, SamplingParams
-from matryoshka_lora.backends.rank_rules import check_budget_met
 from matryoshka_lora.errors import BudgetUnmetError
+from matryoshka_lora.rank_rules import check_budget_met
+from matryoshka_lora.types import GenerationRequest, SamplingParams
 
 
 @pytest.mark.parametrize(

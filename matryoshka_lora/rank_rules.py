@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from matryoshka_lora.backends.base import GenerationRequest, RankReason
 from matryoshka_lora.errors import BudgetUnmetError, ConfigError, InvalidRankError
+from matryoshka_lora.types import GenerationRequest, RankReason
 
 
 @dataclass(frozen=True)
