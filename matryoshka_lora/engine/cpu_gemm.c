@@ -166,9 +166,9 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
     }
 }
 
-/* 1 when the AVX2 + FMA micro-kernels are compiled in (this file's and cpu_gemm_blocks.c's), else 0 */
+/* 1 when the AVX2 + FMA (+ F16C) micro-kernels are compiled in (this file's and cpu_gemm_blocks.c's), else 0 */
 int ml_gemm_vectorized(void) {
-#if defined(__AVX2__) && defined(__FMA__) && !defined(ML_PORTABLE_GEMM)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(ML_PORTABLE_GEMM)
     return 1;
 #else
     return 0;

@@ -4,34 +4,41 @@
                             Q4_1:  W[n, k] = d[n, b] * q[n, k] + m[n, b]     q in 0..15     b = k / 32
                             Q8_0:  W[n, k] = d[n, b] * q[n, k]               q in -127..127
 
-   d and m are the file's float16 values widened to float32, so each decoded weight is exactly the float32
-   value the GGUF dequantiser (and so the engine's float32 path) computes: d * q is exact in float32 and
-   the one rounding is the add, which an FMA does the same way. The sum runs over k in the same order as
-   cpu_gemm.c's float32 kernel, one accumulator per output, so both give the same bits.
+   d and m are the file's float16 values, so each decoded weight d * q (+ m) is exactly the float32 value
+   the GGUF dequantiser (and so the engine's float32 path) computes: d * q is exact in float32 and the one
+   rounding is the add, which an FMA does the same way. From 2 rows up the sum runs over k in the same
+   order as cpu_gemm.c's float32 kernel, one accumulator per output, so both give the same bits. One row
+   (one sequence decoding) sums each block's x . q first and scales it once, sum_b d_b (x_b . q_b) +
+   m_b sum(x_b): two FMAs per 16 weights fewer, which bound that case, and equal to float rounding.
 
    Layout (cpu_linear.pack_blocks): outputs in panels of NR = 16, each k-major, one record per block of 32:
-       Q4_1 record (384 B): float d[16], float m[16], uint8 q[32][8]   q[kk][j] = q(col j) | q(col j + 8) << 4
-       Q8_0 record (576 B): float d[16], int8 q[32][16]
-   so a decode step reads 6 (Q4_1) or 9 (Q8_0) bits per weight instead of float32's 32. Columns past
-   out_features are zero (d = m = q = 0). The micro-kernel decodes each k's 16 weights once into two
-   AVX2 vectors and uses them for up to MR = 6 rows; threads split the panels as in cpu_gemm.c.
+       Q4_1 record (320 B): f16 d[16], f16 m[16], uint8 q[32][8]   q[kk][j] = q(col j) | q(col j + 8) << 4
+       Q8_0 record (544 B): f16 d[16], int8 q[32][16]
+   so a step reads 5 (Q4_1) or 8.5 (Q8_0) bits per weight, as the file does, instead of float32's 32.
+   Columns past out_features are zero (d = m = q = 0). Up to MR = 6 rows, each k's 16 weights are decoded
+   once into two AVX2 vectors and used for every row; more rows decode each panel once into a float32
+   scratch panel for cpu_gemm.c's micro-kernel. Threads split the panels as in cpu_gemm.c.
 
-   Without AVX2 + FMA (or with ML_PORTABLE_GEMM) a plain C loop decodes and multiplies the same way. */
+   Without AVX2 + FMA + F16C (or with ML_PORTABLE_GEMM) plain C loops decode and multiply the same way;
+   ML_EXACT_BLOCKS keeps the one-row case on the bit-exact path (tests compare the two). */
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu_gemm.h"
 
 #define BLOCK_K 32
 #define KIND_Q4_1 0
 #define KIND_Q8_0 1
-#define Q4_1_BYTES (2 * NR * 4 + BLOCK_K * NR / 2)
-#define Q8_0_BYTES (NR * 4 + BLOCK_K * NR)
+#define Q4_1_BYTES (2 * NR * 2 + BLOCK_K * NR / 2)
+#define Q8_0_BYTES (NR * 2 + BLOCK_K * NR)
 
 static inline int64_t record_bytes(int kind) { return kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES; }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(ML_PORTABLE_GEMM)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(ML_PORTABLE_GEMM)
 #include <immintrin.h>
+
+static inline __m256 load_h8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
 #define FMA_ROW(r, lo, hi)                                            \
     if (mr > r) {                                                    \
@@ -55,13 +62,13 @@ static inline __attribute__((always_inline)) void micro(const int mr, const int 
     const __m256i low4 = _mm256_set1_epi32(0x0F);
     for (int64_t b = 0; b < num_kb; b++) {
         const uint8_t *rec = panel + b * bytes;
-        const float *d = (const float *)rec;
-        const __m256 d0 = _mm256_loadu_ps(d), d1 = _mm256_loadu_ps(d + 8);
+        const uint16_t *d = (const uint16_t *)rec;
+        const __m256 d0 = load_h8(d), d1 = load_h8(d + 8);
         if (next)
             for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch((const char *)(next + b * bytes + line), _MM_HINT_T0);
         if (kind == KIND_Q4_1) {
-            const __m256 m0 = _mm256_loadu_ps(d + 16), m1 = _mm256_loadu_ps(d + 24);
-            const uint8_t *q = rec + 2 * NR * 4;
+            const __m256 m0 = load_h8(d + 16), m1 = load_h8(d + 24);
+            const uint8_t *q = rec + 2 * NR * 2;
             for (int64_t kk = 0; kk < BLOCK_K; kk++) {
                 const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * NR / 2)));
                 const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), d0, m0);
@@ -71,7 +78,7 @@ static inline __attribute__((always_inline)) void micro(const int mr, const int 
                 FMA_ROW(3, c30, c31) FMA_ROW(4, c40, c41) FMA_ROW(5, c50, c51)
             }
         } else {
-            const int8_t *q = (const int8_t *)(rec + NR * 4);
+            const int8_t *q = (const int8_t *)(rec + NR * 2);
             for (int64_t kk = 0; kk < BLOCK_K; kk++) {
                 const __m128i v = _mm_loadu_si128((const __m128i *)(q + kk * NR));
                 const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d0);
@@ -85,25 +92,71 @@ static inline __attribute__((always_inline)) void micro(const int mr, const int 
     SAVE_ROW(0, c00, c01) SAVE_ROW(1, c10, c11) SAVE_ROW(2, c20, c21)
     SAVE_ROW(3, c30, c31) SAVE_ROW(4, c40, c41) SAVE_ROW(5, c50, c51)
 }
+/* One row (a single sequence's decode): y[:16] = sum over blocks of d * (x . q) (+ m * sum(x)), each block's
+   x . q summed apart first. That skips decoding each weight to d * q + m (two FMAs per 16 weights fewer,
+   which bound the one-row case), at the cost of summing in another order than the float32 kernel:
+   equal to float rounding, not bit for bit. xsum[b]: sum of x over block b (Q4_1 only). */
+static void one_row(const int kind, int64_t num_kb, const float *x, const float *xsum, const uint8_t *panel,
+                    const uint8_t *next, float *acc) {
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    const int64_t bytes = record_bytes(kind);
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
+    for (int64_t b = 0; b < num_kb; b++) {
+        const uint8_t *rec = panel + b * bytes;
+        const uint16_t *d = (const uint16_t *)rec;
+        const float *xb = x + b * BLOCK_K;
+        if (next)
+            for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch((const char *)(next + b * bytes + line), _MM_HINT_T0);
+        __m256 blo = _mm256_setzero_ps(), bhi = blo;
+        if (kind == KIND_Q4_1) {
+            const uint8_t *q = rec + 2 * NR * 2;
+            for (int64_t kk = 0; kk < BLOCK_K; kk++) {
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * NR / 2)));
+                const __m256 a = _mm256_broadcast_ss(xb + kk);
+                blo = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), blo);
+                bhi = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), bhi);
+            }
+            const __m256 s = _mm256_broadcast_ss(xsum + b);
+            lo = _mm256_fmadd_ps(s, load_h8(d + 16), _mm256_fmadd_ps(blo, load_h8(d), lo));
+            hi = _mm256_fmadd_ps(s, load_h8(d + 24), _mm256_fmadd_ps(bhi, load_h8(d + 8), hi));
+        } else {
+            const int8_t *q = (const int8_t *)(rec + NR * 2);
+            for (int64_t kk = 0; kk < BLOCK_K; kk++) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(q + kk * NR));
+                const __m256 a = _mm256_broadcast_ss(xb + kk);
+                blo = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), blo);
+                bhi = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v))), bhi);
+            }
+            lo = _mm256_fmadd_ps(blo, load_h8(d), lo);
+            hi = _mm256_fmadd_ps(bhi, load_h8(d + 8), hi);
+        }
+    }
+    _mm256_storeu_ps(acc, lo);
+    _mm256_storeu_ps(acc + 8, hi);
+}
+#ifndef ML_EXACT_BLOCKS
+#define HAVE_ONE_ROW 1
+#endif
+
 /* out[k][16] = the panel's weights decoded to float32 (cpu_gemm.c's panel layout) */
 static void decode_panel(const int kind, int64_t num_kb, const uint8_t *panel, float *out) {
     const int64_t bytes = record_bytes(kind);
     const __m256i low4 = _mm256_set1_epi32(0x0F);
     for (int64_t b = 0; b < num_kb; b++) {
         const uint8_t *rec = panel + b * bytes;
-        const float *d = (const float *)rec;
-        const __m256 d0 = _mm256_loadu_ps(d), d1 = _mm256_loadu_ps(d + 8);
+        const uint16_t *d = (const uint16_t *)rec;
+        const __m256 d0 = load_h8(d), d1 = load_h8(d + 8);
         float *o = out + b * BLOCK_K * NR;
         if (kind == KIND_Q4_1) {
-            const __m256 m0 = _mm256_loadu_ps(d + 16), m1 = _mm256_loadu_ps(d + 24);
-            const uint8_t *q = rec + 2 * NR * 4;
+            const __m256 m0 = load_h8(d + 16), m1 = load_h8(d + 24);
+            const uint8_t *q = rec + 2 * NR * 2;
             for (int64_t kk = 0; kk < BLOCK_K; kk++) {
                 const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * NR / 2)));
                 _mm256_storeu_ps(o + kk * NR, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), d0, m0));
                 _mm256_storeu_ps(o + kk * NR + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1, m1));
             }
         } else {
-            const int8_t *q = (const int8_t *)(rec + NR * 4);
+            const int8_t *q = (const int8_t *)(rec + NR * 2);
             for (int64_t kk = 0; kk < BLOCK_K; kk++) {
                 const __m128i v = _mm_loadu_si128((const __m128i *)(q + kk * NR));
                 _mm256_storeu_ps(o + kk * NR, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d0));
@@ -114,15 +167,28 @@ static void decode_panel(const int kind, int64_t num_kb, const uint8_t *panel, f
     }
 }
 #else
+/* IEEE float16 bits -> float (the file's d and m: finite) */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
+    float f;
+    if (exp == 0) {
+        f = (float)mant * 5.9604644775390625e-08f; /* subnormal: mant * 2^-24 */
+    } else {
+        const uint32_t bits = ((exp + 112) << 23) | (mant << 13);
+        memcpy(&f, &bits, sizeof f);
+    }
+    return sign ? -f : f;
+}
+
 /* decoded weight of column j at step kk of one record */
 static inline float decode(int kind, const uint8_t *rec, int64_t kk, int j) {
-    const float *d = (const float *)rec;
+    const uint16_t *d = (const uint16_t *)rec;
     if (kind == KIND_Q4_1) {
-        const uint8_t byte = rec[2 * NR * 4 + kk * NR / 2 + (j & 7)];
+        const uint8_t byte = rec[2 * NR * 2 + kk * NR / 2 + (j & 7)];
         const float q = (float)(j < 8 ? byte & 0x0F : byte >> 4);
-        return d[j] * q + d[NR + j];
+        return half_to_float(d[j]) * q + half_to_float(d[NR + j]);
     }
-    return d[j] * (float)((const int8_t *)(rec + NR * 4))[kk * NR + j];
+    return half_to_float(d[j]) * (float)((const int8_t *)(rec + NR * 2))[kk * NR + j];
 }
 
 static inline void micro(const int mr, const int kind, int64_t num_kb, const float *x, int64_t x_stride,
@@ -141,7 +207,7 @@ static inline void micro(const int mr, const int kind, int64_t num_kb, const flo
 }
 #endif
 
-#if !(defined(__AVX2__) && defined(__FMA__) && !defined(ML_PORTABLE_GEMM))
+#if !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(ML_PORTABLE_GEMM))
 static void decode_panel(const int kind, int64_t num_kb, const uint8_t *panel, float *out) {
     for (int64_t b = 0; b < num_kb; b++)
         for (int64_t kk = 0; kk < BLOCK_K; kk++)
@@ -185,6 +251,25 @@ void ml_linear_blocks(const float *x, int64_t x_stride, int64_t rows, int64_t in
     const int64_t panel_bytes = num_kb * record_bytes((int)kind);
     /* weight bytes / 4: the float32 count threads_for is written in */
     const int64_t threads = threads_for(num_panels * panel_bytes / 4, rows, num_threads);
+#ifdef HAVE_ONE_ROW
+    if (rows == 1) {
+        float xsum[in_features / BLOCK_K + 1];
+        for (int64_t b = 0; b < num_kb; b++) {
+            float sum = 0.0f;
+            for (int64_t kk = 0; kk < BLOCK_K; kk++) sum += x[b * BLOCK_K + kk];
+            xsum[b] = sum;
+        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t p = 0; p < num_panels; p++) {
+            float acc[NR];
+            const uint8_t *w = panels + p * panel_bytes;
+            const int64_t c0 = p * NR;
+            one_row((int)kind, num_kb, x, xsum, w, p + 1 < num_panels ? w + panel_bytes : NULL, acc);
+            store_rows(acc, 1, y + c0, y_stride, min64(out_features - c0, NR), bias ? bias + c0 : NULL, 0);
+        }
+        return;
+    }
+#endif
     if (rows <= MR) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t p = 0; p < num_panels; p++) {

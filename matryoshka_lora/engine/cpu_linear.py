@@ -13,10 +13,11 @@ the same call; tests hold the two equal to nn.Linear.
 `BlockLinear` is the same linear on a GGUF file's own blocks (gguf_weights.BlockWeight, run by
 `ml_linear_blocks`, cpu_gemm_blocks.c), in panels of 16 outputs, one record per block of 32 inputs:
 
-    Q4_1: record[p, blk] = d[16] f32 | m[16] f32 | q[32][8] u8     q[kk][j] = q[p*16+j, k] | q[p*16+j+8, k] << 4
-    Q8_0: record[p, blk] = d[16] f32 | q[32][16] i8                  (k = blk * 32 + kk)
+    Q4_1: record[p, blk] = d[16] f16 | m[16] f16 | q[32][8] u8     q[kk][j] = q[p*16+j, k] | q[p*16+j+8, k] << 4
+    Q8_0: record[p, blk] = d[16] f16 | q[32][16] i8                  (k = blk * 32 + kk)
 
-It gives the same bits as PanelLinear on the dequantised weight (tests hold the two equal).
+From 2 rows up it gives the same bits as PanelLinear on the dequantised weight; one row sums in another
+order, equal to float rounding (tests hold both).
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ def pack_blocks(w: BlockWeight) -> torch.Tensor:
     """A BlockWeight -> its records, uint8 [num_panels, in / 32, record bytes] (the layout above)."""
     out, in_features = w.shape
     nkb = in_features // BLOCK_K
-    d = _by_panel(w.d).transpose(1, 2).contiguous().view(torch.uint8)  # [P, nkb, 16 * 4]
+    d = _by_panel(w.d.half()).transpose(1, 2).contiguous().view(torch.uint8)  # [P, nkb, 16 * 2]: the file's f16
     q = _by_panel(w.q.view(out, nkb, BLOCK_K)).permute(0, 2, 3, 1)  # [P, nkb, 32, 16]
     if w.kind == "Q4_1":
-        m = _by_panel(w.m).transpose(1, 2).contiguous().view(torch.uint8)
+        m = _by_panel(w.m.half()).transpose(1, 2).contiguous().view(torch.uint8)
         nibbles = (q[..., :8] | (q[..., 8:] << 4)).reshape(q.shape[0], nkb, -1)
         return torch.cat([d, m, nibbles], dim=-1).contiguous()
     return torch.cat([d, q.contiguous().view(torch.uint8).reshape(q.shape[0], nkb, -1)], dim=-1).contiguous()

@@ -49,11 +49,25 @@ def test_block_linear_equals_float32_panels_bit_for_bit(lib, kind, shape, rows, 
     x = torch.randn(rows, in_f, generator=gen)
     got = BlockLinear(lib, blocks, bias, lambda: 2)(x)
     panels = PanelLinear(lib, blocks.dequantize(), bias, lambda: 2)(x)
-    if lib.ml_gemm_vectorized():  # the same FMAs in the same order: the same bits
+    if lib.ml_gemm_vectorized() and rows != 1:  # the same FMAs in the same order: the same bits
         assert torch.equal(got, panels)
-    else:  # plain C loops, which -fassociative-math may reorder differently
+    else:  # one row (block sums first), or plain C loops, which -fassociative-math may reorder
         torch.testing.assert_close(got, panels, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, blocks.dequantize(), bias), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+def test_one_row_equals_the_bit_exact_path(c_ops, kind, shape):
+    """The one-row kernel (block sums first) against the same library built with ML_EXACT_BLOCKS."""
+    exact = cpu_kernels._load(cpu_kernels.build_library(("-DML_EXACT_BLOCKS",)))
+    out_f, in_f = SHAPES[shape]
+    blocks = random_blocks(kind, out_f, in_f, seed=out_f)
+    x = torch.randn(1, in_f)
+    got = BlockLinear(c_ops.lib, blocks, None, lambda: 2)(x)
+    want = BlockLinear(exact, blocks, None, lambda: 2)(x)
+    assert torch.equal(want, PanelLinear(exact, blocks.dequantize(), None, lambda: 2)(x))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
@@ -65,7 +79,7 @@ def test_block_linear_at_any_thread_count(c_ops, num_threads):
     )
 
 
-@pytest.mark.parametrize("kind,record_bytes", [("Q4_1", 384), ("Q8_0", 576)])
+@pytest.mark.parametrize("kind,record_bytes", [("Q4_1", 320), ("Q8_0", 544)])
 def test_records_decode_to_the_weight(kind, record_bytes):
     """The record layout of cpu_linear's docstring, decoded here in Python."""
     blocks = random_blocks(kind, 20, 64, seed=3)
@@ -75,13 +89,13 @@ def test_records_decode_to_the_weight(kind, record_bytes):
     for p in range(2):
         for b in range(2):
             rec = records[p, b]
-            d = rec[:64].view(torch.float32)
+            d = rec[:32].view(torch.float16).float()
             if kind == "Q4_1":
-                m, packed = rec[64:128].view(torch.float32), rec[128:].view(32, 8)
+                m, packed = rec[32:64].view(torch.float16).float(), rec[64:].view(32, 8)
                 q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # [kk, 16]
                 w[p * 16 : (p + 1) * 16, b * 32 : (b + 1) * 32] = d[:, None] * q.t() + m[:, None]
             else:
-                q = rec[64:].view(torch.int8).view(32, 16).float()
+                q = rec[32:].view(torch.int8).view(32, 16).float()
                 w[p * 16 : (p + 1) * 16, b * 32 : (b + 1) * 32] = d[:, None] * q.t()
     assert torch.equal(w[:20], blocks.dequantize()) and not w[20:].any()
 

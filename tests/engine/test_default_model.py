@@ -32,3 +32,28 @@ def test_mixed_ranks_equal_alone_on_default_model(default_model, tmp_path):
     alone = {r.request_id: tokens(run(engine, [r])[r.request_id]) for r in reqs}
     assert {k: tokens(v) for k, v in together.items()} == alone
     assert alone["req-0"] != alone["req-2"]  # same prompt, base vs adapter: the adapter matters
+
+
+@pytest.mark.slow
+def test_gguf_blocks_generate_what_float32_does_on_default_model(default_model):
+    """The shipped file's own blocks (one sequence alone, and four together) give float32's greedy tokens."""
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.engine import LLMEngine
+
+    model, tokenizer = default_model
+    prompts = [
+        tokenizer(p)["input_ids"]
+        for p in ("The capital of France is", "1, 2, 3, 4,", "def add(a, b):", "Once upon a time")
+    ]
+    outputs = {}
+    for weight_format in ("gguf", "float32"):
+        engine = LLMEngine(
+            EngineConfig(max_num_seqs=4, max_model_len=128, warmup=False, weight_format=weight_format),
+            hf_model=model,
+            tokenizer=tokenizer,
+        )
+        assert engine.weight_format == weight_format
+        alone = tokens(run(engine, [request(0, max_tokens=24, prompt=prompts[0])])["req-0"])
+        together = run(engine, [request(i, max_tokens=24, prompt=p) for i, p in enumerate(prompts)])
+        outputs[weight_format] = (alone, {k: tokens(v) for k, v in together.items()})
+    assert outputs["gguf"] == outputs["float32"]
