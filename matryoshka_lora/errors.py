@@ -21,6 +21,18 @@ class ConfigError(MatryoshkaError, ValueError):
         super().__init__(f"invalid {what}: got {given!r}, allowed: {allowed}")
 
 
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (True is an int in Python, never a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_count(what: str, value: Any, minimum: int = 1, allow_none: bool = False) -> Any:
+    """value if it is an integer >= minimum (or None where allowed), else ConfigError saying so."""
+    if (value is None and allow_none) or (is_int(value) and value >= minimum):
+        return value
+    raise ConfigError(what, value, ("None or " if allow_none else "") + f"an integer >= {minimum}")
+
+
 class InvalidRankError(ConfigError):
     """A rank outside what an adapter offers."""
 

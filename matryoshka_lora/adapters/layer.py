@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matryoshka_lora.adapters.p import build_p, check_r_max, check_scaling, served_scale
-from matryoshka_lora.errors import ConfigError, InvalidRankError
+from matryoshka_lora.errors import ConfigError, InvalidRankError, is_int
 
 Ranks = int | torch.Tensor | None
 
@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
                 raise InvalidRankError(bad, f"0..{self.r_max}")
             self.inference_ranks = ranks.to(torch.long)
             return
-        if not isinstance(ranks, int) or isinstance(ranks, bool) or not 0 <= ranks <= self.r_max:
+        if not is_int(ranks) or not 0 <= ranks <= self.r_max:
             raise InvalidRankError(ranks, f"0..{self.r_max}")
         self.inference_ranks = ranks
 
@@ -124,7 +124,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged_delta_weight(self, rank: int) -> torch.Tensor:
         """The rank-r update in nn.Linear layout [out, in]: scale(r) * (A[:, :r] @ B[:r]).T."""
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= self.r_max:
+        if not is_int(rank) or not 0 <= rank <= self.r_max:
             raise InvalidRankError(rank, f"0..{self.r_max}")
         if rank == 0:
             return torch.zeros(self.out_features, self.in_features, dtype=self.lora_A.dtype, device=self.lora_A.device)

@@ -21,7 +21,7 @@ from typing import Literal, get_args
 
 import torch
 
-from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.errors import ConfigError, check_count
 
 Method = Literal["lora", "dylora", "matryoshka"]
 Scaling = Literal["none", "rank", "sqrt"]
@@ -36,9 +36,7 @@ def check_scaling(scaling: str) -> str:
 
 
 def check_r_max(r_max: int) -> int:
-    if not isinstance(r_max, int) or isinstance(r_max, bool) or r_max < 1:
-        raise ConfigError("r_max", r_max, "an integer >= 1")
-    return r_max
+    return check_count("r_max", r_max)
 
 
 def rank_scale(rank: int, scaling: str) -> float:

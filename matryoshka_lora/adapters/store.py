@@ -26,7 +26,7 @@ from torch import nn
 from matryoshka_lora.adapters import inject
 from matryoshka_lora.adapters.layer import LoRALinear
 from matryoshka_lora.adapters.p import METHODS, SCALINGS, served_scale
-from matryoshka_lora.errors import AdapterFormatError, BaseModelMismatchError, ConfigError
+from matryoshka_lora.errors import AdapterFormatError, BaseModelMismatchError, ConfigError, is_int
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ REQUIRED_FIELDS = (
 Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_rank_scales(scales, r_max: int) -> dict[str, float]:
     """{rank: c} with ranks in 1..r_max (int or decimal string keys) and c finite > 0 -> {"rank": float}."""
     allowed = f"a JSON object {{rank in 1..{r_max}: a finite number > 0}}"
@@ -62,7 +58,7 @@ def check_rank_scales(scales, r_max: int) -> dict[str, float]:
         raise ConfigError("rank_scales", scales, allowed)
     out = {}
     for key, value in scales.items():
-        rank = key if _is_int(key) else int(key) if isinstance(key, str) and key.isdigit() else None
+        rank = key if is_int(key) else int(key) if isinstance(key, str) and key.isdigit() else None
         if (
             rank is None
             or not 1 <= rank <= r_max
@@ -114,13 +110,13 @@ class AdapterManifest:
         ):
             raise ConfigError("target_modules", targets, "a non-empty list of distinct module names")
         self.target_modules = tuple(targets)
-        if not _is_int(self.r_max) or self.r_max < 1:
+        if not is_int(self.r_max) or self.r_max < 1:
             raise ConfigError("r_max", self.r_max, "an integer >= 1")
         ranks = self.train_ranks
         if (
             not isinstance(ranks, (list, tuple))
             or not ranks
-            or not all(_is_int(r) for r in ranks)
+            or not all(is_int(r) for r in ranks)
             or list(ranks) != sorted(set(ranks))
             or ranks[0] < 1
             or ranks[-1] > self.r_max
@@ -139,7 +135,7 @@ class AdapterManifest:
         ):
             raise ConfigError("alpha", self.alpha, "a finite number > 0")
         self.alpha = float(self.alpha)
-        if self.format_version != FORMAT_VERSION or not _is_int(self.format_version):
+        if self.format_version != FORMAT_VERSION or not is_int(self.format_version):
             raise ConfigError("format_version", self.format_version, [FORMAT_VERSION])
         if self.eval_results is not None and not isinstance(self.eval_results, dict):
             raise ConfigError("eval_results", self.eval_results, "a JSON object or null")

@@ -35,7 +35,7 @@ from matryoshka_lora.backends.vllm_adapters import (
 from matryoshka_lora.backends.vllm_loras import LoraIdMap, export_slice, lora_cache_dir, lora_name, vllm_max_lora_rank
 from matryoshka_lora.backends.vllm_ranks import RankChoice, RankLatencyTable, resolve_rank
 from matryoshka_lora.backends.vllm_stats import LatestSchedulerStats, adapter_names, make_stat_logger_factory
-from matryoshka_lora.errors import ConfigError, EngineStoppedError, QueueFullError, UnknownAdapterError
+from matryoshka_lora.errors import ConfigError, EngineStoppedError, QueueFullError, UnknownAdapterError, check_count
 from matryoshka_lora.types import AdapterInfo, EngineStats, GenerationEvent, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ class VLLMConfig:
     def __post_init__(self) -> None:
         self.adapters = [str(a) for a in self.adapters]
         for name in ("max_loras", "max_num_seqs", "max_queue_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "an integer >= 1")
+            check_count(name, getattr(self, name))
         if self.max_lora_rank is not None:
             vllm_max_lora_rank(self.max_lora_rank)  # refuses what vLLM cannot hold
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -199,8 +198,7 @@ class VLLMBackend:
         if n == 0 or n >= self.max_model_len:
             limit = self.max_model_len
             raise ConfigError("prompt length", n, f"1..{limit - 1} tokens (max_model_len {limit})")
-        if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
-            raise ConfigError("max_tokens", params.max_tokens, "an integer >= 1")
+        check_count("max_tokens", params.max_tokens)
         max_tokens = min(params.max_tokens, self.max_model_len - n)
         choice = resolve_rank(request, self.adapters, self.table, max_tokens)
         if len(self._in_flight) >= self.config.max_num_seqs + self.config.max_queue_len:

@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 
 from matryoshka_lora.adapters.store import MANIFEST_FILE, WEIGHTS_FILE
-from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.errors import ConfigError, check_count
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,7 @@ MAX_LORA_ID = 2**31 - 1
 
 def vllm_max_lora_rank(r_max: int) -> int:
     """The smallest `max_lora_rank` vLLM accepts that holds rank `r_max`: 4 -> 8, 8 -> 8, 12 -> 16."""
-    if not isinstance(r_max, int) or isinstance(r_max, bool) or r_max < 1:
-        raise ConfigError("r_max", r_max, "an integer >= 1")
+    check_count("r_max", r_max)
     for size in VLLM_MAX_LORA_RANKS:
         if size >= r_max:
             return size

@@ -20,7 +20,7 @@ import torch
 
 from matryoshka_lora.engine.lora_ops import FusedLoRA
 from matryoshka_lora.engine.weights import ModelSpec
-from matryoshka_lora.errors import AdapterFormatError, ConfigError, InvalidRankError
+from matryoshka_lora.errors import AdapterFormatError, ConfigError, InvalidRankError, is_int
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class SlotEntry:
     rank_scales: tuple[tuple[int, float], ...] = ()  # the manifest's fitted (rank, c_rank) pairs
 
     def check_rank(self, rank: int) -> None:
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.r_max:
+        if not is_int(rank) or not 1 <= rank <= self.r_max:
             raise InvalidRankError(rank, f"1..{self.r_max}", adapter=self.name)
 
     def scale(self, rank: int) -> float:

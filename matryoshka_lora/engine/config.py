@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.errors import ConfigError, check_count
 
 DEFAULT_MAX_MODEL_LEN = 2048
 WEIGHT_FORMATS = ("auto", "gguf", "float32")
@@ -49,15 +49,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.adapters = [str(a) for a in self.adapters]
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue_len", "max_adapters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(name, value, "an integer >= 1")
+            check_count(name, getattr(self, name))
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ConfigError("max_model_len", self.max_model_len, "None or an integer >= 2")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ConfigError("weight_format", self.weight_format, list(WEIGHT_FORMATS))
-        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
-            raise ConfigError("num_threads", self.num_threads, "None or an integer >= 1")
+        check_count("num_threads", self.num_threads, allow_none=True)
 
     def resolve_max_model_len(self, model_max: int) -> int:
         """The effective max_model_len: the configured one (refused above the model's), else min(2048, model's)."""

@@ -37,7 +37,7 @@ from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.engine.sequence import Sequence
 from matryoshka_lora.engine.step_features import step_features
 from matryoshka_lora.engine.weights import fuse_weights
-from matryoshka_lora.errors import ConfigError, EngineStoppedError
+from matryoshka_lora.errors import ConfigError, EngineStoppedError, check_count
 from matryoshka_lora.types import EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,7 @@ class LLMEngine:
             raise ConfigError(
                 "prompt length", n, f"1..{self.max_model_len - 1} tokens (max_model_len {self.max_model_len})"
             )
-        if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
-            raise ConfigError("max_tokens", params.max_tokens, "an integer >= 1")
+        check_count("max_tokens", params.max_tokens)
         with self.lock:
             if not self._admitting:
                 raise EngineStoppedError()

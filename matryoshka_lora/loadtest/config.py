@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.errors import ConfigError, check_count, is_int
 
 SCENARIOS = ("rank-sweep", "mixed", "budget", "tenants", "overload", "soak", "peers")
 
@@ -40,8 +40,7 @@ class Workload:
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "output_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(name, value, "an integer >= 1")
+            check_count(name, value)
         if not 0.0 <= self.temperature <= 2.0:
             raise ConfigError("temperature", self.temperature, "0..2")
 
@@ -75,7 +74,7 @@ class MixEntry:
 
 def _positive_ints(values, what: str) -> tuple[int, ...]:
     out = tuple(values)
-    if not out or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in out):
+    if not out or any(not is_int(v) or v < 1 for v in out):
         raise ConfigError(what, values, "one or more integers >= 1")
     return out
 
@@ -131,9 +130,7 @@ class LoadTestConfig:
         if self.duration_s is not None and not self.duration_s > 0:
             raise ConfigError("--duration", self.duration_s, "seconds > 0")
         for name in ("max_requests", "max_num_seqs", "max_queue_len", "r_max"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')}", value, "an integer >= 1")
+            check_count(f"--{name.replace('_', '-')}", getattr(self, name))
         self.users = _positive_ints(self.users, "--users")
         if self.ranks is not None:
             self.ranks = _positive_ints(self.ranks, "--ranks")

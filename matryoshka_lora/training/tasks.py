@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from matryoshka_lora.errors import ConfigError
+from matryoshka_lora.errors import ConfigError, check_count
 from matryoshka_lora.training import datasets
 
 TEST_SEED = 1_000_003  # the test split's seed, fixed for every task
@@ -144,8 +144,7 @@ def task_examples(name: str, split: str, num: int, seed: int = 0) -> list[Exampl
     task = get_task(name)
     if split not in SPLITS:
         raise ConfigError("split", split, list(SPLITS))
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-        raise ConfigError("number of examples", num, ">= 1")
+    check_count("number of examples", num)
     if task.source is not None:
         pairs = datasets.split_pairs(task.source, split, seed=seed)
         return [Example(prompt, answer) for prompt, answer in pairs[:num]]
