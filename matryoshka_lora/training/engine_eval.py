@@ -23,20 +23,27 @@ from matryoshka_lora.training.evaluate import accuracy
 log = logging.getLogger(__name__)
 
 
-def eval_engine(model, tokenizer, max_num_seqs: int = 64, max_model_len: int = 512):
-    """An engine over an already loaded base model, sized for offline batch evaluation."""
+def eval_engine(model, tokenizer, model_dir: str | None = None, max_num_seqs: int = 64, max_model_len: int = 512):
+    """An engine over an already loaded base model, sized for offline batch evaluation, on the weights the
+    server computes with: model_dir's GGUF blocks where it has a GGUF file (the embedded default does)
+    and the C kernels run, else float32."""
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
+    from matryoshka_lora.errors import ConfigError
 
     max_model_len = min(max_model_len, model.config.max_position_embeddings)
-    config = EngineConfig(
+    values = dict(
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
         max_num_batched_tokens=1024,
         max_queue_len=1_000_000,
         warmup=False,
+        model=model_dir,
     )
-    return LLMEngine(config, model, tokenizer)
+    try:
+        return LLMEngine(EngineConfig(**values, weight_format="gguf"), model, tokenizer)
+    except ConfigError:  # no GGUF file for this model, or no AVX2 GEMM here: the float32 weights
+        return LLMEngine(EngineConfig(**values, weight_format="float32"), model, tokenizer)
 
 
 def prompt_ids(tokenizer, prompt: str) -> tuple[int, ...]:

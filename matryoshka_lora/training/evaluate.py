@@ -148,7 +148,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.backend == "engine":
         from matryoshka_lora.training import engine_eval
 
-        engine = engine_eval.eval_engine(model, tokenizer)
+        engine = engine_eval.eval_engine(model, tokenizer, cfg.model)
+        log.info("eval engine: base weights as %s", engine.weight_format)
 
         def sweep(path, ranks):
             name = None if path is None else engine.load_adapter(str(path)).name

@@ -1,0 +1,71 @@
+"""The model's linears per weight format, one layer type at a time, cache-cold: GB/s of weights read.
+
+    .venv/bin/python benchmarks/bench_block_linears.py [--rows 1,2,6,16] [--threads 2]
+
+For each of qkv, o, gate_up, down (all 30 layers called in turn, so each call finds its weights out of
+cache, as in a decode step) and the lm_head: ms per call and GB/s of the weight bytes it reads, for the
+GGUF blocks (cpu_linear.BlockLinear) and the float32 panels (cpu_linear.PanelLinear) of the same
+weights, best of --repeats. Compare with benchmarks/bench_stream.py's read roof.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1,2,6,16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from matryoshka_lora.engine.cpu_kernels import load_step_ops
+    from matryoshka_lora.engine.cpu_linear import BlockLinear, PanelLinear
+    from matryoshka_lora.engine.gguf_weights import concat, read_blocks
+    from matryoshka_lora.models import default_gguf_path, load_base_model
+
+    model, _ = load_base_model(None)
+    ops = load_step_ops()
+    blocks = read_blocks(default_gguf_path(), model)
+    layers = range(model.config.num_hidden_layers)
+
+    def fused(*names):
+        return [concat([blocks[f"model.layers.{i}.{n}.weight"] for n in names]) for i in layers]
+
+    sets = {
+        "qkv": fused("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "o": fused("self_attn.o_proj"),
+        "gate_up": fused("mlp.gate_proj", "mlp.up_proj"),
+        "down": fused("mlp.down_proj"),
+        "lm_head": [blocks["lm_head.weight"]] * 4,
+    }
+    threads = lambda: args.threads  # noqa: E731
+    print(f"{args.threads} threads; ms per call (GB/s of weights read)")
+    print(f"{'linear':8s} {'rows':>4s} {'gguf blocks':>20s} {'float32 panels':>20s} {'speed-up':>9s}")
+    for name, weights in sets.items():
+        formats = {
+            "gguf": [BlockLinear(ops.lib, w, None, threads) for w in weights],
+            "float32": [PanelLinear(ops.lib, w.dequantize(), None, threads) for w in weights],
+        }
+        nbytes = {"gguf": formats["gguf"][0].num_bytes, "float32": formats["float32"][0].panels.numel() * 4}
+        for rows in map(int, args.rows.split(",")):
+            x = torch.randn(rows, weights[0].shape[1])
+            best = {}
+            for _ in range(args.repeats):
+                for fmt, linears in formats.items():
+                    started = time.perf_counter()
+                    for linear in linears:
+                        linear(x)
+                    elapsed = (time.perf_counter() - started) / len(linears)
+                    best[fmt] = min(best.get(fmt, elapsed), elapsed)
+            cells = [f"{best[f] * 1e3:8.3f} ({nbytes[f] / best[f] / 1e9:5.1f})" for f in ("gguf", "float32")]
+            print(f"{name:8s} {rows:4d} {cells[0]:>20s} {cells[1]:>20s} {best['float32'] / best['gguf']:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
