@@ -19,7 +19,8 @@
    panels and the first r rows of each B panel, each one sequential read, so its cost is O(r). In a
    masked group (several ranks) every row computes at the group's rank R and the mask zeroes the
    columns above its own: the weights, read once at R, are the cost; the extra multiply-adds are cheap
-   beside them.
+   beside them. An adapter whose weights are all bfloat16 values (one saved in bfloat16) keeps its
+   panels in bfloat16 (half the bytes; widened to float32 in registers, exactly), else in float32.
 
    Threads: each call splits its column blocks over `num_threads` OpenMP threads (torch's pool: see
    cpu_kernels.py), one contiguous run each; a LoRA shrink of fewer blocks than threads (a low rank)
@@ -28,6 +29,8 @@
    not depend on the thread count or on the other rows of the batch.
 
    Without AVX2 + FMA (or with ML_PORTABLE_GEMM defined) a plain C micro-kernel runs the same loops. */
+
+#include <string.h>
 
 #include "cpu_gemm.h"
 
@@ -47,14 +50,29 @@
         _mm256_storeu_ps(acc + r * NR + 8, hi); \
     }
 
-/* acc[mr, 16] = x[mr, :k] @ w[:k, :16] for a panel w ([k][16]), prefetching the panel `next` meanwhile. */
-static inline __attribute__((always_inline)) void micro(const int mr, int64_t k, const float *x, int64_t x_stride,
-                                                        const float *w, const float *next, float *acc) {
+/* 8 bfloat16 -> 8 float32 (exact: the bits shifted into the high half) */
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* acc[mr, 16] = x[mr, :k] @ w[:k, :16] for a panel w ([k][16], float32 or bfloat16), prefetching the panel
+   `next` meanwhile. */
+static inline __attribute__((always_inline)) void micro(const int mr, const int bf16, int64_t k, const float *x,
+                                                        int64_t x_stride, const void *w, const void *next,
+                                                        float *acc) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
            c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const int64_t row_bytes = NR * (bf16 ? 2 : 4);
     for (int64_t kk = 0; kk < k; kk++) {
-        if (next) _mm_prefetch((const char *)(next + kk * NR), _MM_HINT_T0);
-        const __m256 b0 = _mm256_loadu_ps(w + kk * NR), b1 = _mm256_loadu_ps(w + kk * NR + 8);
+        if (next) _mm_prefetch((const char *)next + kk * row_bytes, _MM_HINT_T0);
+        __m256 b0, b1;
+        if (bf16) {
+            const uint16_t *wk = (const uint16_t *)w + kk * NR;
+            b0 = load_bf16x8(wk), b1 = load_bf16x8(wk + 8);
+        } else {
+            const float *wk = (const float *)w + kk * NR;
+            b0 = _mm256_loadu_ps(wk), b1 = _mm256_loadu_ps(wk + 8);
+        }
         FMA_ROW(0, c00, c01) FMA_ROW(1, c10, c11) FMA_ROW(2, c20, c21)
         FMA_ROW(3, c30, c31) FMA_ROW(4, c40, c41) FMA_ROW(5, c50, c51)
     }
@@ -62,12 +80,20 @@ static inline __attribute__((always_inline)) void micro(const int mr, int64_t k,
     SAVE_ROW(3, c30, c31) SAVE_ROW(4, c40, c41) SAVE_ROW(5, c50, c51)
 }
 #else
-static inline void micro(const int mr, int64_t k, const float *x, int64_t x_stride, const float *w,
-                         const float *next, float *acc) {
+static inline void micro(const int mr, const int bf16, int64_t k, const float *x, int64_t x_stride, const void *w,
+                         const void *next, float *acc) {
     (void)next;
+    float b[NR];
     for (int i = 0; i < MR * NR; i++) acc[i] = 0.0f;
     for (int64_t kk = 0; kk < k; kk++) {
-        const float *b = w + kk * NR;
+        for (int j = 0; j < NR; j++) {
+            if (bf16) {
+                const uint32_t bits = (uint32_t)((const uint16_t *)w)[kk * NR + j] << 16;
+                memcpy(&b[j], &bits, sizeof(float));
+            } else {
+                b[j] = ((const float *)w)[kk * NR + j];
+            }
+        }
         for (int r = 0; r < mr; r++) {
             const float a = x[r * x_stride + kk];
             for (int j = 0; j < NR; j++) acc[r * NR + j] += a * b[j];
@@ -76,16 +102,18 @@ static inline void micro(const int mr, int64_t k, const float *x, int64_t x_stri
 }
 #endif
 
-/* y[rows, :cols] (=|+=) x[rows, :k] @ w[:k, :cols] for a panel w ([k][NR], zero past cols), next: the
-   panel to prefetch meanwhile (or NULL). */
-static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const float *w, int64_t cols,
-                      const float *next, float *y, int64_t y_stride, const float *bias, int accumulate) {
+/* y[rows, :cols] (=|+=) x[rows, :k] @ w[:k, :cols] for a panel w ([k][NR], zero past cols; bfloat16 when
+   bf16), next: the panel to prefetch meanwhile (or NULL). */
+static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const void *w, int64_t cols,
+                      const void *next, float *y, int64_t y_stride, const float *bias, int accumulate, int bf16) {
     float acc[MR * NR];
     for (int64_t m0 = 0; m0 < rows; m0 += MR) {
         const float *xm = x + m0 * x_stride;
         const int mr = (int)min64(rows - m0, MR);
-        /* a constant mr per call: the unused rows compile away */
-#define MICRO(n) micro(n, k, xm, x_stride, w, next, acc)
+        /* a constant mr and element type per call: the unused rows and the other load compile away */
+#define MICRO(n)                                           \
+    if (bf16) micro(n, 1, k, xm, x_stride, w, next, acc); \
+    else micro(n, 0, k, xm, x_stride, w, next, acc)
         switch (mr) {
             case 1: MICRO(1); break;
             case 2: MICRO(2); break;
@@ -101,7 +129,7 @@ static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride,
 
 void ml_panel_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const float *w, int64_t cols,
                    const float *next, float *y, int64_t y_stride, const float *bias, int accumulate) {
-    tile_gemm(rows, k, x, x_stride, w, cols, next, y, y_stride, bias, accumulate);
+    tile_gemm(rows, k, x, x_stride, w, cols, next, y, y_stride, bias, accumulate, 0);
 }
 
 void ml_linear(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *panels,
@@ -113,14 +141,16 @@ void ml_linear(const float *x, int64_t x_stride, int64_t rows, int64_t in_featur
         const float *w = panels + p * in_features * NR;
         const int64_t c0 = p * NR;
         tile_gemm(rows, in_features, x, x_stride, w, min64(out_features - c0, NR),
-                  p + 1 < num_panels ? w + in_features * NR : NULL, y + c0, y_stride, bias ? bias + c0 : NULL, 0);
+                  p + 1 < num_panels ? w + in_features * NR : NULL, y + c0, y_stride, bias ? bias + c0 : NULL, 0, 0);
     }
 }
 
-void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *a_panels,
+/* bf16: A's and the B_m's panels are bfloat16 (else float32) */
+void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const void *a_panels,
                    int64_t k, int64_t rank, int64_t r_max, const int64_t *row_ranks, const float *row_scales,
                    float scale, const int64_t *b_panels, const int64_t *c0, const int64_t *c1, float *y,
-                   int64_t y_stride, float *h, int64_t num_threads) {
+                   int64_t y_stride, float *h, int64_t num_threads, int64_t bf16) {
+    const int64_t item = bf16 ? 2 : 4; /* bytes per weight */
     /* h: [rows, k * rank] (the shrink) then [k][rows, rank] (per member, masked and scaled) */
     const int64_t width = k * rank;
     float *hm = h + rows * width;
@@ -139,11 +169,11 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < shrink_blocks * parts; i++) {
             const int64_t b = i / parts, r0 = (i % parts) * part_rows, n = min64(rows - r0, part_rows);
-            const float *w = a_panels + b * in_features * NR;
+            const char *w = (const char *)a_panels + b * in_features * NR * item;
             if (n > 0)
                 tile_gemm(n, in_features, x + r0 * x_stride, x_stride, w, min64(width - b * NR, NR),
-                          b + 1 < shrink_blocks ? w + in_features * NR : NULL, h + r0 * width + b * NR, width,
-                          NULL, 0);
+                          b + 1 < shrink_blocks ? w + in_features * NR * item : NULL, h + r0 * width + b * NR, width,
+                          NULL, 0, (int)bf16);
         }
         /* implicit barrier; then one thread per row: mask, scale, and split the members apart */
 #pragma omp for schedule(static)
@@ -159,9 +189,9 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
             int64_t m = 0, panel = b; /* block b -> (member m, its panel) */
             while (panel >= num_blocks(c1[m] - c0[m])) panel -= num_blocks(c1[m] - c0[m]), m++;
             const int64_t out_m = c1[m] - c0[m], col = panel * NR;
-            const float *w = (const float *)(intptr_t)b_panels[m] + panel * r_max * NR;
+            const char *w = (const char *)(intptr_t)b_panels[m] + panel * r_max * NR * item;
             tile_gemm(rows, rank, hm + m * rows * rank, rank, w, min64(out_m - col, NR),
-                      col + NR < out_m ? w + r_max * NR : NULL, y + c0[m] + col, y_stride, NULL, 1);
+                      col + NR < out_m ? w + r_max * NR * item : NULL, y + c0[m] + col, y_stride, NULL, 1, (int)bf16);
         }
     }
 }

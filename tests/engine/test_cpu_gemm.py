@@ -117,3 +117,35 @@ def test_lora_group_at_every_thread_count_equals_torch(lib, group, row_ranks):
     got = [cpu_kernels.CKernelOps(lib, n).lora_grouped_(torch.zeros_like(want), x, groups, panels) for n in (1, 2, 3)]
     for result in got:
         torch.testing.assert_close(result, want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("group", ["qkv", "down"])
+@pytest.mark.parametrize("row_ranks", [[64] * 6, [1, 8, 64, 3, 64, 64, 5], [7] * 40], ids=["uniform", "masked", "40"])
+def test_bf16_adapter_panels_give_the_float32_panels_bits(lib, group, row_ranks):
+    """An adapter whose weights are bfloat16 values is packed in bfloat16 (half the bytes) and gives the same
+    bits as the same values packed in float32 (AVX2 kernels); any other adapter stays float32."""
+    from matryoshka_lora.engine.adapter_slots import GROUP_MEMBERS, fuse_group, member_columns
+    from matryoshka_lora.engine.lora_batch import build_groups, build_segments
+
+    gen = torch.Generator().manual_seed(len(row_ranks))
+    members = {}
+    for name in GROUP_MEMBERS[group]:
+        i, o = SMOLLM2.module_shape(name)
+        a, b = torch.randn(i, 64, generator=gen), torch.randn(64, o, generator=gen) * 0.1
+        members[name] = (a.bfloat16().float(), b.bfloat16().float())  # as loaded from a bfloat16 file
+    fused = fuse_group(SMOLLM2, group, members, 64)
+    as_bf16, as_f32 = cpu_kernels.PanelLoRA.pack(fused), cpu_kernels.PanelLoRA.pack(fused, allow_bf16=False)
+    assert as_bf16.bf16 and as_bf16.a_panels.dtype == torch.bfloat16 and not as_f32.bf16
+    in_f = SMOLLM2.module_shape(GROUP_MEMBERS[group][0])[0]
+    out_f = max(c1 for _, c1 in member_columns(SMOLLM2, group).values())
+    x = torch.randn(len(row_ranks), in_f, generator=gen)
+    groups = build_groups(build_segments([(t, t + 1, 0, r, 0.5 / r) for t, r in enumerate(row_ranks)]))
+    ops = cpu_kernels.CKernelOps(lib, 2)
+    got = ops.lora_grouped_(torch.zeros(len(row_ranks), out_f), x, groups, [as_bf16])
+    want = ops.lora_grouped_(torch.zeros(len(row_ranks), out_f), x, groups, [as_f32])
+    if lib.ml_gemm_vectorized():  # the same FMAs on the same values
+        assert torch.equal(got, want)
+    else:  # plain C loops, which -fassociative-math may vectorise differently
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    members = {k: (a + 1e-4, b) for k, (a, b) in members.items()}  # no longer bfloat16 values
+    assert not cpu_kernels.PanelLoRA.pack(fuse_group(SMOLLM2, group, members, 64)).bf16
