@@ -248,7 +248,7 @@ def bench_steps(threads: int) -> None:
             for o, runner in runners.items():
                 runner.max_masked_rows = max_masked_rows
                 started = time.perf_counter()
-                runner.execute(its)
+                runner.run(runner.prepare(its))
                 if repeat >= 2:
                     times[name, o].append(time.perf_counter() - started)
     print("\n4. decode step, 16 sequences at context 100, real SmolLM2 weights, ms (median of 10)")

@@ -20,7 +20,7 @@ import torch
 
 from matryoshka_lora.engine.lora_ops import FusedLoRA
 from matryoshka_lora.engine.weights import ModelSpec
-from matryoshka_lora.errors import AdapterFormatError, ConfigError, InvalidRankError, is_int
+from matryoshka_lora.errors import AdapterFormatError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,6 @@ class SlotEntry:
     path: str
     manifest: object  # the core's AdapterManifest
     rank_scales: tuple[tuple[int, float], ...] = ()  # the manifest's fitted (rank, c_rank) pairs
-
-    def check_rank(self, rank: int) -> None:
-        if not is_int(rank) or not 1 <= rank <= self.r_max:
-            raise InvalidRankError(rank, f"1..{self.r_max}", adapter=self.name)
 
     def scale(self, rank: int) -> float:
         """alpha * s_rank * c_rank, the factor of the rank-r delta (adapters.p.served_scale)."""
@@ -130,9 +126,6 @@ class AdapterSlots:
 
     def get(self, name: str) -> SlotEntry | None:
         return self.entries.get(name)
-
-    def by_slot(self, slot: int) -> SlotEntry:
-        return next(e for e in self.entries.values() if e.slot == slot)
 
     def install(self, name: str, manifest, path: str, fused: list[dict]) -> SlotEntry:
         """Put packed weights (from fuse_adapter) into the lowest free slot under `name`.

@@ -107,10 +107,6 @@ class ModelRunner:
         )
         return StepBatch(torch.tensor(input_ids, dtype=torch.long), meta, lora, sample_items, len(input_ids), groups)
 
-    def execute(self, items: list[StepItem]) -> tuple[list[int], torch.Tensor]:
-        """Run one step; returns (item index per logits row, logits [num_sampled, vocab])."""
-        return self.run(self.prepare(items))
-
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> tuple[list[int], torch.Tensor]:
         """The forward of a prepared step: (item index per logits row, logits [num_sampled, vocab])."""

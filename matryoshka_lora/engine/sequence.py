@@ -12,8 +12,6 @@ import torch
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.types import FinishReason, GenerationEvent, GenerationRequest, RankReason
 
-BASE_SLOT = -1
-
 
 class SeqStatus(Enum):
     WAITING = "waiting"

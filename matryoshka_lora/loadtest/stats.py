@@ -65,13 +65,6 @@ def by_label(records: list[RequestRecord], wall_s: float | None = None) -> dict[
     return {label: summarize(group, wall) for label, group in sorted(groups.items())}
 
 
-def by_tag(records: list[RequestRecord]) -> dict[str, list[RequestRecord]]:
-    groups: dict[str, list[RequestRecord]] = {}
-    for r in records:
-        groups.setdefault(r.tag, []).append(r)
-    return groups
-
-
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 2)
 

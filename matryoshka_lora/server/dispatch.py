@@ -42,6 +42,18 @@ class Job:
     sampling: SamplingParams
 
 
+def sampling_of(body, max_tokens: int) -> SamplingParams:
+    """The sampling settings of a validated /generate or OpenAI body (both carry these fields)."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop_tuple(),
+        ignore_eos=body.ignore_eos,
+    )
+
+
 def new_request_id(prefix: str = "gen") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

@@ -7,7 +7,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 
 from matryoshka_lora.server.context import ServerContext, current_tenant, get_context
-from matryoshka_lora.server.dispatch import Flight, Job, complete, open_stream
+from matryoshka_lora.server.dispatch import Flight, Job, complete, open_stream, sampling_of
 from matryoshka_lora.server.errors import EngineError, NotReadyError
 from matryoshka_lora.server.schemas import (
     ErrorDetail,
@@ -19,7 +19,7 @@ from matryoshka_lora.server.schemas import (
 )
 from matryoshka_lora.server.sse import FlightStreamingResponse, sse_line
 from matryoshka_lora.server.tenants import Tenant
-from matryoshka_lora.types import GenerationEvent, SamplingParams
+from matryoshka_lora.types import GenerationEvent
 
 router = APIRouter(tags=["generate"])
 
@@ -62,14 +62,7 @@ def raise_if_failed(flight: Flight) -> None:
 
 def job_of(body: GenerateRequest) -> Job:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages] if body.messages else None
-    sampling = SamplingParams(
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop_tuple(),
-        ignore_eos=body.ignore_eos,
-    )
+    sampling = sampling_of(body, body.max_tokens)
     return Job(
         prompt=body.prompt,
         messages=messages,

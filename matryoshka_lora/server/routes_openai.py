@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 
 from matryoshka_lora.errors import ConfigError
 from matryoshka_lora.server.context import ServerContext, current_tenant, get_context
-from matryoshka_lora.server.dispatch import Flight, Job, complete, open_stream
+from matryoshka_lora.server.dispatch import Flight, Job, complete, open_stream, sampling_of
 from matryoshka_lora.server.errors import error_body
 from matryoshka_lora.server.routes_generate import (
     GENERATION_ERRORS,
@@ -42,7 +42,6 @@ from matryoshka_lora.server.schemas_openai import (
 )
 from matryoshka_lora.server.sse import DONE_LINE, FlightStreamingResponse, sse_line
 from matryoshka_lora.server.tenants import Tenant
-from matryoshka_lora.types import SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 STREAM_DOC = {
@@ -72,14 +71,7 @@ def job_of(
         rank = model_rank
     if adapter is None and (rank is not None or body.latency_budget_ms is not None):
         raise ConfigError("rank", rank or body.latency_budget_ms, "none for the base model (rank 0)")
-    sampling = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop_tuple(),
-        ignore_eos=body.ignore_eos,
-    )
+    sampling = sampling_of(body, max_tokens)
     return Job(
         prompt=prompt,
         messages=messages,

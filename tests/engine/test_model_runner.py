@@ -44,7 +44,7 @@ def test_prefill_then_decode_equals_hf(tiny_model, step_ops, prompt_lens, chunk)
                 items.append(StepItem(s[done[i] : done[i] + n], slots[i], done[i], done[i] + n == len(s)))
                 owners.append(i)
                 done[i] += n
-        idx, logits = runner.execute(items)
+        idx, logits = runner.run(runner.prepare(items))
         for j, row in zip(idx, logits):
             last_logits[owners[j]] = row
     for i, s in enumerate(seqs):
@@ -55,7 +55,7 @@ def test_prefill_then_decode_equals_hf(tiny_model, step_ops, prompt_lens, chunk)
         for i, s in enumerate(seqs):
             s.append(int(last_logits[i].argmax()))
             items.append(StepItem([s[-1]], slots[i], len(s) - 1, True))
-        idx, logits = runner.execute(items)
+        idx, logits = runner.run(runner.prepare(items))
         for j, row in zip(idx, logits):
             last_logits[j] = row
             torch.testing.assert_close(row, hf_logits(tiny_model, seqs[j])[-1], atol=ATOL, rtol=0)
@@ -81,9 +81,9 @@ def test_config_variants_equal_hf(overrides, step_ops):
     runner, kv = make_runner(model, step_ops)
     ids = list(range(5, 17))
     slot = kv.allocate()
-    _, logits = runner.execute([StepItem(ids[:-1], slot, 0, True)])
+    _, logits = runner.run(runner.prepare([StepItem(ids[:-1], slot, 0, True)]))
     torch.testing.assert_close(logits[0], hf_logits(model, ids[:-1])[-1], atol=ATOL, rtol=0)
-    _, logits = runner.execute([StepItem(ids[-1:], slot, len(ids) - 1, True)])
+    _, logits = runner.run(runner.prepare([StepItem(ids[-1:], slot, len(ids) - 1, True)]))
     torch.testing.assert_close(logits[0], hf_logits(model, ids)[-1], atol=ATOL, rtol=0)
 
 
@@ -104,7 +104,7 @@ def test_llama3_rope_scaling_equals_hf(step_ops):
     model = LlamaForCausalLM(tiny_llama_config(rope_parameters=rope)).eval()
     runner, kv = make_runner(model, step_ops)
     ids = list(range(3, 60))
-    _, logits = runner.execute([StepItem(ids, kv.allocate(), 0, True)])
+    _, logits = runner.run(runner.prepare([StepItem(ids, kv.allocate(), 0, True)]))
     torch.testing.assert_close(logits[0], hf_logits(model, ids)[-1], atol=ATOL, rtol=0)
 
 
@@ -166,7 +166,7 @@ def test_mixed_adapters_and_ranks_equal_hf_at_that_rank(tiny_model, tmp_path, st
                 prompt, kv.allocate(), 0, True, entry.slot if entry else -1, rank, entry.scale(rank) if entry else 0.0
             )
         )
-    idx, logits = runner.execute(items)
+    idx, logits = runner.run(runner.prepare(items))
     got = dict(zip(idx, logits))
     for i, ((name, rank), prompt) in enumerate(zip(cases, prompts)):
         model = copy.deepcopy(tiny_model)
