@@ -40,6 +40,38 @@ static inline int64_t record_bytes(int kind) { return kind == KIND_Q4_1 ? Q4_1_B
 
 static inline __m256 load_h8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
+/* q0, q1 = the 16 quants of step kk of a record, as floats (columns 0-7, 8-15) */
+static inline __attribute__((always_inline)) void quants(const int kind, const uint8_t *rec, int64_t kk, __m256 *q0,
+                                                         __m256 *q1) {
+    if (kind == KIND_Q4_1) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(rec + 2 * NR * 2 + kk * NR / 2)));
+        *q0 = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x0F)));
+        *q1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+    } else {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(rec + NR * 2 + kk * NR));
+        *q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        *q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
+    }
+}
+
+/* w0, w1 = the 16 weights of step kk decoded (d * q + m; Q8_0: d * q), given the record's d and m vectors */
+static inline __attribute__((always_inline)) void weights(const int kind, const uint8_t *rec, int64_t kk, __m256 d0,
+                                                          __m256 d1, __m256 m0, __m256 m1, __m256 *w0, __m256 *w1) {
+    __m256 q0, q1;
+    quants(kind, rec, kk, &q0, &q1);
+    *w0 = kind == KIND_Q4_1 ? _mm256_fmadd_ps(q0, d0, m0) : _mm256_mul_ps(q0, d0);
+    *w1 = kind == KIND_Q4_1 ? _mm256_fmadd_ps(q1, d1, m1) : _mm256_mul_ps(q1, d1);
+}
+
+/* d0, d1, m0, m1 of a record (m zero for Q8_0) */
+static inline __attribute__((always_inline)) void scales(const int kind, const uint8_t *rec, __m256 *d0, __m256 *d1,
+                                                         __m256 *m0, __m256 *m1) {
+    const uint16_t *d = (const uint16_t *)rec;
+    *d0 = load_h8(d), *d1 = load_h8(d + 8);
+    *m0 = kind == KIND_Q4_1 ? load_h8(d + 16) : _mm256_setzero_ps();
+    *m1 = kind == KIND_Q4_1 ? load_h8(d + 24) : _mm256_setzero_ps();
+}
+
 #define FMA_ROW(r, lo, hi)                                            \
     if (mr > r) {                                                    \
         const __m256 a = _mm256_broadcast_ss(x + r * x_stride + kx); \
@@ -59,34 +91,17 @@ static inline __attribute__((always_inline)) void micro(const int mr, const int 
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
            c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const int64_t bytes = record_bytes(kind);
-    const __m256i low4 = _mm256_set1_epi32(0x0F);
     for (int64_t b = 0; b < num_kb; b++) {
         const uint8_t *rec = panel + b * bytes;
-        const uint16_t *d = (const uint16_t *)rec;
-        const __m256 d0 = load_h8(d), d1 = load_h8(d + 8);
+        __m256 d0, d1, m0, m1, w0, w1;
+        scales(kind, rec, &d0, &d1, &m0, &m1);
         if (next)
             for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch((const char *)(next + b * bytes + line), _MM_HINT_T0);
-        if (kind == KIND_Q4_1) {
-            const __m256 m0 = load_h8(d + 16), m1 = load_h8(d + 24);
-            const uint8_t *q = rec + 2 * NR * 2;
-            for (int64_t kk = 0; kk < BLOCK_K; kk++) {
-                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * NR / 2)));
-                const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), d0, m0);
-                const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1, m1);
-                const int64_t kx = b * BLOCK_K + kk;
-                FMA_ROW(0, c00, c01) FMA_ROW(1, c10, c11) FMA_ROW(2, c20, c21)
-                FMA_ROW(3, c30, c31) FMA_ROW(4, c40, c41) FMA_ROW(5, c50, c51)
-            }
-        } else {
-            const int8_t *q = (const int8_t *)(rec + NR * 2);
-            for (int64_t kk = 0; kk < BLOCK_K; kk++) {
-                const __m128i v = _mm_loadu_si128((const __m128i *)(q + kk * NR));
-                const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d0);
-                const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v))), d1);
-                const int64_t kx = b * BLOCK_K + kk;
-                FMA_ROW(0, c00, c01) FMA_ROW(1, c10, c11) FMA_ROW(2, c20, c21)
-                FMA_ROW(3, c30, c31) FMA_ROW(4, c40, c41) FMA_ROW(5, c50, c51)
-            }
+        for (int64_t kk = 0; kk < BLOCK_K; kk++) {
+            weights(kind, rec, kk, d0, d1, m0, m1, &w0, &w1);
+            const int64_t kx = b * BLOCK_K + kk;
+            FMA_ROW(0, c00, c01) FMA_ROW(1, c10, c11) FMA_ROW(2, c20, c21)
+            FMA_ROW(3, c30, c31) FMA_ROW(4, c40, c41) FMA_ROW(5, c50, c51)
         }
     }
     SAVE_ROW(0, c00, c01) SAVE_ROW(1, c10, c11) SAVE_ROW(2, c20, c21)
@@ -100,35 +115,25 @@ static void one_row(const int kind, int64_t num_kb, const float *x, const float 
                     const uint8_t *next, float *acc) {
     __m256 lo = _mm256_setzero_ps(), hi = lo;
     const int64_t bytes = record_bytes(kind);
-    const __m256i low4 = _mm256_set1_epi32(0x0F);
     for (int64_t b = 0; b < num_kb; b++) {
         const uint8_t *rec = panel + b * bytes;
-        const uint16_t *d = (const uint16_t *)rec;
         const float *xb = x + b * BLOCK_K;
         if (next)
             for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch((const char *)(next + b * bytes + line), _MM_HINT_T0);
-        __m256 blo = _mm256_setzero_ps(), bhi = blo;
+        __m256 blo = _mm256_setzero_ps(), bhi = blo, q0, q1, d0, d1, m0, m1;
+        for (int64_t kk = 0; kk < BLOCK_K; kk++) {
+            quants(kind, rec, kk, &q0, &q1);
+            const __m256 a = _mm256_broadcast_ss(xb + kk);
+            blo = _mm256_fmadd_ps(a, q0, blo);
+            bhi = _mm256_fmadd_ps(a, q1, bhi);
+        }
+        scales(kind, rec, &d0, &d1, &m0, &m1);
+        lo = _mm256_fmadd_ps(blo, d0, lo);
+        hi = _mm256_fmadd_ps(bhi, d1, hi);
         if (kind == KIND_Q4_1) {
-            const uint8_t *q = rec + 2 * NR * 2;
-            for (int64_t kk = 0; kk < BLOCK_K; kk++) {
-                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * NR / 2)));
-                const __m256 a = _mm256_broadcast_ss(xb + kk);
-                blo = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), blo);
-                bhi = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), bhi);
-            }
-            const __m256 s = _mm256_broadcast_ss(xsum + b);
-            lo = _mm256_fmadd_ps(s, load_h8(d + 16), _mm256_fmadd_ps(blo, load_h8(d), lo));
-            hi = _mm256_fmadd_ps(s, load_h8(d + 24), _mm256_fmadd_ps(bhi, load_h8(d + 8), hi));
-        } else {
-            const int8_t *q = (const int8_t *)(rec + NR * 2);
-            for (int64_t kk = 0; kk < BLOCK_K; kk++) {
-                const __m128i v = _mm_loadu_si128((const __m128i *)(q + kk * NR));
-                const __m256 a = _mm256_broadcast_ss(xb + kk);
-                blo = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), blo);
-                bhi = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v))), bhi);
-            }
-            lo = _mm256_fmadd_ps(blo, load_h8(d), lo);
-            hi = _mm256_fmadd_ps(bhi, load_h8(d + 8), hi);
+            const __m256 xs = _mm256_broadcast_ss(xsum + b);
+            lo = _mm256_fmadd_ps(xs, m0, lo);
+            hi = _mm256_fmadd_ps(xs, m1, hi);
         }
     }
     _mm256_storeu_ps(acc, lo);
@@ -141,28 +146,15 @@ static void one_row(const int kind, int64_t num_kb, const float *x, const float 
 /* out[k][16] = the panel's weights decoded to float32 (cpu_gemm.c's panel layout) */
 static void decode_panel(const int kind, int64_t num_kb, const uint8_t *panel, float *out) {
     const int64_t bytes = record_bytes(kind);
-    const __m256i low4 = _mm256_set1_epi32(0x0F);
     for (int64_t b = 0; b < num_kb; b++) {
         const uint8_t *rec = panel + b * bytes;
-        const uint16_t *d = (const uint16_t *)rec;
-        const __m256 d0 = load_h8(d), d1 = load_h8(d + 8);
         float *o = out + b * BLOCK_K * NR;
-        if (kind == KIND_Q4_1) {
-            const __m256 m0 = load_h8(d + 16), m1 = load_h8(d + 24);
-            const uint8_t *q = rec + 2 * NR * 2;
-            for (int64_t kk = 0; kk < BLOCK_K; kk++) {
-                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * NR / 2)));
-                _mm256_storeu_ps(o + kk * NR, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), d0, m0));
-                _mm256_storeu_ps(o + kk * NR + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1, m1));
-            }
-        } else {
-            const int8_t *q = (const int8_t *)(rec + NR * 2);
-            for (int64_t kk = 0; kk < BLOCK_K; kk++) {
-                const __m128i v = _mm_loadu_si128((const __m128i *)(q + kk * NR));
-                _mm256_storeu_ps(o + kk * NR, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d0));
-                _mm256_storeu_ps(o + kk * NR + 8,
-                                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v))), d1));
-            }
+        __m256 d0, d1, m0, m1, w0, w1;
+        scales(kind, rec, &d0, &d1, &m0, &m1);
+        for (int64_t kk = 0; kk < BLOCK_K; kk++) {
+            weights(kind, rec, kk, d0, d1, m0, m1, &w0, &w1);
+            _mm256_storeu_ps(o + kk * NR, w0);
+            _mm256_storeu_ps(o + kk * NR + 8, w1);
         }
     }
 }
@@ -205,9 +197,7 @@ static inline void micro(const int mr, const int kind, int64_t num_kb, const flo
             }
         }
 }
-#endif
 
-#if !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(ML_PORTABLE_GEMM))
 static void decode_panel(const int kind, int64_t num_kb, const uint8_t *panel, float *out) {
     for (int64_t b = 0; b < num_kb; b++)
         for (int64_t kk = 0; kk < BLOCK_K; kk++)
@@ -215,6 +205,7 @@ static void decode_panel(const int kind, int64_t num_kb, const uint8_t *panel, f
                 out[(b * BLOCK_K + kk) * NR + j] = decode(kind, panel + b * record_bytes(kind), kk, j);
 }
 #endif
+
 
 static void tile_blocks(int64_t rows, int kind, int64_t num_kb, const float *x, int64_t x_stride, const uint8_t *panel,
                         int64_t cols, const uint8_t *next, float *y, int64_t y_stride, const float *bias) {
