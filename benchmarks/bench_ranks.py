@@ -197,7 +197,7 @@ def main() -> None:
         args.num_requests, args.max_tokens, args.repeats = 8, 16, 1
     torch.set_num_threads(args.threads)
 
-    from matryoshka_lora.adapters.store import adapter_dirs, load_adapter
+    from matryoshka_lora.adapters.store import adapter_dirs, read_manifest
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
     from matryoshka_lora.models import load_base_model
@@ -240,7 +240,7 @@ def main() -> None:
         rows += engine_rows(engine, f"engine {weight_format}", args, prompts)
         del engine
     if not args.skip_peers:
-        r_max = load_adapter(paths[0]).manifest.r_max
+        r_max = read_manifest(paths[0]).r_max
         rows += peer_rows(args, model, paths[0], r_max, prompts, tmp)
     print(
         f"\n{n} requests x {args.max_tokens} tokens ({sum(map(len, prompts))} prompt tokens), greedy, "

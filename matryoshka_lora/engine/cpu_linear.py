@@ -62,7 +62,26 @@ def pack_blocks(w: BlockWeight) -> torch.Tensor:
     return torch.cat([d, q.contiguous().view(torch.uint8).reshape(q.shape[0], nkb, -1)], dim=-1).contiguous()
 
 
-class PanelLinear:
+class _CLinear:
+    """The call shared by the C linears: x [T, in] (unit stride in its last dimension) -> y [T, out] float32;
+    a subclass's `_launch(x, y, rows)` runs its kernel."""
+
+    out_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        rows = x.shape[0]
+        y = torch.empty((rows, self.out_features), dtype=x.dtype)
+        if rows:
+            self._launch(x, y, rows)
+        return y
+
+    def _bias_ptr(self):
+        return self.bias.data_ptr() if self.bias is not None else None
+
+
+class PanelLinear(_CLinear):
     """y = x @ weight.T + bias for a frozen float32 weight [out, in], inference only.
 
     lib: the loaded C kernels (cpu_kernels); num_threads: called per call for the OpenMP thread count.
@@ -78,31 +97,25 @@ class PanelLinear:
         self.panels = pack_panels(weight.detach())
         self.bias = bias.detach().contiguous() if bias is not None else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        rows = x.shape[0]
-        y = torch.empty((rows, self.out_features), dtype=x.dtype)
-        if rows:
-            self.lib.ml_linear(
-                x.data_ptr(),
-                x.stride(0),
-                rows,
-                self.in_features,
-                self.panels.data_ptr(),
-                self.out_features,
-                self.bias.data_ptr() if self.bias is not None else None,
-                y.data_ptr(),
-                y.stride(0),
-                self.num_threads(),
-            )
-        return y
+    def _launch(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
+        self.lib.ml_linear(
+            x.data_ptr(),
+            x.stride(0),
+            rows,
+            self.in_features,
+            self.panels.data_ptr(),
+            self.out_features,
+            self._bias_ptr(),
+            y.data_ptr(),
+            y.stride(0),
+            self.num_threads(),
+        )
 
     def __repr__(self) -> str:
         return f"PanelLinear({self.in_features} -> {self.out_features}, bias={self.bias is not None})"
 
 
-class BlockLinear:
+class BlockLinear(_CLinear):
     """y = x @ W.T + bias for W given as GGUF blocks (Q4_1 or Q8_0), inference only; see the module docstring."""
 
     def __init__(
@@ -117,26 +130,20 @@ class BlockLinear:
         self.records = pack_blocks(blocks)
         self.bias = bias.detach().float().contiguous() if bias is not None else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        rows = x.shape[0]
-        y = torch.empty((rows, self.out_features), dtype=x.dtype)
-        if rows:
-            self.lib.ml_linear_blocks(
-                x.data_ptr(),
-                x.stride(0),
-                rows,
-                self.in_features,
-                self.records.data_ptr(),
-                BLOCK_KINDS[self.kind],
-                self.out_features,
-                self.bias.data_ptr() if self.bias is not None else None,
-                y.data_ptr(),
-                y.stride(0),
-                self.num_threads(),
-            )
-        return y
+    def _launch(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
+        self.lib.ml_linear_blocks(
+            x.data_ptr(),
+            x.stride(0),
+            rows,
+            self.in_features,
+            self.records.data_ptr(),
+            BLOCK_KINDS[self.kind],
+            self.out_features,
+            self._bias_ptr(),
+            y.data_ptr(),
+            y.stride(0),
+            self.num_threads(),
+        )
 
     @property
     def num_bytes(self) -> int:
