@@ -77,17 +77,18 @@ class NativeBackend:
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matryoshka-engine")
 
     async def start(self) -> None:
-        from matryoshka_lora.engine.calibration import warmup
         from matryoshka_lora.engine.engine import LLMEngine
 
         loop = asyncio.get_running_loop()
         self.engine = await loop.run_in_executor(self._model_thread, LLMEngine, self.config)
         self.model_name = self.engine.model_name
         if self.config.warmup:
-            await loop.run_in_executor(self._model_thread, warmup, self.engine)
+            await loop.run_in_executor(self._model_thread, self.engine.warmup)
         self.engine.start_loop(self._model_thread)
         self._ready = True
-        log.info("native engine ready: %s, adapters %s", self.model_name, self.engine.adapters.names())
+        log.info(
+            "native engine ready: %s, adapters %s", self.model_name, [e.name for e in self.engine.adapter_entries()]
+        )
 
     async def shutdown(self, drain_timeout_s: float) -> None:
         self._ready = False
@@ -113,9 +114,7 @@ class NativeBackend:
     def list_adapters(self) -> list[AdapterInfo]:
         if self.engine is None:
             return []
-        with self.engine.lock:
-            entries = list(self.engine.adapters.entries.values())
-        return [adapter_info(e) for e in sorted(entries, key=lambda e: e.name)]
+        return [adapter_info(e) for e in self.engine.adapter_entries()]
 
     async def load_adapter(self, path: str, name: str | None = None) -> AdapterInfo:
         """Off the engine loop, on a thread of its own that ends with the load: the OpenMP pool its torch

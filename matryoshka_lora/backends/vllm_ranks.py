@@ -1,6 +1,6 @@
 """The rank a request gets on the vLLM backend, decided once at admission.
 
-Same rules as the native engine (`engine/rank_policy.py`), with a simpler predictor for budgets:
+Same rules as the native engine (`engine/budget/rank_policy.py`), with a simpler predictor for budgets:
 
     adapter None             -> rank 0, "base"
     rank given               -> that rank (1..cap), "requested";   cap = min(r_max served, max_rank)

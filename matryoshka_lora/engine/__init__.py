@@ -10,8 +10,8 @@ Modules, one job each:
     adapter_slots   adapter weights once at r_max; lora_batch: per-step groups; lora_ops: the LoRA op
     model_runner    scheduled batch -> tensors -> logits; sampler; detokenizer
     sequence, scheduler  a request's state; continuous batching with tenant fair share
-    rank_policy, cost_model, step_features, arrivals, promises, calibration, latency_margin
-                    the latency-budget controller (a request's budget -> a rank)
+    budget/         the latency-budget controller behind one object (controller.BudgetController: a
+                    request's budget -> a rank, admission that keeps promises, learning from steps)
     engine          the loop
 """
 

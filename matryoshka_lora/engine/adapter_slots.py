@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -181,3 +182,36 @@ def random_fused_adapter(spec: ModelSpec, r_max: int, pack_lora: Callable, seed:
             layer[group] = pack_lora(fuse_group(spec, group, weights, r_max))
         out.append(layer)
     return out
+
+
+WARMUP_ADAPTER, WARMUP_TWIN = "__warmup__", "__warmup_twin__"
+DEFAULT_WARMUP_R_MAX = 64
+
+
+def install_warmup_adapters(adapters: AdapterSlots, spec: ModelSpec, pack_lora: Callable):
+    """(entries to time, entries installed here) for the warm-up's rank costs.
+
+    The largest loaded adapter is timed (so the fit sees the modules it really targets), else a
+    temporary random one at r_max 64 on every module. Its weights also go in a second, temporary slot
+    (shared, not copied) so that steps with two adapters' groups are timed too."""
+    loaded = sorted(adapters.entries.values(), key=lambda e: e.r_max)
+    installed = []
+    if loaded:
+        entry = loaded[-1]
+    else:
+        manifest = SimpleNamespace(
+            r_max=DEFAULT_WARMUP_R_MAX, train_ranks=(DEFAULT_WARMUP_R_MAX,), scaling="none", alpha=1.0
+        )
+        entry = adapters.install(
+            WARMUP_ADAPTER, manifest, "", random_fused_adapter(spec, DEFAULT_WARMUP_R_MAX, pack_lora)
+        )
+        installed.append(entry)
+    entries = [entry]
+    if adapters.num_free_slots > 0:
+        weights = [
+            {g: layer[g][entry.slot] for g in layer if layer[g][entry.slot] is not None} for layer in adapters.table
+        ]
+        twin = adapters.install(WARMUP_TWIN, entry.manifest, "", weights)
+        entries.append(twin)
+        installed.append(twin)
+    return entries, installed

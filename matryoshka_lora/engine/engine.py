@@ -16,26 +16,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future
+from contextlib import contextmanager
 
 import torch
 
 from matryoshka_lora.adapters.store import adapter_dirs
-from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry, fuse_adapter
-from matryoshka_lora.engine.arrivals import Arrivals
+from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry, fuse_adapter, install_warmup_adapters
+from matryoshka_lora.engine.budget.controller import BudgetController
 from matryoshka_lora.engine.config import EngineConfig
-from matryoshka_lora.engine.cost_model import CostModel
 from matryoshka_lora.engine.cpu_kernels import load_step_ops
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from matryoshka_lora.engine.gguf_weights import read_blocks
 from matryoshka_lora.engine.kv_cache import KVCache
-from matryoshka_lora.engine.latency_margin import in_flight_ratios
 from matryoshka_lora.engine.model_runner import BASE_SLOT, ModelRunner, StepItem
-from matryoshka_lora.engine.rank_policy import load_snapshot, resolve_rank
 from matryoshka_lora.engine.sampler import sample
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.engine.sequence import Sequence
-from matryoshka_lora.engine.step_features import step_features
 from matryoshka_lora.engine.weights import fuse_weights
 from matryoshka_lora.errors import ConfigError, EngineStoppedError, check_count
 from matryoshka_lora.types import EngineStats, GenerationRequest
@@ -105,9 +103,10 @@ class LLMEngine:
         self.kv = KVCache(self.weights.spec, config.max_num_seqs, self.max_model_len)
         self.adapters = AdapterSlots(self.weights.spec, config.max_adapters)
         self.runner = ModelRunner(self.weights, self.kv, self.adapters.table, ops)
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len, self._keeps_promises)
-        self.cost_model = CostModel()
-        self.arrivals = Arrivals()  # prompt and output tokens/s arriving, for the budget predictions
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_batched_tokens, config.max_queue_len, lambda seq: self.budget.may_admit(seq)
+        )
+        self.budget = BudgetController(self.scheduler, self.adapters, self.max_model_len)
         self.lock = threading.Condition()
         self._seqs: dict[int, Sequence] = {}
         self._aborts: set[int] = set()
@@ -167,10 +166,7 @@ class LLMEngine:
         with self.lock:
             if not self._admitting:
                 raise EngineStoppedError()
-            choice = resolve_rank(
-                request, self.adapters, self.cost_model, self.scheduler, self.max_model_len, self.arrivals
-            )
-            self.arrivals.add(n, min(params.max_tokens, self.max_model_len - n), time.perf_counter())
+            choice = self.budget.choose(request)
             entry = choice.entry
             generator = None
             if params.temperature > 0:
@@ -206,22 +202,6 @@ class LLMEngine:
             if key in self._seqs:
                 self._aborts.add(key)
                 self.lock.notify()
-
-    def _keeps_promises(self, seq: Sequence) -> bool:
-        """The scheduler's admission check (under the lock): joining now pushes no promised budget past it."""
-        if not any(s.promised_s for s in self.scheduler.running):
-            return True
-        hold = self.cost_model.hold_s(
-            load_snapshot(self.scheduler, admitted=False), seq.adapter_slot, seq.num_prompt_tokens, seq.rank
-        )
-        if hold > 0 and seq.held_t is None:
-            seq.held_t = time.perf_counter()
-            log.debug(
-                "%s waits (about %.2f s): joining now would end a promised request past its budget",
-                seq.request_id,
-                hold,
-            )
-        return hold == 0
 
     def _finish(self, seq: Sequence) -> None:
         """Under the lock: drop the sequence, its KV slot and its adapter reference."""
@@ -267,26 +247,12 @@ class LLMEngine:
             s.num_computed += n
         sampled = [work[i][0] for i in idx]
         tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
-        self.cost_model.observe(step_features(items, batch.lora_groups), time.perf_counter() - started)
+        self.budget.observe_step(items, batch.lora_groups, time.perf_counter() - started)
         self.num_steps += 1
         done = [s for s, t in zip(sampled, tokens) if self._append_token(s, t)]
         with self.lock:
-            now = time.perf_counter()
-            self.cost_model.margin.in_flight(in_flight_ratios(self.scheduler.running, now), now)
+            self.budget.observe_finished(done, time.perf_counter())
             for s in done:
-                self.arrivals.finished(s.num_output_tokens, s.max_len - s.num_prompt_tokens)
-                if s.promised_s and s.finish_reason == "length":
-                    self.cost_model.margin.observe(s.promised_s, now - s.enqueue_t, now)
-                if s.predicted_latency_s:
-                    log.debug(
-                        "%s (rank %d, %s) took %.2f s, predicted %.2f s with margin %.2f",
-                        s.request_id,
-                        s.rank,
-                        s.rank_reason,
-                        now - s.enqueue_t,
-                        s.predicted_latency_s,
-                        s.budget_margin,
-                    )
                 if s.key in self._seqs:
                     self._finish(s)
             self._apply_aborts()
@@ -315,6 +281,41 @@ class LLMEngine:
         seq.finish_reason = finish
         seq.emit(seq.finished_event(text, [token]))
         return True
+
+    # --- for the backend and the warm-up --------------------------------------------------------
+    def adapter_entries(self) -> list[SlotEntry]:
+        """The loaded adapters, by name."""
+        with self.lock:
+            return sorted(self.adapters.entries.values(), key=lambda e: e.name)
+
+    def warmup(self, repeats: int = 3) -> None:
+        """Time synthetic steps and fit the budget controller's cost model (budget.calibration)."""
+        from matryoshka_lora.engine.budget.calibration import calibrate
+
+        calibrate(self, self.budget.cost_model, repeats)
+
+    @contextmanager
+    def scratch(self) -> Iterator[tuple[list[int], list[SlotEntry]]]:
+        """(free KV slots, adapter entries to time) for timing synthetic steps; all given back after."""
+        with self.lock:
+            entries, installed = install_warmup_adapters(self.adapters, self.weights.spec, self.runner.ops.pack_lora)
+            slots = [self.kv.allocate() for _ in range(min(self.kv.num_free_slots, self.config.max_num_seqs))]
+        try:
+            yield slots, entries
+        finally:
+            with self.lock:
+                for slot in slots:
+                    self.kv.free(slot)
+                for entry in installed:
+                    self.adapters.unregister(entry.name)
+                    self.adapters.free_slot(entry.slot)
+
+    def time_step(self, items: list[StepItem]) -> tuple[list, float]:
+        """(the step's LoRA groups, seconds) of one forward over `items`, timed as `step` times it."""
+        started = time.perf_counter()
+        batch = self.runner.prepare(items)
+        self.runner.run(batch)
+        return batch.lora_groups, time.perf_counter() - started
 
     # --- the loop -------------------------------------------------------------------------------
     def start_loop(self, executor: Executor) -> None:
@@ -372,5 +373,5 @@ class LLMEngine:
                 max_num_seqs=self.config.max_num_seqs,
                 running_adapters=tuple(sorted({s.adapter for s in running if s.adapter})),
                 waiting_adapters=tuple(sorted({s.adapter for s in waiting if s.adapter})),
-                budget_latency_margin=self.cost_model.margin.value(),
+                budget_latency_margin=self.budget.margin(),
             )

@@ -6,8 +6,8 @@ Per step, with a token budget of max_num_batched_tokens:
     3. waiting requests are admitted while a KV slot is free and budget is left, taking tenants in
        round-robin order (one request per tenant per turn), so one tenant's flood cannot starve
        another tenant's requests; an admitted request starts its prefill in the same step. The request
-       whose turn it is joins only if `may_admit(it)` (the engine's: it would break no promised budget,
-       cost_model.hold_s); else admission stops for this step and it keeps its turn.
+       whose turn it is joins only if `may_admit(it)` (the budget controller's: it breaks no promised budget,
+       budget/controller.py); else admission stops for this step and it keeps its turn.
 The waiting queue is bounded (max_queue_len). The scheduler is not thread-safe: the engine holds its
 lock around every call.
 """

@@ -169,10 +169,10 @@ def test_the_engine_is_built_warmed_up_and_stepped_on_one_thread(tiny_model_dir,
     a thread of its own that ends with it."""
     import threading
 
-    from matryoshka_lora.engine import calibration, engine
+    from matryoshka_lora.engine import engine
 
     seen: dict[str, set[int]] = {"init": set(), "warmup": set(), "step": set(), "load": set()}
-    real_init, real_warmup = engine.LLMEngine.__init__, calibration.warmup
+    real_init, real_warmup = engine.LLMEngine.__init__, engine.LLMEngine.warmup
     real_step, real_load = engine.LLMEngine.step, engine.LLMEngine.load_adapter
 
     def spy(key, fn):
@@ -183,7 +183,7 @@ def test_the_engine_is_built_warmed_up_and_stepped_on_one_thread(tiny_model_dir,
         return wrapped
 
     monkeypatch.setattr(engine.LLMEngine, "__init__", spy("init", real_init))
-    monkeypatch.setattr(calibration, "warmup", spy("warmup", real_warmup))
+    monkeypatch.setattr(engine.LLMEngine, "warmup", spy("warmup", real_warmup))
     monkeypatch.setattr(engine.LLMEngine, "step", spy("step", real_step))
 
     async def main():

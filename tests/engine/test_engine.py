@@ -214,9 +214,9 @@ def test_the_latency_margin_learns_from_promised_requests(make_engine, rank, bud
     events = run(engine, [req])[req.request_id]
     last = events[-1]
     assert events[0].rank_reason == reason and last.finish_reason == "length"
-    ratios = list(engine.cost_model.margin._ratios)
+    ratios = list(engine.budget.cost_model.margin._ratios)
     assert len(ratios) == int(observed)
-    worst_running, set_at = engine.cost_model.margin._in_flight  # set after every step: at the last, done
+    worst_running, set_at = engine.budget.cost_model.margin._in_flight  # set after every step: at the last, done
     assert set_at >= started
     if observed:
         assert ratios[0][1] == pytest.approx(last.total_s / last.predicted_latency_s, rel=0.05)
@@ -238,18 +238,18 @@ def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(make_engi
     predicted) is still served, at the lowest rank, when the median ratio's prediction meets it."""
     import dataclasses
 
-    from matryoshka_lora.engine.rank_policy import load_snapshot
+    from matryoshka_lora.engine.budget.rank_policy import load_snapshot
     from matryoshka_lora.errors import BudgetUnmetError
 
     engine = make_engine()
     now = time.perf_counter()
     for ratio in learned_ratios:
-        engine.cost_model.margin.observe(1.0, ratio, now)
+        engine.budget.cost_model.margin.observe(1.0, ratio, now)
     req = dataclasses.replace(request(0, "alpha", None, max_tokens=6), refuse_unmet_budget=True)
     entry = engine.adapters.get("alpha")
     lowest = min(entry.train_ranks)
-    raw_s = engine.cost_model.predict_latency(
-        load_snapshot(engine.scheduler, engine.arrivals), entry.slot, len(req.prompt_token_ids), 6, lowest
+    raw_s = engine.budget.cost_model.predict_latency(
+        load_snapshot(engine.scheduler, engine.budget.arrivals), entry.slot, len(req.prompt_token_ids), 6, lowest
     )
     req = dataclasses.replace(req, latency_budget_ms=2.0 * raw_s * 1000.0)
     if outcome == "refused":
@@ -270,12 +270,12 @@ def test_a_promise_holds_a_newcomer_that_would_make_it_late(make_engine, slack_s
 
     import numpy as np
 
-    from matryoshka_lora.engine.rank_policy import load_snapshot
+    from matryoshka_lora.engine.budget.rank_policy import load_snapshot
 
     engine = make_engine()
-    engine.cost_model.coef, engine.cost_model.ema = np.array([1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]), 0.0
+    engine.budget.cost_model.coef, engine.budget.cost_model.ema = np.array([1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]), 0.0
     a = request(0, "alpha", None, max_tokens=6)
-    raw_s = engine.cost_model.predict_latency(
+    raw_s = engine.budget.cost_model.predict_latency(
         load_snapshot(engine.scheduler), engine.adapters.get("alpha").slot, len(a.prompt_token_ids), 6, 8
     )
     a = dataclasses.replace(a, latency_budget_ms=(raw_s + slack_s) * 1000.0)  # 10.5 s predicted

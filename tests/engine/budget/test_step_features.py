@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from matryoshka_lora.engine.step_features import PendingPrompt, StepFeatures, plan_prefill
+from matryoshka_lora.engine.budget.step_features import PendingPrompt, StepFeatures, plan_prefill
 
-from .engine_support import request
+from ..engine_support import request
 
 NO_LORA = (0, 0, 0)
 
@@ -42,7 +42,7 @@ def test_the_decode_rows_cost_rides_along():
 
 def test_the_plan_matches_the_steps_the_engine_runs(make_engine):
     """Two requests decoding, three prompts waiting: the planned steps' tokens and samples are the engine's."""
-    from matryoshka_lora.engine.rank_policy import load_snapshot
+    from matryoshka_lora.engine.budget.rank_policy import load_snapshot
 
     engine = make_engine(max_num_seqs=8, max_num_batched_tokens=6)
     for i in range(2):
@@ -56,8 +56,8 @@ def test_the_plan_matches_the_steps_the_engine_runs(make_engine):
         load.pending_prompts, load.num_running - load.num_prefilling, NO_LORA, 0, load.max_num_batched_tokens
     )
     observed = []
-    observe = engine.cost_model.observe
-    engine.cost_model.observe = lambda f, seconds: (observed.append(f), observe(f, seconds))
+    observe = engine.budget.cost_model.observe
+    engine.budget.cost_model.observe = lambda f, seconds: (observed.append(f), observe(f, seconds))
     while any(s.is_prefilling for s in engine.scheduler.running) or engine.scheduler.num_waiting:
         engine.step()
     assert len(plan) == len(observed) > 1

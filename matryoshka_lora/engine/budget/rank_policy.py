@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass, replace
 
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
-from matryoshka_lora.engine.arrivals import Arrivals
-from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot
-from matryoshka_lora.engine.latency_margin import pace_s
-from matryoshka_lora.engine.promises import Promise
+from matryoshka_lora.engine.budget.arrivals import Arrivals
+from matryoshka_lora.engine.budget.cost_model import CostModel, LoadSnapshot
+from matryoshka_lora.engine.budget.latency_margin import pace_s
+from matryoshka_lora.engine.budget.promises import Promise
+from matryoshka_lora.engine.budget.step_features import PendingPrompt
 from matryoshka_lora.engine.scheduler import Scheduler
-from matryoshka_lora.engine.step_features import PendingPrompt
 from matryoshka_lora.errors import UnknownAdapterError
 from matryoshka_lora.rank_rules import check_budget_met, decide_rank, is_base_request
 from matryoshka_lora.types import GenerationRequest, RankReason

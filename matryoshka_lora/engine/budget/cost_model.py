@@ -40,10 +40,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from matryoshka_lora.engine.latency_margin import LatencyMargin
+from matryoshka_lora.engine.budget.latency_margin import LatencyMargin
+from matryoshka_lora.engine.budget.promises import Promise, hold_s
+from matryoshka_lora.engine.budget.step_features import FEATURES, PendingPrompt, StepFeatures, plan_prefill
 from matryoshka_lora.engine.lora_batch import MAX_MASKED_ROWS
-from matryoshka_lora.engine.promises import Promise, hold_s
-from matryoshka_lora.engine.step_features import FEATURES, PendingPrompt, StepFeatures, plan_prefill
 
 log = logging.getLogger(__name__)
 

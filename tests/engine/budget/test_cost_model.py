@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from matryoshka_lora.engine.cost_model import CostModel, LoadSnapshot, nnls
-from matryoshka_lora.engine.step_features import PendingPrompt, StepFeatures
+from matryoshka_lora.engine.budget.cost_model import CostModel, LoadSnapshot, nnls
+from matryoshka_lora.engine.budget.step_features import PendingPrompt, StepFeatures
 
 TRUE = np.array([4e-3, 2e-4, 5e-7, 2e-5, 1e-4, 3e-8, 6e-4])
 
@@ -125,7 +125,7 @@ def test_choose_rank_uses_the_learned_margin_by_default():
     ],
 )
 def test_decode_lora_follows_the_op_grouping(adapters, slot, rank, expected):
-    from matryoshka_lora.engine.cost_model import decode_lora
+    from matryoshka_lora.engine.budget.cost_model import decode_lora
 
     assert decode_lora(adapters, slot, rank) == expected
 
@@ -169,7 +169,7 @@ def linear_step(t0: float, per_row: float):
     ],
 )
 def test_sustained_rows_is_littles_law(demand, free_share, expected):
-    from matryoshka_lora.engine.cost_model import sustained_rows
+    from matryoshka_lora.engine.budget.cost_model import sustained_rows
 
     rows = sustained_rows(demand, free_share, 4, 16, linear_step(0.1, 0.01))
     assert rows == (pytest.approx(expected, rel=1e-6) if expected is not None else None)
@@ -179,7 +179,7 @@ def test_decode_demand_past_capacity_makes_every_budget_unmet():
     """Below capacity the arrivals' decode rows slow the prediction down; past it no rank is promised."""
     from dataclasses import replace
 
-    from matryoshka_lora.engine.cost_model import MAX_STRETCH
+    from matryoshka_lora.engine.budget.cost_model import MAX_STRETCH
 
     model = CostModel(coef=TRUE.copy())
     quiet = load()
@@ -217,7 +217,7 @@ LINEAR = np.array([0.01, 1e-3, 1e-5, 0.0, 0.0, 0.0, 0.0])
 
 
 def promised_load(*promises: tuple[float, int], pending_prefill: int = 0) -> LoadSnapshot:
-    from matryoshka_lora.engine.cost_model import Promise
+    from matryoshka_lora.engine.budget.cost_model import Promise
 
     return LoadSnapshot(
         4,
@@ -271,7 +271,7 @@ def test_a_newcomer_waits_while_it_would_break_a_promise(promises, rank, expecte
 def test_a_promise_behind_the_model_counts_at_its_own_pace(seconds_per_token, expected):
     from dataclasses import replace
 
-    from matryoshka_lora.engine.cost_model import Promise
+    from matryoshka_lora.engine.budget.cost_model import Promise
 
     model = CostModel(coef=LINEAR.copy())
     load = replace(promised_load(), promises=(Promise(1.55, 100, seconds_per_token),))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from matryoshka_lora.engine.promises import Promise, hold_s, holds, seconds_until_released
+from matryoshka_lora.engine.budget.promises import Promise, hold_s, holds, seconds_until_released
 
 STEP, DELTA, EXTRA = 0.014, 0.00101, 0.0101  # the model's step, the newcomer's row in it, its prefill
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from matryoshka_lora.engine.promises import Promise
-from matryoshka_lora.engine.rank_policy import promise
+from matryoshka_lora.engine.budget.promises import Promise
+from matryoshka_lora.engine.budget.rank_policy import promise
 from matryoshka_lora.engine.sequence import Sequence
 from matryoshka_lora.types import GenerationRequest, SamplingParams
 

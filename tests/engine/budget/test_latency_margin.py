@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from matryoshka_lora.engine.latency_margin import LatencyMargin, in_flight_ratios, projected_ratio
+from matryoshka_lora.engine.budget.latency_margin import LatencyMargin, in_flight_ratios, projected_ratio
 from matryoshka_lora.engine.sequence import Sequence
 from matryoshka_lora.errors import ConfigError
 from matryoshka_lora.types import GenerationRequest, SamplingParams

@@ -1,9 +1,8 @@
 """A margin on the budget predictions, learned from how long promised requests really took.
 
-The cost model predicts a step well, a request's latency less well once the machine is near capacity
-(arrivals it did not foresee, prefill bursts, the OS). Each request served at a rank *predicted* to meet
-its budget (rank_reason "budget") that ran its whole max_tokens (so that prediction and observation
-cover the same work) gives
+Each request served at a rank *predicted* to meet its budget (rank_reason "budget") that ran its whole
+max_tokens (so that prediction and observation cover the same work; EOS and stop strings are left out)
+gives
 
     ratio = observed end-to-end latency / the cost model's prediction (before any margin)
 
@@ -11,34 +10,27 @@ cover the same work) gives
                 = 1 + (m - 1) * 0.5 ** ((now - t_m) / half_life_s)                  otherwise
     a budgeted request's prediction = margin x the cost model's
 
-where m is the last margin computed from enough ratios, at t_m (1 before there ever was one). So while
-the load holds, about a fraction q of the requests predicted within their budget end within it; a
-margin never raises a rank above what the plain model picks. Old ratios expire, so that the margin
-follows the load down; but a margin that leaves no request predicted to fit has nothing more to learn
-from, and dropping it to 1 at once would promise the next requests again at the load that made it
-(measured: 2 of 3 such requests missed, docs/performance.md): it decays to 1 instead, and the first
-requests promised again are promised under a margin still well above 1. Requests stopped early (EOS,
-a stop string) are left out.
+where m is the last margin computed from enough ratios, at t_m (1 before there ever was one). While a
+load holds, about a fraction q of the requests predicted within their budget end within it; a margin
+never raises a rank above what the plain model picks. Old ratios expire, so that the margin follows
+the load down, and a margin left with too few ratios decays to 1 rather than dropping there (requests
+promised right after it are promised under a margin still above 1).
 
-A finished request teaches the margin a whole latency late, and a burst of arrivals slows every running
-request at once. So the promised requests still running count too: after each step the engine projects
+The promised requests still running count too (a finished request teaches the margin a whole latency
+late; a burst of arrivals slows every running request at once). After each step the engine projects
 each one that has produced at least `MIN_PROGRESS` of its tokens to its end at its own pace so far
 
     projected ratio = (elapsed + remaining tokens x seconds per token since its first) / raw prediction
 
-and margin(now) = max(the rule above, the worst of them) while that is fresh (the engine sets it after
-every step; one older than `fresh_s` is ignored).
+and margin(now) = max(the rule above, the worst of them) while that is fresh (set after every step;
+one older than `fresh_s` is ignored).
 
-`typical(now)` is the learned rule at the median: the median of the recent ratios (at least 1; decaying
-to 1 like the margin), the cost model's usual bias. The margin picks a rank, cheap insurance; the
-typical margin decides a refusal (`--budget-unmet refuse`), which is a sure miss: a request is refused
-only when even the median case would end past its budget. The running projections stay out of it: they
-run behind when the recent steps were slow, which the cost model's step correction already puts into
-the prediction (measured in process at 0.75 x C1: right after a cluster of prefill steps the correction
-stood at 1.4 and the running projections' median at 1.5, and the requests admitted then took 0.74-0.9
-of their plain prediction). Learning it from every budgeted request (the `budget_unmet` ones too), or
-as a regression of latency on the prediction, refused less but served requests late past capacity:
-tried and not kept (docs/performance.md, "Latency budget -> rank").
+    typical(now) = max(1, median of the recent ratios), decaying to 1 like the margin
+
+The margin picks a rank (insurance); the typical margin decides a refusal (`--budget-unmet refuse`),
+which is a sure miss: a request is refused only when even the median case ends past its budget. The
+running projections stay out of `typical`: they run behind after slow steps, which the cost model's
+step correction already puts into the prediction.
 """
 
 from __future__ import annotations

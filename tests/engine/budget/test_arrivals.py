@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from matryoshka_lora.engine.arrivals import Arrivals, RateMeter
+from matryoshka_lora.engine.budget.arrivals import Arrivals, RateMeter
 
 
 def test_rate_meter_decays():

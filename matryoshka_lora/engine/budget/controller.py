@@ -1,0 +1,90 @@
+"""The latency-budget controller: the engine's one door to the budget machinery.
+
+    choose(request)                            at admission: the adapter slot and rank (rank_policy),
+                                               then the request counts as an arrival (arrivals)
+    may_admit(seq)                             before a waiting request joins the batch: it pushes no
+                                               promised request past its budget (cost_model.hold_s)
+    observe_step(items, lora_groups, seconds)  after every forward: refines the cost model
+    observe_finished(done, now)                after every step: the latency margin learns from the
+                                               promised requests, running and finished (latency_margin)
+    margin()                                   the current latency margin, for the stats
+
+The engine calls these under its lock (observe_step excepted: it touches only the cost model, which
+only the loop thread writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from matryoshka_lora.engine.adapter_slots import AdapterSlots
+from matryoshka_lora.engine.budget.arrivals import Arrivals
+from matryoshka_lora.engine.budget.cost_model import CostModel
+from matryoshka_lora.engine.budget.latency_margin import in_flight_ratios
+from matryoshka_lora.engine.budget.rank_policy import RankChoice, load_snapshot, resolve_rank
+from matryoshka_lora.engine.budget.step_features import step_features
+from matryoshka_lora.engine.scheduler import Scheduler
+from matryoshka_lora.engine.sequence import Sequence
+from matryoshka_lora.types import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+class BudgetController:
+    def __init__(self, scheduler: Scheduler, adapters: AdapterSlots, max_model_len: int):
+        self.scheduler = scheduler
+        self.adapters = adapters
+        self.max_model_len = max_model_len
+        self.cost_model = CostModel()
+        self.arrivals = Arrivals()  # prompt and output tokens/s arriving, for the predictions
+
+    def choose(self, request: GenerationRequest) -> RankChoice:
+        """The request's adapter slot and rank; raises (unknown adapter, bad rank, budget refused)."""
+        choice = resolve_rank(
+            request, self.adapters, self.cost_model, self.scheduler, self.max_model_len, self.arrivals
+        )
+        num_prompt = len(request.prompt_token_ids)
+        max_tokens = min(request.sampling.max_tokens, self.max_model_len - num_prompt)
+        self.arrivals.add(num_prompt, max_tokens, time.perf_counter())
+        return choice
+
+    def may_admit(self, seq: Sequence) -> bool:
+        """The scheduler's admission check: joining now pushes no promised budget past it."""
+        if not any(s.promised_s for s in self.scheduler.running):
+            return True
+        hold = self.cost_model.hold_s(
+            load_snapshot(self.scheduler, admitted=False), seq.adapter_slot, seq.num_prompt_tokens, seq.rank
+        )
+        if hold > 0 and seq.held_t is None:
+            seq.held_t = time.perf_counter()
+            log.debug(
+                "%s waits (about %.2f s): joining now would end a promised request past its budget",
+                seq.request_id,
+                hold,
+            )
+        return hold == 0
+
+    def observe_step(self, items, lora_groups, seconds: float) -> None:
+        self.cost_model.observe(step_features(items, lora_groups), seconds)
+
+    def observe_finished(self, done: list[Sequence], now: float) -> None:
+        """After a step: the running promised requests' projected ratios, then what the finished ones took."""
+        self.cost_model.margin.in_flight(in_flight_ratios(self.scheduler.running, now), now)
+        for s in done:
+            self.arrivals.finished(s.num_output_tokens, s.max_len - s.num_prompt_tokens)
+            if s.promised_s and s.finish_reason == "length":
+                self.cost_model.margin.observe(s.promised_s, now - s.enqueue_t, now)
+            if s.predicted_latency_s:
+                log.debug(
+                    "%s (rank %d, %s) took %.2f s, predicted %.2f s with margin %.2f",
+                    s.request_id,
+                    s.rank,
+                    s.rank_reason,
+                    now - s.enqueue_t,
+                    s.predicted_latency_s,
+                    s.budget_margin,
+                )
+
+    def margin(self) -> float:
+        return self.cost_model.margin.value()
