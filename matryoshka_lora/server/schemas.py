@@ -1,16 +1,38 @@
 """The HTTP request and response bodies (pydantic), as published in the OpenAPI schema.
 
 Requests are validated strictly (no "8" for 8, unknown fields of /generate are errors); cross-field
-rules (prompt xor messages, rank xor latency budget) are checked here too, so every bad body is a 4xx.
+rules (prompt xor messages, rank xor latency budget, a rank needs an adapter) are checked here too, so
+every bad body is a 4xx, and each is stated in the schema as well (`allOf` of the rules below), so that
+clients and fuzzers see what the server enforces.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_STRINGS = 8
+
+
+def given(name: str) -> dict:
+    """JSON Schema: the body has `name` and it is not null."""
+    return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+
+def not_null(name: str) -> dict:
+    """JSON Schema: `name` is absent or null."""
+    return {"properties": {name: {"type": "null"}}}
+
+
+RANK_XOR_BUDGET = {"not": {"allOf": [given("rank"), given("latency_budget_ms")]}}
+PROMPT_XOR_MESSAGES = {"oneOf": [given("prompt"), given("messages")]}
+RANK_NEEDS_ADAPTER = {"anyOf": [given("adapter"), {"allOf": [not_null("rank"), not_null("latency_budget_ms")]}]}
+
+
+def body_rules(*rules: dict) -> dict:
+    """A model's `json_schema_extra`: its cross-field rules, as the validators below check them."""
+    return {"allOf": list(rules)}
 
 
 class ErrorDetail(BaseModel):
@@ -42,7 +64,9 @@ class SamplingFields(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
-    stop: str | list[str] | None = Field(None, description=f"Stop strings (at most {MAX_STOP_STRINGS}).")
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description=f"Stop strings (at most {MAX_STOP_STRINGS})."
+    )
     rank: int | None = Field(None, ge=1, description="Serve the adapter at this rank (1..r_max).")
     latency_budget_ms: float | None = Field(
         None,
@@ -58,8 +82,6 @@ class SamplingFields(BaseModel):
     def _check_common(self):
         if self.rank is not None and self.latency_budget_ms is not None:
             raise ValueError("give either rank or latency_budget_ms, not both")
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         return self
 
     def stop_tuple(self) -> tuple[str, ...]:
@@ -69,7 +91,11 @@ class SamplingFields(BaseModel):
 
 
 class GenerateRequest(SamplingFields):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra=body_rules(RANK_XOR_BUDGET, PROMPT_XOR_MESSAGES, RANK_NEEDS_ADAPTER),
+    )
 
     prompt: str | None = Field(None, min_length=1, description="Raw prompt text (or give `messages`).")
     messages: list[ChatMessage] | None = Field(

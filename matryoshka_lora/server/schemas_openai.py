@@ -7,15 +7,17 @@ Answers carry an extra `matryoshka` object: the adapter, the rank served and why
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from matryoshka_lora.server.schemas import (
+    RANK_XOR_BUDGET,
     ChatMessage,
     RankReason,
     SamplingFields,
     Timings,
+    body_rules,
 )
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -39,7 +41,7 @@ class StreamOptions(BaseModel):
 
 
 class OpenAIRequest(SamplingFields):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=body_rules(RANK_XOR_BUDGET))
 
     model: str = Field(min_length=1, max_length=200, description="ADAPTER, ADAPTER@RANK, or the base model's name.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="OpenAI's default 1; 0 = greedy.")
@@ -50,22 +52,13 @@ class OpenAIRequest(SamplingFields):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one).")
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    ) = Field(description="One non-empty prompt (a list must hold exactly one).")
     max_tokens: int | None = Field(None, ge=1, description=f"Default {DEFAULT_COMPLETION_MAX_TOKENS}.")
-    echo: bool = Field(False, description="Not supported: must be false.")
-    logprobs: int | None = Field(None, description="Not supported: must be null.")
-
-    @model_validator(mode="after")
-    def _check_completion(self):
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise ValueError(f"exactly one prompt per request, got a list of {len(self.prompt)}")
-        if not self.prompt_text():
-            raise ValueError("prompt must not be empty")
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.logprobs is not None:
-            raise ValueError("logprobs are not supported")
-        return self
+    echo: Literal[False] = Field(False, description="Not supported: must be false.")
+    logprobs: None = Field(None, description="Not supported: must be null.")
 
     def prompt_text(self) -> str:
         return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
