@@ -102,18 +102,43 @@ def nest(
             help="--fold-only: fold the diagonal into A and keep the trained column order (a diagnostic).",
         ),
     ] = True,
+    activations: Annotated[
+        Optional[str],
+        typer.Option(
+            "--activations",
+            help="A task name: keep each rank's best approximation in the norm of the module inputs on that "
+            "task's train split (loads the base model) instead of the plain SVD's.",
+        ),
+    ] = None,
+    num_calib: Annotated[int, typer.Option("--num-calib", min=1, help="Train examples for --activations.")] = 256,
+    damp: Annotated[
+        float, typer.Option("--damp", min=0.0, help="--activations: ridge on the covariance, x its mean diagonal.")
+    ] = 0.01,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="Base model for --activations; default: the embedded one.")
+    ] = None,
 ) -> None:
     """Re-factor each module's trained update by SVD so that every rank-k slice is its best rank-k approximation.
 
     The output is served with scaling none and alpha 1; rank r_max reproduces the trained function
-    exactly, and lower ranks keep the largest singular directions first. No model is loaded.
+    exactly, and lower ranks keep the largest singular directions first: of the update itself (no
+    model loaded), or with --activations TASK of the update as the task's inputs see it.
     """
     import torch
 
     from matryoshka_lora.adapters.nest import nest_adapter
     from matryoshka_lora.adapters.store import load_adapter, save_adapter
 
-    nested = nest_adapter(load_adapter(adapter_dir), source=source, name=name, svd=svd)
+    adapter = load_adapter(adapter_dir)
+    covariances = None
+    if activations is not None:
+        from matryoshka_lora.models import load_base_model
+        from matryoshka_lora.training.activations import input_covariances
+
+        base, tokenizer = load_base_model(model)
+        plain = nest_adapter(adapter, source=source)  # the trained function, served at r_max
+        covariances = input_covariances(base, tokenizer, plain, activations, num_examples=num_calib)
+    nested = nest_adapter(adapter, source=source, name=name, svd=svd, covariances=covariances, damp=damp)
     if bf16:
         nested.weights = {path: (a.to(torch.bfloat16), b.to(torch.bfloat16)) for path, (a, b) in nested.weights.items()}
     typer.echo(str(save_adapter(out, nested.manifest, nested.weights)))

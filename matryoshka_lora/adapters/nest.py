@@ -10,6 +10,15 @@ and the nested adapter is served with scaling "none", alpha 1: rank k adds x A'[
 truncated SVD of delta, which is the best rank-k approximation of delta in Frobenius and spectral
 norm (Eckart-Young), and rank r_max reproduces delta exactly.
 
+Nesting by activations (`whitened_nest`, `nest_adapter(covariances=...)`): with C = E[x x^T] the
+module's input covariance on a task's data, rank k instead keeps the best rank-k approximation in the
+norm that the outputs see,
+
+    min over rank-k D of  E||x (delta - D)||^2 = ||L^T (delta - D)||_F^2     C + lambda I = L L^T
+    L^T delta = W S Z^T  ->  A' = L^{-T} W sqrt(S),  B' = sqrt(S) Z^T        (lambda = damp x mean diag C)
+
+so directions that the task's inputs excite come first; rank r_max still reproduces delta exactly.
+
 Which diagonal d is "the trained update" (`source`):
 
     "p"     the method's own p: matryoshka's sum-of-slices diagonal (`build_p`), i.e. the function one
@@ -70,6 +79,26 @@ def svd_nest(lora_A: torch.Tensor, lora_B: torch.Tensor, diagonal: torch.Tensor)
     return nested_A.to(lora_A.dtype), nested_B.to(lora_B.dtype)
 
 
+def cholesky_factor(covariance: torch.Tensor, damp: float) -> torch.Tensor:
+    """L (float64, lower) with L L^T = C + damp * mean(diag C) * I (damp > 0 keeps a rank-deficient C definite)."""
+    if not damp > 0:
+        raise ConfigError("damp", damp, "a number > 0")
+    c = covariance.double()
+    eye = torch.eye(c.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(c + damp * float(c.diagonal().mean().clamp_min(1e-12)) * eye)
+
+
+def whitened_nest(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, diagonal: torch.Tensor, covariance: torch.Tensor, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nested (A', B') with A' B' = A diag(d) B whose k-prefixes minimise ||L^T (delta - A'_k B'_k)||_F
+    (module docstring): svd_nest of the whitened factor L^T A, then A' = L^{-T} (that factor)."""
+    chol = cholesky_factor(covariance, damp)
+    white_A, nested_B = svd_nest(chol.T @ lora_A.double(), lora_B.double(), diagonal)
+    nested_A = torch.linalg.solve_triangular(chol.T, white_A.double(), upper=True)
+    return nested_A.to(lora_A.dtype), nested_B.to(lora_B.dtype)
+
+
 def fold_diagonal(
     lora_A: torch.Tensor, lora_B: torch.Tensor, diagonal: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,14 +107,40 @@ def fold_diagonal(
     return (lora_A.double() * diagonal.double()).to(lora_A.dtype), lora_B.clone()
 
 
-def nest_adapter(adapter: Adapter, source: str | None = None, name: str | None = None, svd: bool = True) -> Adapter:
-    """The adapter re-factored by SVD (module docstring), or with the diagonal only folded into A
+def nest_adapter(
+    adapter: Adapter,
+    source: str | None = None,
+    name: str | None = None,
+    svd: bool = True,
+    covariances: dict[str, torch.Tensor] | None = None,
+    damp: float = 0.01,
+) -> Adapter:
+    """The adapter re-factored by SVD (module docstring), by SVD in the norm of each module's input
+    `covariances` (module path -> C, every module), or with the diagonal only folded into A
     (`svd=False`); method "svd", scaling "none", alpha 1."""
     m = adapter.manifest
     source = default_source(m.method) if source is None else source
     diagonal = trained_diagonal(m, source)
-    refactor = svd_nest if svd else fold_diagonal
-    weights: Weights = {path: refactor(a.float(), b.float(), diagonal) for path, (a, b) in adapter.weights.items()}
+    if covariances is not None:
+        missing = sorted(set(adapter.weights) - set(covariances))
+        if missing or not svd:
+            raise ConfigError(
+                "covariances",
+                f"{len(missing)} modules missing" if missing else "with svd=False",
+                "one per module, with svd",
+            )
+        weights: Weights = {
+            path: whitened_nest(a.float(), b.float(), diagonal, covariances[path], damp)
+            for path, (a, b) in adapter.weights.items()
+        }
+    else:
+        refactor = svd_nest if svd else fold_diagonal
+        weights = {path: refactor(a.float(), b.float(), diagonal) for path, (a, b) in adapter.weights.items()}
+    how = (
+        ("nested by SVD in the input-covariance norm" if covariances is not None else "nested by SVD")
+        if svd
+        else "diagonal folded into A, trained column order"
+    )
     manifest = AdapterManifest(
         name=name or m.name,
         base_model=m.base_model,
@@ -96,7 +151,7 @@ def nest_adapter(adapter: Adapter, source: str | None = None, name: str | None =
         scaling="none",
         method="svd",
         alpha=1.0,
-        notes=f"{'nested by SVD' if svd else 'diagonal folded into A, trained column order'} (source {source!r}) from {m.method} adapter {m.name!r} "
+        notes=f"{how} (source {source!r}) from {m.method} adapter {m.name!r} "
         f"(scaling {m.scaling}, alpha {m.alpha:g}); its notes: {m.notes}",
     )
     log.info("nested %r (%s, source %s, %d modules)", m.name, m.method, source, len(weights))

@@ -160,3 +160,78 @@ def test_fold_only_keeps_the_trained_order_and_the_full_function():
     serving = served_model(folded)
     inject.set_inference_ranks(serving, 8)
     torch.testing.assert_close(serving(TOKENS).logits, model(TOKENS).logits, atol=1e-5, rtol=1e-5)
+
+
+def random_covariance(n: int, seed: int) -> torch.Tensor:
+    """A full-rank, strongly anisotropic covariance (what real activations look like)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, n, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    return x.T @ x / x.shape[0]
+
+
+def weighted_error(covariance, delta, approx) -> float:
+    """sqrt(E||x (delta - approx)||^2) = sqrt(tr(E^T C E))."""
+    e = delta - approx
+    return float(torch.trace(e.T @ covariance @ e).clamp_min(0).sqrt())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_whitened_prefixes_are_optimal_in_the_input_norm_and_the_full_rank_is_exact(seed):
+    _, adapter = trained_adapter("matryoshka", "none")
+    diagonal = nest.trained_diagonal(adapter.manifest, "p")
+    for path, (lora_A, lora_B) in adapter.weights.items():
+        cov = random_covariance(lora_A.shape[0], seed)
+        damp = 1e-6
+        delta = (lora_A.double() * diagonal) @ lora_B.double()
+        white_A, white_B = nest.whitened_nest(lora_A.double(), lora_B.double(), diagonal, cov, damp)
+        plain_A, plain_B = nest.svd_nest(lora_A.double(), lora_B.double(), diagonal)
+        torch.testing.assert_close(white_A @ white_B, delta, atol=1e-9, rtol=1e-7)
+        chol = nest.cholesky_factor(cov, damp)
+        tail = torch.linalg.svdvals(chol.T @ delta)
+        ridge = cov + damp * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=torch.float64)
+        for k in range(1, 8):
+            white = weighted_error(ridge, delta, white_A[:, :k] @ white_B[:k])
+            plain = weighted_error(ridge, delta, plain_A[:, :k] @ plain_B[:k])
+            assert white == pytest.approx(float(tail[k:].square().sum().sqrt()), rel=1e-6), (path, k)
+            assert white <= plain * (1 + 1e-9), (path, k)
+
+
+def test_whitened_nest_with_identity_covariance_is_the_plain_svd():
+    _, adapter = trained_adapter("lora", "none")
+    lora_A, lora_B = next(iter(adapter.weights.values()))
+    d = torch.ones(8, dtype=torch.float64)
+    eye = torch.eye(lora_A.shape[0], dtype=torch.float64)
+    white_A, white_B = nest.whitened_nest(lora_A.double(), lora_B.double(), d, eye, damp=1e-12)
+    plain_A, plain_B = nest.svd_nest(lora_A.double(), lora_B.double(), d)
+    for k in (1, 3, 8):
+        torch.testing.assert_close(white_A[:, :k] @ white_B[:k], plain_A[:, :k] @ plain_B[:k], atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "covariances, damp, match",
+    [({}, 0.01, "modules missing"), (None, 0.0, "damp")],
+)
+def test_nest_by_activations_refuses(covariances, damp, match):
+    _, adapter = trained_adapter("lora", "none")
+    if covariances is None:
+        covariances = {p: torch.eye(a.shape[0]) for p, (a, _) in adapter.weights.items()}
+    with pytest.raises(ConfigError, match=match):
+        nest.nest_adapter(adapter, covariances=covariances, damp=damp)
+
+
+def test_cli_nest_by_activations_keeps_the_full_function_and_reorders_the_slices(tmp_path, tiny_model_dir):
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
+    from matryoshka_lora.models import load_base_model
+
+    src = save_random_adapter(load_base_model(tiny_model_dir)[0], tmp_path / "m", "m", 8, seed=3, std=0.3)
+    adapter = store.load_adapter(src)
+    args = ["nest", str(src), "--out", str(tmp_path / "w"), "--activations", "reverse", "--num-calib", "6"]
+    result = CliRunner().invoke(app, [*args, "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output
+    white = store.load_adapter(tmp_path / "w")
+    assert "input-covariance" in white.manifest.notes
+    plain = nest.nest_adapter(adapter)
+    for path, (lora_A, lora_B) in white.weights.items():
+        plain_A, plain_B = plain.weights[path]
+        torch.testing.assert_close(lora_A @ lora_B, plain_A @ plain_B, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(lora_A[:, :1] @ lora_B[:1], plain_A[:, :1] @ plain_B[:1], atol=1e-4)
