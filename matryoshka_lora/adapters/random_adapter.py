@@ -36,8 +36,11 @@ def save_random_adapter(
     target_modules=DEFAULT_TARGET_MODULES,
     seed: int = 0,
     std: float = 0.05,
+    train_ranks: tuple[int, ...] | None = None,
+    eval_results: dict | None = None,
 ) -> Path:
-    """Write a random Matryoshka-format adapter for `hf_model` to `out_dir`; returns the directory."""
+    """Write a random Matryoshka-format adapter for `hf_model` to `out_dir` (train ranks: the powers of two
+    up to r_max unless given); returns the directory."""
     from matryoshka_lora.models import model_fingerprint, model_id
 
     manifest = AdapterManifest(
@@ -46,11 +49,12 @@ def save_random_adapter(
         base_fingerprint=model_fingerprint(hf_model),
         target_modules=tuple(target_modules),
         r_max=r_max,
-        train_ranks=default_train_ranks(r_max),
+        train_ranks=tuple(train_ranks) if train_ranks is not None else default_train_ranks(r_max),
         scaling=scaling,
         method="matryoshka",
         alpha=alpha,
         notes="random weights (tests / benchmarks)",
+        eval_results=eval_results,
     )
     save_adapter(out_dir, manifest, random_adapter_weights(hf_model, r_max, target_modules, seed, std))
     return Path(out_dir)

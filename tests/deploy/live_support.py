@@ -6,11 +6,8 @@ Every process starts on a free loopback port inside the test and is stopped by i
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,12 +43,6 @@ def require_server() -> None:
             pytest.skip(f"{module} is not importable yet ({exc}); this test runs once the server lands")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_until(
     probe: Callable[[], T | None],
     timeout_s: float,
@@ -83,52 +74,14 @@ def tail(path: Path | None, num_lines: int = 40) -> str:
 
 def write_tiny_adapter(model_dir: Path, out_dir: Path, name: str = TINY_ADAPTER, r_max: int = 8) -> Path:
     """A random Matryoshka adapter (non-zero B, so ranks differ) on q_proj/v_proj of the model in `model_dir`."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
+    from matryoshka_lora.models import load_base_model
 
-    from matryoshka_lora.adapters.store import AdapterManifest, save_adapter
-    from matryoshka_lora.models import model_fingerprint, model_id
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    weights = {}
-    for path, module in model.named_modules():
-        if path.endswith(("self_attn.q_proj", "self_attn.v_proj")):
-            lora_A = torch.randn(module.in_features, r_max, generator=generator) * 0.1
-            lora_B = torch.randn(r_max, module.out_features, generator=generator) * 0.1
-            weights[path] = (lora_A, lora_B)
-    manifest = AdapterManifest(
-        name=name,
-        base_model=model_id(model),
-        base_fingerprint=model_fingerprint(model),
-        target_modules=("q_proj", "v_proj"),
-        r_max=r_max,
-        train_ranks=TINY_RANKS,
-        scaling="none",
-        method="matryoshka",
-        notes="random weights for the deploy tests",
+    model, _ = load_base_model(model_dir)
+    targets = ("q_proj", "v_proj")
+    return save_random_adapter(
+        model, out_dir / name, name, r_max, target_modules=targets, std=0.1, train_ranks=TINY_RANKS
     )
-    return save_adapter(out_dir / name, manifest, weights)
-
-
-def start_server(model_dir: Path, adapters_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    """`matryoshka-lora serve` on 127.0.0.1:port, open (no tenants), one torch thread."""
-    env = dict(os.environ, MATRYOSHKA_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    args = [
-        sys.executable,
-        "-m",
-        "matryoshka_lora.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        str(model_dir),
-        "--adapters",
-        str(adapters_dir),
-    ]
-    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=log.parent)
 
 
 def start_prometheus(

@@ -19,18 +19,18 @@ from live_support import (
     MIXED_TRAFFIC,
     TINY_ADAPTER,
     TINY_RANKS,
-    free_port,
     prom_query,
     prom_scalar,
     require_server,
     send_wave,
     start_prometheus,
-    start_server,
     stop,
     tail,
     wait_until,
     write_tiny_adapter,
 )
+
+from matryoshka_lora.loadtest.server import ServerProcess, free_port, serve_args  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -46,17 +46,15 @@ def live(tiny_model_dir, tmp_path_factory):
     prometheus = find_tool("prometheus")
     work = tmp_path_factory.mktemp("live")
     write_tiny_adapter(tiny_model_dir, work / "adapters")
-    server_port, prom_port = free_port(), free_port()
-    server_url, prom_url = f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{prom_port}"
     server_log = work / "server.log"
-    server = start_server(tiny_model_dir, work / "adapters", server_port, server_log)
+    server = ServerProcess(serve_args(str(tiny_model_dir), [work / "adapters"], num_threads=1), server_log, 180)
+    server_url, prom_port = server.url, free_port()
+    prom_url = f"http://127.0.0.1:{prom_port}"
     prom = start_prometheus(
-        prometheus, f"127.0.0.1:{server_port}", prom_port, work, [DEPLOY / "prometheus" / "alerts.yml"]
+        prometheus, f"127.0.0.1:{server.port}", prom_port, work, [DEPLOY / "prometheus" / "alerts.yml"]
     )
     try:
-        wait_until(
-            lambda: httpx.get(f"{server_url}/ready", timeout=5).status_code == 200, 180, "/ready", server, server_log
-        )
+        server.start()
         wait_until(
             lambda: httpx.get(f"{prom_url}/-/ready", timeout=5).status_code == 200,
             60,
@@ -73,7 +71,7 @@ def live(tiny_model_dir, tmp_path_factory):
         yield server_url, prom_url
     finally:
         stop(prom)
-        stop(server)
+        server.stop()
 
 
 def _check(prom_url: str, query, adapter: str, expected_ranks: set[str]) -> None:

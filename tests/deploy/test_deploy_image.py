@@ -15,7 +15,9 @@ import time
 import httpx
 import pytest
 from image_support import build_cpu_image, docker, docker_daemon
-from live_support import TINY_ADAPTER, free_port, generate, metric_value, require_server, wait_until, write_tiny_adapter
+from live_support import TINY_ADAPTER, generate, metric_value, require_server, wait_until, write_tiny_adapter
+
+from matryoshka_lora.loadtest.server import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # a cold layer cache builds for ~10 min
 

@@ -12,30 +12,12 @@ SERVER_MAX_NUM_SEQS, SERVER_MAX_QUEUE_LEN = 4, 4
 
 def save_tiny_adapter(model, out_dir: Path, name: str, r_max: int, train_ranks: tuple[int, ...], seed: int) -> Path:
     """Random A and non-zero B on q/v/o/down projections, so every rank serves a different model."""
-    import torch
-
-    from matryoshka_lora.adapters.store import AdapterManifest, save_adapter
-    from matryoshka_lora.models import model_fingerprint, model_id
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
 
     targets = ("q_proj", "v_proj", "o_proj", "down_proj")
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for path, module in sorted(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and path.rsplit(".", 1)[-1] in targets:
-            lora_A = torch.randn(module.in_features, r_max, generator=gen) / module.in_features**0.5
-            lora_B = torch.randn(r_max, module.out_features, generator=gen) * 0.3
-            weights[path] = (lora_A, lora_B)
-    manifest = AdapterManifest(
-        name=name,
-        base_model=model_id(model),
-        base_fingerprint=model_fingerprint(model),
-        target_modules=targets,
-        r_max=r_max,
-        train_ranks=train_ranks,
-        scaling="none",
-        method="matryoshka",
+    return save_random_adapter(
+        model, out_dir, name, r_max, target_modules=targets, seed=seed, std=0.3, train_ranks=train_ranks
     )
-    return save_adapter(out_dir, manifest, weights)
 
 
 @pytest.fixture(scope="session")

@@ -107,47 +107,19 @@ def save_tiny_adapter(
     eval_results: dict | None = None,
     target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj"),
 ) -> Path:
-    """A random adapter (A and B non-zero, so ranks differ) for the model in `model_dir`, written with the
-    core's `save_adapter`."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """A random adapter (A and B non-zero, so ranks differ) for the model in `model_dir`."""
+    from matryoshka_lora.adapters.random_adapter import save_random_adapter
+    from matryoshka_lora.models import load_base_model
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return save_adapter_for(model, out_dir, name, r_max, train_ranks, seed, eval_results, target_modules)
-
-
-def save_adapter_for(
-    model,
-    out_dir: Path,
-    name: str,
-    r_max: int,
-    train_ranks: tuple[int, ...],
-    seed: int,
-    eval_results: dict | None = None,
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj"),
-) -> Path:
-    import torch
-
-    from matryoshka_lora.adapters.store import AdapterManifest, save_adapter
-    from matryoshka_lora.models import model_fingerprint, model_id
-
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for path, module in sorted(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and path.rsplit(".", 1)[-1] in target_modules:
-            lora_A = torch.randn(module.in_features, r_max, generator=gen) / module.in_features**0.5
-            lora_B = torch.randn(r_max, module.out_features, generator=gen) * 0.5
-            weights[path] = (lora_A, lora_B)
-    manifest = AdapterManifest(
-        name=name,
-        base_model=model_id(model),
-        base_fingerprint=model_fingerprint(model),
+    model, _ = load_base_model(model_dir)
+    return save_random_adapter(
+        model,
+        out_dir,
+        name,
+        r_max,
         target_modules=target_modules,
-        r_max=r_max,
+        seed=seed,
+        std=0.5,
         train_ranks=train_ranks,
-        scaling="none",
-        method="matryoshka",
-        alpha=1.0,
         eval_results=eval_results,
     )
-    return save_adapter(out_dir, manifest, weights)

@@ -6,18 +6,19 @@ from __future__ import annotations
 import openai
 import pytest
 
+from matryoshka_lora.adapters.random_adapter import save_random_adapter
 from matryoshka_lora.backends.native import NativeBackend
 from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.server import ServerSettings, create_app
 
-from .helpers import save_adapter_for, serving
+from .helpers import serving
 
 
 @pytest.mark.slow
 def test_default_model_serves_chat_and_ranks(default_model, tmp_path):
     adapters = tmp_path / "adapters"
     model, _tokenizer = default_model
-    save_adapter_for(model, adapters / "smol", "smol", 8, (1, 2, 4, 8), seed=0, target_modules=("q_proj", "v_proj"))
+    save_random_adapter(model, adapters / "smol", "smol", 8, target_modules=("q_proj", "v_proj"), seed=0, std=0.5)
     settings = ServerSettings(model=None, adapters=[adapters], max_num_seqs=4, max_output_tokens=32)
     # no cost-model warm-up: it times dozens of real-model steps, and this test asks for no budget
     backend = NativeBackend(EngineConfig(model=None, adapters=[str(adapters)], max_num_seqs=4, warmup=False))

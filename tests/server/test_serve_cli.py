@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -20,74 +15,24 @@ from matryoshka_lora.errors import ConfigError
 from .helpers import sse_data
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_sigterm_drains_the_request_in_flight(tiny_model_dir, tiny_adapters, tmp_path):
+    from matryoshka_lora.loadtest.server import ServerProcess
 
-
-def start_serve(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "matryoshka_lora.cli", "serve", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited early ({proc.returncode}):\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("serve not ready in time")
-
-
-def test_sigterm_drains_the_request_in_flight(tiny_model_dir, tiny_adapters):
-    port = free_port()
-    proc = start_serve(
-        "--model",
-        str(tiny_model_dir),
-        "--adapters",
-        str(tiny_adapters["dir"]),
-        "--port",
-        str(port),
-        "--num-threads",
-        "1",
-        "--drain-timeout",
-        "60",
-        "--max-output-tokens",
-        "200",
-        "--no-access-log",
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
+    args = ["--model", str(tiny_model_dir), "--adapters", str(tiny_adapters["dir"]), "--num-threads", "1"]
+    args += ["--drain-timeout", "60", "--max-output-tokens", "200", "--no-access-log"]
+    with ServerProcess(args, tmp_path / "serve.log", ready_timeout_s=120) as server:
         body = {"prompt": "tell me a story", "adapter": "alpha", "rank": 8, "max_tokens": 200, "stream": True}
-        with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
+        with httpx.stream("POST", f"{server.url}/generate", json=body, timeout=60) as r:
             lines = r.iter_lines()
             assert json.loads(next(lines)[len("data: ") :])["type"] == "start"
-            proc.send_signal(signal.SIGTERM)
+            server.proc.send_signal(signal.SIGTERM)
             events = [json.loads(d) for d in sse_data(lines)]
         assert r.status_code == 200
         assert events[-1]["type"] == "done" and events[-1]["finish_reason"] in ("stop", "length")
-        assert proc.wait(timeout=60) == 0
-        log = proc.stdout.read()
+        assert server.proc.wait(timeout=60) == 0
+        log = server.log_path.read_text()
         assert "draining" in log and "engine stopped" in log
         assert "POST /generate" not in log  # --no-access-log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize(
