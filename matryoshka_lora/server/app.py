@@ -33,6 +33,7 @@ from matryoshka_lora.server.body_limit import BodyLimitMiddleware
 from matryoshka_lora.server.context import GENERATION_PATHS, ServerContext
 from matryoshka_lora.server.errors import install_exception_handlers
 from matryoshka_lora.server.limits import RequestLimits
+from matryoshka_lora.server.openapi import server_openapi
 from matryoshka_lora.server.prometheus import NO_RANK, UNKNOWN_ADAPTER, ServerMetrics
 from matryoshka_lora.server.settings import ServerSettings
 from matryoshka_lora.server.tenants import TenantRegistry, load_tenants
@@ -156,21 +157,5 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=on_body_rejected)
     for module in (routes_generate, routes_openai, routes_admin, routes_health):
         app.include_router(module.router)
-    if tenants.is_open:
-        app.openapi = lambda: open_server_openapi(app)
+    app.openapi = lambda: server_openapi(app, ctx)
     return app
-
-
-def open_server_openapi(app: FastAPI) -> dict:
-    """The OpenAPI of a server without a tenants file: it takes no API key, so no operation requires one
-    (`security: [{}]`, "none needed", in place of the bearer scheme)."""
-    from fastapi.openapi.utils import get_openapi
-
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
-                if isinstance(operation, dict) and "security" in operation:
-                    operation["security"] = [{}]
-        app.openapi_schema = schema
-    return app.openapi_schema

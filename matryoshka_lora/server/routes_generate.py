@@ -10,6 +10,7 @@ from matryoshka_lora.server.context import ServerContext, current_tenant, get_co
 from matryoshka_lora.server.dispatch import Flight, Job, complete, open_stream, sampling_of
 from matryoshka_lora.server.errors import EngineError, NotReadyError
 from matryoshka_lora.server.schemas import (
+    DEFAULT_GENERATE_MAX_TOKENS,
     ErrorDetail,
     ErrorResponse,
     GenerateRequest,
@@ -60,9 +61,10 @@ def raise_if_failed(flight: Flight) -> None:
         raise NotReadyError("the request was aborted (the server is shutting down)")
 
 
-def job_of(body: GenerateRequest) -> Job:
+def job_of(body: GenerateRequest, max_output_tokens: int) -> Job:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages] if body.messages else None
-    sampling = sampling_of(body, body.max_tokens)
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(DEFAULT_GENERATE_MAX_TOKENS, max_output_tokens)
+    sampling = sampling_of(body, max_tokens)
     return Job(
         prompt=body.prompt,
         messages=messages,
@@ -114,7 +116,7 @@ async def _stream(flight: Flight, adapter: str | None) -> AsyncIterator[str]:
 )
 async def generate(body: GenerateRequest, request: Request, tenant: Tenant = Depends(current_tenant)):
     ctx: ServerContext = get_context(request)
-    job = job_of(body)
+    job = job_of(body, ctx.settings.max_output_tokens)
     if body.stream:
         flight = await open_stream(ctx, tenant, request, job)
         return FlightStreamingResponse(_stream(flight, body.adapter), flight)

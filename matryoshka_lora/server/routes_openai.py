@@ -133,7 +133,8 @@ def _include_usage(body: OpenAIRequest) -> bool:
 )
 async def completions(body: CompletionRequest, request: Request, tenant: Tenant = Depends(current_tenant)):
     ctx = get_context(request)
-    job = job_of(ctx, body, body.prompt_text(), None, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS)
+    max_tokens = body.max_tokens or min(DEFAULT_COMPLETION_MAX_TOKENS, ctx.settings.max_output_tokens)
+    job = job_of(ctx, body, body.prompt_text(), None, max_tokens)
     created = int(time.time())
 
     def make(text, finish_reason, info, usage, no_choice=False):
@@ -158,6 +159,9 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant 
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: Tenant = Depends(current_tenant)):
     ctx = get_context(request)
+    for given in (body.max_tokens, body.max_completion_tokens):  # each within the limit, as the schema says
+        if given is not None:
+            ctx.limits.check_max_tokens(given)
     max_tokens = body.max_completion_tokens or body.max_tokens or ctx.settings.max_output_tokens
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     job = job_of(ctx, body, None, messages, max_tokens)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_STRINGS = 8
+DEFAULT_GENERATE_MAX_TOKENS = 64
 
 
 def given(name: str) -> dict:
@@ -102,7 +103,11 @@ class GenerateRequest(SamplingFields):
         None, min_length=1, description="Chat messages, rendered with the model's chat template (or give `prompt`)."
     )
     adapter: str | None = Field(None, min_length=1, max_length=128, description="Adapter name; none = the base model.")
-    max_tokens: int = Field(64, ge=1, description="Tokens to generate at most.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=f"Tokens to generate at most; default {DEFAULT_GENERATE_MAX_TOKENS}, or this server's max_output_tokens if lower.",
+    )
     stream: bool = Field(False, description="Server-sent events, one per token.")
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from matryoshka_lora.server.schemas import (
     RANK_XOR_BUDGET,
@@ -56,9 +56,17 @@ class CompletionRequest(OpenAIRequest):
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
     ) = Field(description="One non-empty prompt (a list must hold exactly one).")
-    max_tokens: int | None = Field(None, ge=1, description=f"Default {DEFAULT_COMPLETION_MAX_TOKENS}.")
-    echo: Literal[False] = Field(False, description="Not supported: must be false.")
+    max_tokens: int | None = Field(
+        None, ge=1, description=f"Default {DEFAULT_COMPLETION_MAX_TOKENS}, or this server's max_output_tokens if lower."
+    )
+    echo: bool = Field(False, description="Not supported: must be false.", json_schema_extra={"const": False})
     logprobs: None = Field(None, description="Not supported: must be null.")
+
+    @model_validator(mode="after")
+    def _check_completion(self):
+        if self.echo:
+            raise ValueError("echo is not supported")
+        return self
 
     def prompt_text(self) -> str:
         return self.prompt[0] if isinstance(self.prompt, list) else self.prompt

@@ -40,6 +40,7 @@ CASES = [
     (CompletionRequest, {"model": "m", "prompt": [""]}, False),
     (CompletionRequest, {"model": "m", "prompt": "x", "echo": True}, False),
     (CompletionRequest, {"model": "m", "prompt": "x", "echo": False}, True),
+    (CompletionRequest, {"model": "m", "prompt": "x", "echo": 0}, False),
     (CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 1}, False),
     (CompletionRequest, {"model": "m", "prompt": "x", "rank": 1, "latency_budget_ms": 9.0}, False),
     (CompletionRequest, {"model": "m", "prompt": "x", "extra": 1}, True),
