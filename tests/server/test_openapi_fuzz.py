@@ -48,6 +48,7 @@ def test_fuzzed_openapi_finds_no_failure(tiny_model_dir, tiny_adapters, tmp_path
                 *headers,
             ],
             capture_output=True,
+            cwd=tmp_path,  # its cache (.schemathesis/) lands there, not in the checkout
             text=True,
             timeout=540,
             check=False,
