@@ -100,8 +100,12 @@ def usage_of(flight: Flight) -> Usage:
     )
 
 
-async def _chunks(flight: Flight, make: Callable[..., object], include_usage: bool) -> AsyncIterator[str]:
-    """SSE lines: `make(text, finish_reason, info, usage)` builds one chunk object."""
+async def _chunks(flight: Flight, chunk: Callable[..., object], include_usage: bool) -> AsyncIterator[str]:
+    """SSE lines: `chunk(request_id, text, finish_reason, info, usage)` builds one chunk object."""
+
+    def make(*args, **kwargs):
+        return chunk(flight.gen.request_id, *args, **kwargs)
+
     yield sse_line(make(flight.first.text_delta or None, None, info_of(flight, with_timings=False), None), False)
     async for event in flight:
         if event.finished:
@@ -125,6 +129,24 @@ def _include_usage(body: OpenAIRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
+async def _serve(
+    ctx: ServerContext,
+    tenant: Tenant,
+    request: Request,
+    body: OpenAIRequest,
+    job: Job,
+    chunk: Callable[..., object],
+    whole: Callable[[Flight, str], object],
+):
+    """Both OpenAI routes' tail: a stream of `chunk`s (then [DONE]), or `whole(flight, text)` once done."""
+    if body.stream:
+        flight = await open_stream(ctx, tenant, request, job)
+        return FlightStreamingResponse(_chunks(flight, chunk, _include_usage(body)), flight)
+    flight, text = await complete(ctx, tenant, request, job)
+    raise_if_failed(flight)
+    return whole(flight, text)
+
+
 @router.post(
     "/completions",
     response_model=CompletionResponse,
@@ -137,18 +159,16 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant 
     job = job_of(ctx, body, body.prompt_text(), None, max_tokens)
     created = int(time.time())
 
-    def make(text, finish_reason, info, usage, no_choice=False):
+    def chunk(request_id, text, finish_reason, info, usage, no_choice=False):
         choices = [] if no_choice else [CompletionChoice(text=text or "", finish_reason=finish_reason)]
         return CompletionResponse(
-            id=flight.gen.request_id, created=created, model=body.model, choices=choices, usage=usage, matryoshka=info
+            id=request_id, created=created, model=body.model, choices=choices, usage=usage, matryoshka=info
         )
 
-    if body.stream:
-        flight = await open_stream(ctx, tenant, request, job)
-        return FlightStreamingResponse(_chunks(flight, make, _include_usage(body)), flight)
-    flight, text = await complete(ctx, tenant, request, job)
-    raise_if_failed(flight)
-    return make(text, flight.last.finish_reason, info_of(flight), usage_of(flight))
+    def whole(flight, text):
+        return chunk(flight.gen.request_id, text, flight.last.finish_reason, info_of(flight), usage_of(flight))
+
+    return await _serve(ctx, tenant, request, body, job, chunk, whole)
 
 
 @router.post(
@@ -167,7 +187,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
     job = job_of(ctx, body, None, messages, max_tokens)
     created = int(time.time())
 
-    def make(text, finish_reason, info, usage, no_choice=False):
+    def chunk(request_id, text, finish_reason, info, usage, no_choice=False):
         delta = (
             ChatDelta(role="assistant", content=text or "")
             if info is not None and finish_reason is None
@@ -175,22 +195,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
         )
         choices = [] if no_choice else [ChatChunkChoice(delta=delta, finish_reason=finish_reason)]
         return ChatCompletionChunk(
-            id=flight.gen.request_id, created=created, model=body.model, choices=choices, usage=usage, matryoshka=info
+            id=request_id, created=created, model=body.model, choices=choices, usage=usage, matryoshka=info
         )
 
-    if body.stream:
-        flight = await open_stream(ctx, tenant, request, job)
-        return FlightStreamingResponse(_chunks(flight, make, _include_usage(body)), flight)
-    flight, text = await complete(ctx, tenant, request, job)
-    raise_if_failed(flight)
-    return ChatCompletionResponse(
-        id=flight.gen.request_id,
-        created=created,
-        model=body.model,
-        choices=[ChatChoice(message=ChatMessageOut(content=text), finish_reason=flight.last.finish_reason)],
-        usage=usage_of(flight),
-        matryoshka=info_of(flight),
-    )
+    def whole(flight, text):
+        return ChatCompletionResponse(
+            id=flight.gen.request_id,
+            created=created,
+            model=body.model,
+            choices=[ChatChoice(message=ChatMessageOut(content=text), finish_reason=flight.last.finish_reason)],
+            usage=usage_of(flight),
+            matryoshka=info_of(flight),
+        )
+
+    return await _serve(ctx, tenant, request, body, job, chunk, whole)
 
 
 @router.get(
