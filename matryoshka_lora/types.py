@@ -81,6 +81,22 @@ class AdapterInfo:
     path: str
     eval_results: dict | None = None  # per-rank accuracy from the manifest, when it has it
 
+    @classmethod
+    def of(cls, name: str, manifest, path: str, r_max: int | None = None, train_ranks=None) -> AdapterInfo:
+        """From an adapter's manifest (adapters.store.AdapterManifest), with the r_max and train ranks
+        as served where a backend caps them."""
+        return cls(
+            name=name,
+            r_max=manifest.r_max if r_max is None else r_max,
+            train_ranks=tuple(manifest.train_ranks if train_ranks is None else train_ranks),
+            method=manifest.method,
+            scaling=manifest.scaling,
+            target_modules=tuple(manifest.target_modules),
+            base_model=manifest.base_model,
+            path=str(path),
+            eval_results=manifest.eval_results,
+        )
+
 
 @dataclass(frozen=True)
 class EngineStats:

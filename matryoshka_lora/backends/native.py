@@ -149,15 +149,4 @@ class NativeBackend:
 
 
 def adapter_info(entry) -> AdapterInfo:
-    m = entry.manifest
-    return AdapterInfo(
-        name=entry.name,
-        r_max=entry.r_max,
-        train_ranks=entry.train_ranks,
-        method=m.method,
-        scaling=entry.scaling,
-        target_modules=tuple(m.target_modules),
-        base_model=m.base_model,
-        path=entry.path,
-        eval_results=m.eval_results,
-    )
+    return AdapterInfo.of(entry.name, entry.manifest, entry.path, entry.r_max, entry.train_ranks)

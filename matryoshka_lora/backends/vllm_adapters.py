@@ -68,18 +68,7 @@ def serve_adapter(adapter: ServedAdapter, max_lora_rank: int) -> ServedAdapter:
 
 
 def adapter_info(adapter: ServedAdapter) -> AdapterInfo:
-    m = adapter.manifest
-    return AdapterInfo(
-        adapter.name,
-        adapter.r_max,
-        adapter.train_ranks,
-        m.method,
-        m.scaling,
-        tuple(m.target_modules),
-        m.base_model,
-        adapter.path,
-        m.eval_results,
-    )
+    return AdapterInfo.of(adapter.name, adapter.manifest, adapter.path, adapter.r_max, adapter.train_ranks)
 
 
 def base_fingerprint(model_dir: Path) -> str:
