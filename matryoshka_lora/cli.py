@@ -360,6 +360,21 @@ def eval_(
         plot_rank_curves(result, plot)
 
 
+@app.command()
+def plot(
+    results: Annotated[
+        list[str],
+        typer.Argument(help="`eval --out` JSON files: PATH, PATH#I (its I-th adapter), either with =LABEL."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The PNG to write.")],
+    title: Annotated[Optional[str], typer.Option("--title", help="Default: the task and test size.")] = None,
+) -> None:
+    """Draw accuracy per rank of adapters from one or more eval results on one PNG (log2 rank axis)."""
+    from matryoshka_lora.training.plots import merge_results, plot_rank_curves
+
+    typer.echo(str(plot_rank_curves(merge_results(results), out, title)))
+
+
 @app.command("fit-scales")
 def fit_scales(
     adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory; its manifest gets the fitted rank_scales.")],

@@ -42,3 +42,30 @@ def plot_rank_curves(result: dict, out: str | Path, title: str | None = None) ->
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def merge_results(specs: list[str]) -> dict:
+    """One plottable result from several `eval --out` files: each spec is PATH, PATH#I (the file's I-th
+    adapter) or either with =LABEL; the base accuracy and task are the first file's."""
+    import json
+
+    from matryoshka_lora.errors import ConfigError
+
+    merged: dict | None = None
+    for spec in specs:
+        where, _, label = spec.partition("=")
+        path, _, index = where.partition("#")
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError("result file", path, f"an `eval --out` JSON file ({exc})") from None
+        adapters = result.get("adapters", [])
+        if index and (not index.isdigit() or int(index) >= len(adapters)):
+            raise ConfigError("adapter index", spec, f"0..{len(adapters) - 1}")
+        chosen = [adapters[int(index)]] if index else adapters
+        if merged is None:
+            merged = {k: result[k] for k in ("task", "num_test", "base_accuracy")} | {"adapters": []}
+        merged["adapters"] += [{**a, "name": label or a["name"]} for a in chosen]
+    if merged is None:
+        raise ConfigError("result files", specs, "one or more")
+    return merged
