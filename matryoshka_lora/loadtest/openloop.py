@@ -1,4 +1,4 @@
-"""Open-loop load (asyncio, with http1's lean HTTP/1.1 client): requests arrive on a Poisson clock
+"""Open-loop load (asyncio, aiohttp's client): requests arrive on a Poisson clock
 whether or not earlier ones are done, which Locust's closed-loop users cannot do cleanly. Also a small
 closed loop for probes, and bursts (N requests at once, as the in-process peers are measured).
 
@@ -8,6 +8,9 @@ closed loop for probes, and bursts (N requests at once, as the in-process peers 
 
     burst: request i takes plan.mix[i % len(mix)]; all N sent at once (their window, first send ->
            last end, is the burst's wall clock)
+
+The client runs on the cores of the server it measures: aiohttp costs ~0.1 ms of CPU per short request
+here, httpx ~1.5 ms (benchmarks/bench_http_clients.py).
 """
 
 from __future__ import annotations
@@ -18,14 +21,25 @@ import random
 import time
 from dataclasses import dataclass
 
+import aiohttp
+
 from matryoshka_lora.errors import ConfigError
-from matryoshka_lora.loadtest.http1 import Http1Client, HttpError, HttpStatusError
 from matryoshka_lora.loadtest.plan import Plan
 from matryoshka_lora.loadtest.records import RequestRecord, StreamTracker, parse_sse_line, refused
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 600.0
+KEEPALIVE_S = 4.0  # idle pooled connections close before uvicorn drops them (after 5 s)
+HTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)  # no (whole) answer: refused, reset, timed out
+
+
+class HttpStatusError(Exception):
+    """An answer with an unexpected status (raised where success is expected)."""
+
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body[:500]}")
+        self.status, self.body = status, body
 
 
 @dataclass(frozen=True)
@@ -54,11 +68,20 @@ class Arrivals:
         return out
 
 
-def make_client(url: str) -> Http1Client:
-    return Http1Client(url, timeout_s=REQUEST_TIMEOUT_S, connect_timeout_s=10.0)
+def make_client(url: str) -> aiohttp.ClientSession:
+    """One keep-alive pool, no limit on connections: each request is bounded by REQUEST_TIMEOUT_S."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, connect=10.0)
+    return aiohttp.ClientSession(url, connector=connector, timeout=timeout)
 
 
-async def send(client: Http1Client, plan: Plan, entry: dict) -> RequestRecord:
+async def lines(resp: aiohttp.ClientResponse):
+    """The body's lines, decoded, without their line ends."""
+    async for raw in resp.content:
+        yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+async def send(client: aiohttp.ClientSession, plan: Plan, entry: dict) -> RequestRecord:
     """One streamed `POST /generate`; never raises for HTTP trouble (the record says what happened)."""
     record = RequestRecord(
         adapter=entry.get("adapter"),
@@ -72,20 +95,20 @@ async def send(client: Http1Client, plan: Plan, entry: dict) -> RequestRecord:
         headers["authorization"] = f"Bearer {plan.api_key}"
     sent = time.perf_counter()
     try:
-        async with client.stream("POST", "/generate", json=plan.body(entry), headers=headers) as resp:
+        async with client.post("/generate", json=plan.body(entry), headers=headers) as resp:
             if resp.status != 200:
-                text = (await resp.aread()).decode("utf-8", errors="replace")
+                text = (await resp.read()).decode("utf-8", errors="replace")
                 return refused(record, resp.status, resp.headers.get("retry-after"), text, sent, time.perf_counter())
             tracker = StreamTracker(record, sent)
             try:
-                async for line in resp.aiter_lines():
+                async for line in lines(resp):
                     event = parse_sse_line(line)
                     if event is not None:
                         tracker.on_event(event, time.perf_counter())
                 tracker.finish(time.perf_counter())
-            except HttpError as exc:
+            except HTTP_ERRORS as exc:
                 tracker.finish(time.perf_counter(), error=repr(exc))
-    except HttpError as exc:  # no answer at all: status 0, never counted by the server
+    except HTTP_ERRORS as exc:  # no answer at all: status 0, never counted by the server
         record.error, record.e2e_s = repr(exc), time.perf_counter() - sent
     return record
 
@@ -121,7 +144,7 @@ async def closed_loop(
     records: list[RequestRecord] = []
     deadline = None if duration_s is None else time.perf_counter() + duration_s
 
-    async def client_loop(client: Http1Client) -> None:
+    async def client_loop(client: aiohttp.ClientSession) -> None:
         while remaining[0] > 0 and (deadline is None or time.perf_counter() < deadline):
             remaining[0] -= 1
             record = await send(client, plan, pick())
@@ -149,13 +172,13 @@ class CompletionCount:
     completion_tokens: int
 
 
-async def stream_completion(client: Http1Client, body: dict) -> CompletionCount:
+async def stream_completion(client: aiohttp.ClientSession, body: dict) -> CompletionCount:
     """One streamed `POST /v1/completions` read to `data: [DONE]`; raises on a refusal or a missing usage."""
     usage = None
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
+    async with client.post("/v1/completions", json=body) as resp:
         if resp.status != 200:
-            raise HttpStatusError(resp.status, (await resp.aread()).decode("utf-8", errors="replace"))
-        async for line in resp.aiter_lines():
+            raise HttpStatusError(resp.status, (await resp.read()).decode("utf-8", errors="replace"))
+        async for line in lines(resp):
             chunk = parse_sse_line(line)
             if chunk is not None:
                 usage = chunk.get("usage") or usage

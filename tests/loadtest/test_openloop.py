@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from matryoshka_lora.errors import ConfigError
-from matryoshka_lora.loadtest.http1 import HttpStatusError
-from matryoshka_lora.loadtest.openloop import Arrivals, burst, completions_burst
+from matryoshka_lora.loadtest.openloop import Arrivals, HttpStatusError, burst, completions_burst
 from matryoshka_lora.loadtest.plan import Plan
 
 
