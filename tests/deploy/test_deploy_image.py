@@ -114,7 +114,12 @@ def test_sigterm_drains_the_request_in_flight(container):
     """Runs last in this module: it stops the container."""
     url, env, _ = container
     result = {}
-    body = {"adapter": TINY_ADAPTER, "rank": 8, "prompt": "Write a long story about a lighthouse keeper."}
+    body = {
+        "adapter": TINY_ADAPTER,
+        "rank": 8,
+        "prompt": "Write a long story about a lighthouse keeper.",
+        "ignore_eos": True,
+    }
     worker = threading.Thread(target=lambda: result.update(response=generate(url, body, max_tokens=96, timeout_s=300)))
     worker.start()
     wait_until(
