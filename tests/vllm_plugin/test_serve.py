@@ -8,10 +8,6 @@ rank-8 adapter. Needs vLLM in the running interpreter (CI: .venv-vllm); skipped 
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -20,15 +16,45 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here (bash .ci/vllm_deps.sh sets up .venv-vllm)")
 httpx = pytest.importorskip("httpx")
 
+from matryoshka_lora.loadtest.server import ServerProcess  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 START_TIMEOUT_S = 480
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class ResolverServe(ServerProcess):
+    """`vllm serve BASE --enable-lora` with the ADAPTER@RANK resolver on $MATRYOSHKA_ADAPTERS_DIR."""
+
+    ready_path = "/health"
+
+    def __init__(self, model_dir, adapters_root, cache, log_path):
+        super().__init__([], log_path, ready_timeout_s=START_TIMEOUT_S)
+        self.model_dir, self.adapters_root, self.cache = model_dir, adapters_root, cache
+
+    def command(self) -> list[str]:
+        vllm_flags = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32"]
+        vllm_flags += ["--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4"]
+        return [
+            sys.executable,
+            "-m",
+            "matryoshka_lora.vllm_plugin",
+            "serve",
+            str(self.model_dir),
+            *vllm_flags,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+
+    def environ(self) -> dict[str, str]:
+        return {
+            **super().environ(),
+            "MATRYOSHKA_ADAPTERS_DIR": str(self.adapters_root),
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "MATRYOSHKA_CACHE": str(self.cache),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -39,60 +65,12 @@ def server(default_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("served-adapters")
     save_random_adapter(default_model[0], root / "rnd", "rnd", 8, seed=7, std=0.2)
-    port, log_file = free_port(), root.parent / "vllm-serve.log"
-    env = dict(
-        os.environ,
-        MATRYOSHKA_ADAPTERS_DIR=str(root),
-        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-        MATRYOSHKA_CACHE=str(tmp_path_factory.mktemp("cache")),
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "matryoshka_lora.vllm_plugin",
-        "serve",
-        str(default_model_dir()),
-        "--enable-lora",
-        "--max-lora-rank",
-        "8",
-        "--max-loras",
-        "2",
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "512",
-        "--enforce-eager",
-        "--max-num-seqs",
-        "4",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    log_file = root.parent / "vllm-serve.log"
+    serve = ResolverServe(default_model_dir(), root, tmp_path_factory.mktemp("cache"), log_file).start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_file.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after {START_TIMEOUT_S} s:\n{log_file.read_text()[-4000:]}")
-            time.sleep(2)
-        yield url, log_file
+        yield serve.url, log_file
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        serve.stop()
 
 
 def complete(url, model):
