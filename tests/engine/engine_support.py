@@ -37,3 +37,23 @@ def tokens(events: list[GenerationEvent]) -> list[int]:
 
 def text(events: list[GenerationEvent]) -> str:
     return "".join(e.text_delta for e in events)
+
+
+def bare_sequence(request: GenerationRequest, rank_reason: str = "base"):
+    """A base-model Sequence of `request` with no detokenizer, stop filter or generator (scheduler and
+    budget tests)."""
+    from matryoshka_lora.engine.sequence import Sequence
+
+    return Sequence(
+        request,
+        emit=lambda e: None,
+        adapter=None,
+        adapter_slot=-1,
+        rank=0,
+        scale=0.0,
+        rank_reason=rank_reason,
+        detokenizer=None,
+        stop_filter=None,
+        generator=None,
+        max_len=len(request.prompt_token_ids) + request.sampling.max_tokens,
+    )

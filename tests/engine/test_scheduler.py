@@ -11,6 +11,8 @@ from matryoshka_lora.engine.weights import ModelSpec
 from matryoshka_lora.errors import QueueFullError
 from matryoshka_lora.types import GenerationRequest, SamplingParams
 
+from .engine_support import bare_sequence
+
 SPEC = ModelSpec(1, 8, 2, 1, 4, 16, 32, 1e-5, 64)
 
 
@@ -18,19 +20,7 @@ def seq(tenant: str, i: int, prompt_len: int = 3) -> Sequence:
     req = GenerationRequest(
         f"{tenant}-{i}", tuple(range(1, prompt_len + 1)), SamplingParams(max_tokens=4), tenant=tenant
     )
-    return Sequence(
-        req,
-        emit=lambda e: None,
-        adapter=None,
-        adapter_slot=-1,
-        rank=0,
-        scale=0.0,
-        rank_reason="base",
-        detokenizer=None,
-        stop_filter=None,
-        generator=None,
-        max_len=prompt_len + 4,
-    )
+    return bare_sequence(req)
 
 
 def admitted_order(arrivals: list[str], max_num_seqs: int) -> list[str]:

@@ -9,22 +9,12 @@ from matryoshka_lora.engine.budget.rank_policy import promise
 from matryoshka_lora.engine.sequence import Sequence
 from matryoshka_lora.types import GenerationRequest, SamplingParams
 
+from ..engine_support import bare_sequence
+
 
 def running_seq(num_output: int, first_token_t: float | None, max_tokens: int = 64) -> Sequence:
     req = GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=max_tokens), latency_budget_ms=1000.0)
-    seq = Sequence(
-        req,
-        emit=lambda e: None,
-        adapter=None,
-        adapter_slot=-1,
-        rank=0,
-        scale=0.0,
-        rank_reason="budget",
-        detokenizer=None,
-        stop_filter=None,
-        generator=None,
-        max_len=3 + max_tokens,
-    )
+    seq = bare_sequence(req, "budget")
     seq.token_ids += [7] * num_output
     seq.first_token_t = first_token_t
     return seq
