@@ -81,3 +81,49 @@ def test_real_llama_server_with_a_converted_adapter(default_model, tmp_path):
     lora = convert_lora(llama, peft_dir, default_model_dir(), tmp_path / "lora.gguf")
     results = llama_cpp_peers(llama, default_gguf_path(), lora, "Reverse: a b c", 2, 4, 4, 2, tmp_path, repeats=1)
     assert [r.error for r in results] == [None] * 5, (tmp_path / "llama-server.log").read_text()[-2000:]
+
+
+CONVERTER = """import sys
+args = sys.argv[1:]
+open(args[args.index("--outfile") + 1], "wb").write(b"GGUF")
+"""
+
+
+def peers_context(tmp_path, model_dir):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(config=SimpleNamespace(model=str(model_dir), num_threads=1), out=tmp_path, prompt="hi " * 20)
+
+
+def test_the_peers_scenario_runs_llama_cpp_on_the_models_gguf_file(scripted, tmp_path, monkeypatch):
+    from matryoshka_lora.loadtest.scenarios.peers import llama_cpp_results
+
+    llama, log = scripted
+    (llama.source / "convert_lora_to_gguf.py").write_text(CONVERTER)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "weights.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr("matryoshka_lora.loadtest.llama_cpp.find_llama_cpp", lambda: llama)
+    results, why_not = llama_cpp_results(peers_context(tmp_path, model_dir), tmp_path / "peft", 3, 5)
+    assert why_not is None and [r.error for r in results] == [None] * 5
+    assert [r.system.split(",")[0] for r in results][:3] == [
+        "llama.cpp (base)",
+        "llama.cpp (LoRA)",
+        "llama.cpp (mixed LoRA scales 1/0/0.5)",
+    ]
+    argv = json.loads(Path(str(log) + ".argv").read_text())
+    assert str(model_dir / "weights.gguf") in argv and str(tmp_path / "peers" / "lora.gguf") in argv
+
+
+@pytest.mark.parametrize("built, has_gguf, why", [(False, True, "not built"), (True, False, "no GGUF file")])
+def test_the_peers_scenario_says_why_llama_cpp_did_not_run(scripted, tmp_path, monkeypatch, built, has_gguf, why):
+    from matryoshka_lora.loadtest.scenarios.peers import llama_cpp_results
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    if has_gguf:
+        (model_dir / "weights.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr("matryoshka_lora.loadtest.llama_cpp.find_llama_cpp", lambda: scripted[0] if built else None)
+    results, why_not = llama_cpp_results(peers_context(tmp_path, model_dir), tmp_path / "peft", 3, 5)
+    assert results == [] and why in why_not

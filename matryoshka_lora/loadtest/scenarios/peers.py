@@ -11,9 +11,12 @@ the workload's output tokens at once:
          vLLM base and LoRA, when --vllm-python names a venv with vLLM (its offline engine)
 and, with --vllm-python, the base model served by `vllm serve` over HTTP: the same client and
 burst as ours (U streamed /v1/completions at once, BURSTS times; loadtest/vllm_serve.py)
+and, where scripts/build_llama_cpp.sh has built it and the model has a GGUF file, llama.cpp's
+llama-server over HTTP on that file with the same PEFT adapter converted by its own converter: base,
+the LoRA, mixed LoRA scales 1/0/0.5 (it cannot serve a sub-rank), one user (loadtest/llama_cpp.py)
 goals    (ours at once, the like-for-like workload) > vLLM serve base over HTTP; > vLLM offline base;
          >= 4 x vLLM LoRA; >= 1.5 x static generate with PEFT; >= 2 x generate_batch (its PEFT run;
-         the base run if PEFT failed)
+         the base run if PEFT failed); >= 3 x llama.cpp's mixed LoRA scales
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ GOALS = (  # (peer system prefix, factor ours must reach, wording)
     ("vLLM (LoRA", 4.0, ">= 4x vLLM CPU with LoRA"),
     ("transformers generate (PEFT", 1.5, ">= 1.5x static generate with PEFT"),
     ("transformers generate_batch (PEFT", 2.0, ">= 2x generate_batch"),
+    ("llama.cpp (mixed LoRA scales", 3.0, ">= 3x llama.cpp's mixed LoRA scales"),
 )
 
 
@@ -68,6 +72,31 @@ def burst_phases(ctx: RunContext, num_requests: int) -> list[Phase]:
         )
         for i in range(BURSTS)
     ]
+
+
+def llama_cpp_results(ctx: RunContext, peft_dir, num_requests: int, max_tokens: int) -> tuple[list, str | None]:
+    """(llama.cpp's PeerResults, None), or ([], why it was not run)."""
+    import os
+
+    from matryoshka_lora.loadtest.llama_cpp import convert_lora, find_llama_cpp, llama_cpp_peers
+    from matryoshka_lora.loadtest.peers import PeerResult
+    from matryoshka_lora.models import gguf_source, resolve_model_dir
+
+    build, model_file = find_llama_cpp(), gguf_source(ctx.config.model)
+    if build is None or model_file is None:
+        why = "it is not built (bash scripts/build_llama_cpp.sh)" if build is None else "the model has no GGUF file"
+        return [], f"llama.cpp not run: {why}"
+    workdir = ctx.out / "peers"
+    try:
+        lora = convert_lora(build, peft_dir, resolve_model_dir(ctx.config.model), workdir / "lora.gguf")
+    except Exception as exc:  # the run goes on without it
+        log.warning("llama.cpp's converter failed: %s", exc)
+        return [PeerResult("llama.cpp (LoRA)", None, num_requests, max_tokens, error=str(exc))], None
+    threads = ctx.config.num_threads or os.cpu_count() or 1
+    results = llama_cpp_peers(
+        build, model_file, lora, ctx.prompt, num_requests, max_tokens, max_tokens, threads, workdir, BURSTS
+    )
+    return results, None
 
 
 def run(ctx: RunContext) -> ScenarioResult:
@@ -115,6 +144,10 @@ def run(ctx: RunContext) -> ScenarioResult:
         )
     else:
         result.notes.append("vLLM not run: pass --vllm-python VENV/bin/python (a venv with vLLM, e.g. .venv-vllm)")
+    llama_results, why_not = llama_cpp_results(ctx, peft_dir, users, max_tokens)
+    results += llama_results
+    if why_not:
+        result.notes.append(why_not)
     rows = [
         {
             "system": f"matryoshka-lora (mixed ranks, {users} at once, HTTP streaming)",
@@ -134,9 +167,9 @@ def run(ctx: RunContext) -> ScenarioResult:
     result.checks += [peer_goal(ours, rows, *g) for g in GOALS]
     result.notes.append(
         f"peers: {users} requests at once x {max_tokens} tokens on the fixed "
-        f"{len(ctx.prompt_ids)}-token prompt, in process (vLLM offline), and vLLM serve over HTTP "
-        "(the same client and burst as ours); ours: the same number at once over HTTP (the goals' "
-        "figure), and closed-loop users over HTTP"
+        f"{len(ctx.prompt_ids)}-token prompt, in process (vLLM offline), and vLLM serve and llama.cpp's "
+        "llama-server over HTTP (the same client and burst as ours); ours: the same number at once over "
+        "HTTP (the goals' figure), and closed-loop users over HTTP"
     )
     result.plots.append(plots.peers_bars(rows, ctx.out / "peers_throughput.png"))
     return result
