@@ -208,7 +208,7 @@ def train(
         Path, typer.Option("--out", help="Output adapter directory (checkpoints go to <out>-checkpoints/).")
     ],
     task: Annotated[
-        Optional[str], typer.Option("--task", help="Built-in task (add3, sort5, caesar, reverse, arithmetic).")
+        Optional[str], typer.Option("--task", help="Built-in task (add3, sort5, caesar, reverse, arithmetic, sst2).")
     ] = None,
     data: Annotated[
         Optional[Path], typer.Option("--data", help='JSONL of {"prompt","completion"} or {"messages": [...]}.')

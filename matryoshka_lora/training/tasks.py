@@ -5,7 +5,7 @@ Two kinds, one API (`task_examples(name, split, num)`, `score`):
 - generated (add3, sort5, caesar, reverse): made in code from a seeded `random.Random`, so the same
   (task, split, size) gives the same examples on every machine. The test split is drawn from its own
   seed, dev from another, and train skips the first 1000 test and 500 dev prompts.
-- dataset (arithmetic): rows of a real dataset that installs offline (`datasets.py`), split once by a
+- dataset (arithmetic, sst2): rows of a real dataset that installs offline (`datasets.py`), split once by a
   fixed seed; train/dev/test never share a row.
 
 Scoring (`score`): the model's completion is parsed with the task's parser and compared, as a string,
@@ -79,6 +79,17 @@ def parse_last_int(text: str) -> str:
     return found[-1] if found else ""
 
 
+def parse_label(labels: tuple[str, ...]) -> Callable[[str], str]:
+    """The first of `labels` that appears as a word in the first line ("It is Positive." -> "positive")."""
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, labels)) + r")\b")
+
+    def parse(text: str) -> str:
+        match = pattern.search(first_line(text))
+        return match.group(1) if match else ""
+
+    return parse
+
+
 def _add3(rng: random.Random) -> Example:
     a, b = rng.randint(100, 999), rng.randint(100, 999)
     return Example(f"What is {a} + {b}?", str(a + b))
@@ -122,6 +133,14 @@ TASKS: dict[str, Task] = {
             parse_last_int,
             12,
             datasets.BASIC_ARITHMETIC,
+        ),
+        Task(
+            "sst2",
+            "glue/sst2: is a film-review sentence positive or negative; answer = the first label word",
+            None,
+            parse_label(("positive", "negative")),
+            4,
+            datasets.SST2,
         ),
     )
 }

