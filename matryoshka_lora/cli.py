@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from matryoshka_lora.training.tasks import TASKS  # light: the task table, no torch
+
 app = typer.Typer(
     help="Train and serve nested-rank (Matryoshka) LoRA adapters: one adapter, every rank.",
     no_args_is_help=True,
@@ -207,9 +209,7 @@ def train(
     out: Annotated[
         Path, typer.Option("--out", help="Output adapter directory (checkpoints go to <out>-checkpoints/).")
     ],
-    task: Annotated[
-        Optional[str], typer.Option("--task", help="Built-in task (add3, sort5, caesar, reverse, arithmetic, sst2).")
-    ] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help=f"Built-in task ({', '.join(TASKS)}).")] = None,
     data: Annotated[
         Optional[Path], typer.Option("--data", help='JSONL of {"prompt","completion"} or {"messages": [...]}.')
     ] = None,
