@@ -214,7 +214,12 @@ def train(
         Optional[Path], typer.Option("--data", help='JSONL of {"prompt","completion"} or {"messages": [...]}.')
     ] = None,
     method: Annotated[
-        str, typer.Option("--method", help="lora | dylora | matryoshka (only the diagonal p differs).")
+        str,
+        typer.Option(
+            "--method",
+            help="lora | dylora | matryoshka | matryoshka-binary (only the diagonal p differs; "
+            "matryoshka-binary: the authors' mean form, p / number of train ranks).",
+        ),
     ] = "matryoshka",
     rank: Annotated[int, typer.Option("--rank", help="r_max: the adapter's largest rank.")] = 32,
     train_ranks: Annotated[
@@ -321,6 +326,12 @@ def eval_(
         Optional[str], typer.Option("--ranks", help="e.g. 1,2,4,8,16,32; default: each adapter's train ranks.")
     ] = None,
     num_test: Annotated[int, typer.Option("--num-test", help="Test examples (a fixed, seeded split).")] = 200,
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split", help="test | dev (for picking hyper-parameters; dev results are not stored in manifests)."
+        ),
+    ] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default: the task's.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the result JSON here.")] = None,
@@ -346,6 +357,7 @@ def eval_(
         task=task,
         ranks=_int_list(ranks, "--ranks"),
         num_test=num_test,
+        split=split,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         model=model,

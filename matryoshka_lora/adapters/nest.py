@@ -44,8 +44,8 @@ SOURCES: tuple[str, ...] = get_args(Source)
 
 
 def default_source(method: str) -> str:
-    """ "p" for a matryoshka adapter (its training forward), "r_max" for every other method."""
-    return "p" if method == "matryoshka" else "r_max"
+    """ "p" for a matryoshka adapter of either form (its training forward), "r_max" for every other method."""
+    return "p" if method.startswith("matryoshka") else "r_max"
 
 
 def trained_diagonal(manifest: AdapterManifest, source: str) -> torch.Tensor:
@@ -53,7 +53,7 @@ def trained_diagonal(manifest: AdapterManifest, source: str) -> torch.Tensor:
     if source not in SOURCES:
         raise ConfigError("nesting source", source, list(SOURCES))
     m = manifest
-    if source == "p" and m.method in ("lora", "matryoshka"):
+    if source == "p" and m.method in ("lora", "matryoshka", "matryoshka-binary"):
         d = build_p(m.method, m.r_max, m.train_ranks, m.scaling)
     else:
         d = torch.full((m.r_max,), rank_scale(m.r_max, m.scaling))

@@ -7,11 +7,13 @@ sorted set of train ranks:
     lora:        p_i = s_{r_max}                         every column always on (plain LoRA at r_max)
     dylora:      p_i = s_b if i < b else 0               b = this step's sampled rank, b in S
     matryoshka:  p_i = sum_{r in S, r > i} s_r           (0-based i) one pass trains every r in S
+    matryoshka-binary:  p_i = (1/|S|) sum_{r in S, r > i} s_r    the authors' "binary" masks (their mean)
 
 The matryoshka p makes one forward pass equal to the SUM of the rank-r sub-adapters' outputs
 (`s_r * x A[:, :r] B[:r]`) over r in S, i.e. |S| times the mean of the "binary" (masked) form
 `binary_matryoshka_delta`. The training objective is therefore the sum of the per-rank losses'
-first-order terms, at the cost of a single rank-r_max pass.
+first-order terms, at the cost of a single rank-r_max pass. `matryoshka-binary` trains that mean
+itself (the authors' `mask_type="binary"`), computed as the same single pass with p / |S|.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from matryoshka_lora.errors import ConfigError, check_count
 
-Method = Literal["lora", "dylora", "matryoshka"]
+Method = Literal["lora", "dylora", "matryoshka", "matryoshka-binary"]
 Scaling = Literal["none", "rank", "sqrt"]
 METHODS: tuple[str, ...] = get_args(Method)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
@@ -94,6 +96,8 @@ def build_p(method: str, r_max: int, train_ranks, scaling: str, sampled_rank: in
     else:
         for r in ranks:
             p[:r] += rank_scale(r, scaling)
+        if method == "matryoshka-binary":
+            p /= len(ranks)
     return p
 
 
@@ -113,7 +117,8 @@ def binary_matryoshka_delta(
 
         mean_{r in S} s_r * (x @ A[:, :r]) @ B[:r]
 
-    It equals the diagonal form `((x @ A) * build_p("matryoshka", ...)) @ B` divided by |S|.
+    It equals the diagonal form `((x @ A) * build_p("matryoshka", ...)) @ B` divided by |S|, which is
+    `build_p("matryoshka-binary", ...)`'s diagonal form.
     """
     ranks = normalize_train_ranks(train_ranks, lora_A.shape[1])
     total = sum(rank_scale(r, scaling) * ((x @ lora_A[:, :r]) @ lora_B[:r]) for r in ranks)

@@ -40,6 +40,7 @@ class EvalConfig:
     task: str
     ranks: tuple[int, ...] | None = None  # None = each adapter's train ranks
     num_test: int = 200
+    split: str = "test"  # "dev" picks hyper-parameters; only test results are stored in manifests
     batch_size: int = 50
     max_new_tokens: int | None = None  # None = the task's default
     model: str | None = None
@@ -48,6 +49,8 @@ class EvalConfig:
 
     def validate(self) -> EvalConfig:
         tasks.get_task(self.task)
+        if self.split not in ("dev", "test"):
+            raise ConfigError("eval split", self.split, ["dev", "test"])
         if not self.adapters:
             raise ConfigError("adapters", [], "at least one adapter directory")
         for name in ("num_test", "batch_size"):
@@ -141,7 +144,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate every adapter of `cfg` on its task; returns the result dict (see module doc)."""
     cfg.validate()
     task = tasks.get_task(cfg.task)
-    examples = tasks.task_examples(cfg.task, "test", cfg.num_test)
+    examples = tasks.task_examples(cfg.task, cfg.split, cfg.num_test)
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
     started = time.perf_counter()
     model, tokenizer = load_base_model(cfg.model)
@@ -172,6 +175,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     base = sweep(None, [0])[0]
     result = {
         "task": cfg.task,
+        "split": cfg.split,
         "num_test": len(examples),
         "base_model": model_id(model),
         "base_accuracy": base,
@@ -184,7 +188,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         accs = sweep(path, sweep_ranks(cfg.ranks, manifest))
         entry = summarize(manifest.name, path, manifest, accs, len(examples))
         result["adapters"].append(entry)
-        if cfg.update_manifests:
+        if cfg.update_manifests and cfg.split == "test":
             store.update_eval_results(path, manifest_results(result, entry))
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result

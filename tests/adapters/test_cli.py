@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from matryoshka_lora.adapters import demo, inject, store
+from matryoshka_lora.adapters.p import METHODS
 from matryoshka_lora.cli import app
 
 runner = CliRunner()
@@ -18,6 +19,11 @@ def test_help_lists_the_adapter_commands():
     for command in ("export", "import", "demo"):
         assert command in result.output
     assert "--rank" in runner.invoke(app, ["export", "--help"]).output
+
+
+def test_train_help_names_every_method():
+    text = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert " | ".join(METHODS) in text
 
 
 def make_peft(tiny_model_dir, out):

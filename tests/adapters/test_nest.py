@@ -35,6 +35,7 @@ def served_model(adapter):
             "p",
             [1 + 1 / 2 + 1 / 4 + 1 / 8] + [1 / 2 + 1 / 4 + 1 / 8] + [1 / 4 + 1 / 8] * 2 + [1 / 8] * 4,
         ),
+        ("matryoshka-binary", "none", "p", [1, 3 / 4, 1 / 2, 1 / 2, 1 / 4, 1 / 4, 1 / 4, 1 / 4]),
         ("matryoshka", "none", "r_max", [1] * 8),
         ("lora", "sqrt", "p", [8**-0.5] * 8),
         ("dylora", "rank", "p", [1 / 8] * 8),
@@ -49,15 +50,19 @@ def test_trained_diagonal(method, scaling, source, diagonal):
 
 
 def test_default_source_and_refusal():
-    assert [nest.default_source(m) for m in ("matryoshka", "lora", "dylora", "svd")] == ["p", "r_max", "r_max", "r_max"]
+    methods = ("matryoshka", "matryoshka-binary", "lora", "dylora", "svd")
+    assert [nest.default_source(m) for m in methods] == ["p", "p", "r_max", "r_max", "r_max"]
     with pytest.raises(ConfigError, match="nesting source"):
         nest.trained_diagonal(trained_adapter("lora", "none")[1].manifest, "full")
 
 
-@pytest.mark.parametrize("method, scaling", [("matryoshka", "none"), ("matryoshka", "sqrt"), ("lora", "rank")])
+@pytest.mark.parametrize(
+    "method, scaling",
+    [("matryoshka", "none"), ("matryoshka", "sqrt"), ("matryoshka-binary", "rank"), ("lora", "rank")],
+)
 def test_full_rank_reproduces_the_trained_function(method, scaling):
     model, adapter = trained_adapter(method, scaling)
-    if method == "matryoshka":  # the training forward: x A diag(p) B
+    if method.startswith("matryoshka"):  # the training forward: x A diag(p) B
         inject.set_p(model, build_p(method, 8, (1, 2, 4, 8), scaling))
         inject.set_inference_ranks(model, None)
     else:

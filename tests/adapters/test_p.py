@@ -60,6 +60,7 @@ def test_normalize_train_ranks_rejects(given, r_max):
         ("dylora", 4, (1, 2, 4), "sqrt", 4, [0.5] * 4),
         ("matryoshka", 4, (1, 2, 4), "none", None, [3, 2, 1, 1]),
         ("matryoshka", 4, (1, 2, 4), "rank", None, [1.75, 0.75, 0.25, 0.25]),
+        ("matryoshka-binary", 4, (1, 2, 4), "none", None, [1, 2 / 3, 1 / 3, 1 / 3]),
         ("matryoshka", 8, (2, 8), "sqrt", None, [1 / math.sqrt(2) + 1 / math.sqrt(8)] * 2 + [1 / math.sqrt(8)] * 6),
     ],
 )
@@ -99,4 +100,7 @@ def test_diagonal_form_equals_binary_form_times_num_ranks(scaling, ranks):
     torch.manual_seed(0)
     x, lora_A, lora_B = torch.randn(5, 6), torch.randn(6, 8), torch.randn(8, 7)
     diagonal = ((x @ lora_A) * build_p("matryoshka", 8, ranks, scaling)) @ lora_B
-    torch.testing.assert_close(diagonal / len(ranks), binary_matryoshka_delta(x, lora_A, lora_B, ranks, scaling))
+    binary = binary_matryoshka_delta(x, lora_A, lora_B, ranks, scaling)
+    torch.testing.assert_close(diagonal / len(ranks), binary)
+    one_pass = ((x @ lora_A) * build_p("matryoshka-binary", 8, ranks, scaling)) @ lora_B
+    torch.testing.assert_close(one_pass, binary)

@@ -98,21 +98,30 @@ def test_rank_sweep_matches_truncated_adapters_and_updates_manifest(tiny_model_d
     assert "tiny-adapter" in table and f"{100 * entry['aurac_log2']:.1f}" in table
 
 
-def test_unknown_backend_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="eval backend"):
-        ev.EvalConfig(adapters=(tmp_path,), task="reverse", backend="vllm").validate()
+@pytest.mark.parametrize("field, value", [("backend", "vllm"), ("split", "train")])
+def test_bad_eval_options_are_refused(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=f"eval {field}"):
+        ev.EvalConfig(adapters=(tmp_path,), task="reverse", **{field: value}).validate()
 
 
-def test_default_ranks_are_the_train_ranks_and_no_manifest_flag(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("split, update_manifests", [("test", False), ("dev", True)])
+def test_default_ranks_are_the_train_ranks_and_manifest_only_from_test(
+    tiny_model_dir, tmp_path, monkeypatch, split, update_manifests
+):
     monkeypatch.setitem(tasks.TASKS, "parity", parity_task())
     path = make_adapter(tiny_model_dir, tmp_path / "a")
-    result = ev.evaluate(
-        ev.EvalConfig(
-            adapters=(path,), task="parity", num_test=4, batch_size=4, model=str(tiny_model_dir), update_manifests=False
-        )
+    cfg = ev.EvalConfig(
+        adapters=(path,),
+        task="parity",
+        num_test=4,
+        split=split,
+        batch_size=4,
+        model=str(tiny_model_dir),
+        update_manifests=update_manifests,
     )
-    assert result["adapters"][0]["ranks"] == [1, 2, 4, 8]
-    assert store.load_adapter(path).manifest.eval_results is None
+    result = ev.evaluate(cfg)
+    assert result["adapters"][0]["ranks"] == [1, 2, 4, 8] and result["split"] == split
+    assert store.load_adapter(path).manifest.eval_results is None  # dev results pick settings, never ship
 
 
 @pytest.mark.slow  # the real default model

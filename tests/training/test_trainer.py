@@ -9,6 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from matryoshka_lora.adapters import inject, store
+from matryoshka_lora.adapters.p import METHODS
 from matryoshka_lora.errors import ConfigError
 from matryoshka_lora.training.trainer import (
     DyLoRACallback,
@@ -57,7 +58,7 @@ class GradRecorder(TrainerCallback):
         self.steps.append((rows_B, cols_A))
 
 
-@pytest.mark.parametrize("method", ["lora", "matryoshka", "dylora"])
+@pytest.mark.parametrize("method", METHODS)
 def test_p_decides_which_columns_get_gradients(tiny_model_dir, tmp_path, method):
     recorder = GradRecorder()
     trainer = build_trainer(tiny_config(tiny_model_dir, tmp_path / "a", method=method), [recorder])
@@ -68,7 +69,7 @@ def test_p_decides_which_columns_get_gradients(tiny_model_dir, tmp_path, method)
         widths = dylora.sampled_ranks  # b of each step
         assert widths == [dylora_rank(TRAIN_RANKS, 3, step) for step in range(3)]
     else:
-        widths = [{"lora": R_MAX, "matryoshka": max(TRAIN_RANKS)}[method]] * 3
+        widths = [R_MAX if method == "lora" else max(TRAIN_RANKS)] * 3
     b_trained = 0  # lora_B rows that are non-zero so far (B starts at zero)
     for (rows_B, cols_A), width in zip(recorder.steps, widths, strict=True):
         assert rows_B == set(range(width))
