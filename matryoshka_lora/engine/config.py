@@ -8,6 +8,19 @@ from matryoshka_lora.errors import ConfigError, check_count
 
 DEFAULT_MAX_MODEL_LEN = 2048
 WEIGHT_FORMATS = ("auto", "gguf", "float32")
+# Budget-controller layers that can be switched off, for A/B runs of what each one buys:
+#   hold     promises kept at admission: a waiting request may wait (may_admit), its prediction has the wait
+#   typical  `--budget-unmet refuse` refuses on the typical (median) prediction instead of the margin's
+BUDGET_LAYERS = ("hold", "typical")
+
+
+def check_layers_off(layers_off) -> tuple[str, ...]:
+    """The budget layers to switch off, as a tuple; ConfigError names any unknown one."""
+    layers = tuple(layers_off)
+    unknown = [layer for layer in layers if layer not in BUDGET_LAYERS]
+    if unknown:
+        raise ConfigError("budget layers off", unknown, list(BUDGET_LAYERS))
+    return layers
 
 
 @dataclass
@@ -30,6 +43,7 @@ class EngineConfig:
         results as float32, ~5x fewer bytes per step), "float32" on dequantised float32 panels (the
         reference), "auto" on the blocks where there is a GGUF file and the C kernels run, else float32.
     seed: seeds the sampler of requests that carry no seed.
+    budget_layers_off: budget-controller layers switched off, for A/B runs (BUDGET_LAYERS).
     warmup: run the warm-up and cost-model calibration at start.
     """
 
@@ -44,6 +58,7 @@ class EngineConfig:
     fused_kernels: bool = True
     weight_format: str = "auto"
     seed: int = 0
+    budget_layers_off: tuple[str, ...] = ()
     warmup: bool = True
 
     def __post_init__(self) -> None:
@@ -55,6 +70,7 @@ class EngineConfig:
         if self.weight_format not in WEIGHT_FORMATS:
             raise ConfigError("weight_format", self.weight_format, list(WEIGHT_FORMATS))
         check_count("num_threads", self.num_threads, allow_none=True)
+        self.budget_layers_off = check_layers_off(self.budget_layers_off)
 
     def resolve_max_model_len(self, model_max: int) -> int:
         """The effective max_model_len: the configured one (refused above the model's), else min(2048, model's)."""

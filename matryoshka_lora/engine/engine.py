@@ -106,7 +106,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv, config.max_num_batched_tokens, config.max_queue_len, lambda seq: self.budget.may_admit(seq)
         )
-        self.budget = BudgetController(self.scheduler, self.adapters, self.max_model_len)
+        self.budget = BudgetController(self.scheduler, self.adapters, self.max_model_len, config.budget_layers_off)
         self.lock = threading.Condition()
         self._seqs: dict[int, Sequence] = {}
         self._aborts: set[int] = set()

@@ -77,6 +77,7 @@ def build_backend(settings: ServerSettings) -> EngineBackend:
         fused_kernels=settings.fused_kernels,
         weight_format=settings.weight_format,
         seed=settings.seed,
+        budget_layers_off=tuple(settings.budget_layers_off),
     )
     return NativeBackend(config)
 

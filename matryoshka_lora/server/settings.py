@@ -86,6 +86,12 @@ class ServerSettings(BaseSettings):
         "within what the admitted budgets allow (shedding by deadline). Refuse sheds only what even the typical "
         "case (the median of observed / predicted latency) would serve late; the rest is served at the lowest rank.",
     )
+    budget_layers_off: Annotated[list[Literal["hold", "typical"]], NoDecode] = Field(
+        default_factory=list,
+        description="Native engine, for A/B runs of the budget controller (environment only, "
+        "MATRYOSHKA_BUDGET_LAYERS_OFF=hold,typical): hold = no request waits to keep a promised budget; "
+        "typical = refuse decides on the margin's prediction, not the typical one.",
+    )
     seed: int = Field(0, description="Seed of requests that carry none.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info",
@@ -94,9 +100,9 @@ class ServerSettings(BaseSettings):
     )
     access_log: bool = Field(True, description="Log one line per HTTP request (uvicorn's access log, at info).")
 
-    @field_validator("adapters", mode="before")
+    @field_validator("adapters", "budget_layers_off", mode="before")
     @classmethod
-    def _split_adapters(cls, value):
+    def _split_commas(cls, value):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value

@@ -226,14 +226,17 @@ def test_the_latency_margin_learns_from_promised_requests(make_engine, rank, bud
 
 
 @pytest.mark.parametrize(
-    "learned_ratios, outcome",
+    "learned_ratios, layers_off, outcome",
     [
-        ([0.5] * 10 + [3.0] * 6, "budget_unmet"),  # margin 3 (nothing fits), typical 1: likely in time, served
-        ([4.0] * 16, "refused"),  # typical 4: even the median case misses
-        ([1.0] * 16, "budget"),  # margin 1: rank 1 fits
+        ([0.5] * 10 + [3.0] * 6, (), "budget_unmet"),  # margin 3 (nothing fits), typical 1: likely in time, served
+        ([0.5] * 10 + [3.0] * 6, ("typical",), "refused"),  # the typical layer off: the margin decides
+        ([4.0] * 16, (), "refused"),  # typical 4: even the median case misses
+        ([1.0] * 16, (), "budget"),  # margin 1: rank 1 fits
     ],
 )
-def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(make_engine, learned_ratios, outcome):
+def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(
+    make_engine, learned_ratios, layers_off, outcome
+):
     """--budget-unmet refuse: a budget no rank meets under the margin (the 0.95 quantile of observed /
     predicted) is still served, at the lowest rank, when the median ratio's prediction meets it."""
     import dataclasses
@@ -241,7 +244,7 @@ def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(make_engi
     from matryoshka_lora.engine.budget.rank_policy import load_snapshot
     from matryoshka_lora.errors import BudgetUnmetError
 
-    engine = make_engine()
+    engine = make_engine(budget_layers_off=layers_off)
     now = time.perf_counter()
     for ratio in learned_ratios:
         engine.budget.cost_model.margin.observe(1.0, ratio, now)
@@ -262,8 +265,8 @@ def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(make_engi
     assert (events[0].rank == lowest) == (outcome == "budget_unmet")
 
 
-@pytest.mark.parametrize("slack_s, b_waits", [(0.5, True), (1e6, False)])
-def test_a_promise_holds_a_newcomer_that_would_make_it_late(make_engine, slack_s, b_waits):
+@pytest.mark.parametrize("slack_s, layers_off, b_waits", [(0.5, (), True), (1e6, (), False), (0.5, ("hold",), False)])
+def test_a_promise_holds_a_newcomer_that_would_make_it_late(make_engine, slack_s, layers_off, b_waits):
     """A cost model of seconds-long steps (1 s + 0.5 s per token; real steps take ms, so the budgets stand
     still): A is promised 10.5 s, B's 30-token prompt alone would cost it 15 s: B joins only when A has ended."""
     import dataclasses
@@ -272,7 +275,7 @@ def test_a_promise_holds_a_newcomer_that_would_make_it_late(make_engine, slack_s
 
     from matryoshka_lora.engine.budget.rank_policy import load_snapshot
 
-    engine = make_engine()
+    engine = make_engine(budget_layers_off=layers_off)
     engine.budget.cost_model.coef, engine.budget.cost_model.ema = np.array([1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]), 0.0
     a = request(0, "alpha", None, max_tokens=6)
     raw_s = engine.budget.cost_model.predict_latency(

@@ -24,6 +24,7 @@ from matryoshka_lora.engine.budget.cost_model import CostModel
 from matryoshka_lora.engine.budget.latency_margin import in_flight_ratios
 from matryoshka_lora.engine.budget.rank_policy import RankChoice, load_snapshot, resolve_rank
 from matryoshka_lora.engine.budget.step_features import step_features
+from matryoshka_lora.engine.config import check_layers_off
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.engine.sequence import Sequence
 from matryoshka_lora.types import GenerationRequest
@@ -32,11 +33,14 @@ log = logging.getLogger(__name__)
 
 
 class BudgetController:
-    def __init__(self, scheduler: Scheduler, adapters: AdapterSlots, max_model_len: int):
+    def __init__(self, scheduler: Scheduler, adapters: AdapterSlots, max_model_len: int, layers_off=()):
         self.scheduler = scheduler
         self.adapters = adapters
         self.max_model_len = max_model_len
-        self.cost_model = CostModel()
+        layers_off = check_layers_off(layers_off)
+        self.cost_model = CostModel(
+            hold_promises="hold" not in layers_off, refuse_on_typical="typical" not in layers_off
+        )
         self.arrivals = Arrivals()  # prompt and output tokens/s arriving, for the predictions
 
     def choose(self, request: GenerationRequest) -> RankChoice:
@@ -51,7 +55,7 @@ class BudgetController:
 
     def may_admit(self, seq: Sequence) -> bool:
         """The scheduler's admission check: joining now pushes no promised budget past it."""
-        if not any(s.promised_s for s in self.scheduler.running):
+        if not self.cost_model.hold_promises or not any(s.promised_s for s in self.scheduler.running):
             return True
         hold = self.cost_model.hold_s(
             load_snapshot(self.scheduler, admitted=False), seq.adapter_slot, seq.num_prompt_tokens, seq.rank

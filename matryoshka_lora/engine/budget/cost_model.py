@@ -150,7 +150,15 @@ def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 class CostModel:
-    def __init__(self, coef: np.ndarray | None = None, ema: float = 0.1, refit_every: int = 128, max_recent: int = 512):
+    def __init__(
+        self,
+        coef: np.ndarray | None = None,
+        ema: float = 0.1,
+        refit_every: int = 128,
+        max_recent: int = 512,
+        hold_promises: bool = True,
+        refuse_on_typical: bool = True,
+    ):
         # An uncalibrated default (seconds) so that predictions exist before warm-up.
         self.coef = coef if coef is not None else np.array([5e-3, 5e-4, 1e-7, 1e-5, 2e-4, 1e-7, 5e-4])
         self.correction = 1.0
@@ -159,6 +167,8 @@ class CostModel:
         self.recent: collections.deque[tuple[StepFeatures, float]] = collections.deque(maxlen=max_recent)
         self._since_refit = 0
         self.margin = LatencyMargin()
+        self.hold_promises = hold_promises  # False: no request waits for a promise; predictions have no hold
+        self.refuse_on_typical = refuse_on_typical  # False: a refusal is decided on the margin's prediction
 
     def fit(self, samples: list[tuple[StepFeatures, float]]) -> None:
         """Fit on warm-up samples (kept: every later refit includes them)."""
@@ -248,7 +258,7 @@ class CostModel:
     def hold_s(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, rank: int) -> float:
         """Seconds a new request (adapter `slot` at `rank`) waits before it may join the batch, 0 for at
         once: until every promise it would push past its budget lets it join (promises.py)."""
-        if not load.promises:
+        if not load.promises or not self.hold_promises:
             return 0.0
         active = load.num_running + load.num_admitted
         step = self._active_step_s(load)

@@ -121,7 +121,7 @@ def resolve_rank(
         margin,
     )
     reason = "budget" if met else "budget_unmet"
-    typical = None if met else predicted / margin * cost_model.margin.typical()
+    typical = None if met or not cost_model.refuse_on_typical else predicted / margin * cost_model.margin.typical()
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
             "%s: budget %.2f s -> rank %d (%s): predicted %.2f s = margin %.2f x [%s]%s; running %d, "

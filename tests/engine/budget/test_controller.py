@@ -62,3 +62,16 @@ def test_the_warm_up_fits_the_cost_model_and_gives_its_scratch_back(make_engine)
     assert (engine.budget.cost_model.coef != coef_before).any()
     assert engine.kv.num_free_slots == free_before
     assert engine.adapters.names() == names_before
+
+
+@pytest.mark.parametrize("layers_off, ok", [((), True), (("hold", "typical"), True), (("cache",), False)])
+def test_budget_layers_off_are_checked_where_they_enter(layers_off, ok):
+    from matryoshka_lora.engine.config import BUDGET_LAYERS, EngineConfig
+    from matryoshka_lora.errors import ConfigError
+
+    if ok:
+        assert EngineConfig(budget_layers_off=layers_off).budget_layers_off == layers_off
+    else:
+        with pytest.raises(ConfigError) as info:
+            EngineConfig(budget_layers_off=layers_off)
+        assert info.value.allowed == list(BUDGET_LAYERS)

@@ -256,6 +256,8 @@ JOINS = 61 * 0.014
 def test_a_newcomer_waits_while_it_would_break_a_promise(promises, rank, expected):
     model = CostModel(coef=LINEAR.copy())
     assert model.hold_s(promised_load(*promises), 2, 10, rank) == pytest.approx(expected)
+    unheld = CostModel(coef=LINEAR.copy(), hold_promises=False)  # the A/B switch: nobody waits
+    assert unheld.hold_s(promised_load(*promises), 2, 10, rank) == 0.0
 
 
 @pytest.mark.parametrize(
