@@ -1,11 +1,11 @@
 """Built-in tasks: fixed train/dev/test splits and an exact-match answer parser.
 
-Two kinds, one API (`task_examples(name, split, num)`, `score`):
+Two kinds, one API (`task_examples(name, split, num)`, `score`); the `TASKS` table names every task:
 
-- generated (add3, sort5, caesar, reverse): made in code from a seeded `random.Random`, so the same
+- generated (no `source`): made in code from a seeded `random.Random`, so the same
   (task, split, size) gives the same examples on every machine. The test split is drawn from its own
   seed, dev from another, and train skips the first 1000 test and 500 dev prompts.
-- dataset (arithmetic, sst2): rows of a real dataset that installs offline (`datasets.py`), split once by a
+- dataset (a `source`): rows of a real dataset that installs offline (`datasets.py`), split once by a
   fixed seed; train/dev/test never share a row.
 
 Scoring (`score`): the model's completion is parsed with the task's parser and compared, as a string,
