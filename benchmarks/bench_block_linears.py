@@ -4,8 +4,10 @@
 
 For each of qkv, o, gate_up, down (all 30 layers called in turn, so each call finds its weights out of
 cache, as in a decode step) and the lm_head: ms per call and GB/s of the weight bytes it reads, for the
-GGUF blocks (cpu_linear.BlockLinear) and the float32 panels (cpu_linear.PanelLinear) of the same
-weights, best of --repeats. Compare with benchmarks/bench_stream.py's read roof.
+GGUF blocks (cpu_linear.BlockLinear), the float32 panels (cpu_linear.PanelLinear) and the packed
+bfloat16 copy (bf16_linear.Bf16Linear, AMX where the CPU has it) of the same weights, best of
+--repeats. The row count where bf16 overtakes the blocks sets bf16_linear.MIN_WIDE_ROWS. Compare with
+benchmarks/bench_stream.py's read roof.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="1,2,6,16")
+    parser.add_argument("--rows", default="1,2,3,4,6,8,16,64,256")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from matryoshka_lora.engine.bf16_linear import Bf16Linear, bf16_linear_supported
     from matryoshka_lora.engine.cpu_kernels import load_step_ops
     from matryoshka_lora.engine.cpu_linear import BlockLinear, PanelLinear
     from matryoshka_lora.engine.gguf_weights import concat, read_blocks
@@ -46,13 +49,18 @@ def main() -> None:
     }
     threads = lambda: args.threads  # noqa: E731
     print(f"{args.threads} threads; ms per call (GB/s of weights read)")
-    print(f"{'linear':8s} {'rows':>4s} {'gguf blocks':>20s} {'float32 panels':>20s} {'speed-up':>9s}")
+    names = ["gguf", "float32"] + (["bf16"] if bf16_linear_supported() else [])
+    titles = {"gguf": "gguf blocks", "float32": "float32 panels", "bf16": "bf16 packed"}
+    print(f"{'linear':8s} {'rows':>4s} " + " ".join(f"{titles[n]:>20s}" for n in names) + "  f32/gguf  gguf/bf16")
     for name, weights in sets.items():
         formats = {
             "gguf": [BlockLinear(ops.lib, w, None, threads) for w in weights],
             "float32": [PanelLinear(ops.lib, w.dequantize(), None, threads) for w in weights],
         }
-        nbytes = {"gguf": formats["gguf"][0].num_bytes, "float32": formats["float32"][0].panels.numel() * 4}
+        if "bf16" in names:
+            formats["bf16"] = [Bf16Linear(w.dequantize()) for w in weights]
+        nbytes = {f: linears[0].num_bytes for f, linears in formats.items() if f != "float32"}
+        nbytes["float32"] = formats["float32"][0].panels.numel() * 4
         for rows in map(int, args.rows.split(",")):
             x = torch.randn(rows, weights[0].shape[1])
             best = {}
@@ -63,8 +71,10 @@ def main() -> None:
                         linear(x)
                     elapsed = (time.perf_counter() - started) / len(linears)
                     best[fmt] = min(best.get(fmt, elapsed), elapsed)
-            cells = [f"{best[f] * 1e3:8.3f} ({nbytes[f] / best[f] / 1e9:5.1f})" for f in ("gguf", "float32")]
-            print(f"{name:8s} {rows:4d} {cells[0]:>20s} {cells[1]:>20s} {best['float32'] / best['gguf']:8.2f}x")
+            cells = [f"{best[f] * 1e3:8.3f} ({nbytes[f] / best[f] / 1e9:5.1f})" for f in names]
+            ratio = f"{best['gguf'] / best['bf16']:9.2f}x" if "bf16" in best else ""
+            line = f"{name:8s} {rows:4d} " + " ".join(f"{c:>20s}" for c in cells)
+            print(f"{line}  {best['float32'] / best['gguf']:7.2f}x {ratio}")
 
 
 if __name__ == "__main__":

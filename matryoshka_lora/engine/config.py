@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from matryoshka_lora.errors import ConfigError, check_count
 
 DEFAULT_MAX_MODEL_LEN = 2048
-WEIGHT_FORMATS = ("auto", "gguf", "float32")
+WEIGHT_FORMATS = ("auto", "gguf", "gguf+bf16", "float32")
 # Budget-controller layers that can be switched off, for A/B runs of what each one buys:
 #   hold     promises kept at admission: a waiting request may wait (may_admit), its prediction has the wait
 #   typical  `--budget-unmet refuse` refuses on the typical (median) prediction instead of the margin's
@@ -40,8 +40,11 @@ class EngineConfig:
         and oneDNN linears, with a warning, without one).
     weight_format: how the C kernels store the base model's linears: "gguf" computes on the GGUF file's
         own Q4_1 / Q8_0 blocks (the embedded default's file, or the one .gguf in a model directory; same
-        results as float32, ~5x fewer bytes per step), "float32" on dequantised float32 panels (the
-        reference), "auto" on the blocks where there is a GGUF file and the C kernels run, else float32.
+        results as float32, ~5x fewer bytes per step), "gguf+bf16" on the blocks for steps of few rows
+        (decode) and on a packed bfloat16 copy for wide ones (prefill, many sequences; ~0.3 % error per
+        linear, engine/bf16_linear.py), "float32" on dequantised float32 panels (the reference), "auto"
+        on gguf+bf16 where the CPU has AMX bf16 tiles, else on the blocks, where there is a GGUF file and
+        the C kernels run, else float32.
     seed: seeds the sampler of requests that carry no seed.
     budget_layers_off: budget-controller layers switched off, for A/B runs (BUDGET_LAYERS).
     warmup: run the warm-up and cost-model calibration at start.

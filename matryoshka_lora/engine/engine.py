@@ -24,16 +24,17 @@ import torch
 
 from matryoshka_lora.adapters.store import adapter_dirs
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry, fuse_adapter, install_warmup_adapters
+from matryoshka_lora.engine.bf16_linear import split_packer
 from matryoshka_lora.engine.budget.controller import BudgetController
 from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.engine.cpu_kernels import load_step_ops
 from matryoshka_lora.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
-from matryoshka_lora.engine.gguf_weights import read_blocks
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.model_runner import BASE_SLOT, ModelRunner, StepItem
 from matryoshka_lora.engine.sampler import sample
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.engine.sequence import Sequence
+from matryoshka_lora.engine.weight_format import base_blocks, wide_in_bf16
 from matryoshka_lora.engine.weights import fuse_weights
 from matryoshka_lora.errors import ConfigError, EngineStoppedError, check_count
 from matryoshka_lora.types import EngineStats, GenerationRequest
@@ -47,36 +48,6 @@ def eos_token_ids(hf_model, tokenizer) -> frozenset[int]:
         value = getattr(source, "eos_token_id", None) if source is not None else None
         ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
     return frozenset(ids)
-
-
-def base_blocks(config: EngineConfig, ops, hf_model, loaded_from_config: bool) -> dict | None:
-    """The GGUF blocks the linears are computed on (config.weight_format), or None for float32.
-
-    "auto" looks for config.model's GGUF file only when the engine loaded config.model itself (a model
-    handed in may be another one); read_blocks keeps only tensors equal to hf_model's in any case."""
-    from matryoshka_lora.models import gguf_source
-
-    if config.weight_format == "float32":
-        return None
-    vectorized = getattr(ops, "vectorized", False)
-    source = gguf_source(config.model)
-    if config.weight_format == "gguf" and (source is None or not vectorized):
-        raise ConfigError(
-            "weight_format",
-            "gguf",
-            "float32 or auto: "
-            + (
-                "the C kernels' AVX2 GEMM is not running here"
-                if source is not None
-                else f"no single .gguf file found for model {config.model!r}"
-            ),
-        )
-    if source is None or not vectorized or (config.weight_format == "auto" and not loaded_from_config):
-        return None
-    blocks = read_blocks(source, hf_model)
-    if not blocks and config.weight_format == "gguf":
-        raise ConfigError("weight_format", "gguf", f"float32 or auto: no tensor of {source.name} equals the model's")
-    return blocks or None
 
 
 class LLMEngine:
@@ -93,10 +64,14 @@ class LLMEngine:
         self.model_name = model_id(hf_model)
         ops = load_step_ops(config.fused_kernels, torch.float32)  # fuse_weights stores float32
         blocks = base_blocks(config, ops, hf_model, loaded_from_config)
+        wide_bf16 = wide_in_bf16(config, blocks)
         self.weights = fuse_weights(
-            hf_model, batch_size_hint=min(config.max_num_seqs, 64), pack_linear=ops.pack_linear, blocks=blocks
+            hf_model,
+            batch_size_hint=min(config.max_num_seqs, 64),
+            pack_linear=split_packer(ops.pack_linear) if wide_bf16 else ops.pack_linear,
+            blocks=blocks,
         )
-        self.weight_format = "gguf" if blocks else "float32"
+        self.weight_format = ("gguf+bf16" if wide_bf16 else "gguf") if blocks else "float32"
         self.fingerprint = model_fingerprint(hf_model)
         self.eos_ids = eos_token_ids(hf_model, tokenizer)
         self.max_model_len = config.resolve_max_model_len(self.weights.spec.max_position_embeddings)

@@ -73,11 +73,13 @@ class ServerSettings(BaseSettings):
         description="Native engine: the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C "
         "kernels (built once with the system C compiler; torch ops when there is none).",
     )
-    weight_format: Literal["auto", "gguf", "float32"] = Field(
+    weight_format: Literal["auto", "gguf", "gguf+bf16", "float32"] = Field(
         "auto",
         description="Native engine with the C kernels: compute the base linears on the GGUF file's own Q4_1 / "
-        "Q8_0 blocks (gguf: the same results as float32 with ~5.6x fewer bytes per decode step), on float32 panels "
-        "(float32, the reference), or on the blocks where the model has a GGUF file (auto).",
+        "Q8_0 blocks (gguf: the same results as float32 with ~5.6x fewer bytes per decode step), on the blocks for "
+        "steps of few rows and a packed bfloat16 copy for wide ones (gguf+bf16: prefill and many sequences on the "
+        "CPU's AMX tiles, ~0.3 % error per linear), on float32 panels (float32, the reference), or on gguf+bf16 "
+        "where the CPU has AMX, else the blocks, where the model has a GGUF file (auto).",
     )
     budget_unmet: Literal["serve", "refuse"] = Field(
         "serve",

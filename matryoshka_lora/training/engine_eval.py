@@ -23,10 +23,19 @@ from matryoshka_lora.training.evaluate import accuracy
 log = logging.getLogger(__name__)
 
 
-def eval_engine(model, tokenizer, model_dir: str | None = None, max_num_seqs: int = 64, max_model_len: int = 512):
+def eval_engine(
+    model,
+    tokenizer,
+    model_dir: str | None = None,
+    max_num_seqs: int = 64,
+    max_model_len: int = 512,
+    weight_format: str = "auto",
+):
     """An engine over an already loaded base model, sized for offline batch evaluation, on the weights the
-    server computes with: model_dir's GGUF blocks where it has a GGUF file (the embedded default does)
-    and the C kernels run, else float32."""
+    server computes with. weight_format "auto" takes what a server started on model_dir takes: gguf+bf16
+    where the CPU has AMX bf16 tiles, else the GGUF blocks, where model_dir has a GGUF file (the embedded
+    default does) and the C kernels run, else float32; any other EngineConfig format is used as given."""
+    from matryoshka_lora.engine.bf16_linear import amx_bf16_supported
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
     from matryoshka_lora.errors import ConfigError
@@ -40,10 +49,15 @@ def eval_engine(model, tokenizer, model_dir: str | None = None, max_num_seqs: in
         warmup=False,
         model=model_dir,
     )
-    try:
-        return LLMEngine(EngineConfig(**values, weight_format="gguf"), model, tokenizer)
-    except ConfigError:  # no GGUF file for this model, or no AVX2 GEMM here: the float32 weights
-        return LLMEngine(EngineConfig(**values, weight_format="float32"), model, tokenizer)
+    if weight_format != "auto":
+        return LLMEngine(EngineConfig(**values, weight_format=weight_format), model, tokenizer)
+    # the engine's own "auto" keeps float32 for a model handed in; the formats here are tried in auto's order
+    for candidate in (["gguf+bf16"] if amx_bf16_supported() else []) + ["gguf"]:
+        try:
+            return LLMEngine(EngineConfig(**values, weight_format=candidate), model, tokenizer)
+        except ConfigError:  # no GGUF file for this model, or no AVX2 GEMM here
+            continue
+    return LLMEngine(EngineConfig(**values, weight_format="float32"), model, tokenizer)
 
 
 def prompt_ids(tokenizer, prompt: str) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from matryoshka_lora.adapters import inject, store
+from matryoshka_lora.engine.config import WEIGHT_FORMATS
 from matryoshka_lora.errors import ConfigError
 from matryoshka_lora.metrics import aurac
 from matryoshka_lora.models import load_base_model, model_id
@@ -46,6 +47,7 @@ class EvalConfig:
     model: str | None = None
     update_manifests: bool = True
     backend: str = "engine"  # "engine": the serving engine, all ranks in one batch; "hf": model.generate per rank
+    weight_format: str = "auto"  # the engine backend's base weights (EngineConfig.weight_format)
 
     def validate(self) -> EvalConfig:
         tasks.get_task(self.task)
@@ -60,6 +62,8 @@ class EvalConfig:
             raise ConfigError("ranks", self.ranks, "a non-empty list of ranks >= 0 (0 = base model)")
         if self.backend not in BACKENDS:
             raise ConfigError("eval backend", self.backend, list(BACKENDS))
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ConfigError("eval weight_format", self.weight_format, list(WEIGHT_FORMATS))
         self.adapters = tuple(Path(a) for a in self.adapters)
         return self
 
@@ -151,8 +155,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.backend == "engine":
         from matryoshka_lora.training import engine_eval
 
-        engine = engine_eval.eval_engine(model, tokenizer, cfg.model)
-        log.info("eval engine: base weights as %s", engine.weight_format)
+        engine = engine_eval.eval_engine(model, tokenizer, cfg.model, weight_format=cfg.weight_format)
+        weight_format = engine.weight_format
+        log.info("eval engine: base weights as %s", weight_format)
 
         def sweep(path, ranks):
             name = None if path is None else engine.load_adapter(str(path)).name
@@ -161,7 +166,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                 engine.unload_adapter(name)
             return accs
     else:
-        attached = False
+        attached, weight_format = False, "float32"
 
         def sweep(path, ranks):
             nonlocal model, tokenizer, attached
@@ -180,6 +185,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "base_model": model_id(model),
         "base_accuracy": base,
         "backend": cfg.backend,
+        "weight_format": weight_format,
         "adapters": [],
     }
     for path in cfg.adapters:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from matryoshka_lora.engine import cpu_kernels
+from matryoshka_lora.engine.bf16_linear import bf16_linear_supported
 from matryoshka_lora.engine.cpu_linear import BlockLinear, PanelLinear, pack_blocks
 from matryoshka_lora.engine.gguf_weights import BlockWeight
 
@@ -167,3 +168,55 @@ def test_without_the_avx2_gemm_the_linears_are_onednn(c_ops):
     if c_ops.vectorized:
         assert isinstance(c_ops.pack_linear(blocks.dequantize(), None, 16, blocks=blocks), BlockLinear)
         assert isinstance(c_ops.pack_linear(blocks.dequantize(), None, 16), PanelLinear)
+
+
+@pytest.mark.skipif(not bf16_linear_supported(), reason="oneDNN has no bfloat16 linear on this CPU")
+def test_gguf_bf16_format_is_the_blocks_for_narrow_steps_and_bf16_for_wide(gguf_model_dir, c_ops):
+    """Every linear of the gguf+bf16 engine gives the gguf engine's bits below MIN_WIDE_ROWS rows and
+    float32's result within bf16 error from it."""
+    from matryoshka_lora.engine.bf16_linear import MIN_WIDE_ROWS, SplitLinear
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.engine import LLMEngine
+
+    def linears(weight_format):
+        config = EngineConfig(
+            model=str(gguf_model_dir), max_num_seqs=4, max_model_len=64, warmup=False, weight_format=weight_format
+        )
+        engine = LLMEngine(config)
+        assert engine.weight_format == weight_format
+        layers = [(lw.qkv, lw.o, lw.gate_up, lw.down) for lw in engine.weights.layers]
+        return [linear for group in layers for linear in group] + [engine.weights.lm_head]
+
+    split, blocks, reference = linears("gguf+bf16"), linears("gguf"), linears("float32")
+    assert all(isinstance(linear, SplitLinear) for linear in split)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for s, b, f in zip(split, blocks, reference):
+            narrow = torch.randn(MIN_WIDE_ROWS - 1, s.wide.in_features, generator=gen)
+            assert torch.equal(s(narrow), b(narrow))
+            wide = torch.randn(MIN_WIDE_ROWS + 5, s.wide.in_features, generator=gen)
+            assert float((s(wide) - f(wide)).norm() / f(wide).norm()) < 1e-2
+
+
+def test_gguf_bf16_format_is_refused_without_a_bf16_linear(gguf_model_dir, c_ops, monkeypatch):
+    from matryoshka_lora.engine import weight_format
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.engine import LLMEngine
+    from matryoshka_lora.errors import ConfigError
+
+    monkeypatch.setattr(weight_format, "bf16_linear_supported", lambda: False)
+    with pytest.raises(ConfigError, match="gguf\\+bf16"):
+        LLMEngine(EngineConfig(model=str(gguf_model_dir), warmup=False, weight_format="gguf+bf16"))
+
+
+@pytest.mark.parametrize("amx, expected", [(True, "gguf+bf16"), (False, "gguf")])
+def test_auto_format_takes_bf16_for_wide_steps_only_on_amx(gguf_model_dir, c_ops, monkeypatch, amx, expected):
+    from matryoshka_lora.engine import weight_format
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.engine import LLMEngine
+
+    if amx and not bf16_linear_supported():
+        pytest.skip("oneDNN has no bfloat16 linear on this CPU")
+    monkeypatch.setattr(weight_format, "amx_bf16_supported", lambda: amx)
+    engine = LLMEngine(EngineConfig(model=str(gguf_model_dir), max_num_seqs=4, max_model_len=64, warmup=False))
+    assert engine.weight_format == expected

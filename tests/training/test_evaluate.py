@@ -82,6 +82,7 @@ def test_rank_sweep_matches_truncated_adapters_and_updates_manifest(tiny_model_d
     result = ev.evaluate(cfg)
     (entry,) = result["adapters"]
     assert entry["ranks"] == [1, 2, 8]  # 64 > r_max is dropped
+    assert result["weight_format"] == "float32"  # the tiny model has no GGUF file
     examples = tasks.task_examples("parity", "test", 15)
     expected = {
         str(r): truncated_reference(tiny_model_dir, path, tasks.TASKS["parity"], examples, r) for r in (1, 2, 8)
@@ -98,7 +99,7 @@ def test_rank_sweep_matches_truncated_adapters_and_updates_manifest(tiny_model_d
     assert "tiny-adapter" in table and f"{100 * entry['aurac_log2']:.1f}" in table
 
 
-@pytest.mark.parametrize("field, value", [("backend", "vllm"), ("split", "train")])
+@pytest.mark.parametrize("field, value", [("backend", "vllm"), ("split", "train"), ("weight_format", "int3")])
 def test_bad_eval_options_are_refused(tmp_path, field, value):
     with pytest.raises(ConfigError, match=f"eval {field}"):
         ev.EvalConfig(adapters=(tmp_path,), task="reverse", **{field: value}).validate()
