@@ -582,9 +582,8 @@ def serve(
         typer.Option(
             "--log-level",
             help="debug | info | warning | error; debug "
-            "also logs each latency-budget decision's prediction terms, each budgeted request's "
-            "real latency and each request held back to keep a promised budget [MATRYOSHKA_LOG_LEVEL; "
-            "info].",
+            "also logs each latency-budget decision's prediction terms and each budgeted request's "
+            "real latency [MATRYOSHKA_LOG_LEVEL; info].",
         ),
     ] = None,
     access_log: Annotated[

@@ -13,7 +13,7 @@ Modules, one job each:
     model_runner    scheduled batch -> tensors -> logits; sampler; detokenizer
     sequence, scheduler  a request's state; continuous batching with tenant fair share
     budget/         the latency-budget controller behind one object (controller.BudgetController: a
-                    request's budget -> a rank, admission that keeps promises, learning from steps)
+                    request's budget -> a rank, learning from steps and finished requests)
     engine          the loop
 """
 

@@ -9,9 +9,8 @@ from matryoshka_lora.errors import ConfigError, check_count
 DEFAULT_MAX_MODEL_LEN = 2048
 WEIGHT_FORMATS = ("auto", "gguf", "gguf+bf16", "float32")
 # Budget-controller layers that can be switched off, for A/B runs of what each one buys:
-#   hold     promises kept at admission: a waiting request may wait (may_admit), its prediction has the wait
 #   typical  `--budget-unmet refuse` refuses on the typical (median) prediction instead of the margin's
-BUDGET_LAYERS = ("hold", "typical")
+BUDGET_LAYERS = ("typical",)
 
 
 def check_layers_off(layers_off) -> tuple[str, ...]:

@@ -78,9 +78,7 @@ class LLMEngine:
         self.kv = KVCache(self.weights.spec, config.max_num_seqs, self.max_model_len)
         self.adapters = AdapterSlots(self.weights.spec, config.max_adapters)
         self.runner = ModelRunner(self.weights, self.kv, self.adapters.table, ops)
-        self.scheduler = Scheduler(
-            self.kv, config.max_num_batched_tokens, config.max_queue_len, lambda seq: self.budget.may_admit(seq)
-        )
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len)
         self.budget = BudgetController(self.scheduler, self.adapters, self.max_model_len, config.budget_layers_off)
         self.lock = threading.Condition()
         self._seqs: dict[int, Sequence] = {}

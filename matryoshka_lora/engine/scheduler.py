@@ -5,9 +5,7 @@ Per step, with a token budget of max_num_batched_tokens:
     2. running sequences still prefilling continue their prompt, in admission order, within the budget;
     3. waiting requests are admitted while a KV slot is free and budget is left, taking tenants in
        round-robin order (one request per tenant per turn), so one tenant's flood cannot starve
-       another tenant's requests; an admitted request starts its prefill in the same step. The request
-       whose turn it is joins only if `may_admit(it)` (the budget controller's: it breaks no promised budget,
-       budget/controller.py); else admission stops for this step and it keeps its turn.
+       another tenant's requests; an admitted request starts its prefill in the same step.
 The waiting queue is bounded (max_queue_len). The scheduler is not thread-safe: the engine holds its
 lock around every call.
 """
@@ -16,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.sequence import SeqStatus, Sequence
@@ -29,10 +26,8 @@ class Scheduler:
         kv: KVCache,
         max_num_batched_tokens: int,
         max_queue_len: int,
-        may_admit: Callable[[Sequence], bool] | None = None,
     ):
         self.kv = kv
-        self.may_admit = may_admit
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_queue_len = max_queue_len
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # tenant -> its queue, in turn order
@@ -50,10 +45,6 @@ class Scheduler:
 
     def waiting_seqs(self) -> list[Sequence]:
         return [s for q in self.waiting.values() for s in q]
-
-    def _peek_waiting(self) -> Sequence:
-        """The head of the tenant whose turn it is (there is one: num_waiting > 0)."""
-        return next(iter(self.waiting.values()))[0]
 
     def _next_waiting(self) -> Sequence:
         """Pop the head of the tenant whose turn it is, then move that tenant to the back."""
@@ -79,8 +70,6 @@ class Scheduler:
                 work.append((seq, n))
                 budget -= n
         while budget > 0 and self.kv.num_free_slots > 0 and self.num_waiting > 0:
-            if self.may_admit is not None and not self.may_admit(self._peek_waiting()):
-                break
             seq = self._next_waiting()
             seq.kv_slot = self.kv.allocate()
             seq.status = SeqStatus.RUNNING

@@ -49,7 +49,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     enqueue_t: float = field(default_factory=time.perf_counter)
     scheduled_t: float | None = None
-    held_t: float | None = None  # when admission first held it back to keep a promised budget
     first_token_t: float | None = None
 
     def __post_init__(self) -> None:

@@ -88,17 +88,16 @@ class ServerSettings(BaseSettings):
         "within what the admitted budgets allow (shedding by deadline). Refuse sheds only what even the typical "
         "case (the median of observed / predicted latency) would serve late; the rest is served at the lowest rank.",
     )
-    budget_layers_off: Annotated[list[Literal["hold", "typical"]], NoDecode] = Field(
+    budget_layers_off: Annotated[list[Literal["typical"]], NoDecode] = Field(
         default_factory=list,
         description="Native engine, for A/B runs of the budget controller (environment only, "
-        "MATRYOSHKA_BUDGET_LAYERS_OFF=hold,typical): hold = no request waits to keep a promised budget; "
-        "typical = refuse decides on the margin's prediction, not the typical one.",
+        "MATRYOSHKA_BUDGET_LAYERS_OFF=typical): typical = refuse decides on the margin's prediction, not the "
+        "typical one.",
     )
     seed: int = Field(0, description="Seed of requests that carry none.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info",
-        description="Log level (debug: each budget decision's terms, each budgeted request's real latency, "
-        "each request held back to keep a promised budget).",
+        description="Log level (debug: each budget decision's terms and each budgeted request's real latency).",
     )
     access_log: bool = Field(True, description="Log one line per HTTP request (uvicorn's access log, at info).")
 

@@ -263,31 +263,3 @@ def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(
     events = run(engine, [req])[req.request_id]
     assert events[0].rank_reason == outcome and events[-1].finish_reason == "length"
     assert (events[0].rank == lowest) == (outcome == "budget_unmet")
-
-
-@pytest.mark.parametrize("slack_s, layers_off, b_waits", [(0.5, (), True), (1e6, (), False), (0.5, ("hold",), False)])
-def test_a_promise_holds_a_newcomer_that_would_make_it_late(make_engine, slack_s, layers_off, b_waits):
-    """A cost model of seconds-long steps (1 s + 0.5 s per token; real steps take ms, so the budgets stand
-    still): A is promised 10.5 s, B's 30-token prompt alone would cost it 15 s: B joins only when A has ended."""
-    import dataclasses
-
-    import numpy as np
-
-    from matryoshka_lora.engine.budget.rank_policy import load_snapshot
-
-    engine = make_engine(budget_layers_off=layers_off)
-    engine.budget.cost_model.coef, engine.budget.cost_model.ema = np.array([1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]), 0.0
-    a = request(0, "alpha", None, max_tokens=6)
-    raw_s = engine.budget.cost_model.predict_latency(
-        load_snapshot(engine.scheduler), engine.adapters.get("alpha").slot, len(a.prompt_token_ids), 6, 8
-    )
-    a = dataclasses.replace(a, latency_budget_ms=(raw_s + slack_s) * 1000.0)  # 10.5 s predicted
-    b = request(1, None, None, max_tokens=3, prompt=tuple(range(1, 31)))
-    order: list[str] = []
-    engine.add_request(a, lambda e: order.append("A") if e.token_ids else None)
-    engine.step()  # A's prefill and first token: 5 tokens left
-    engine.add_request(b, lambda e: order.append("B") if e.token_ids else None)
-    while engine.scheduler.has_work():
-        engine.step()
-    assert order.count("A") == 6 and order.count("B") == 3
-    assert (order == ["A"] * 6 + ["B"] * 3) == b_waits

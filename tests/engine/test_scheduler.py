@@ -102,26 +102,3 @@ def test_remove_frees_slot_and_waiting_entry():
     sched.remove(b)
     sched.remove(a)
     assert kv.num_free_slots == 1 and sched.num_waiting == 0 and not sched.has_work()
-
-
-@pytest.mark.parametrize(
-    "held, expected",
-    [
-        (set(), ["A-1", "B-1", "A-2"]),
-        ({"B-1"}, ["A-1"]),  # B-1's turn and it may not join: admission stops, nobody overtakes it
-        ({"A-1"}, []),
-    ],
-)
-def test_may_admit_holds_the_request_whose_turn_it_is(held, expected):
-    sched = Scheduler(
-        KVCache(SPEC, 4, 16),
-        max_num_batched_tokens=1000,
-        max_queue_len=100,
-        may_admit=lambda s: s.request_id not in held,
-    )
-    for tenant, i in (("A", 1), ("A", 2), ("B", 1)):
-        sched.add(seq(tenant, i))
-    assert [s.request_id for s, _ in sched.schedule()] == expected
-    held.clear()  # allowed now: the held request keeps its turn
-    second = [s.request_id for s, _ in sched.schedule() if s.request_id not in expected]
-    assert second == ["A-1", "B-1", "A-2"][len(expected) :]

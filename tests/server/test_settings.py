@@ -37,8 +37,8 @@ def test_env_then_flags(monkeypatch, tmp_path):
     assert (s.port, s.max_num_seqs, [str(p) for p in s.adapters]) == (9001, 4, ["a1", "a2"])
     s = load_settings(port=9002, max_num_seqs=None)  # None = flag not given
     assert (s.port, s.max_num_seqs) == (9002, 4)
-    monkeypatch.setenv("MATRYOSHKA_BUDGET_LAYERS_OFF", "hold, typical")
-    assert load_settings().budget_layers_off == ["hold", "typical"]
+    monkeypatch.setenv("MATRYOSHKA_BUDGET_LAYERS_OFF", " typical ")
+    assert load_settings().budget_layers_off == ["typical"]
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,6 @@
 
     choose(request)                            at admission: the adapter slot and rank (rank_policy),
                                                then the request counts as an arrival (arrivals)
-    may_admit(seq)                             before a waiting request joins the batch: it pushes no
-                                               promised request past its budget (cost_model.hold_s)
     observe_step(items, lora_groups, seconds)  after every forward: refines the cost model
     observe_finished(done, now)                after every step: the latency margin learns from the
                                                promised requests, running and finished (latency_margin)
@@ -22,7 +20,7 @@ from matryoshka_lora.engine.adapter_slots import AdapterSlots
 from matryoshka_lora.engine.budget.arrivals import Arrivals
 from matryoshka_lora.engine.budget.cost_model import CostModel
 from matryoshka_lora.engine.budget.latency_margin import in_flight_ratios
-from matryoshka_lora.engine.budget.rank_policy import RankChoice, load_snapshot, resolve_rank
+from matryoshka_lora.engine.budget.rank_policy import RankChoice, resolve_rank
 from matryoshka_lora.engine.budget.step_features import step_features
 from matryoshka_lora.engine.config import check_layers_off
 from matryoshka_lora.engine.scheduler import Scheduler
@@ -38,9 +36,7 @@ class BudgetController:
         self.adapters = adapters
         self.max_model_len = max_model_len
         layers_off = check_layers_off(layers_off)
-        self.cost_model = CostModel(
-            hold_promises="hold" not in layers_off, refuse_on_typical="typical" not in layers_off
-        )
+        self.cost_model = CostModel(refuse_on_typical="typical" not in layers_off)
         self.arrivals = Arrivals()  # prompt and output tokens/s arriving, for the predictions
 
     def choose(self, request: GenerationRequest) -> RankChoice:
@@ -52,22 +48,6 @@ class BudgetController:
         max_tokens = min(request.sampling.max_tokens, self.max_model_len - num_prompt)
         self.arrivals.add(num_prompt, max_tokens, time.perf_counter())
         return choice
-
-    def may_admit(self, seq: Sequence) -> bool:
-        """The scheduler's admission check: joining now pushes no promised budget past it."""
-        if not self.cost_model.hold_promises or not any(s.promised_s for s in self.scheduler.running):
-            return True
-        hold = self.cost_model.hold_s(
-            load_snapshot(self.scheduler, admitted=False), seq.adapter_slot, seq.num_prompt_tokens, seq.rank
-        )
-        if hold > 0 and seq.held_t is None:
-            seq.held_t = time.perf_counter()
-            log.debug(
-                "%s waits (about %.2f s): joining now would end a promised request past its budget",
-                seq.request_id,
-                hold,
-            )
-        return hold == 0
 
     def observe_step(self, items, lora_groups, seconds: float) -> None:
         self.cost_model.observe(step_features(items, lora_groups), seconds)

@@ -25,10 +25,6 @@ The active set's decode rows of one adapter form one group at the largest rank a
 computes them (so joining an adapter already served at rank 64 costs rank 64 whatever its rank).
 `choose_rank` serves the highest candidate rank predicted to meet the budget, its predictions scaled by
 `margin` (latency_margin.py: learned from how long the requests predicted to fit really took).
-
-Promises are kept: a waiting request joins the batch only when no request promised its budget would
-end past it because of it (`hold_s`, asked by the scheduler before each admission; the rule and the
-wait it predicts, `hold`, are in promises.py).
 """
 
 from __future__ import annotations
@@ -41,7 +37,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from matryoshka_lora.engine.budget.latency_margin import LatencyMargin
-from matryoshka_lora.engine.budget.promises import Promise, hold_s
 from matryoshka_lora.engine.budget.step_features import FEATURES, PendingPrompt, StepFeatures, plan_prefill
 from matryoshka_lora.engine.lora_batch import MAX_MASKED_ROWS
 
@@ -65,7 +60,6 @@ class LoadSnapshot:
     num_prefilling: int = 0  # running sequences among them (not decode rows yet)
     prompt_tokens_per_s: float = 0.0  # recent arrival rate of prompt tokens (arrivals.RateMeter)
     decode_tokens_per_s: float = 0.0  # recent arrival rate of output tokens asked for (arrivals.RateMeter)
-    promises: tuple[Promise, ...] = ()  # the active set's requests served at a rank predicted to fit
 
     @property
     def pending_prefill(self) -> int:
@@ -80,10 +74,9 @@ MAX_STRETCH = 20.0  # rho -> 1: the prediction says "far beyond any budget" rath
 class LatencyParts:
     """One prediction's terms (seconds), for its total and for the debug log of budget decisions.
 
-    total = queue + hold + (prefill + decode) * stretch, times MAX_STRETCH when saturated"""
+    total = queue + (prefill + decode) * stretch, times MAX_STRETCH when saturated"""
 
     queue: float
-    hold: float  # waiting until the promises it would break let it join (promises.py)
     prefill: float
     decode: float  # the decode steps at `rows` rows
     stretch: float  # 1 / (1 - rho_p) from the prompt tokens arriving
@@ -92,13 +85,13 @@ class LatencyParts:
     @property
     def total(self) -> float:
         if self.rows is None:
-            return (self.queue + self.hold + self.prefill + self.decode) * MAX_STRETCH
-        return self.queue + self.hold + (self.prefill + self.decode) * self.stretch
+            return (self.queue + self.prefill + self.decode) * MAX_STRETCH
+        return self.queue + (self.prefill + self.decode) * self.stretch
 
     def describe(self) -> str:
         rows = "saturated" if self.rows is None else f"rows {self.rows:.1f}"
         return (
-            f"queue {self.queue:.2f} + hold {self.hold:.2f} + "
+            f"queue {self.queue:.2f} + "
             f"(prefill {self.prefill:.2f} + decode {self.decode:.2f}) "
             f"x stretch {self.stretch:.2f}, {rows}"
         )
@@ -156,7 +149,6 @@ class CostModel:
         ema: float = 0.1,
         refit_every: int = 128,
         max_recent: int = 512,
-        hold_promises: bool = True,
         refuse_on_typical: bool = True,
     ):
         # An uncalibrated default (seconds) so that predictions exist before warm-up.
@@ -167,7 +159,6 @@ class CostModel:
         self.recent: collections.deque[tuple[StepFeatures, float]] = collections.deque(maxlen=max_recent)
         self._since_refit = 0
         self.margin = LatencyMargin()
-        self.hold_promises = hold_promises  # False: no request waits for a promise; predictions have no hold
         self.refuse_on_typical = refuse_on_typical  # False: a refusal is decided on the margin's prediction
 
     def fit(self, samples: list[tuple[StepFeatures, float]]) -> None:
@@ -217,7 +208,6 @@ class CostModel:
         if ahead > 0:
             waves = math.ceil(ahead / load.max_num_seqs)
             queue = waves * max(load.mean_remaining, 1.0) * self._active_step_s(load)
-        hold = self.hold_s(load, slot, num_prompt_tokens, rank)
         own = PendingPrompt(num_prompt_tokens, 0, rank)
         prefill, _ = self._prefill_steps(load, (*load.pending_prompts, own))
         steps = max(max_tokens - 1, 0)
@@ -236,7 +226,7 @@ class CostModel:
         stretch = self.arrival_stretch(load.prompt_tokens_per_s)
         rows = sustained_rows(load.decode_tokens_per_s, 1.0 / stretch, active + 1, load.max_num_seqs, step_at)
         decode = steps * step_at(load.max_num_seqs if rows is None else rows)
-        return LatencyParts(queue, hold, prefill, decode, stretch, rows)
+        return LatencyParts(queue, prefill, decode, stretch, rows)
 
     def _active_step_s(self, load: LoadSnapshot) -> float:
         """A decode step of the active set as it stands."""
@@ -254,23 +244,6 @@ class CostModel:
             load.max_num_batched_tokens,
         )
         return sum(self.predict_step(f) for f in steps), len(steps)
-
-    def hold_s(self, load: LoadSnapshot, slot: int, num_prompt_tokens: int, rank: int) -> float:
-        """Seconds a new request (adapter `slot` at `rank`) waits before it may join the batch, 0 for at
-        once: until every promise it would push past its budget lets it join (promises.py)."""
-        if not load.promises or not self.hold_promises:
-            return 0.0
-        active = load.num_running + load.num_admitted
-        step = self._active_step_s(load)
-        step_with = self.predict_step(
-            StepFeatures(
-                active + 1, *decode_lora(load.adapters, slot, rank), load.context_sum + num_prompt_tokens, active + 1
-            )
-        )
-        pending_s, pending_steps = self._prefill_steps(load, load.pending_prompts)
-        own_s, own_steps = self._prefill_steps(load, (PendingPrompt(num_prompt_tokens, 0, rank),))
-        ahead, extra = pending_s - pending_steps * step, own_s - own_steps * step
-        return hold_s(load.promises, step, step_with - step, ahead, extra)
 
     def arrival_stretch(self, prompt_tokens_per_s: float) -> float:
         """1 / (1 - rho), rho = prompt tokens/s arriving x seconds per prefill token (capped at MAX_STRETCH)."""

@@ -20,8 +20,6 @@ from dataclasses import dataclass, replace
 from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry
 from matryoshka_lora.engine.budget.arrivals import Arrivals
 from matryoshka_lora.engine.budget.cost_model import CostModel, LoadSnapshot
-from matryoshka_lora.engine.budget.latency_margin import pace_s
-from matryoshka_lora.engine.budget.promises import Promise
 from matryoshka_lora.engine.budget.step_features import PendingPrompt
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.errors import UnknownAdapterError
@@ -40,11 +38,11 @@ class RankChoice:
     margin: float = 1.0  # the latency margin the prediction was scaled by
 
 
-def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None, admitted: bool = True) -> LoadSnapshot:
-    """The running set plus (`admitted`) the waiting requests that free KV slots will admit next: they all
-    run together; their promises; and the recent arrival rates of prompt tokens and of output tokens asked for."""
+def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None) -> LoadSnapshot:
+    """The running set plus the waiting requests that free KV slots will admit next: they all
+    run together; and the recent arrival rates of prompt tokens and of output tokens asked for."""
     running = scheduler.running
-    admitted_seqs = scheduler.waiting_seqs()[: scheduler.kv.num_free_slots] if admitted else []
+    admitted_seqs = scheduler.waiting_seqs()[: scheduler.kv.num_free_slots]
     active = running + admitted_seqs
     remaining = [max(s.max_len - len(s.token_ids), 0) for s in active]
     adapters: dict[int, tuple[int, int]] = {}  # slot -> (sequences, largest rank)
@@ -68,7 +66,6 @@ def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None, admitt
             if s.is_prefilling
         ),
         num_prefilling=sum(1 for s in running if s.is_prefilling),
-        promises=tuple(promise(s, n, now) for s, n in zip(active, remaining, strict=True) if s.promised_s),
     )
     if arrivals is None:
         return snapshot
@@ -77,17 +74,6 @@ def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None, admitt
         prompt_tokens_per_s=arrivals.prompt_tokens.rate(now),
         decode_tokens_per_s=arrivals.decode_tokens.rate(now),
     )
-
-
-def promise(seq, num_remaining: int, now: float) -> Promise:
-    """A promised sequence's budget left, tokens left and pace (latency_margin.pace_s; 0 before it counts)."""
-    budget_left_s = seq.request.latency_budget_ms / 1000.0 - (now - seq.enqueue_t)
-    pace = None
-    if seq.first_token_t is not None:
-        pace = pace_s(now - seq.first_token_t, seq.num_output_tokens, num_remaining)
-    if pace is None:
-        return Promise(budget_left_s, num_remaining)
-    return Promise(budget_left_s, num_remaining, pace, seq.num_output_tokens - 1)
 
 
 def resolve_rank(
@@ -141,11 +127,5 @@ def resolve_rank(
             load.decode_tokens_per_s,
             cost_model.correction,
         )
-        if parts.hold > 0:
-            log.debug(
-                "%s: waits for the promises (budget left s / tokens left / s per token): %s",
-                request.request_id,
-                ", ".join(f"{p.budget_left_s:.2f}/{p.num_remaining}/{p.seconds_per_token:.3f}" for p in load.promises),
-            )
     check_budget_met(request, reason, rank, predicted, typical)
     return RankChoice(entry, rank, reason, predicted, margin)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from matryoshka_lora.engine.budget.cost_model import CostModel, LoadSnapshot, nnls
-from matryoshka_lora.engine.budget.step_features import PendingPrompt, StepFeatures
+from matryoshka_lora.engine.budget.step_features import StepFeatures
 
 TRUE = np.array([4e-3, 2e-4, 5e-7, 2e-5, 1e-4, 3e-8, 6e-4])
 
@@ -207,101 +207,6 @@ def test_the_parts_add_up_to_the_prediction():
     snap = replace(load(num_running=4, num_waiting=2), prompt_tokens_per_s=500.0, decode_tokens_per_s=50.0)
     parts = model.predict_parts(snap, 2, 20, 32, 8)
     assert parts.rows is not None and parts.stretch > 1.0 and parts.prefill > 0 and parts.decode > 0
-    assert parts.total == pytest.approx(parts.queue + parts.hold + (parts.prefill + parts.decode) * parts.stretch)
+    assert parts.total == pytest.approx(parts.queue + (parts.prefill + parts.decode) * parts.stretch)
     assert model.predict_latency(snap, 2, 20, 32, 8) == parts.total
     assert "stretch" in parts.describe()
-
-
-# A step costs 10 ms + 1 ms per token + 10 us per LoRA row-rank, nothing else: the promise arithmetic by hand.
-LINEAR = np.array([0.01, 1e-3, 1e-5, 0.0, 0.0, 0.0, 0.0])
-
-
-def promised_load(*promises: tuple[float, int], pending_prefill: int = 0) -> LoadSnapshot:
-    from matryoshka_lora.engine.budget.cost_model import Promise
-
-    return LoadSnapshot(
-        4,
-        0,
-        8,
-        adapters=(),
-        context_sum=0,
-        mean_remaining=50.0,
-        max_num_batched_tokens=256,
-        pending_prompts=(PendingPrompt(pending_prefill),) if pending_prefill else (),
-        promises=tuple(Promise(b, n) for b, n in promises),
-    )
-
-
-# 4 decode rows: a step takes 14 ms; with a newcomer's row at rank r, 15 ms + 10 us x r; its 10-token
-# prompt is one chunk of 14 tokens (+ 10 x r LoRA row-ranks): 10 ms + 100 us x r more than a decode step.
-# A promise with 100 tokens left ends in 1.4 s without it, in 1.4 + 0.01 + 0.0001 r + 100 x (0.001 + 1e-5 r) with.
-# Held, the newcomer joins at the first token k (14 ms each) where the promise's remaining 100 - k tokens cost
-# it no more than the budget left: (100 - k) x (0.014 + 0.00101) + 0.0101 <= 1.45 - 0.014 k at rank 1: k = 61.
-JOINS = 61 * 0.014
-
-
-@pytest.mark.parametrize(
-    "promises, rank, expected",
-    [
-        ((), 1, 0.0),  # no promise: joins at once
-        (((5.0, 100),), 1, 0.0),  # ample: 1.51 s < 5 s
-        (((1.45, 100),), 1, JOINS),  # fits without it (1.4 s), not with it (1.511 s): waits 61 tokens
-        (((1.55, 100),), 1, 0.0),  # rank 1 keeps it (1.511 s)...
-        (((1.55, 100),), 64, 19 * 0.014),  # ...rank 64 does not (1.580 s): 0.0304 <= 0.00164 k
-        (((1.2, 100),), 1, 0.0),  # past its budget either way: holding would not save it
-        (((1.405, 100),), 1, 1.4),  # in time alone by 5 ms, less than the new prompt's prefill: until it ends
-        (((1.45, 100), (0.75, 50), (9.0, 10)), 1, JOINS),  # the longest wait among the promises it would break
-    ],
-)
-def test_a_newcomer_waits_while_it_would_break_a_promise(promises, rank, expected):
-    model = CostModel(coef=LINEAR.copy())
-    assert model.hold_s(promised_load(*promises), 2, 10, rank) == pytest.approx(expected)
-    unheld = CostModel(coef=LINEAR.copy(), hold_promises=False)  # the A/B switch: nobody waits
-    assert unheld.hold_s(promised_load(*promises), 2, 10, rank) == 0.0
-
-
-@pytest.mark.parametrize(
-    "seconds_per_token, expected",
-    [
-        (0.0, 0.0),  # no pace yet: the model's step, 14 ms: ends in 1.4 s alone, 1.511 s with it: within 1.55 s
-        (0.010, 0.0),  # faster than the model: the model's step counts
-        (0.0145, 8 * 0.014),  # its pace, 14.5 ms a token: 1.45 s without it, 1.561 s with it: 0.0111 <= 0.00151 k
-        (0.020, 81 * 0.014),  # late at its pace (2 s), in time at the model's step alone: held while its
-        # remaining tokens at 20 ms + the newcomer's share outrun the budget left (0.5612 <= 0.00701 k)
-    ],
-)
-def test_a_promise_behind_the_model_counts_at_its_own_pace(seconds_per_token, expected):
-    from dataclasses import replace
-
-    from matryoshka_lora.engine.budget.cost_model import Promise
-
-    model = CostModel(coef=LINEAR.copy())
-    load = replace(promised_load(), promises=(Promise(1.55, 100, seconds_per_token),))
-    assert model.hold_s(load, 2, 10, 1) == pytest.approx(expected)
-
-
-def test_pending_prefill_delays_the_promises_and_the_hold():
-    """200 prompt tokens pending (one 204-token chunk beside the 4 rows: 200 ms over a decode step)."""
-    model = CostModel(coef=LINEAR.copy())
-    assert model.hold_s(promised_load((1.45, 100), pending_prefill=200), 2, 10, 1) == 0.0  # 1.6 s: past it anyway
-    assert model.hold_s(promised_load((1.65, 100), pending_prefill=200), 2, 10, 1) == pytest.approx(0.2 + JOINS)
-
-
-def test_a_held_newcomer_joins_when_predicted():
-    """Run the promise forward at its pace, nobody joining: the hold ends when hold_s said it would."""
-    model = CostModel(coef=LINEAR.copy())
-    hold = model.hold_s(promised_load((1.45, 100)), 2, 10, 1)
-    for tokens_done in range(101):
-        later = promised_load((1.45 - tokens_done * 0.014, 100 - tokens_done))
-        if model.hold_s(later, 2, 10, 1) == 0.0:
-            break
-    assert tokens_done * 0.014 == pytest.approx(hold, abs=0.014)
-
-
-def test_the_prediction_starts_with_the_hold():
-    model = CostModel(coef=LINEAR.copy())
-    free, held = promised_load(), promised_load((1.45, 100))
-    parts = model.predict_parts(held, 2, 10, 32, 1)
-    assert parts.hold == pytest.approx(JOINS) and model.predict_parts(free, 2, 10, 32, 1).hold == 0.0
-    assert parts.total == pytest.approx(model.predict_parts(free, 2, 10, 32, 1).total + JOINS)
-    assert "hold 0.85" in parts.describe()
