@@ -10,9 +10,6 @@ the runs compare the controllers, not their probes). A variant switches layers o
     all          every layer
     no-typical   a refusal is decided on the margin's prediction instead of the typical (median) one
 
-(The promise hold, which let a waiting request join only when no promised one would end late, was
-A/B'd here on 7 Dec, 3 runs each, and removed: docs/performance.md, "Latency budget -> rank".)
-
 Per variant and rate step it prints the mean and the range over repeats of: hit rate (answered 200
 within the budget, over all requests offered: refused ones count as misses), refused share, and the
 hit rate of the requests served at a rank predicted to fit.

@@ -7,9 +7,9 @@ and computes
 
     y = float32(bf16(bf16(x) @ bf16(W).T))  (+ b in float32)     oneDNN accumulates in float32
 
-which runs on AMX tiles where the CPU has them (Sapphire Rapids and later): for a prefill chunk of
-128 rows that is ~10x the GGUF-block kernel, at a relative error of ~0.3 % per linear against float32
-(x and the output rounded to bf16's 8-bit mantissa).
+which runs on AMX tiles where the CPU has them (Sapphire Rapids and later), at a relative error of
+~0.3 % per linear against float32 (x and the output rounded to bf16's 8-bit mantissa); its speed per
+row count against the blocks: docs/performance.md, "Weight format".
 
 `SplitLinear` holds both copies and picks per call by the row count T (the tokens of the step):
 
@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-MIN_WIDE_ROWS = 7  # through 6 rows the blocks are at least even, from 8 bf16 is 1.2-2.7x (bench_block_linears.py)
+MIN_WIDE_ROWS = 7  # the row count from which bf16 beats the blocks (bench_block_linears.py)
 
 
 def bf16_linear_supported() -> bool:

@@ -34,7 +34,7 @@ from matryoshka_lora.engine.model_runner import BASE_SLOT, ModelRunner, StepItem
 from matryoshka_lora.engine.sampler import sample
 from matryoshka_lora.engine.scheduler import Scheduler
 from matryoshka_lora.engine.sequence import Sequence
-from matryoshka_lora.engine.weight_format import base_blocks, wide_in_bf16
+from matryoshka_lora.engine.weight_format import resolve_format
 from matryoshka_lora.engine.weights import fuse_weights
 from matryoshka_lora.errors import ConfigError, EngineStoppedError, check_count
 from matryoshka_lora.types import EngineStats, GenerationRequest
@@ -63,15 +63,13 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_name = model_id(hf_model)
         ops = load_step_ops(config.fused_kernels, torch.float32)  # fuse_weights stores float32
-        blocks = base_blocks(config, ops, hf_model, loaded_from_config)
-        wide_bf16 = wide_in_bf16(config, blocks)
+        self.weight_format, blocks = resolve_format(config, ops, hf_model, loaded_from_config)
         self.weights = fuse_weights(
             hf_model,
             batch_size_hint=min(config.max_num_seqs, 64),
-            pack_linear=split_packer(ops.pack_linear) if wide_bf16 else ops.pack_linear,
+            pack_linear=split_packer(ops.pack_linear) if self.weight_format == "gguf+bf16" else ops.pack_linear,
             blocks=blocks,
         )
-        self.weight_format = ("gguf+bf16" if wide_bf16 else "gguf") if blocks else "float32"
         self.fingerprint = model_fingerprint(hf_model)
         self.eos_ids = eos_token_ids(hf_model, tokenizer)
         self.max_model_len = config.resolve_max_model_len(self.weights.spec.max_position_embeddings)

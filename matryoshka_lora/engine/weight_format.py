@@ -48,10 +48,18 @@ def base_blocks(config: EngineConfig, ops, hf_model, loaded_from_config: bool) -
     return blocks or None
 
 
-def wide_in_bf16(config: EngineConfig, blocks: dict | None) -> bool:
-    """Whether wide steps run on a packed bfloat16 copy (weight format "gguf+bf16", or "auto" on AMX)."""
+def auto_formats() -> tuple[str, ...]:
+    """What "auto" tries, best first, where the model has a GGUF file: gguf+bf16 only on AMX."""
+    return (("gguf+bf16",) if amx_bf16_supported() else ()) + ("gguf", "float32")
+
+
+def resolve_format(config: EngineConfig, ops, hf_model, loaded_from_config: bool) -> tuple[str, dict | None]:
+    """(the format the linears compute on: "float32" | "gguf" | "gguf+bf16", the GGUF blocks or None);
+    ConfigError for a format asked for that cannot run here."""
     if config.weight_format == "gguf+bf16" and not bf16_linear_supported():
         raise ConfigError("weight_format", "gguf+bf16", "gguf, float32 or auto: oneDNN has no bfloat16 linear here")
-    if config.weight_format == "auto":
-        return blocks is not None and amx_bf16_supported()
-    return config.weight_format == "gguf+bf16"
+    blocks = base_blocks(config, ops, hf_model, loaded_from_config)
+    if blocks is None:
+        return "float32", None
+    wanted = auto_formats()[0] if config.weight_format == "auto" else config.weight_format
+    return ("gguf+bf16" if wanted == "gguf+bf16" else "gguf"), blocks

@@ -35,9 +35,9 @@ def eval_engine(
     server computes with. weight_format "auto" takes what a server started on model_dir takes: gguf+bf16
     where the CPU has AMX bf16 tiles, else the GGUF blocks, where model_dir has a GGUF file (the embedded
     default does) and the C kernels run, else float32; any other EngineConfig format is used as given."""
-    from matryoshka_lora.engine.bf16_linear import amx_bf16_supported
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
+    from matryoshka_lora.engine.weight_format import auto_formats
     from matryoshka_lora.errors import ConfigError
 
     max_model_len = min(max_model_len, model.config.max_position_embeddings)
@@ -49,15 +49,15 @@ def eval_engine(
         warmup=False,
         model=model_dir,
     )
-    if weight_format != "auto":
-        return LLMEngine(EngineConfig(**values, weight_format=weight_format), model, tokenizer)
-    # the engine's own "auto" keeps float32 for a model handed in; the formats here are tried in auto's order
-    for candidate in (["gguf+bf16"] if amx_bf16_supported() else []) + ["gguf"]:
+    # the engine's own "auto" keeps float32 for a model handed in (it may be another one than model_dir's):
+    # here it is model_dir's, so auto's formats are tried in its order
+    *candidates, last = auto_formats() if weight_format == "auto" else (weight_format,)
+    for candidate in candidates:
         try:
             return LLMEngine(EngineConfig(**values, weight_format=candidate), model, tokenizer)
         except ConfigError:  # no GGUF file for this model, or no AVX2 GEMM here
             continue
-    return LLMEngine(EngineConfig(**values, weight_format="float32"), model, tokenizer)
+    return LLMEngine(EngineConfig(**values, weight_format=last), model, tokenizer)
 
 
 def prompt_ids(tokenizer, prompt: str) -> tuple[int, ...]:
