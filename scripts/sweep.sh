@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The training sweeps of docs/results.md, one job at a time; each run's eval JSON lands in $OUT as it ends.
 #   bash scripts/sweep.sh TASK [OUT=runs/sweep-TASK]
-#   RUNS="lora matryoshka lora-r1 matryoshka-scaled matryoshka-slice" (the default; also lora-slice, lora-r4,
-#   lora-r16, dylora, matryoshka-binary)    LR=1e-3  SEED=0  EPOCHS (arithmetic 2, sst2 4)  NUM_TEST (arithmetic 600, sst2 500)
+#   RUNS="lora matryoshka lora-r1 matryoshka-scaled matryoshka-slice" (the default; also lora-slice, dylora,
+#   matryoshka-binary, and lora-rN for any rank N)    LR=1e-3  SEED=0  EPOCHS (arithmetic 2, sst2 4)  NUM_TEST (arithmetic 600, sst2 500)
 #   SPLIT=dev: evaluate on the dev split (all of it, for picking the lr) into NAME.dev.json instead
 # Common recipe: all 7 projections, batch 16, AdamW, linear decay, 5 % warm-up, scaling none, bf16 autocast
 # where the CPU has AVX512-BF16; eval: greedy, on the serving engine, ranks 1-32. Every output name ends in
@@ -44,7 +44,7 @@ run() {  # run NAME: train, then eval what it wrote
                  "${CLI[@]}" eval "$o-r32-raw" "$o-r32" "${EVAL[@]}" --out "$o$EXT" ;;
     lora-slice)  "${CLI[@]}" train "${COMMON[@]}" --method lora --rank 32 --slice-loss 1 --no-nest --out "$o-r32"
                  "${CLI[@]}" eval "$o-r32" "${EVAL[@]}" --out "$o$EXT" ;;
-    lora-r1|lora-r4|lora-r16)  # a plain LoRA trained at one rank alone: the per-rank reference
+    lora-r[0-9]*)  # a plain LoRA trained at one rank alone: the per-rank reference
                  local r=${name#lora-r}
                  "${CLI[@]}" train "${COMMON[@]}" --method lora --rank "$r" --train-ranks "$r" --no-nest --out "$o"
                  "${CLI[@]}" eval "$o" "${EVAL[@]}" --out "$o$EXT" ;;
