@@ -2,7 +2,8 @@
 # The training sweeps of docs/results.md, one job at a time; each run's eval JSON lands in $OUT as it ends.
 #   bash scripts/sweep.sh TASK [OUT=runs/sweep-TASK]
 #   RUNS="lora matryoshka lora-r1 matryoshka-scaled matryoshka-slice" (the default; also lora-slice, dylora,
-#   matryoshka-binary, and lora-rN for any rank N)    LR=1e-3  SEED=0  EPOCHS (arithmetic 2, sst2 4)  NUM_TEST (arithmetic 600, sst2 500)
+#   matryoshka-binary, matryoshka-sqrt (scaling sqrt), dylora-standard (any rank 1..32 per step, scaled
+#   by alpha / b with alpha 32: the DyLoRA paper's form), and lora-rN for any rank N)    LR=1e-3  SEED=0  EPOCHS (arithmetic 2, sst2 4)  NUM_TEST (arithmetic 600, sst2 500)
 #   SPLIT=dev: evaluate on the dev split (all of it, for picking the lr) into NAME.dev.json instead
 # Common recipe: all 7 projections, batch 16, AdamW, linear decay, 5 % warm-up, scaling none, bf16 autocast
 # where the CPU has AVX512-BF16; eval: greedy, on the serving engine, ranks 1-32. Every output name ends in
@@ -35,6 +36,13 @@ run() {  # run NAME: train, then eval what it wrote
     lora|matryoshka|matryoshka-binary|dylora)  # the raw adapter (-raw) and its SVD-nested form
                  "${CLI[@]}" train "${COMMON[@]}" --method "$name" --rank 32 --nest --out "$o-r32-nested"
                  "${CLI[@]}" eval "$o-r32-nested-raw" "$o-r32-nested" "${EVAL[@]}" --out "$o$EXT" ;;
+    matryoshka-sqrt)  # s_r = 1 / sqrt(r), alpha sqrt(32): rank 32 served at weight 1, as with scaling none
+                 "${CLI[@]}" train "${COMMON[@]/none/sqrt}" --method matryoshka --rank 32 --alpha 5.656854 --nest --out "$o-r32-nested"
+                 "${CLI[@]}" eval "$o-r32-nested-raw" "$o-r32-nested" "${EVAL[@]}" --out "$o$EXT" ;;
+    dylora-standard)  # b uniform in 1..32 each step, scaled by alpha / b (scaling rank, alpha 32)
+                 "${CLI[@]}" train "${COMMON[@]/none/rank}" --method dylora --rank 32 --train-ranks "$(seq -s, 1 32)" \
+                     --alpha 32 --nest --out "$o-r32-nested"
+                 "${CLI[@]}" eval "$o-r32-nested-raw" "$o-r32-nested" "${EVAL[@]}" --ranks 1,2,4,8,16,32 --out "$o$EXT" ;;
     matryoshka-scaled)  # needs the matryoshka run: its nested adapter plus a per-rank scale fitted on dev
                  local m="$OUT/matryoshka$SUFFIX-r32-nested"
                  rm -rf "$m-scaled"; cp -r "$m" "$m-scaled"
