@@ -1,6 +1,6 @@
 """Decode steps on the real default model, engine level (no HTTP), per build of the C kernels: ms per step.
 
-    .venv/bin/python benchmarks/bench_one_user.py [--adapter adapters/reverse-matryoshka@32] [--num-seqs 1]
+    .venv/bin/python benchmarks/bench_decode_step.py [--adapter adapters/reverse-matryoshka@32] [--num-seqs 1]
 
 For each build of the C kernels (`default`; `float-row`: -DML_NO_INT8_ROW, one row on float activations
 instead of int8 and VNNI; `avx2-gemm`: -DML_NO_AVX512_GEMM, the float32 panels and LoRA groups on the
