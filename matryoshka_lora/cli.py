@@ -332,7 +332,14 @@ def eval_(
             "--split", help="test | dev (for picking hyper-parameters; dev results are not stored in manifests)."
         ),
     ] = "test",
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="The hf backend's generate batch.")] = 50,
+    max_num_seqs: Annotated[
+        int,
+        typer.Option(
+            "--max-num-seqs",
+            help="The engine backend's sequences at once; 1 decodes every step as one user's (one-row kernels).",
+        ),
+    ] = 64,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default: the task's.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the result JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the rank-accuracy curves to this PNG.")] = None,
@@ -367,6 +374,7 @@ def eval_(
         num_test=num_test,
         split=split,
         batch_size=batch_size,
+        max_num_seqs=max_num_seqs,
         max_new_tokens=max_new_tokens,
         model=model,
         update_manifests=not no_manifest,

@@ -9,7 +9,8 @@
    Both run one routine, `tile_gemm`: y[rows, cols] (=|+=) x[rows, K] @ w[K, cols] for a panel w of
    NR = 16 columns, [K][16] (cols <= 16 of them kept). Its register-blocked
    micro-kernel computes MR = 6 rows x 16 columns at a time (12 AVX2 accumulators; each k's two
-   vectors of w are loaded once and used by 6 rows).
+   vectors of w are loaded once and used by 6 rows), or with AVX-512 12 rows x 16 columns (one vector
+   per k, one FMA per row; the same bits).
 
    Weights: a linear's W is stored once as panels (cpu_linear.PanelLinear): its outputs cut into panels
    of 16, each k-major, [num_panels][in_features][16], zero-padded, so each panel is one sequential
@@ -79,6 +80,35 @@ static inline __attribute__((always_inline)) void micro(const int mr, const int 
     SAVE_ROW(0, c00, c01) SAVE_ROW(1, c10, c11) SAVE_ROW(2, c20, c21)
     SAVE_ROW(3, c30, c31) SAVE_ROW(4, c40, c41) SAVE_ROW(5, c50, c51)
 }
+
+#if defined(__AVX512F__) && !defined(ML_NO_AVX512_GEMM)
+/* The same tile on AVX-512: each k's 16 weights in one vector, used by up to 12 rows (12 accumulators),
+   one FMA per row and k instead of two. Each output still sums over k in order with one FMA a term,
+   so it gives the AVX2 micro-kernel's bits. */
+#define TILE_ROWS 12
+#define FMA_ROW16(r, c) \
+    if (mr > r) c = _mm512_fmadd_ps(_mm512_set1_ps(x[r * x_stride + kk]), b, c);
+#define SAVE_ROW16(r, c) \
+    if (mr > r) _mm512_storeu_ps(acc + r * NR, c);
+
+static inline __attribute__((always_inline)) void micro16(const int mr, const int bf16, int64_t k, const float *x,
+                                                          int64_t x_stride, const void *w, const void *next,
+                                                          float *acc) {
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0,
+           c9 = c0, c10 = c0, c11 = c0;
+    const int64_t row_bytes = NR * (bf16 ? 2 : 4);
+    for (int64_t kk = 0; kk < k; kk++) {
+        if (next) _mm_prefetch((const char *)next + kk * row_bytes, _MM_HINT_T0);
+        const __m512 b = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w + kk)), 16))
+                              : _mm512_loadu_ps((const float *)w + kk * NR);
+        FMA_ROW16(0, c0) FMA_ROW16(1, c1) FMA_ROW16(2, c2) FMA_ROW16(3, c3) FMA_ROW16(4, c4) FMA_ROW16(5, c5)
+        FMA_ROW16(6, c6) FMA_ROW16(7, c7) FMA_ROW16(8, c8) FMA_ROW16(9, c9) FMA_ROW16(10, c10) FMA_ROW16(11, c11)
+    }
+    SAVE_ROW16(0, c0) SAVE_ROW16(1, c1) SAVE_ROW16(2, c2) SAVE_ROW16(3, c3) SAVE_ROW16(4, c4) SAVE_ROW16(5, c5)
+    SAVE_ROW16(6, c6) SAVE_ROW16(7, c7) SAVE_ROW16(8, c8) SAVE_ROW16(9, c9) SAVE_ROW16(10, c10) SAVE_ROW16(11, c11)
+}
+#endif
 #else
 static inline void micro(const int mr, const int bf16, int64_t k, const float *x, int64_t x_stride, const void *w,
                          const void *next, float *acc) {
@@ -106,6 +136,32 @@ static inline void micro(const int mr, const int bf16, int64_t k, const float *x
    bf16), next: the panel to prefetch meanwhile (or NULL). */
 static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const void *w, int64_t cols,
                       const void *next, float *y, int64_t y_stride, const float *bias, int accumulate, int bf16) {
+#ifdef TILE_ROWS
+    float acc[TILE_ROWS * NR];
+    for (int64_t m0 = 0; m0 < rows; m0 += TILE_ROWS) {
+        const float *xm = x + m0 * x_stride;
+        const int mr = (int)min64(rows - m0, TILE_ROWS);
+#define MICRO(n)                                             \
+    if (bf16) micro16(n, 1, k, xm, x_stride, w, next, acc); \
+    else micro16(n, 0, k, xm, x_stride, w, next, acc)
+        switch (mr) {
+            case 1: MICRO(1); break;
+            case 2: MICRO(2); break;
+            case 3: MICRO(3); break;
+            case 4: MICRO(4); break;
+            case 5: MICRO(5); break;
+            case 6: MICRO(6); break;
+            case 7: MICRO(7); break;
+            case 8: MICRO(8); break;
+            case 9: MICRO(9); break;
+            case 10: MICRO(10); break;
+            case 11: MICRO(11); break;
+            default: MICRO(12); break;
+        }
+#undef MICRO
+        store_rows(acc, mr, y + m0 * y_stride, y_stride, cols, bias, accumulate);
+    }
+#else
     float acc[MR * NR];
     for (int64_t m0 = 0; m0 < rows; m0 += MR) {
         const float *xm = x + m0 * x_stride;
@@ -125,6 +181,7 @@ static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride,
 #undef MICRO
         store_rows(acc, mr, y + m0 * y_stride, y_stride, cols, bias, accumulate);
     }
+#endif
 }
 
 void ml_panel_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const float *w, int64_t cols,

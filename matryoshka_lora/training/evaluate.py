@@ -42,7 +42,8 @@ class EvalConfig:
     ranks: tuple[int, ...] | None = None  # None = each adapter's train ranks
     num_test: int = 200
     split: str = "test"  # "dev" picks hyper-parameters; only test results are stored in manifests
-    batch_size: int = 50
+    batch_size: int = 50  # the hf backend's generate batch
+    max_num_seqs: int = 64  # the engine backend's sequences at once (1: every decode step one user's)
     max_new_tokens: int | None = None  # None = the task's default
     model: str | None = None
     update_manifests: bool = True
@@ -55,7 +56,7 @@ class EvalConfig:
             raise ConfigError("eval split", self.split, ["dev", "test"])
         if not self.adapters:
             raise ConfigError("adapters", [], "at least one adapter directory")
-        for name in ("num_test", "batch_size"):
+        for name in ("num_test", "batch_size", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), ">= 1")
         if self.ranks is not None and (not self.ranks or min(self.ranks) < 0):
@@ -155,7 +156,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.backend == "engine":
         from matryoshka_lora.training import engine_eval
 
-        engine = engine_eval.eval_engine(model, tokenizer, cfg.model, weight_format=cfg.weight_format)
+        engine = engine_eval.eval_engine(
+            model, tokenizer, cfg.model, max_num_seqs=cfg.max_num_seqs, weight_format=cfg.weight_format
+        )
         weight_format = engine.weight_format
         log.info("eval engine: base weights as %s", weight_format)
 
@@ -186,6 +189,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "base_accuracy": base,
         "backend": cfg.backend,
         "weight_format": weight_format,
+        "max_num_seqs": cfg.max_num_seqs if cfg.backend == "engine" else None,
         "adapters": [],
     }
     for path in cfg.adapters:

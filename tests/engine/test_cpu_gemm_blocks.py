@@ -1,5 +1,6 @@
 """cpu_gemm_blocks.c: BlockLinear on GGUF blocks gives the same bits as PanelLinear on the decoded float32
-weight (the AVX2 micro-kernels; the portable ones to float rounding; every row-tile remainder, partial panels, bias, threads), and an engine on a GGUF
+weight (the AVX2 micro-kernels; the portable ones to float rounding; every row-tile remainder, partial panels,
+bias, threads), one row on int8 activations what its float64 reference computes, and an engine on a GGUF
 model's blocks generates what its float32 engine does."""
 
 from __future__ import annotations
@@ -38,11 +39,27 @@ def lib(request, c_ops):
     return cpu_kernels._load(cpu_kernels.build_library(("-DML_PORTABLE_GEMM",)))
 
 
+def int8_row_reference(blocks: BlockWeight, x: torch.Tensor) -> torch.Tensor:
+    """What one_row_int8 computes (cpu_gemm_blocks.c), in float64 from x quantised per block of 32 as it does."""
+    num_kb = x.shape[1] // 32
+    xb = x.view(num_kb, 32)
+    amax = xb.abs().amax(1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    xq = torch.round(xb * inv[:, None])[None].double()
+    dx = (amax / torch.tensor(127.0)).double()
+    dots = (blocks.q.view(-1, num_kb, 32).double() * xq).sum(-1)  # [out, num_kb]
+    y = blocks.d.double() * dx * dots
+    if blocks.kind == "Q4_1":
+        y = y + blocks.m.double() * xb.sum(1).double()
+    return y.sum(1)[None].float()
+
+
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_block_linear_equals_float32_panels_bit_for_bit(lib, kind, shape, rows, with_bias):
+    """From 2 rows up (and 1 without int8 rows) the decoded weights' product; one int8 row its own reference."""
     out_f, in_f = SHAPES[shape]
     blocks = random_blocks(kind, out_f, in_f, seed=rows + out_f)
     gen = torch.Generator().manual_seed(rows)
@@ -50,6 +67,11 @@ def test_block_linear_equals_float32_panels_bit_for_bit(lib, kind, shape, rows, 
     x = torch.randn(rows, in_f, generator=gen)
     got = BlockLinear(lib, blocks, bias, lambda: 2)(x)
     panels = PanelLinear(lib, blocks.dequantize(), bias, lambda: 2)(x)
+    if rows == 1 and lib.ml_blocks_int8_row():
+        want = int8_row_reference(blocks, x) + (bias if with_bias else 0)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert float((got - panels).norm() / panels.norm()) < 1e-2  # int8 activations: ~0.5 % here
+        return
     if lib.ml_gemm_vectorized() and rows != 1:  # the same FMAs in the same order: the same bits
         assert torch.equal(got, panels)
     else:  # one row (block sums first), or plain C loops, which -fassociative-math may reorder
@@ -59,16 +81,34 @@ def test_block_linear_equals_float32_panels_bit_for_bit(lib, kind, shape, rows, 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
-def test_one_row_equals_the_bit_exact_path(c_ops, kind, shape):
-    """The one-row kernel (block sums first) against the same library built with ML_EXACT_BLOCKS."""
+def test_one_row_equals_the_bit_exact_path(kind, shape):
+    """The float one-row kernel (block sums first) against the same library built with ML_EXACT_BLOCKS."""
     exact = cpu_kernels._load(cpu_kernels.build_library(("-DML_EXACT_BLOCKS",)))
+    float_row = cpu_kernels._load(cpu_kernels.build_library(("-DML_NO_INT8_ROW",)))
     out_f, in_f = SHAPES[shape]
     blocks = random_blocks(kind, out_f, in_f, seed=out_f)
     x = torch.randn(1, in_f)
-    got = BlockLinear(c_ops.lib, blocks, None, lambda: 2)(x)
+    got = BlockLinear(float_row, blocks, None, lambda: 2)(x)
     want = BlockLinear(exact, blocks, None, lambda: 2)(x)
+    assert not exact.ml_blocks_int8_row() and not float_row.ml_blocks_int8_row()
     assert torch.equal(want, PanelLinear(exact, blocks.dequantize(), None, lambda: 2)(x))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize(
+    "x",
+    [torch.zeros(1, 64), torch.full((1, 64), -3.0), torch.arange(64.0)[None] - 20, torch.randn(1, 64) * 1e4],
+    ids=["zeros", "constant", "ramp", "large"],
+)
+def test_int8_row_edge_inputs(c_ops, kind, x):
+    """A zero block (scale 0), a block at -amax (xq = -127), exact ramps and large values."""
+    if not c_ops.lib.ml_blocks_int8_row():
+        pytest.skip("no AVX512-VNNI + VBMI: one row runs on float activations")
+    blocks = random_blocks(kind, 40, 64, seed=7)
+    torch.testing.assert_close(
+        BlockLinear(c_ops.lib, blocks, None, lambda: 2)(x), int8_row_reference(blocks, x), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3])

@@ -1,0 +1,125 @@
+"""Decode steps on the real default model, engine level (no HTTP), per build of the C kernels: ms per step.
+
+    .venv/bin/python benchmarks/bench_decode_step.py [--adapter adapters/reverse-matryoshka@32] [--num-seqs 1]
+
+For each build of the C kernels (`default`; `float-row`: -DML_NO_INT8_ROW, one row on float activations
+instead of int8 and VNNI; `avx2-gemm`: -DML_NO_AVX512_GEMM, the float32 panels and LoRA groups on the
+AVX2 micro-kernel; `before`: both) the engine decodes --num-seqs requests of --tokens tokens after a
+16-token prompt each (greedy, EOS ignored), --repeats times, every linear, LoRA group and op on that
+build. Printed: ms per decode step (median; prefill excluded) and, from one more run with the GGUF-block
+linears timed, their time per step (lm_head included) and GB/s of weight bytes for one-row steps.
+Compare with benchmarks/bench_stream.py's read roof. Measure on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def block_linears(engine):
+    """Every BlockLinear the engine's decode steps run (the narrow side of a SplitLinear)."""
+    from matryoshka_lora.engine.cpu_linear import BlockLinear
+
+    weights = engine.weights
+    found = [lin for layer in weights.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    found.append(weights.lm_head)
+    found = [getattr(lin, "narrow", lin) for lin in found]
+    return [lin for lin in found if isinstance(lin, BlockLinear)]
+
+
+BUILDS = {"default": (), "float-row": ("-DML_NO_INT8_ROW",), "avx2-gemm": ("-DML_NO_AVX512_GEMM",)}
+BUILDS["before"] = BUILDS["float-row"] + BUILDS["avx2-gemm"]
+
+
+def decode(engine, prompt: list[int], tokens: int, num_seqs: int, adapter, rank) -> float:
+    """Seconds per decode step of num_seqs requests started together, the prefill step excluded."""
+    from matryoshka_lora.types import GenerationRequest, SamplingParams
+
+    stamps: list[float] = []
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    for i in range(num_seqs):
+        callback = (lambda event: stamps.append(time.perf_counter())) if i == 0 else (lambda event: None)
+        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter, rank), callback)
+    while engine.scheduler.has_work():
+        engine.step()
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def use_build(engine, linears, lib) -> None:
+    """Point every C linear, LoRA group and op of the engine at `lib`."""
+    from matryoshka_lora.engine.cpu_linear import PanelLinear
+
+    engine.runner.ops.lib = lib
+    weights = engine.weights
+    for lin in [lin for layer in weights.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]:
+        if isinstance(getattr(lin, "narrow", lin), PanelLinear):
+            getattr(lin, "narrow", lin).lib = lib
+    for lin in linears:
+        lin.lib = lib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", help="DIR@RANK: decode with this adapter at this rank")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--num-seqs", type=int, default=1)
+    parser.add_argument("--builds", default="default,float-row,avx2-gemm,before")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from matryoshka_lora.engine import cpu_kernels
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.cpu_linear import BlockLinear
+    from matryoshka_lora.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(max_num_seqs=max(4, args.num_seqs), max_model_len=512, num_threads=args.threads))
+    adapter, rank = None, None
+    if args.adapter:
+        path, rank = args.adapter.rsplit("@", 1)
+        adapter, rank = engine.load_adapter(path).name, int(rank)
+    linears = block_linears(engine)
+    libs = {name: cpu_kernels._load(cpu_kernels.build_library(BUILDS[name])) for name in args.builds.split(",")}
+    num_bytes = sum(lin.num_bytes for lin in linears)
+    prompt = engine.tokenizer.encode("Reverse this list of letters: q v k q f m a")[:16]
+    prompt += [prompt[-1]] * (16 - len(prompt))
+    print(
+        f"weight format {engine.weight_format}, {args.num_seqs} sequences, adapter {args.adapter or 'none'}; "
+        f"{len(linears)} block linears, {num_bytes / 1e6:.1f} MB"
+    )
+    print(f"{'build':10s} {'ms/step':>8s} {'tok/s':>7s} {'blocks ms':>10s} {'share':>6s} {'GB/s':>6s}")
+    for name, lib in libs.items():
+        use_build(engine, linears, lib)
+        decode(engine, prompt, 8, args.num_seqs, adapter, rank)  # warm-up
+        per_step = statistics.median(
+            decode(engine, prompt, args.tokens, args.num_seqs, adapter, rank) for _ in range(args.repeats)
+        )
+        spent = [0.0]
+        call = BlockLinear.__call__
+
+        def timed(self, x, call=call):
+            started = time.perf_counter()
+            y = call(self, x)
+            spent[0] += time.perf_counter() - started
+            return y
+
+        BlockLinear.__call__ = timed
+        try:
+            timed_step = decode(engine, prompt, args.tokens, args.num_seqs, adapter, rank)
+        finally:
+            BlockLinear.__call__ = call
+        blocks_ms = spent[0] / (args.tokens - 1) * 1e3
+        gbs = f"{num_bytes / (blocks_ms / 1e3) / 1e9:6.1f}" if args.num_seqs == 1 else f"{'':6s}"
+        print(
+            f"{name:10s} {per_step * 1e3:8.2f} {args.num_seqs / per_step:7.1f} {blocks_ms:10.2f} "
+            f"{blocks_ms / (timed_step * 1e3):6.0%} {gbs}"
+        )
+
+
+if __name__ == "__main__":
+    main()
