@@ -6,14 +6,18 @@ For each build of the C kernels (`default`; `float-row`: -DML_NO_INT8_ROW, one r
 instead of int8 and VNNI; `avx2-gemm`: -DML_NO_AVX512_GEMM, the float32 panels and LoRA groups on the
 AVX2 micro-kernel; `before`: both) the engine decodes --num-seqs requests of --tokens tokens after a
 16-token prompt each (greedy, EOS ignored), --repeats times, every linear, LoRA group and op on that
-build. Printed: ms per decode step (median; prefill excluded) and, from one more run with the GGUF-block
-linears timed, their time per step (lm_head included) and GB/s of weight bytes for one-row steps.
-Compare with benchmarks/bench_stream.py's read roof. Measure on a quiet machine.
+build. Printed: ms per decode step (median; prefill excluded), and from one more run with each part
+timed, ms per step in the GGUF-block linears (lm_head included; with their GB/s of weight bytes for
+one sequence), the LoRA groups, decode attention, RoPE + cache write, RMSNorm, SiLU-mul, and the rest
+(the Python between the kernels, sampling, the scheduler). Compare with benchmarks/bench_stream.py's
+read roof. Measure on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import statistics
 import time
 
@@ -62,6 +66,39 @@ def use_build(engine, linears, lib) -> None:
         lin.lib = lib
 
 
+@contextlib.contextmanager
+def timed_parts(engine):
+    """Seconds spent in each GGUF-block linear call ("blocks") and each C op of the engine's ops, while open.
+    The timers' own cost (~0.5 us a call, ~400 calls a one-row step) lands in the parts."""
+    from matryoshka_lora.engine.cpu_linear import BlockLinear
+
+    spent: collections.Counter = collections.Counter()
+    ops = engine.runner.ops
+    patched = [(BlockLinear, "__call__", "blocks")] + [
+        (type(ops), name, name)
+        for name in ("lora_grouped_", "decode_attention", "rope_and_cache", "rms_norm", "silu_mul")
+    ]
+    originals = [(cls, name, getattr(cls, name)) for cls, name, _ in patched]
+
+    def timer(fn, label):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - started
+
+        return timed
+
+    for (cls, name, label), (_, _, fn) in zip(patched, originals):
+        setattr(cls, name, timer(fn, label))
+    try:
+        yield spent
+    finally:
+        for cls, name, fn in originals:
+            setattr(cls, name, fn)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", help="DIR@RANK: decode with this adapter at this rank")
@@ -75,7 +112,6 @@ def main() -> None:
 
     from matryoshka_lora.engine import cpu_kernels
     from matryoshka_lora.engine.config import EngineConfig
-    from matryoshka_lora.engine.cpu_linear import BlockLinear
     from matryoshka_lora.engine.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(max_num_seqs=max(4, args.num_seqs), max_model_len=512, num_threads=args.threads))
@@ -92,32 +128,24 @@ def main() -> None:
         f"weight format {engine.weight_format}, {args.num_seqs} sequences, adapter {args.adapter or 'none'}; "
         f"{len(linears)} block linears, {num_bytes / 1e6:.1f} MB"
     )
-    print(f"{'build':10s} {'ms/step':>8s} {'tok/s':>7s} {'blocks ms':>10s} {'share':>6s} {'GB/s':>6s}")
+    parts = ("blocks", "lora_grouped_", "decode_attention", "rope_and_cache", "rms_norm", "silu_mul")
+    print(f"{'build':10s} {'ms/step':>8s} {'tok/s':>7s} {'GB/s':>6s}  ms per step in: " + " ".join(parts) + " rest")
     for name, lib in libs.items():
         use_build(engine, linears, lib)
         decode(engine, prompt, 8, args.num_seqs, adapter, rank)  # warm-up
         per_step = statistics.median(
             decode(engine, prompt, args.tokens, args.num_seqs, adapter, rank) for _ in range(args.repeats)
         )
-        spent = [0.0]
-        call = BlockLinear.__call__
-
-        def timed(self, x, call=call):
-            started = time.perf_counter()
-            y = call(self, x)
-            spent[0] += time.perf_counter() - started
-            return y
-
-        BlockLinear.__call__ = timed
-        try:
+        with timed_parts(engine) as spent:
             timed_step = decode(engine, prompt, args.tokens, args.num_seqs, adapter, rank)
-        finally:
-            BlockLinear.__call__ = call
-        blocks_ms = spent[0] / (args.tokens - 1) * 1e3
-        gbs = f"{num_bytes / (blocks_ms / 1e3) / 1e9:6.1f}" if args.num_seqs == 1 else f"{'':6s}"
+        steps = args.tokens - 1
+        ms = {part: spent[part] / steps * 1e3 for part in parts}
+        rest = timed_step * 1e3 - sum(ms.values())
+        gbs = f"{num_bytes / (ms['blocks'] / 1e3) / 1e9:6.1f}" if args.num_seqs == 1 else f"{'':6s}"
         print(
-            f"{name:10s} {per_step * 1e3:8.2f} {args.num_seqs / per_step:7.1f} {blocks_ms:10.2f} "
-            f"{blocks_ms / (timed_step * 1e3):6.0%} {gbs}"
+            f"{name:10s} {per_step * 1e3:8.2f} {args.num_seqs / per_step:7.1f} {gbs}  "
+            + " ".join(f"{ms[part]:{len(part)}.2f}" for part in parts)
+            + f" {rest:4.2f}"
         )
 
 

@@ -26,16 +26,14 @@ from collections.abc import Callable
 
 import torch
 
+from matryoshka_lora.engine.linear import onednn_packing_available
+
 MIN_WIDE_ROWS = 7  # the row count from which bf16 beats the blocks (bench_block_linears.py)
 
 
 def bf16_linear_supported() -> bool:
     """True where oneDNN packs and runs bfloat16 linears on this CPU (AVX512-BF16 or AMX)."""
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    return onednn_packing_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def amx_bf16_supported() -> bool:

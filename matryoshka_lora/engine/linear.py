@@ -22,13 +22,13 @@ log = logging.getLogger(__name__)
 _packing_disabled: list[str] = []  # why packing fell back, logged once
 
 
+def onednn_packing_available() -> bool:
+    """True where this torch build packs linear weights for oneDNN (mkldnn._reorder_linear_weight)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 def _can_pack(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_packing_available()
 
 
 class PackedLinear:
