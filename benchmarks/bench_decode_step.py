@@ -8,7 +8,7 @@ AVX2 micro-kernel; `before`: both) the engine decodes --num-seqs requests of --t
 16-token prompt each (greedy, EOS ignored), --repeats times, every linear, LoRA group and op on that
 build. Printed: ms per decode step (median; prefill excluded), and from one more run with each part
 timed, ms per step in the GGUF-block linears (lm_head included; with their GB/s of weight bytes for
-one sequence), the LoRA groups, decode attention, RoPE + cache write, RMSNorm, SiLU-mul, and the rest
+one sequence), the bf16 linears (the wide steps of gguf+bf16), the LoRA groups, decode attention, RoPE + cache write, RMSNorm, SiLU-mul, and the rest
 (the Python between the kernels, sampling, the scheduler). Compare with benchmarks/bench_stream.py's
 read roof. Measure on a quiet machine.
 """
@@ -68,13 +68,15 @@ def use_build(engine, linears, lib) -> None:
 
 @contextlib.contextmanager
 def timed_parts(engine):
-    """Seconds spent in each GGUF-block linear call ("blocks") and each C op of the engine's ops, while open.
+    """Seconds spent in the GGUF-block linears ("blocks"), the bf16 ones ("bf16": wide steps on gguf+bf16)
+    and each C op of the engine's ops, while open.
     The timers' own cost (~0.5 us a call, ~400 calls a one-row step) lands in the parts."""
+    from matryoshka_lora.engine.bf16_linear import Bf16Linear
     from matryoshka_lora.engine.cpu_linear import BlockLinear
 
     spent: collections.Counter = collections.Counter()
     ops = engine.runner.ops
-    patched = [(BlockLinear, "__call__", "blocks")] + [
+    patched = [(BlockLinear, "__call__", "blocks"), (Bf16Linear, "__call__", "bf16")] + [
         (type(ops), name, name)
         for name in ("lora_grouped_", "decode_attention", "rope_and_cache", "rms_norm", "silu_mul")
     ]
@@ -128,7 +130,7 @@ def main() -> None:
         f"weight format {engine.weight_format}, {args.num_seqs} sequences, adapter {args.adapter or 'none'}; "
         f"{len(linears)} block linears, {num_bytes / 1e6:.1f} MB"
     )
-    parts = ("blocks", "lora_grouped_", "decode_attention", "rope_and_cache", "rms_norm", "silu_mul")
+    parts = ("blocks", "bf16", "lora_grouped_", "decode_attention", "rope_and_cache", "rms_norm", "silu_mul")
     print(f"{'build':10s} {'ms/step':>8s} {'tok/s':>7s} {'GB/s':>6s}  ms per step in: " + " ".join(parts) + " rest")
     for name, lib in libs.items():
         use_build(engine, linears, lib)
