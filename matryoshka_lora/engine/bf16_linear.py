@@ -28,7 +28,7 @@ import torch
 
 from matryoshka_lora.engine.linear import onednn_packing_available
 
-MIN_WIDE_ROWS = 7  # the row count from which bf16 beats the blocks (bench_block_linears.py)
+MIN_WIDE_ROWS = 13  # the row count from which bf16 beats the blocks on int8 rows (bench_block_linears.py)
 
 
 def bf16_linear_supported() -> bool:
