@@ -187,11 +187,14 @@ def gguf_model_dir(tiny_model, tmp_path):
     return tmp_path
 
 
-def test_engine_on_gguf_blocks_generates_what_float32_does(gguf_model_dir, c_ops):
+def test_engine_on_gguf_blocks_generates_what_float32_does(gguf_model_dir, c_ops, monkeypatch):
+    """On float activations (the kernels built without int8 rows) the blocks give float32's tokens."""
+    from matryoshka_lora.engine import cpu_kernels
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.cpu_linear import BlockLinear as Block
     from matryoshka_lora.engine.engine import LLMEngine
 
+    monkeypatch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-DML_NO_INT8_ROW"))
     outputs = {}
     for weight_format in ("gguf", "float32"):
         engine = LLMEngine(
@@ -199,6 +202,7 @@ def test_engine_on_gguf_blocks_generates_what_float32_does(gguf_model_dir, c_ops
                 model=str(gguf_model_dir), max_num_seqs=4, max_model_len=64, warmup=False, weight_format=weight_format
             )
         )
+        assert not engine.runner.ops.lib.ml_blocks_int8_row()
         assert engine.weight_format == weight_format
         assert isinstance(engine.weights.lm_head, Block) == (weight_format == "gguf")
         reqs = [request(i, max_tokens=8) for i in range(4)]
