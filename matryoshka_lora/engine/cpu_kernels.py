@@ -39,7 +39,9 @@ from matryoshka_lora.engine.weights import ModelSpec
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_kernels.c", "cpu_gemm.c", "cpu_gemm_blocks.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("cpu_kernels.c", "cpu_gemm.c", "cpu_gemm_blocks.c", "cpu_gemm_int8.c")
+)
 HEADERS = (Path(__file__).with_name("cpu_gemm.h"),)
 FLAGS = (
     "-O3",
