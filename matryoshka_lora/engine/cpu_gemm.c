@@ -136,52 +136,40 @@ static inline void micro(const int mr, const int bf16, int64_t k, const float *x
    bf16), next: the panel to prefetch meanwhile (or NULL). */
 static void tile_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const void *w, int64_t cols,
                       const void *next, float *y, int64_t y_stride, const float *bias, int accumulate, int bf16) {
-#ifdef TILE_ROWS
-    float acc[TILE_ROWS * NR];
-    for (int64_t m0 = 0; m0 < rows; m0 += TILE_ROWS) {
+#ifdef TILE_ROWS /* AVX-512: tiles of 12 rows */
+#define TILE TILE_ROWS
+#define TILE_MICRO micro16
+#else
+#define TILE MR
+#define TILE_MICRO micro
+#endif
+    float acc[TILE * NR];
+    for (int64_t m0 = 0; m0 < rows; m0 += TILE) {
         const float *xm = x + m0 * x_stride;
-        const int mr = (int)min64(rows - m0, TILE_ROWS);
-#define MICRO(n)                                             \
-    if (bf16) micro16(n, 1, k, xm, x_stride, w, next, acc); \
-    else micro16(n, 0, k, xm, x_stride, w, next, acc)
+        const int mr = (int)min64(rows - m0, TILE);
+        /* a constant mr and element type per call: the unused rows and the other load compile away */
+#define MICRO(n)                                                \
+    if (bf16) TILE_MICRO(n, 1, k, xm, x_stride, w, next, acc); \
+    else TILE_MICRO(n, 0, k, xm, x_stride, w, next, acc)
         switch (mr) {
             case 1: MICRO(1); break;
             case 2: MICRO(2); break;
             case 3: MICRO(3); break;
             case 4: MICRO(4); break;
             case 5: MICRO(5); break;
+#if TILE > 6
             case 6: MICRO(6); break;
             case 7: MICRO(7); break;
             case 8: MICRO(8); break;
             case 9: MICRO(9); break;
             case 10: MICRO(10); break;
             case 11: MICRO(11); break;
-            default: MICRO(12); break;
-        }
-#undef MICRO
-        store_rows(acc, mr, y + m0 * y_stride, y_stride, cols, bias, accumulate);
-    }
-#else
-    float acc[MR * NR];
-    for (int64_t m0 = 0; m0 < rows; m0 += MR) {
-        const float *xm = x + m0 * x_stride;
-        const int mr = (int)min64(rows - m0, MR);
-        /* a constant mr and element type per call: the unused rows and the other load compile away */
-#define MICRO(n)                                           \
-    if (bf16) micro(n, 1, k, xm, x_stride, w, next, acc); \
-    else micro(n, 0, k, xm, x_stride, w, next, acc)
-        switch (mr) {
-            case 1: MICRO(1); break;
-            case 2: MICRO(2); break;
-            case 3: MICRO(3); break;
-            case 4: MICRO(4); break;
-            case 5: MICRO(5); break;
-            default: MICRO(6); break;
-        }
-#undef MICRO
-        store_rows(acc, mr, y + m0 * y_stride, y_stride, cols, bias, accumulate);
-    }
 #endif
+            default: MICRO(TILE); break;
+        }
+#undef MICRO
+        store_rows(acc, mr, y + m0 * y_stride, y_stride, cols, bias, accumulate);
+    }
 }
 
 void ml_panel_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const float *w, int64_t cols,

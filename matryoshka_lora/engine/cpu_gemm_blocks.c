@@ -30,7 +30,6 @@
 
 #include "cpu_gemm.h"
 
-
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(ML_PORTABLE_GEMM)
 #include <immintrin.h>
 
@@ -138,7 +137,6 @@ static void one_row(const int kind, int64_t num_kb, const float *x, const float 
 #ifndef ML_EXACT_BLOCKS
 #define HAVE_ONE_ROW 1
 #endif
-
 
 /* out[k][16] = the panel's weights decoded to float32 (cpu_gemm.c's panel layout) */
 static void decode_panel(const int kind, int64_t num_kb, const uint8_t *panel, float *out) {

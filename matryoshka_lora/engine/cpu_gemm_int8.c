@@ -179,7 +179,7 @@ int ml_linear_blocks_int8(const float *x, int64_t x_stride, int64_t rows, int64_
 #endif
 
 /* the most rows a step runs on int8 activations (see rows_int8), 0 where ml_linear_blocks_int8 does not run */
-int ml_blocks_int8_row(void) {
+int ml_blocks_max_int8_rows(void) {
 #ifdef HAVE_INT8_ROW
     return MAX_INT8_ROWS;
 #else

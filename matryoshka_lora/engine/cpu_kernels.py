@@ -69,7 +69,7 @@ SIGNATURES = {
     "ml_linear": (None, [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64]),
     "ml_linear_blocks": (None, [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64]),
     "ml_gemm_vectorized": (ctypes.c_int, []),
-    "ml_blocks_int8_row": (ctypes.c_int, []),
+    "ml_blocks_max_int8_rows": (ctypes.c_int, []),
 }
 
 

@@ -75,7 +75,7 @@ def test_block_linear_equals_float32_panels_bit_for_bit(lib, kind, shape, rows, 
     x = torch.randn(rows, in_f, generator=gen)
     got = BlockLinear(lib, blocks, bias, lambda: 2)(x)
     panels = PanelLinear(lib, blocks.dequantize(), bias, lambda: 2)(x)
-    if 1 <= rows <= lib.ml_blocks_int8_row():
+    if 1 <= rows <= lib.ml_blocks_max_int8_rows():
         want = int8_row_reference(blocks, x) + (bias if with_bias else 0)
         torch.testing.assert_close(got, want, atol=1e-5 * float(1 + want.abs().max()), rtol=1e-5)  # float32 sums
         assert float((got - panels).norm() / panels.norm()) < 1e-2  # int8 activations: ~0.5 % here
@@ -98,7 +98,7 @@ def test_one_row_equals_the_bit_exact_path(kind, shape):
     x = torch.randn(1, in_f)
     got = BlockLinear(float_row, blocks, None, lambda: 2)(x)
     want = BlockLinear(exact, blocks, None, lambda: 2)(x)
-    assert not exact.ml_blocks_int8_row() and not float_row.ml_blocks_int8_row()
+    assert not exact.ml_blocks_max_int8_rows() and not float_row.ml_blocks_max_int8_rows()
     assert torch.equal(want, PanelLinear(exact, blocks.dequantize(), None, lambda: 2)(x))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
@@ -107,7 +107,7 @@ def test_one_row_equals_the_bit_exact_path(kind, shape):
 @pytest.mark.parametrize("rows", [2, 8, 9, 16])
 def test_int8_rows_do_not_depend_on_the_other_rows(c_ops, kind, rows):
     """Each row of a multi-row int8 step gives the bits it gives alone (the one-user step's)."""
-    if c_ops.lib.ml_blocks_int8_row() < rows:
+    if c_ops.lib.ml_blocks_max_int8_rows() < rows:
         pytest.skip("no int8 rows for this many rows here")
     blocks = random_blocks(kind, 200, 576, seed=rows)
     x = torch.randn(rows, 576)
@@ -125,7 +125,7 @@ def test_int8_rows_do_not_depend_on_the_other_rows(c_ops, kind, rows):
 )
 def test_int8_row_edge_inputs(c_ops, kind, x):
     """A zero block (scale 0), a block at -amax (xq = -127), exact ramps and large values."""
-    if not c_ops.lib.ml_blocks_int8_row():
+    if not c_ops.lib.ml_blocks_max_int8_rows():
         pytest.skip("no AVX512-VNNI + VBMI: one row runs on float activations")
     blocks = random_blocks(kind, 40, 64, seed=7)
     torch.testing.assert_close(
@@ -202,7 +202,7 @@ def test_engine_on_gguf_blocks_generates_what_float32_does(gguf_model_dir, c_ops
                 model=str(gguf_model_dir), max_num_seqs=4, max_model_len=64, warmup=False, weight_format=weight_format
             )
         )
-        assert not engine.runner.ops.lib.ml_blocks_int8_row()
+        assert not engine.runner.ops.lib.ml_blocks_max_int8_rows()
         assert engine.weight_format == weight_format
         assert isinstance(engine.weights.lm_head, Block) == (weight_format == "gguf")
         reqs = [request(i, max_tokens=8) for i in range(4)]
