@@ -24,46 +24,53 @@ import time
 import torch
 
 
-def block_linears(engine):
-    """Every BlockLinear the engine's decode steps run (the narrow side of a SplitLinear)."""
-    from matryoshka_lora.engine.cpu_linear import BlockLinear
-
+def narrow_linears(engine) -> list:
+    """The 121 base linears a decode step runs (4 per layer and the lm_head), each SplitLinear's narrow side."""
     weights = engine.weights
     found = [lin for layer in weights.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    found.append(weights.lm_head)
-    found = [getattr(lin, "narrow", lin) for lin in found]
-    return [lin for lin in found if isinstance(lin, BlockLinear)]
+    return [getattr(lin, "narrow", lin) for lin in [*found, weights.lm_head]]
+
+
+def block_linears(engine):
+    """Every BlockLinear the engine's decode steps run."""
+    from matryoshka_lora.engine.cpu_linear import BlockLinear
+
+    return [lin for lin in narrow_linears(engine) if isinstance(lin, BlockLinear)]
 
 
 BUILDS = {"default": (), "float-row": ("-DML_NO_INT8_ROW",), "avx2-gemm": ("-DML_NO_AVX512_GEMM",)}
 BUILDS["before"] = BUILDS["float-row"] + BUILDS["avx2-gemm"]
 
 
-def decode(engine, prompt: list[int], tokens: int, num_seqs: int, adapter, rank) -> float:
-    """Seconds per decode step of num_seqs requests started together, the prefill step excluded."""
+def decode(engine, prompt: list[int], tokens: int, num_seqs: int, adapter, rank, on_first_token=None) -> float:
+    """Seconds per decode step of num_seqs requests started together, the prefill step excluded
+    (on_first_token, if given, is called when the first request's first token is out: the prefill's end)."""
     from matryoshka_lora.types import GenerationRequest, SamplingParams
 
     stamps: list[float] = []
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+
+    def first(event) -> None:
+        if not stamps and on_first_token is not None:
+            on_first_token()
+        stamps.append(time.perf_counter())
+
     for i in range(num_seqs):
-        callback = (lambda event: stamps.append(time.perf_counter())) if i == 0 else (lambda event: None)
+        callback = first if i == 0 else (lambda event: None)
         engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter, rank), callback)
     while engine.scheduler.has_work():
         engine.step()
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
-def use_build(engine, linears, lib) -> None:
+def use_build(engine, lib) -> None:
     """Point every C linear, LoRA group and op of the engine at `lib`."""
-    from matryoshka_lora.engine.cpu_linear import PanelLinear
+    from matryoshka_lora.engine.cpu_linear import BlockLinear, PanelLinear
 
     engine.runner.ops.lib = lib
-    weights = engine.weights
-    for lin in [lin for layer in weights.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]:
-        if isinstance(getattr(lin, "narrow", lin), PanelLinear):
-            getattr(lin, "narrow", lin).lib = lib
-    for lin in linears:
-        lin.lib = lib
+    for lin in narrow_linears(engine):
+        if isinstance(lin, (BlockLinear, PanelLinear)):
+            lin.lib = lib
 
 
 @contextlib.contextmanager
@@ -133,13 +140,13 @@ def main() -> None:
     parts = ("blocks", "bf16", "lora_grouped_", "decode_attention", "rope_and_cache", "rms_norm", "silu_mul")
     print(f"{'build':10s} {'ms/step':>8s} {'tok/s':>7s} {'GB/s':>6s}  ms per step in: " + " ".join(parts) + " rest")
     for name, lib in libs.items():
-        use_build(engine, linears, lib)
+        use_build(engine, lib)
         decode(engine, prompt, 8, args.num_seqs, adapter, rank)  # warm-up
         per_step = statistics.median(
             decode(engine, prompt, args.tokens, args.num_seqs, adapter, rank) for _ in range(args.repeats)
         )
         with timed_parts(engine) as spent:
-            timed_step = decode(engine, prompt, args.tokens, args.num_seqs, adapter, rank)
+            timed_step = decode(engine, prompt, args.tokens, args.num_seqs, adapter, rank, spent.clear)
         steps = args.tokens - 1
         ms = {part: spent[part] / steps * 1e3 for part in parts}
         rest = timed_step * 1e3 - sum(ms.values())
