@@ -10,7 +10,10 @@ build. Printed: ms per decode step (median; prefill excluded), and from one more
 timed, ms per step in the GGUF-block linears (lm_head included; with their GB/s of weight bytes for
 one sequence), the bf16 linears (the wide steps of gguf+bf16), the LoRA groups, decode attention, RoPE + cache write, RMSNorm, SiLU-mul, and the rest
 (the Python between the kernels, sampling, the scheduler). Compare with benchmarks/bench_stream.py's
-read roof. Measure on a quiet machine.
+read roof. --paths: `one-call` (the default engine: a decode-only step's layers in one C call,
+cpu_decode.DecodeLayers; its part "one_call" is that whole forward, LM head included, the parts
+inside it not counted apart) and/or `per-call` (llama.forward, one Python call per op). Measure on a
+quiet machine.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import statistics
 import time
 
@@ -79,23 +83,33 @@ def timed_parts(engine):
     and each C op of the engine's ops, while open.
     The timers' own cost (~0.5 us a call, ~400 calls a one-row step) lands in the parts."""
     from matryoshka_lora.engine.bf16_linear import Bf16Linear
+    from matryoshka_lora.engine.cpu_decode import DecodeLayers
     from matryoshka_lora.engine.cpu_linear import BlockLinear
 
     spent: collections.Counter = collections.Counter()
     ops = engine.runner.ops
-    patched = [(BlockLinear, "__call__", "blocks"), (Bf16Linear, "__call__", "bf16")] + [
+    patched = [
+        (DecodeLayers, "forward", "one_call"),
+        (BlockLinear, "__call__", "blocks"),
+        (Bf16Linear, "__call__", "bf16"),
+    ]
+    patched += [
         (type(ops), name, name)
         for name in ("lora_grouped_", "decode_attention", "rope_and_cache", "rms_norm", "silu_mul")
     ]
     originals = [(cls, name, getattr(cls, name)) for cls, name, _ in patched]
+    depth = [0]  # a part called inside another (the LM head inside one_call) counts for the outer one
 
     def timer(fn, label):
         def timed(*args, **kwargs):
+            depth[0] += 1
             started = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[label] += time.perf_counter() - started
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[label] += time.perf_counter() - started
 
         return timed
 
@@ -114,6 +128,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--num-seqs", type=int, default=1)
     parser.add_argument("--builds", default="default,float-row,avx2-gemm,before")
+    parser.add_argument("--paths", default="one-call,per-call", help="one-call and/or per-call (see above)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -137,10 +152,17 @@ def main() -> None:
         f"weight format {engine.weight_format}, {args.num_seqs} sequences, adapter {args.adapter or 'none'}; "
         f"{len(linears)} block linears, {num_bytes / 1e6:.1f} MB"
     )
-    parts = ("blocks", "bf16", "lora_grouped_", "decode_attention", "rope_and_cache", "rms_norm", "silu_mul")
-    print(f"{'build':10s} {'ms/step':>8s} {'tok/s':>7s} {'GB/s':>6s}  ms per step in: " + " ".join(parts) + " rest")
-    for name, lib in libs.items():
+    parts = ("one_call", "blocks", "bf16", "lora_grouped_", "decode_attention", "rope_and_cache", "rms_norm")
+    parts += ("silu_mul",)
+    print(
+        f"{'build':10s} {'path':8s} {'ms/step':>8s} {'tok/s':>7s} {'GB/s':>6s}  ms per step in: "
+        + " ".join(parts)
+        + " rest"
+    )
+    decode_layers = engine.runner.decode_layers
+    for (name, lib), path in itertools.product(libs.items(), args.paths.split(",")):
         use_build(engine, lib)
+        engine.runner.decode_layers = decode_layers if path == "one-call" else None
         decode(engine, prompt, 8, args.num_seqs, adapter, rank)  # warm-up
         per_step = statistics.median(
             decode(engine, prompt, args.tokens, args.num_seqs, adapter, rank) for _ in range(args.repeats)
@@ -150,9 +172,10 @@ def main() -> None:
         steps = args.tokens - 1
         ms = {part: spent[part] / steps * 1e3 for part in parts}
         rest = timed_step * 1e3 - sum(ms.values())
-        gbs = f"{num_bytes / (ms['blocks'] / 1e3) / 1e9:6.1f}" if args.num_seqs == 1 else f"{'':6s}"
+        one_row = args.num_seqs == 1 and path == "per-call"
+        gbs = f"{num_bytes / (ms['blocks'] / 1e3) / 1e9:6.1f}" if one_row else f"{'':6s}"
         print(
-            f"{name:10s} {per_step * 1e3:8.2f} {args.num_seqs / per_step:7.1f} {gbs}  "
+            f"{name:10s} {path:8s} {per_step * 1e3:8.2f} {args.num_seqs / per_step:7.1f} {gbs}  "
             + " ".join(f"{ms[part]:{len(part)}.2f}" for part in parts)
             + f" {rest:4.2f}"
         )

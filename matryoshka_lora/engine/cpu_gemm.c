@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "cpu_gemm.h"
+#include "cpu_kernels.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(ML_PORTABLE_GEMM)
 #include <immintrin.h>

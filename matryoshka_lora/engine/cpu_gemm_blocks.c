@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include "cpu_gemm.h"
+#include "cpu_kernels.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(ML_PORTABLE_GEMM)
 #include <immintrin.h>

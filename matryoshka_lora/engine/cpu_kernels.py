@@ -40,9 +40,10 @@ from matryoshka_lora.engine.weights import ModelSpec
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name(n) for n in ("cpu_kernels.c", "cpu_gemm.c", "cpu_gemm_blocks.c", "cpu_gemm_int8.c")
+    Path(__file__).with_name(n)
+    for n in ("cpu_kernels.c", "cpu_gemm.c", "cpu_gemm_blocks.c", "cpu_gemm_int8.c", "cpu_decode.c")
 )
-HEADERS = (Path(__file__).with_name("cpu_gemm.h"),)
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("cpu_gemm.h", "cpu_kernels.h"))
 FLAGS = (
     "-O3",
     "-march=native",
@@ -57,6 +58,7 @@ FLAGS = (
 i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     "ml_rms_norm": (None, [ptr, i64, ptr, ptr, i64, i64, f32]),
+    "ml_silu_mul": (None, [ptr, i64, i64, ptr]),
     "ml_rope_and_cache": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]),
     "ml_decode_attention": (
         ctypes.c_int,
@@ -68,6 +70,11 @@ SIGNATURES = {
     ),
     "ml_linear": (None, [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64]),
     "ml_linear_blocks": (None, [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64]),
+    "ml_decode_layers": (
+        ctypes.c_int,
+        [ptr, i64, i64, ptr, ptr, f32, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, f32, ptr, ptr]
+        + [i64],
+    ),
     "ml_gemm_vectorized": (ctypes.c_int, []),
     "ml_blocks_max_int8_rows": (ctypes.c_int, []),
 }
@@ -197,7 +204,7 @@ class PanelLoRA:
 
 
 class CKernelOps(TorchOps):
-    """TorchOps with RMSNorm, RoPE + cache write, decode attention, the LoRA groups (over PanelLoRA:
+    """TorchOps with RMSNorm, SiLU-mul, RoPE + cache write, decode attention, the LoRA groups (over PanelLoRA:
     pack_lora) and the model's linears (pack_linear: cpu_linear.PanelLinear) in C (cpu_kernels.c, cpu_gemm.c).
 
     For the engine's float32 CPU tensors in the layouts llama.forward makes (rows with unit stride in
@@ -216,7 +223,8 @@ class CKernelOps(TorchOps):
         self.vectorized = bool(lib.ml_gemm_vectorized())  # the AVX2 + FMA GEMMs, else oneDNN's linears
         self._h = torch.empty(0)  # the LoRA groups' scratch (_scratch)
 
-    def _threads(self) -> int:
+    def threads(self) -> int:
+        """The OpenMP threads a call runs on now."""
         return self.num_threads or torch.get_num_threads()
 
     def pack_linear(
@@ -232,13 +240,21 @@ class CKernelOps(TorchOps):
         if not self.vectorized or weight.dtype != torch.float32:
             return super().pack_linear(weight, bias, batch_size_hint)
         if blocks is not None:
-            return BlockLinear(self.lib, blocks, bias, self._threads)
-        return PanelLinear(self.lib, weight, bias, self._threads)
+            return BlockLinear(self.lib, blocks, bias, self.threads)
+        return PanelLinear(self.lib, weight, bias, self.threads)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows, dim = x.shape
         out = torch.empty((rows, dim), dtype=x.dtype)
         self.lib.ml_rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps)
+        return out
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        rows, n = gu.shape[0], gu.shape[1] // 2
+        if gu.stride(-1) != 1 or gu.stride(0) != 2 * n:
+            gu = gu.contiguous()
+        out = torch.empty((rows, n), dtype=gu.dtype)
+        self.lib.ml_silu_mul(gu.data_ptr(), rows, n, out.data_ptr())
         return out
 
     @staticmethod
@@ -290,7 +306,7 @@ class CKernelOps(TorchOps):
             slot_stride,
             kv.max_model_len,
             kv.head_dim**-0.5,
-            self._threads(),
+            self.threads(),
         )
         if status != 0:
             raise MemoryError("ml_decode_attention could not allocate its scratch buffers")
@@ -313,7 +329,7 @@ class CKernelOps(TorchOps):
         todo = [(g, weights[g.slot]) for g in groups if weights[g.slot] is not None]
         if not todo:  # no adapter of this step has this module group: nothing to read
             return y
-        threads = self._threads()
+        threads = self.threads()
         x_ptr, x_stride, y_ptr, y_stride = x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)
         in_features, item = x.shape[1], x.element_size()
         for g, w in todo:

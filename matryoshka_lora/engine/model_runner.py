@@ -2,8 +2,9 @@
 
 Each `StepItem` is one sequence's share of the step: a prompt chunk (prefill) or its one new token
 (decode). The runner orders items by (adapter slot, rank) so every LoRA group is one contiguous run
-of rows, builds the attention and LoRA metadata once, runs `llama.forward`, and returns the logits of
-the items that sample, in the caller's order.
+of rows, builds the attention and LoRA metadata once, runs `llama.forward` (a decode-only step: its
+layers in one C call, cpu_decode.DecodeLayers, the same bits), and returns the logits of the items that
+sample, in the caller's order.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from matryoshka_lora.engine.attention import (
     PrefillChunk,
     build_decode_meta,
 )
+from matryoshka_lora.engine.cpu_decode import DecodeLayers
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.lora_batch import (
     MAX_MASKED_ROWS,
@@ -65,6 +67,8 @@ class ModelRunner:
         self.weights, self.kv, self.lora_table, self.ops = weights, kv, lora_table, ops
         self.cos, self.sin = rope_tables(weights, kv.max_model_len)
         self.max_masked_rows = MAX_MASKED_ROWS
+        # decode-only steps as one C call where the ops and linears allow (cpu_decode; None: llama.forward)
+        self.decode_layers = DecodeLayers.build(ops, weights, kv)
 
     def prepare(self, items: list[StepItem]) -> StepBatch:
         order = sorted(range(len(items)), key=lambda i: (items[i].adapter_slot, items[i].rank))
@@ -110,5 +114,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> tuple[list[int], torch.Tensor]:
         """The forward of a prepared step: (item index per logits row, logits [num_sampled, vocab])."""
-        logits = llama.forward(self.weights, batch.input_ids, batch.meta, self.kv, batch.lora, self.ops)
+        if self.decode_layers is not None and self.decode_layers.takes(batch.meta, batch.num_tokens):
+            groups = batch.lora.groups if batch.lora is not None else []
+            logits = self.decode_layers.forward(batch.input_ids, batch.meta, groups, self.lora_table)
+        else:
+            logits = llama.forward(self.weights, batch.input_ids, batch.meta, self.kv, batch.lora, self.ops)
         return batch.sample_items, logits

@@ -90,3 +90,19 @@ def step_ops(request):
     from matryoshka_lora.engine.torch_ops import TorchOps
 
     return TorchOps() if request.param == "torch" else request.getfixturevalue("c_ops")
+
+
+@pytest.fixture
+def gguf_model_dir(tiny_model, tmp_path):
+    """A model directory with a .gguf file whose blocks decode to its saved float32 weights."""
+    from transformers import AutoTokenizer
+
+    from matryoshka_lora.models import default_model_dir
+
+    from .gguf_support import write_gguf
+
+    tiny_model.config.tie_word_embeddings = True
+    write_gguf(tiny_model, tmp_path / "model.gguf")
+    tiny_model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(tmp_path)
+    return tmp_path

@@ -14,7 +14,6 @@ from matryoshka_lora.engine.cpu_linear import BlockLinear, PanelLinear, pack_blo
 from matryoshka_lora.engine.gguf_weights import BlockWeight
 
 from .engine_support import request, run, tokens
-from .gguf_support import write_gguf
 
 SHAPES = {"tiny": (5, 32), "partial-panel": (40, 64), "qkv": (960, 576), "lm-head-slice": (1000, 576)}
 ROWS = [0, 1, 5, 6, 7, 16, 61]
@@ -171,20 +170,6 @@ def test_block_linear_refuses_a_ragged_input():
             None,
             lambda: 1,
         )
-
-
-@pytest.fixture
-def gguf_model_dir(tiny_model, tmp_path):
-    """A model directory with a .gguf file whose blocks decode to its saved float32 weights."""
-    from transformers import AutoTokenizer
-
-    from matryoshka_lora.models import default_model_dir
-
-    tiny_model.config.tie_word_embeddings = True
-    write_gguf(tiny_model, tmp_path / "model.gguf")
-    tiny_model.save_pretrained(tmp_path)
-    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(tmp_path)
-    return tmp_path
 
 
 def test_engine_on_gguf_blocks_generates_what_float32_does(gguf_model_dir, c_ops, monkeypatch):

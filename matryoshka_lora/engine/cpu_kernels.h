@@ -1,0 +1,33 @@
+/* The step kernels cpu_decode.c chains (each also loaded on its own by cpu_kernels.py; semantics in the
+   comment at the top of its file). */
+
+#ifndef ML_CPU_KERNELS_H
+#define ML_CPU_KERNELS_H
+
+#include <stdint.h>
+
+/* cpu_kernels.c */
+void ml_rms_norm(const float *x, int64_t x_stride, const float *w, float *out, int64_t rows, int64_t dim, float eps);
+void ml_silu_mul(const float *gu, int64_t rows, int64_t n, float *out);
+void ml_rope_and_cache(float *qkv, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t num_kv_heads,
+                       int64_t head_dim, const float *cos, const float *sin, float *k_cache, float *v_cache,
+                       const int64_t *slots, const int64_t *positions, int64_t slot_stride, int64_t max_len);
+int ml_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                        const int64_t *rows, const int64_t *slots, const int64_t *lengths, float *out,
+                        int64_t out_stride, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, int64_t slot_stride, int64_t max_len, float scale, int64_t num_threads);
+
+/* cpu_gemm.c */
+void ml_linear(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *panels,
+               int64_t out_features, const float *bias, float *y, int64_t y_stride, int64_t num_threads);
+void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const void *a_panels,
+                   int64_t k, int64_t rank, int64_t r_max, const int64_t *row_ranks, const float *row_scales,
+                   float scale, const int64_t *b_panels, const int64_t *c0, const int64_t *c1, float *y,
+                   int64_t y_stride, float *h, int64_t num_threads, int64_t bf16);
+
+/* cpu_gemm_blocks.c */
+void ml_linear_blocks(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const uint8_t *panels,
+                      int64_t kind, int64_t out_features, const float *bias, float *y, int64_t y_stride,
+                      int64_t num_threads);
+
+#endif
