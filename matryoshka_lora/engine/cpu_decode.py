@@ -8,8 +8,10 @@ SiLU-mul, residual adds); at one sequence each reads a few kilobytes to a megaby
 microseconds of Python and ctypes on top, as much as its bytes. For a step whose rows are all decode
 tokens, `DecodeLayers` hands the whole stack to C in one call: the embedding lookup, the final norm
 and the LM head stay in Python (one call each). The C loop calls the same kernels in the same order,
-so its output is llama.forward's to the bit (tested); any step it does not take (a prefill chunk, a
-row count a SplitLinear serves on its wide side, torch ops) runs llama.forward.
+so its output is llama.forward's to the bit (tested) where llama.forward runs the same linears: with
+the gguf+bf16 format it also takes decode steps of 13-16 rows, which llama.forward would run on bf16,
+on the blocks (int8 activations: as fast as bf16 at 16 rows, and the Python calls saved). Any step it
+does not take (a prefill chunk, more rows, torch ops) runs llama.forward.
 
 Built once per engine (`DecodeLayers.build`, None where a layer's linear is not a C linear), from
 tables of addresses: the layers' weights, and per adapter slot its LoRA groups' panels (`_slot_table`,
@@ -36,7 +38,7 @@ LORA_FIELDS = 7  # a_panels, b_panels, c0, c1, members, r_max, bf16
 
 
 def _linear_row(linear) -> tuple[list[int], int | None] | None:
-    """(kind, weights, bias) of a C linear and the row count it stays that linear below (None: any), else None."""
+    """(kind, weights, bias) of a C linear, or of a SplitLinear's narrow side with its min_rows; else None."""
     if isinstance(linear, SplitLinear):
         narrow = _linear_row(linear.narrow)
         return None if narrow is None else (narrow[0], linear.min_rows)
@@ -56,7 +58,7 @@ class DecodeLayers:
         self.layers = torch.tensor(layer_rows, dtype=torch.long)
         s = weights.spec
         self.dims = torch.tensor([s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size])
-        self.max_rows = max_rows  # steps of more rows run llama.forward (a SplitLinear's wide side)
+        self.max_rows = max_rows  # steps of more rows run llama.forward (None: any row count)
         self.row_floats = 2 * s.hidden_size + s.q_size + 2 * s.kv_size + s.q_size + 3 * s.intermediate_size
         self._scratch = torch.empty(0)
         self._lora_scratch = torch.empty(0)
@@ -80,7 +82,10 @@ class DecodeLayers:
                 if found[1] is not None:
                     bounds.append(found[1] - 1)
             rows.append(row)
-        return cls(ops, weights, kv, rows, min(bounds) if bounds else None)
+        # A SplitLinear's narrow side serves its rows below min_rows; here also up to the int8 row bound,
+        # where the blocks on int8 activations tie bf16 and the step saves its ~400 Python calls.
+        max_rows = max(min(bounds) - 1, ops.lib.ml_blocks_max_int8_rows()) if bounds else None
+        return cls(ops, weights, kv, rows, max_rows)
 
     def takes(self, meta: AttentionMeta, num_rows: int) -> bool:
         """Whether a step runs here: every row a decode token, and few enough rows for the narrow linears."""
@@ -177,4 +182,5 @@ class DecodeLayers:
         if status != 0:
             raise MemoryError("ml_decode_layers: decode attention could not allocate its scratch buffers")
         x = self.ops.rms_norm(x.index_select(0, meta.sample_rows), w.norm, spec.rms_norm_eps)
-        return w.lm_head(x)
+        lm_head = w.lm_head.narrow if isinstance(w.lm_head, SplitLinear) else w.lm_head  # as the layers' linears
+        return lm_head(x)

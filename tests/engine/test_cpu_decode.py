@@ -3,13 +3,14 @@ on every weight format, for the base model, one LoRA and mixed adapters and rank
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from matryoshka_lora.engine.adapter_slots import GROUP_MEMBERS, fuse_group
-from matryoshka_lora.engine.bf16_linear import bf16_linear_supported
+from matryoshka_lora.engine.bf16_linear import SplitLinear, bf16_linear_supported
 from matryoshka_lora.engine.model_runner import StepItem
 
 FORMATS = [
@@ -23,6 +24,7 @@ STEPS = {
     "one user, LoRA": [("a", 8)],
     "one user, bf16 LoRA": [("b", 4)],
     "mixed": [(None, 0), ("a", 1), ("a", 8), ("b", 3), ("b", 3), (None, 0)],
+    "14 sequences": [(None, 0)] * 4 + [("a", 2)] * 5 + [("b", 8)] * 5,  # gguf+bf16: bf16 in llama.forward
 }
 R_MAX = 8
 
@@ -53,7 +55,7 @@ def engine_on(gguf_model_dir, c_ops):
 
     def make(weight_format):
         config = EngineConfig(
-            model=str(gguf_model_dir), max_num_seqs=8, max_model_len=64, warmup=False, weight_format=weight_format
+            model=str(gguf_model_dir), max_num_seqs=16, max_model_len=64, warmup=False, weight_format=weight_format
         )
         engine = LLMEngine(config)
         manifest = SimpleNamespace(r_max=R_MAX, train_ranks=(1, 2, 4, 8), scaling="none", alpha=1.0)
@@ -83,6 +85,21 @@ def decode_items(engine, entries, rows):
     return items
 
 
+@contextlib.contextmanager
+def narrow_linears_only(engine):
+    """Every SplitLinear of the engine on its narrow side whatever the row count, while open."""
+    splits = [lin for lw in engine.weights.layers for lin in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+    splits = [lin for lin in splits + [engine.weights.lm_head] if isinstance(lin, SplitLinear)]
+    saved = [lin.min_rows for lin in splits]
+    for lin in splits:
+        lin.min_rows = 1 << 30
+    try:
+        yield
+    finally:
+        for lin, min_rows in zip(splits, saved):
+            lin.min_rows = min_rows
+
+
 @pytest.mark.parametrize("weight_format", FORMATS)
 @pytest.mark.parametrize("step", list(STEPS))
 def test_decode_layers_give_llama_forwards_bits(engine_on, weight_format, step):
@@ -91,13 +108,18 @@ def test_decode_layers_give_llama_forwards_bits(engine_on, weight_format, step):
     assert runner.decode_layers is not None
     items = decode_items(engine, entries, STEPS[step])
     batch = runner.prepare(items)
+    max_rows = runner.decode_layers.max_rows
+    if max_rows is not None and len(items) > max_rows:  # gguf+bf16 without int8 rows (no VNNI)
+        assert not runner.decode_layers.takes(batch.meta, batch.num_tokens)
+        return
     assert runner.decode_layers.takes(batch.meta, batch.num_tokens)
     cache_before = engine.kv.cache.clone()
     fused_idx, fused = runner.run(batch)
     fused_cache = engine.kv.cache.clone()
     engine.kv.cache.copy_(cache_before)
     layers, runner.decode_layers = runner.decode_layers, None
-    idx, reference = runner.run(runner.prepare(items))  # llama.forward with the same C kernels
+    with narrow_linears_only(engine):  # llama.forward on the linears the C loop reads, the same C kernels
+        idx, reference = runner.run(runner.prepare(items))
     runner.decode_layers = layers
     assert fused_idx == idx
     assert torch.equal(fused, reference)
@@ -121,8 +143,9 @@ def test_prefill_and_wide_steps_run_llama_forward(engine_on, weight_format):
     items = decode_items(engine, entries, [(None, 0)])
     mixed = runner.prepare(items + [StepItem([5, 6, 7], engine.kv.allocate(), 0, True)])
     assert not runner.decode_layers.takes(mixed.meta, mixed.num_tokens)
-    wide_rows = runner.decode_layers.max_rows
-    assert wide_rows == (MIN_WIDE_ROWS - 1 if weight_format == "gguf+bf16" else None)
+    int8_rows = runner.ops.lib.ml_blocks_max_int8_rows()
+    expected = max(MIN_WIDE_ROWS - 1, int8_rows) if weight_format == "gguf+bf16" else None
+    assert runner.decode_layers.max_rows == expected
 
 
 def test_no_decode_layers_on_torch_ops(make_engine):
