@@ -12,7 +12,9 @@ unless --prompt-tokens):
     one user x S tokens       with the adapter at r_max | base
 Ours runs `matryoshka-lora serve` once per --weight-formats entry (gguf: the file's own blocks; float32);
 llama.cpp gets the adapter exported as PEFT at r_max and converted by its own convert_lora_to_gguf.py.
-Each row: one warm-up burst, then --repeats timed bursts (mean tok/s).
+Each row: one warm-up burst, then --repeats timed bursts (mean tok/s). --rounds N runs the whole
+sequence (ours, then llama.cpp) N times, so that the VM's drift over minutes shows: each ratio is then
+the median over rounds of that round's ours / llama.cpp, with its range.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -104,6 +107,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="run ours then llama.cpp this many times")
     parser.add_argument("--weight-formats", default="gguf,float32")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
@@ -118,26 +122,36 @@ def main() -> None:
     adapter = load_adapter(args.adapter)
     prompt = exact_prompt(AutoTokenizer.from_pretrained(default_model_dir()), args.prompt_tokens)[0]
     workdir = Path(tempfile.mkdtemp(prefix="bench-llama-cpp-"))
-    ours = ours_rows(args, adapter, prompt, workdir)
-    theirs = llama_rows(args, adapter, prompt, workdir)
-    llama_by_workload = {r["workload"]: r for r in theirs}
+    rounds = []
+    for i in range(args.rounds):
+        ours = ours_rows(args, adapter, prompt, workdir)
+        theirs = llama_rows(args, adapter, prompt, workdir)
+        llama_by_workload = {r["workload"]: r for r in theirs}
+        for row in ours + theirs:
+            peer = llama_by_workload.get("mixed" if row["workload"].startswith("mixed") else row["workload"])
+            ratio = row["tok_s"] / peer["tok_s"] if row["tok_s"] and peer and peer["tok_s"] and row in ours else None
+            row["ratio_over_llama_cpp"] = round(ratio, 3) if ratio else None
+            row["round"] = i
+        rounds.append(ours + theirs)
     print(
         f"\n{args.num_requests} at once x {args.max_tokens} tokens; one user x {args.single_tokens} tokens; "
         f"adapter {adapter.manifest.name} (r_max {adapter.manifest.r_max}, {','.join(adapter.manifest.target_modules)}); "
-        f"{args.threads} threads"
+        f"{args.threads} threads; {args.rounds} round(s): tok/s per round, median ratio (range)"
     )
-    print(f"{'system':60s} {'tok/s':>8s} {'ours/llama.cpp':>15s}")
-    for row in ours + theirs:
-        peer = llama_by_workload.get("mixed" if row["workload"].startswith("mixed") else row["workload"])
-        ratio = row["tok_s"] / peer["tok_s"] if row["tok_s"] and peer and peer["tok_s"] and row in ours else None
-        row["ratio_over_llama_cpp"] = round(ratio, 3) if ratio else None
-        tok_s = f"{row['tok_s']:.1f}" if row["tok_s"] else f"failed: {row['error']}"
-        print(f"{row['system']:60s} {tok_s:>8s} {(f'{ratio:.2f}x' if ratio else ''):>15s}")
+    print(f"{'system':60s} {'tok/s':>20s} {'ours/llama.cpp':>22s}")
+    for rows in zip(*rounds):
+        tok_s = " / ".join(f"{r['tok_s']:.1f}" if r["tok_s"] else f"failed: {r['error']}" for r in rows)
+        ratios = sorted(r["ratio_over_llama_cpp"] for r in rows if r["ratio_over_llama_cpp"])
+        shown = ""
+        if ratios:
+            shown = f"{statistics.median(ratios):.2f}x" + (
+                f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+            )
+        print(f"{rows[0]['system']:60s} {tok_s:>20s} {shown:>22s}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": ours + theirs}, indent=1)
-        )
+        rows = [row for r in rounds for row in r]
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

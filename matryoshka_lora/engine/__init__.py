@@ -7,7 +7,8 @@ Modules, one job each:
     linear          frozen linears for oneDNN; cpu_linear (+ cpu_gemm.c, cpu_gemm_blocks.c, cpu_gemm_int8.c): the C GEMMs;
                     bf16_linear: wide steps on a packed bfloat16 copy (AMX), narrow ones on the blocks
     torch_ops       the step's small ops in torch (the reference); cpu_kernels (+ cpu_kernels.c): in C
-    llama, attention the forward as plain functions
+    llama, attention the forward as plain functions; cpu_decode (+ cpu_decode.c): a decode-only step's
+                    layers in one C call, the same kernels and bits
     kv_cache        slot-based cache
     adapter_slots   adapter weights once at r_max; lora_batch: per-step groups; lora_ops: the LoRA op
     model_runner    scheduled batch -> tensors -> logits; sampler; detokenizer

@@ -1,7 +1,7 @@
 """A decode-only step's transformer layers as one C call (`ml_decode_layers`, cpu_decode.c).
 
-    logits = DecodeLayers.forward(weights, input_ids, meta, lora_groups, lora_table)
-           = llama.forward(weights, input_ids, meta, kv, LoRABatch(lora_groups, lora_table), ops)   bit for bit
+    DecodeLayers.forward(input_ids, meta, lora_groups, lora_table)
+        == llama.forward(weights, input_ids, meta, kv, LoRABatch(lora_groups, lora_table), ops)   bit for bit
 
 llama.forward with CKernelOps makes ~13 calls a layer (linears, LoRA groups, norms, RoPE, attention,
 SiLU-mul, residual adds); at one sequence each reads a few kilobytes to a megabyte and costs a few

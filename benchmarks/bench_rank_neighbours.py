@@ -1,0 +1,75 @@
+"""What a rank-1 request pays for rank-64 neighbours in its batch: engine level (no HTTP), real default model.
+
+    .venv/bin/python benchmarks/bench_rank_neighbours.py [--num-seqs 4,16] [--tokens 64]
+
+One heavy random adapter (all seven projections, r_max 64, float32: the load tests' `lt-a`, made in a
+temporary directory) and N sequences decoded together after the same 16-token prompt (greedy, EOS
+ignored). Request 0 is at rank 1 throughout; its neighbours are all at rank 1, all at rank 64, or on the
+base model. Printed: request 0's ms per output token (median of --repeats, prefill excluded) and the
+ratio to the all-rank-1 batch. The issue's goal: rank 1 beside rank-64 neighbours <= 1.10x. Measure on
+a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MIXES = {  # neighbours of request 0 (at rank 1): (adapter or None, rank)
+    "all at rank 1": ("lt-a", 1),
+    "neighbours on the base model": (None, None),
+    "neighbours at rank 64": ("lt-a", 64),
+}
+
+
+def decode(engine, prompt: list[int], tokens: int, requests: list[tuple[str | None, int | None]]) -> float:
+    """Seconds per output token of requests[0], all started together, its first token (the prefill) excluded."""
+    from matryoshka_lora.types import GenerationRequest, SamplingParams
+
+    stamps: list[float] = []
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    for i, (adapter, rank) in enumerate(requests):
+        callback = (lambda event: stamps.append(time.perf_counter())) if i == 0 else (lambda event: None)
+        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter, rank), callback)
+    while engine.scheduler.has_work():
+        engine.step()
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-seqs", default="4,16", help="batch sizes, comma-separated")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.engine.engine import LLMEngine
+    from matryoshka_lora.loadtest.runner import make_random_adapters
+
+    sizes = [int(n) for n in args.num_seqs.split(",")]
+    engine = LLMEngine(EngineConfig(max_num_seqs=max(sizes), max_model_len=512, num_threads=args.threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        name = engine.load_adapter(make_random_adapters(None, Path(tmp), 64)[0]).name
+    prompt = engine.tokenizer.encode("Reverse this list of letters: q v k q f m a")[:16]
+    print(f"weight format {engine.weight_format}; request 0 at rank 1 of {name} (r_max 64, all modules)")
+    print(f"{'sequences':>9s}  {'neighbours':30s} {'ms/token':>9s} {'vs all rank 1':>13s}")
+    for n in sizes:
+        baseline = None
+        for label, (adapter, rank) in MIXES.items():
+            requests = [(name, 1)] + [(adapter and name, rank)] * (n - 1)
+            decode(engine, prompt, 8, requests)  # warm-up
+            per_token = statistics.median(decode(engine, prompt, args.tokens, requests) for _ in range(args.repeats))
+            baseline = baseline or per_token
+            print(f"{n:9d}  {label:30s} {per_token * 1e3:9.2f} {per_token / baseline:12.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
