@@ -21,6 +21,7 @@ rebuilt when the slot's weights change).
 from __future__ import annotations
 
 import operator
+import weakref
 
 import torch
 
@@ -35,6 +36,10 @@ from matryoshka_lora.engine.weights import ModelWeights
 
 KIND_PANELS = 2  # cpu_decode.c: a float32 PanelLinear (BLOCK_KINDS: GGUF block records)
 LORA_FIELDS = 7  # a_panels, b_panels, c0, c1, members, r_max, bf16
+
+
+def _no_weights() -> None:  # the weak reference of a missing (layer, group) entry
+    return None
 
 
 def _linear_row(linear) -> tuple[list[int], int | None] | None:
@@ -107,7 +112,7 @@ class DecodeLayers:
         """[num_layers, 4, LORA_FIELDS] int64: the slot's PanelLoRA of each (layer, group), zeros where none."""
         entries = [layer[g][slot] for layer in table for g in GROUPS]
         cached = self._slot_tables.get(slot)
-        if cached is not None and all(map(operator.is_, cached[0], entries)):
+        if cached is not None and all(map(operator.is_, (ref() for ref in cached[0]), entries)):
             return cached[1]
         fields = []
         for w in entries:
@@ -118,7 +123,9 @@ class DecodeLayers:
             else:
                 raise TypeError(f"DecodeLayers reads PanelLoRA weights (CKernelOps.pack_lora), got {type(w).__name__}")
         tensor = torch.tensor(fields, dtype=torch.long)
-        self._slot_tables[slot] = (entries, tensor)  # entries hold the weights alive while their addresses are cached
+        # weak references: an unloaded adapter's weights are freed at once, and a table whose weights are
+        # gone (or replaced) fails the check above before its addresses are read
+        self._slot_tables[slot] = ([_no_weights if w is None else weakref.ref(w) for w in entries], tensor)
         return tensor
 
     def _group_rows(self, groups: list[LoRAGroup], table) -> tuple[torch.Tensor, torch.Tensor, int]:

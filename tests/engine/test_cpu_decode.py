@@ -162,3 +162,29 @@ def test_silu_mul_equals_torch(c_ops):
     torch.testing.assert_close(c_ops.silu_mul(gu), TorchOps().silu_mul(gu), rtol=2e-6, atol=1e-7)
     strided = torch.randn(5, 3 * 96, generator=gen)[:, : 2 * 96]
     torch.testing.assert_close(c_ops.silu_mul(strided), TorchOps().silu_mul(strided), rtol=2e-6, atol=1e-7)
+
+
+def test_a_slot_refilled_with_other_weights_gets_its_own_table_and_the_old_are_freed(engine_on):
+    import gc
+    import weakref
+
+    engine, entries = engine_on("gguf")
+    runner = engine.runner
+    items = decode_items(engine, entries, [("a", 8)])
+    runner.run(runner.prepare(items))  # caches slot a's table
+    slot = entries["a"].slot
+    old = weakref.ref(engine.adapters.table[0]["qkv"][slot])
+    engine.adapters.unregister("a")
+    engine.adapters.free_slot(slot)
+    gc.collect()
+    assert old() is None  # the cached table does not keep an unloaded adapter's weights alive
+    manifest = SimpleNamespace(r_max=R_MAX, train_ranks=(1, 2, 4, 8), scaling="none", alpha=1.0)
+    spec, pack = engine.weights.spec, runner.ops.pack_lora
+    assert engine.adapters.install("c", manifest, "", fused_adapter(spec, pack, 9, bf16=False)).slot == slot
+    cache = engine.kv.cache.clone()
+    _, fused = runner.run(runner.prepare(items))
+    engine.kv.cache.copy_(cache)
+    layers, runner.decode_layers = runner.decode_layers, None
+    _, reference = runner.run(runner.prepare(items))
+    runner.decode_layers = layers
+    assert torch.equal(fused, reference)
