@@ -77,7 +77,13 @@ class LLMEngine:
         self.adapters = AdapterSlots(self.weights.spec, config.max_adapters)
         self.runner = ModelRunner(self.weights, self.kv, self.adapters.table, ops)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len)
-        self.budget = BudgetController(self.scheduler, self.adapters, self.max_model_len, config.budget_layers_off)
+        self.budget = BudgetController(
+            self.scheduler,
+            self.adapters,
+            self.max_model_len,
+            config.budget_layers_off,
+            max_one_call_rows=self.runner.max_one_call_rows,
+        )
         self.lock = threading.Condition()
         self._seqs: dict[int, Sequence] = {}
         self._aborts: set[int] = set()

@@ -70,6 +70,13 @@ class ModelRunner:
         # decode-only steps as one C call where the ops and linears allow (cpu_decode; None: llama.forward)
         self.decode_layers = DecodeLayers.build(ops, weights, kv)
 
+    @property
+    def max_one_call_rows(self) -> int:
+        """The most rows of a decode-only step that run as one C call (0: every step runs llama.forward)."""
+        if self.decode_layers is None:
+            return 0
+        return self.decode_layers.max_rows or self.kv.max_num_seqs
+
     def prepare(self, items: list[StepItem]) -> StepBatch:
         order = sorted(range(len(items)), key=lambda i: (items[i].adapter_slot, items[i].rank))
         input_ids: list[int] = []

@@ -134,11 +134,18 @@ async def open_loop(url: str, plan: Plan, arrivals: Arrivals) -> list[RequestRec
 
 
 async def closed_loop(
-    url: str, plan: Plan, concurrency: int, num_requests: int, seed: int = 0, duration_s: float | None = None
+    url: str,
+    plan: Plan,
+    concurrency: int,
+    num_requests: int,
+    seed: int = 0,
+    duration_s: float | None = None,
+    min_interval_s: float = 0.0,
 ) -> list[RequestRecord]:
     """`concurrency` clients send back to back (after a refusal, once its Retry-After has passed) until
     `num_requests` requests have been sent, or with `duration_s` until that many seconds have passed
-    (no request starts later)."""
+    (no request starts later). min_interval_s: a client starts a request no sooner than this after its
+    previous one started (a client pacing itself to a rate limit)."""
     pick = _picker(plan, seed)
     remaining = [num_requests]
     records: list[RequestRecord] = []
@@ -147,10 +154,12 @@ async def closed_loop(
     async def client_loop(client: aiohttp.ClientSession) -> None:
         while remaining[0] > 0 and (deadline is None or time.perf_counter() < deadline):
             remaining[0] -= 1
+            started = time.perf_counter()
             record = await send(client, plan, pick())
             records.append(record)
             if record.retry_after:  # refused: a client that honours Retry-After waits before the next one
                 await asyncio.sleep(float(record.retry_after))
+            await asyncio.sleep(max(0.0, started + min_interval_s - time.perf_counter()))
 
     async with make_client(url) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))

@@ -148,6 +148,7 @@ def test_tenants_starts_its_own_server_with_a_tenants_file(tiny_model_dir, lt_ad
     polite, flood = result.phases[-2], result.phases[-1]
     assert {r.tag for r in polite.records} == {"trickle", "neighbour"}
     assert any(r.ok for r in polite.records if r.tag == "neighbour")
+    assert checks["the neighbour within its limits is never refused"] == [True]
     assert {r.status for r in flood.records if r.tag == "flood"} <= {200, 429}
     rows = result.tables["tenants"]
     assert [r["other_tenant"] for r in rows] == [None, "neighbour", "flood"]

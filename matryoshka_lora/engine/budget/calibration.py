@@ -67,6 +67,7 @@ def calibrate(engine, cost_model: CostModel, repeats: int = 3) -> None:
             items = _items(kind, size, rank, context, slots, [e.slot for e in entries[:num_adapters]])
             runs = [engine.time_step(items) for _ in range(repeats + 1)]
             lora_groups = runs[-1][0]
-            samples.append((step_features(items, lora_groups), statistics.median(t for _, t in runs[1:])))
+            features = step_features(items, lora_groups, cost_model.max_one_call_rows)
+            samples.append((features, statistics.median(t for _, t in runs[1:])))
     cost_model.fit(samples)
     log.info("warm-up: %d cases x %d timed runs in %.1f s", len(samples), repeats, time.perf_counter() - started)

@@ -31,12 +31,19 @@ log = logging.getLogger(__name__)
 
 
 class BudgetController:
-    def __init__(self, scheduler: Scheduler, adapters: AdapterSlots, max_model_len: int, layers_off=()):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        adapters: AdapterSlots,
+        max_model_len: int,
+        layers_off=(),
+        max_one_call_rows: int = 0,
+    ):
         self.scheduler = scheduler
         self.adapters = adapters
         self.max_model_len = max_model_len
         layers_off = check_layers_off(layers_off)
-        self.cost_model = CostModel(refuse_on_typical="typical" not in layers_off)
+        self.cost_model = CostModel(refuse_on_typical="typical" not in layers_off, max_one_call_rows=max_one_call_rows)
         self.arrivals = Arrivals()  # prompt and output tokens/s arriving, for the predictions
 
     def choose(self, request: GenerationRequest) -> RankChoice:
@@ -50,7 +57,7 @@ class BudgetController:
         return choice
 
     def observe_step(self, items, lora_groups, seconds: float) -> None:
-        self.cost_model.observe(step_features(items, lora_groups), seconds)
+        self.cost_model.observe(step_features(items, lora_groups, self.cost_model.max_one_call_rows), seconds)
 
     def observe_finished(self, done: list[Sequence], now: float) -> None:
         """After a step: the running promised requests' projected ratios, then what the finished ones took."""

@@ -150,9 +150,11 @@ class CostModel:
         refit_every: int = 128,
         max_recent: int = 512,
         refuse_on_typical: bool = True,
+        max_one_call_rows: int = 0,
     ):
         # An uncalibrated default (seconds) so that predictions exist before warm-up.
-        self.coef = coef if coef is not None else np.array([5e-3, 5e-4, 1e-7, 1e-5, 2e-4, 1e-7, 5e-4])
+        self.coef = coef if coef is not None else np.array([5e-3, 5e-4, 1e-7, 1e-5, 2e-4, 1e-7, 5e-4, 1e-3, 1e-4])
+        self.max_one_call_rows = max_one_call_rows  # decode steps of up to this many rows: one C call
         self.correction = 1.0
         self.ema, self.refit_every = ema, refit_every
         self.warmup_samples: list[tuple[StepFeatures, float]] = []
@@ -217,9 +219,10 @@ class CostModel:
 
         def step_at(rows: float) -> float:  # a decode step at `rows` rows with the active set's mix
             grow = rows / (active + 1)
+            n = round(rows)
             return self.predict_step(
                 StepFeatures(
-                    round(rows), round(lora_flops * grow), lora_reads, num_groups, round(mean_ctx * grow), round(rows)
+                    n, round(lora_flops * grow), lora_reads, num_groups, round(mean_ctx * grow), n, self._per_call(n)
                 )
             )
 
@@ -231,7 +234,12 @@ class CostModel:
     def _active_step_s(self, load: LoadSnapshot) -> float:
         """A decode step of the active set as it stands."""
         active = load.num_running + load.num_admitted
-        return self.predict_step(StepFeatures(active, *decode_lora(load.adapters, -1, 0), load.context_sum, active))
+        lora = decode_lora(load.adapters, -1, 0)
+        return self.predict_step(StepFeatures(active, *lora, load.context_sum, active, self._per_call(active)))
+
+    def _per_call(self, decode_rows: int) -> int:
+        """The per_call feature of a decode-only step of `decode_rows` rows."""
+        return 0 if decode_rows <= self.max_one_call_rows else 1
 
     def _prefill_steps(self, load: LoadSnapshot, prompts: tuple[PendingPrompt, ...]) -> tuple[float, int]:
         """(seconds, steps) to prefill `prompts` in chunks beside the running set's decode rows

@@ -8,6 +8,9 @@ prefill steps a prediction plans.
     attn_work   = sum over the step's items of (item tokens * (item position + item tokens))
                   (each prompt chunk attends to its own sequence only)
     num_sampled = rows that sample a token (decode rows and prompts whose last chunk it is)
+    per_call    = 1 where the step runs llama.forward, one Python call per op (a prompt chunk, or more
+                  decode rows than the one-call path takes: model_runner.max_one_call_rows), else 0
+    per_call_groups = per_call * num_groups (a LoRA group costs its Python calls only on that path)
 
 `plan_prefill` replays the scheduler's chunking (scheduler.schedule): each step, the decode rows take
 one token each and the pending prompts, in order, fill the rest of `max_num_batched_tokens`; a prompt
@@ -20,7 +23,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FEATURES = ("const", "num_tokens", "lora_flops", "lora_reads", "num_groups", "attn_work", "num_sampled")
+FEATURES = (
+    "const",
+    "num_tokens",
+    "lora_flops",
+    "lora_reads",
+    "num_groups",
+    "attn_work",
+    "num_sampled",
+    "per_call",
+    "per_call_groups",
+)
 
 
 @dataclass(frozen=True)
@@ -31,15 +44,28 @@ class StepFeatures:
     num_groups: int
     attn_work: int
     num_sampled: int
+    per_call: int = 1
 
     def vector(self) -> np.ndarray:
         return np.array(
-            [1.0, self.num_tokens, self.lora_flops, self.lora_reads, self.num_groups, self.attn_work, self.num_sampled]
+            [
+                1.0,
+                self.num_tokens,
+                self.lora_flops,
+                self.lora_reads,
+                self.num_groups,
+                self.attn_work,
+                self.num_sampled,
+                self.per_call,
+                self.per_call * self.num_groups,
+            ]
         )
 
 
-def step_features(items, lora_groups) -> StepFeatures:
-    """The features of a step as it runs (model_runner.StepItem's, its LoRA groups as the runner formed them)."""
+def step_features(items, lora_groups, max_one_call_rows: int = 0) -> StepFeatures:
+    """The features of a step as it runs (model_runner.StepItem's, its LoRA groups as the runner formed them);
+    max_one_call_rows: the most decode rows the runner runs as one C call (0: none)."""
+    one_call = len(items) <= max_one_call_rows and all(len(it.token_ids) == 1 for it in items)
     return StepFeatures(
         num_tokens=sum(len(it.token_ids) for it in items),
         lora_flops=sum((g.end - g.start) * g.rank for g in lora_groups),
@@ -47,6 +73,7 @@ def step_features(items, lora_groups) -> StepFeatures:
         num_groups=len(lora_groups),
         attn_work=sum(len(it.token_ids) * (it.position + len(it.token_ids)) for it in items),
         num_sampled=sum(1 for it in items if it.sample),
+        per_call=0 if one_call else 1,
     )
 
 

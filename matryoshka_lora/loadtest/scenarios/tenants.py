@@ -9,10 +9,11 @@ A tenants file with fresh random keys is written to OUT/tenants.toml and the ser
     probe    L_0 = the trickle's unloaded e2e (4 requests at rank 8 or r_max, one at a time)
     phase 1  trickle alone, --duration s (60)
     phase 2  trickle + neighbour: the flood's key used *within* its limits (2 closed-loop users, each
-             sending its next request when the last ends, honouring Retry-After), --duration s
+             sending its next request when the last ends but at most one each 1.1 s, so the two stay
+             under the rate limit however fast the server answers; honouring Retry-After), --duration s
     phase 3  trickle + flood together, --duration s
 
-Invariants: no 5xx at all; the flood gets 429s (with Retry-After); the trickle gets none.
+Invariants: no 5xx at all; the flood gets 429s (with Retry-After); the trickle and the neighbour get none.
 Goal (isolation): the trickle's p50 e2e under the flood within 20 % of its p50 beside the neighbour.
 The flood's excess must cost the trickle nothing: what the flood's allowed requests cost it (they
 share every decode step, and their prompts' prefill steps) is what its limits allow, and is reported
@@ -39,6 +40,8 @@ FLOOD_FACTOR = 10.0  # the flood sends this many times its rate limit
 TRICKLE_UTILISATION = 0.2
 MIN_TRICKLE_REQUESTS = 10  # per phase, expected: on a slow machine 0.2 / L_0 alone may send none in a phase
 LATENCY_TOLERANCE = 0.20
+# each of the neighbour's clients starts a request at most this often, so the two stay 10 % under the rate limit
+NEIGHBOUR_INTERVAL_S = 1.1 * FLOOD_LIMITS["max_concurrency"] / FLOOD_LIMITS["rate_limit_rps"]
 
 
 def write_tenants(path: Path, keys: dict[str, str]) -> Path:
@@ -118,7 +121,13 @@ def run(ctx: RunContext) -> ScenarioResult:
         lambda: asyncio.run(
             trickle_beside(
                 closed_loop(
-                    ctx.url, neighbour, FLOOD_LIMITS["max_concurrency"], cfg.max_requests, cfg.seed + 2, cfg.phase_s
+                    ctx.url,
+                    neighbour,
+                    FLOOD_LIMITS["max_concurrency"],
+                    cfg.max_requests,
+                    cfg.seed + 2,
+                    cfg.phase_s,
+                    min_interval_s=NEIGHBOUR_INTERVAL_S,
                 )
             )
         ),
@@ -141,6 +150,14 @@ def run(ctx: RunContext) -> ScenarioResult:
             refusals_have_retry_after(phase.records),
         ]
 
+    refused_neighbour = [r for r in polite.records if r.tag == "neighbour" and r.status != 200]
+    polite.checks.append(
+        Check(
+            "the neighbour within its limits is never refused",
+            not refused_neighbour,
+            f"{len(refused_neighbour)} neighbour requests not 200",
+        )
+    )
     base, beside, under = p50(alone.records), p50(trickle_of(polite)), p50(trickle_of(loaded))
     name = f"trickle p50 under the flood within {LATENCY_TOLERANCE:.0%} of beside the neighbour within limits"
     if base is None or beside is None or under is None:
@@ -159,6 +176,6 @@ def run(ctx: RunContext) -> ScenarioResult:
     result.notes.append(
         f"trickle: {trickle_rate:.3f} req/s; flood: {flood_rate:g} req/s against limits "
         f"{FLOOD_LIMITS}; neighbour: the same key, "
-        f"{FLOOD_LIMITS['max_concurrency']} closed-loop users"
+        f"{FLOOD_LIMITS['max_concurrency']} closed-loop users, each at most one request per {NEIGHBOUR_INTERVAL_S:g} s"
     )
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from matryoshka_lora.engine.budget.step_features import PendingPrompt, StepFeatures, plan_prefill
+from matryoshka_lora.engine.budget.step_features import PendingPrompt, StepFeatures, plan_prefill, step_features
 
 from ..engine_support import request
 
@@ -62,3 +62,28 @@ def test_the_plan_matches_the_steps_the_engine_runs(make_engine):
         engine.step()
     assert len(plan) == len(observed) > 1
     assert [(f.num_tokens, f.num_sampled) for f in plan] == [(f.num_tokens, f.num_sampled) for f in observed]
+
+
+@pytest.mark.parametrize(
+    "token_counts, max_one_call_rows, per_call",
+    [
+        ([1, 1, 1], 16, 0),  # decode rows within the one-call path
+        ([1] * 17, 16, 1),  # more rows than it takes
+        ([1, 5], 16, 1),  # a prompt chunk: llama.forward
+        ([1], 0, 1),  # no one-call path (torch ops)
+    ],
+)
+def test_per_call_marks_the_steps_that_run_llama_forward(token_counts, max_one_call_rows, per_call):
+    from matryoshka_lora.engine.model_runner import StepItem
+
+    items = [StepItem([3] * n, i, 10, True) for i, n in enumerate(token_counts)]
+    features = step_features(items, [], max_one_call_rows)
+    assert features.per_call == per_call
+    assert features.vector()[-2:].tolist() == [per_call, 0]
+
+
+def test_the_engine_tells_the_cost_model_its_one_call_rows(make_engine):
+    engine = make_engine()
+    rows = engine.runner.max_one_call_rows
+    assert engine.budget.cost_model.max_one_call_rows == rows
+    assert rows == (0 if engine.runner.decode_layers is None else engine.runner.decode_layers.max_rows or 4)
