@@ -153,7 +153,7 @@ class CostModel:
         max_one_call_rows: int = 0,
     ):
         # An uncalibrated default (seconds) so that predictions exist before warm-up.
-        self.coef = coef if coef is not None else np.array([5e-3, 5e-4, 1e-7, 1e-5, 2e-4, 1e-7, 5e-4, 1e-3, 1e-4])
+        self.coef = coef if coef is not None else np.array([5e-3, 5e-4, 1e-7, 1e-5, 2e-4, 1e-7, 5e-4, 1e-3, 1e-4, 5e-4])
         self.max_one_call_rows = max_one_call_rows  # decode steps of up to this many rows: one C call
         self.correction = 1.0
         self.ema, self.refit_every = ema, refit_every

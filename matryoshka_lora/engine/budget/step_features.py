@@ -11,6 +11,9 @@ prefill steps a prediction plans.
     per_call    = 1 where the step runs llama.forward, one Python call per op (a prompt chunk, or more
                   decode rows than the one-call path takes: model_runner.max_one_call_rows), else 0
     per_call_groups = per_call * num_groups (a LoRA group costs its Python calls only on that path)
+    one_call_rows   = (1 - per_call) * num_tokens: the one-call path's decode rows run on the int8 blocks,
+                  each row its own dot products (~0.5 ms a row here), where a per-call step's tokens
+                  beyond 12 run on bf16 at a fraction of that (one num_tokens slope cannot fit both)
 
 `plan_prefill` replays the scheduler's chunking (scheduler.schedule): each step, the decode rows take
 one token each and the pending prompts, in order, fill the rest of `max_num_batched_tokens`; a prompt
@@ -33,6 +36,7 @@ FEATURES = (
     "num_sampled",
     "per_call",
     "per_call_groups",
+    "one_call_rows",
 )
 
 
@@ -58,6 +62,7 @@ class StepFeatures:
                 self.num_sampled,
                 self.per_call,
                 self.per_call * self.num_groups,
+                (1 - self.per_call) * self.num_tokens,
             ]
         )
 

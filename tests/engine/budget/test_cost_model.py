@@ -8,7 +8,7 @@ import pytest
 from matryoshka_lora.engine.budget.cost_model import CostModel, LoadSnapshot, nnls
 from matryoshka_lora.engine.budget.step_features import StepFeatures
 
-TRUE = np.array([4e-3, 2e-4, 5e-7, 2e-5, 1e-4, 3e-8, 6e-4, 2e-3, 3e-4])
+TRUE = np.array([4e-3, 2e-4, 5e-7, 2e-5, 1e-4, 3e-8, 6e-4, 2e-3, 3e-4, 4e-4])
 
 
 def synthetic(n=60, noise=0.0, seed=0):
@@ -135,7 +135,7 @@ def test_refits_on_observed_steps():
     """A machine twice as slow per token as warm-up measured: after refits the per-token cost follows."""
     model = CostModel(refit_every=32, ema=0.0)
     model.fit(synthetic(n=40))
-    slow = TRUE * np.array([1, 4, 1, 1, 1, 1, 1, 1, 1])
+    slow = TRUE * np.array([1, 4, 1, 1, 1, 1, 1, 1, 1, 1])
     for f, _ in synthetic(n=320, seed=1):
         model.observe(f, float(f.vector() @ slow))
     f = StepFeatures(200, 0, 0, 0, 0, 1)

@@ -79,7 +79,7 @@ def test_per_call_marks_the_steps_that_run_llama_forward(token_counts, max_one_c
     items = [StepItem([3] * n, i, 10, True) for i, n in enumerate(token_counts)]
     features = step_features(items, [], max_one_call_rows)
     assert features.per_call == per_call
-    assert features.vector()[-2:].tolist() == [per_call, 0]
+    assert features.vector()[-3:].tolist() == [per_call, 0, (1 - per_call) * sum(token_counts)]
 
 
 def test_the_engine_tells_the_cost_model_its_one_call_rows(make_engine):
