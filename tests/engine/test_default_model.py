@@ -38,7 +38,7 @@ def test_mixed_ranks_equal_alone_on_default_model(default_model, tmp_path):
 def test_gguf_blocks_generate_what_float32_does_on_default_model(default_model, monkeypatch):
     """The shipped file's own blocks (one sequence alone, and four together) give float32's greedy tokens on
     float activations (the kernels built without int8 rows; what int8 activations change is measured in
-    docs/performance.md, "One user")."""
+    docs/performance.md, "A decode step")."""
     from matryoshka_lora.engine import cpu_kernels
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
