@@ -46,9 +46,10 @@ BUILDS = {"default": (), "float-row": ("-DML_NO_INT8_ROW",), "avx2-gemm": ("-DML
 BUILDS["before"] = BUILDS["float-row"] + BUILDS["avx2-gemm"]
 
 
-def decode(engine, prompt: list[int], tokens: int, num_seqs: int, adapter, rank, on_first_token=None) -> float:
-    """Seconds per decode step of num_seqs requests started together, the prefill step excluded
-    (on_first_token, if given, is called when the first request's first token is out: the prefill's end)."""
+def decode(engine, prompt: list[int], tokens: int, requests: list, on_first_token=None) -> float:
+    """Seconds per output token of requests[0] ((adapter or None, rank or None) each, all started together:
+    with all in every step, seconds per decode step), its first token (the prefill) excluded; on_first_token,
+    if given, is called when that first token is out: the prefill's end."""
     from matryoshka_lora.types import GenerationRequest, SamplingParams
 
     stamps: list[float] = []
@@ -59,7 +60,7 @@ def decode(engine, prompt: list[int], tokens: int, num_seqs: int, adapter, rank,
             on_first_token()
         stamps.append(time.perf_counter())
 
-    for i in range(num_seqs):
+    for i, (adapter, rank) in enumerate(requests):
         callback = first if i == 0 else (lambda event: None)
         engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter, rank), callback)
     while engine.scheduler.has_work():
@@ -143,6 +144,7 @@ def main() -> None:
     if args.adapter:
         path, rank = args.adapter.rsplit("@", 1)
         adapter, rank = engine.load_adapter(path).name, int(rank)
+    requests = [(adapter, rank)] * args.num_seqs
     linears = block_linears(engine)
     libs = {name: cpu_kernels._load(cpu_kernels.build_library(BUILDS[name])) for name in args.builds.split(",")}
     num_bytes = sum(lin.num_bytes for lin in linears)
@@ -163,12 +165,10 @@ def main() -> None:
     for (name, lib), path in itertools.product(libs.items(), args.paths.split(",")):
         use_build(engine, lib)
         engine.runner.decode_layers = decode_layers if path == "one-call" else None
-        decode(engine, prompt, 8, args.num_seqs, adapter, rank)  # warm-up
-        per_step = statistics.median(
-            decode(engine, prompt, args.tokens, args.num_seqs, adapter, rank) for _ in range(args.repeats)
-        )
+        decode(engine, prompt, 8, requests)  # warm-up
+        per_step = statistics.median(decode(engine, prompt, args.tokens, requests) for _ in range(args.repeats))
         with timed_parts(engine) as spent:
-            timed_step = decode(engine, prompt, args.tokens, args.num_seqs, adapter, rank, spent.clear)
+            timed_step = decode(engine, prompt, args.tokens, requests, spent.clear)
         steps = args.tokens - 1
         ms = {part: spent[part] / steps * 1e3 for part in parts}
         rest = timed_step * 1e3 - sum(ms.values())

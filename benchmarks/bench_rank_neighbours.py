@@ -15,30 +15,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from bench_decode_step import decode  # this directory is on sys.path when a script here runs
 
 MIXES = {  # neighbours of request 0 (at rank 1): (adapter or None, rank)
     "all at rank 1": ("lt-a", 1),
     "neighbours on the base model": (None, None),
     "neighbours at rank 64": ("lt-a", 64),
 }
-
-
-def decode(engine, prompt: list[int], tokens: int, requests: list[tuple[str | None, int | None]]) -> float:
-    """Seconds per output token of requests[0], all started together, its first token (the prefill) excluded."""
-    from matryoshka_lora.types import GenerationRequest, SamplingParams
-
-    stamps: list[float] = []
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    for i, (adapter, rank) in enumerate(requests):
-        callback = (lambda event: stamps.append(time.perf_counter())) if i == 0 else (lambda event: None)
-        engine.add_request(GenerationRequest(f"r{i}", prompt, params, adapter, rank), callback)
-    while engine.scheduler.has_work():
-        engine.step()
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from matryoshka_lora.engine.lora_ops import LoRAGroup
 from matryoshka_lora.engine.weights import ModelWeights
 
 KIND_PANELS = 2  # cpu_decode.c: a float32 PanelLinear (BLOCK_KINDS: GGUF block records)
+GROUP_FIELDS = 6  # start, rows, rank, row_ranks, row_scales, the slot's table (cpu_decode.c)
 LORA_FIELDS = 7  # a_panels, b_panels, c0, c1, members, r_max, bf16
 
 
@@ -64,6 +65,8 @@ class DecodeLayers:
         s = weights.spec
         self.dims = torch.tensor([s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size])
         self.max_rows = max_rows  # steps of more rows run llama.forward (None: any row count)
+        # the LM head on the side the layers' linears take (a SplitLinear's narrow one)
+        self.lm_head = weights.lm_head.narrow if isinstance(weights.lm_head, SplitLinear) else weights.lm_head
         self.row_floats = 2 * s.hidden_size + s.q_size + 2 * s.kv_size + s.q_size + 3 * s.intermediate_size
         self._scratch = torch.empty(0)
         self._lora_scratch = torch.empty(0)
@@ -157,7 +160,7 @@ class DecodeLayers:
         if groups and table is not None:
             group_rows, scales, lora_floats = self._group_rows(groups, table)
         else:
-            group_rows, scales, lora_floats = torch.empty((0, 6), dtype=torch.long), torch.empty(0), 0
+            group_rows, scales, lora_floats = torch.empty((0, GROUP_FIELDS), dtype=torch.long), torch.empty(0), 0
         scratch = self._buffer("_scratch", rows * self.row_floats)
         lora_scratch = self._buffer("_lora_scratch", max(lora_floats, 1))
         cache = kv.cache
@@ -189,5 +192,4 @@ class DecodeLayers:
         if status != 0:
             raise MemoryError("ml_decode_layers: decode attention could not allocate its scratch buffers")
         x = self.ops.rms_norm(x.index_select(0, meta.sample_rows), w.norm, spec.rms_norm_eps)
-        lm_head = w.lm_head.narrow if isinstance(w.lm_head, SplitLinear) else w.lm_head  # as the layers' linears
-        return lm_head(x)
+        return self.lm_head(x)
