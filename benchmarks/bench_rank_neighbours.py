@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from bench_decode_step import decode  # this directory is on sys.path when a script here runs
 
-MIXES = {  # neighbours of request 0 (at rank 1): (adapter or None, rank)
-    "all at rank 1": ("lt-a", 1),
-    "neighbours on the base model": (None, None),
-    "neighbours at rank 64": ("lt-a", 64),
+MIXES = {  # the neighbours of request 0 (at rank 1) of adapter `a`: k of them, as (adapter or None, rank)
+    "all at rank 1": lambda a, k: [(a, 1)] * k,
+    "neighbours on the base model": lambda a, k: [(None, None)] * k,
+    "one at rank 64, the rest rank 1": lambda a, k: [(a, 1)] * (k - 1) + [(a, 64)],
+    "neighbours at rank 64": lambda a, k: [(a, 64)] * k,
 }
 
 
@@ -49,8 +50,8 @@ def main() -> None:
     print(f"{'sequences':>9s}  {'neighbours':30s} {'ms/token':>9s} {'vs all rank 1':>13s}")
     for n in sizes:
         baseline = None
-        for label, (adapter, rank) in MIXES.items():
-            requests = [(name, 1)] + [(adapter and name, rank)] * (n - 1)
+        for label, neighbours in MIXES.items():
+            requests = [(name, 1)] + neighbours(name, n - 1)
             decode(engine, prompt, 8, requests)  # warm-up
             per_token = statistics.median(decode(engine, prompt, args.tokens, requests) for _ in range(args.repeats))
             baseline = baseline or per_token

@@ -17,10 +17,12 @@
    read and the next is prefetched while the row tiles after the first find the current one in cache.
    A LoRA's A [in, k * r_max] and each B_m [r_max, out_m] are kept as panels of 16 columns the same way
    (cpu_kernels.CKernelOps packs them once per adapter): a rank-r group reads A's first ceil(k r / 16)
-   panels and the first r rows of each B panel, each one sequential read, so its cost is O(r). In a
-   masked group (several ranks) every row computes at the group's rank R and the mask zeroes the
-   columns above its own: the weights, read once at R, are the cost; the extra multiply-adds are cheap
-   beside them. An adapter whose weights are all bfloat16 values (one saved in bfloat16) keeps its
+   panels and the first r rows of each B panel, each one sequential read, so its cost is O(r). A masked
+   group (several ranks, rows ordered by rank) reads the weights once at its rank R, and each row computes
+   only up to its own rank: the shrink's column blocks and the expand's rank chunks ([0, 16), [16, 32),
+   [32, 64), ...) run for the rows whose rank reaches them, so a rank-1 row beside rank-64 rows pays for
+   one block and one chunk, not for rank 64. The chunks are fixed, so a row's sums do not depend on the
+   rows beside it. An adapter whose weights are all bfloat16 values (one saved in bfloat16) keeps its
    panels in bfloat16 (half the bytes; widened to float32 in registers, exactly), else in float32.
 
    Threads: each call splits its column blocks over `num_threads` OpenMP threads (torch's pool: see
@@ -191,6 +193,22 @@ void ml_linear(const float *x, int64_t x_stride, int64_t rows, int64_t in_featur
     }
 }
 
+/* The first row of [0, rows) from which every row needs `need`: rows t with row_ranks[t] * k > need (all rows when
+   row_ranks is NULL). Rows come ordered by rank (the runner sorts them), so those are a suffix; if they are not,
+   every row is taken. */
+static int64_t first_needing(const int64_t *row_ranks, int64_t rows, int64_t k, int64_t need) {
+    if (!row_ranks) return 0;
+    int64_t first = rows;
+    while (first > 0 && row_ranks[first - 1] * k > need) first--;
+    for (int64_t t = 0; t < first; t++)
+        if (row_ranks[t] * k > need) return 0;
+    return first;
+}
+
+/* The expand's rank chunks: [0, 16), [16, 32), [32, 64), [64, 128), ... (fixed, so that a row's sums do not
+   depend on the ranks of the rows beside it) */
+static inline int64_t chunk_end(int64_t lo) { return lo < NR ? NR : 2 * lo; }
+
 /* bf16: A's and the B_m's panels are bfloat16 (else float32) */
 void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const void *a_panels,
                    int64_t k, int64_t rank, int64_t r_max, const int64_t *row_ranks, const float *row_scales,
@@ -212,12 +230,14 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
     const int64_t part_rows = ((rows + parts - 1) / parts + MR - 1) / MR * MR;
 #pragma omp parallel num_threads(threads)
     {
+        /* shrink: block b (columns b*16 ..) for the rows whose rank reaches it (the others mask it to 0) */
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < shrink_blocks * parts; i++) {
-            const int64_t b = i / parts, r0 = (i % parts) * part_rows, n = min64(rows - r0, part_rows);
+            const int64_t b = i / parts, first = first_needing(row_ranks, rows, k, b * NR);
+            const int64_t r0 = max64((i % parts) * part_rows, first), r1 = min64((i % parts + 1) * part_rows, rows);
             const char *w = (const char *)a_panels + b * in_features * NR * item;
-            if (n > 0)
-                tile_gemm(n, in_features, x + r0 * x_stride, x_stride, w, min64(width - b * NR, NR),
+            if (r1 > r0)
+                tile_gemm(r1 - r0, in_features, x + r0 * x_stride, x_stride, w, min64(width - b * NR, NR),
                           b + 1 < shrink_blocks ? w + in_features * NR * item : NULL, h + r0 * width + b * NR, width,
                           NULL, 0, (int)bf16);
         }
@@ -230,14 +250,20 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
                 for (int64_t j = 0; j < rank; j++)
                     hm[(m * rows + t) * rank + j] = j < keep ? h[t * width + j * k + m] * s : 0.0f;
         }
+        /* expand: per output panel, each rank chunk for the rows whose rank reaches it */
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < expand_blocks; b++) {
             int64_t m = 0, panel = b; /* block b -> (member m, its panel) */
             while (panel >= num_blocks(c1[m] - c0[m])) panel -= num_blocks(c1[m] - c0[m]), m++;
             const int64_t out_m = c1[m] - c0[m], col = panel * NR;
             const char *w = (const char *)(intptr_t)b_panels[m] + panel * r_max * NR * item;
-            tile_gemm(rows, rank, hm + m * rows * rank, rank, w, min64(out_m - col, NR),
-                      col + NR < out_m ? w + r_max * NR * item : NULL, y + c0[m] + col, y_stride, NULL, 1, (int)bf16);
+            for (int64_t lo = 0; lo < rank; lo = chunk_end(lo)) {
+                const int64_t first = first_needing(row_ranks, rows, 1, lo), kc = min64(chunk_end(lo), rank) - lo;
+                if (first < rows)
+                    tile_gemm(rows - first, kc, hm + (m * rows + first) * rank + lo, rank, w + lo * NR * item,
+                              min64(out_m - col, NR), lo == 0 && col + NR < out_m ? w + r_max * NR * item : NULL,
+                              y + first * y_stride + c0[m] + col, y_stride, NULL, 1, (int)bf16);
+            }
         }
     }
 }

@@ -25,6 +25,7 @@ static inline int64_t threads_for(int64_t weight_floats, int64_t rows, int64_t n
 
 static inline int64_t record_bytes(int kind) { return kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t num_blocks(int64_t columns) { return (columns + NR - 1) / NR; } /* panels of NR */
 
 /* y[r, :cols] = acc[r] + bias, or += acc[r] (accumulate) */

@@ -94,6 +94,10 @@ class LLMEngine:
         self._stop = False
         self._loop_done: Future | None = None  # the loop, once started on its executor
         self.num_steps = 0
+        # When the last step ended, while the loop runs steps back to back (None after it waited for work):
+        # a step is observed from there, so the cost model learns what a request waits per step (the
+        # scheduling, the events, the HTTP threads' turns), not only the forward.
+        self._last_step_end: float | None = None
         for path in config.adapters:
             for directory in adapter_dirs(path):
                 self.load_adapter(str(directory))
@@ -200,10 +204,12 @@ class LLMEngine:
     # --- the step -------------------------------------------------------------------------------
     def step(self) -> int:
         """Run one forward over the scheduled work; returns the number of tokens computed."""
+        since = self._last_step_end
         with self.lock:
             self._apply_aborts()
             work = self.scheduler.schedule()
         if not work:
+            self._last_step_end = None
             return 0
         items = [
             StepItem(
@@ -224,7 +230,7 @@ class LLMEngine:
             s.num_computed += n
         sampled = [work[i][0] for i in idx]
         tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
-        self.budget.observe_step(items, batch.lora_groups, time.perf_counter() - started)
+        self.budget.observe_step(items, batch.lora_groups, time.perf_counter() - (since or started))
         self.num_steps += 1
         done = [s for s, t in zip(sampled, tokens) if self._append_token(s, t)]
         with self.lock:
@@ -233,6 +239,7 @@ class LLMEngine:
                 if s.key in self._seqs:
                     self._finish(s)
             self._apply_aborts()
+        self._last_step_end = time.perf_counter()
         return sum(n for _, n in work)
 
     def _append_token(self, seq: Sequence, token: int) -> bool:
@@ -305,6 +312,7 @@ class LLMEngine:
         while True:
             with self.lock:
                 while not self._stop and not self.scheduler.has_work() and not self._aborts:
+                    self._last_step_end = None  # the next step starts from an idle loop
                     self.lock.wait()
                 if self._stop:
                     return

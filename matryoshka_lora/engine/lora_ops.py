@@ -14,7 +14,8 @@ one contiguous run, and the runner cuts them into `LoRAGroup`s (lora_batch.build
     above each row's own rank zeroed between the two (the row's scale folded into the same mask).
     With few rows the op is bound by reading the weights, and the rank-r slices are nested prefixes
     of the rank-R one: reading it once costs less than reading every slice, one dispatch instead of
-    one per rank. The result equals the per-rank slices exactly (the masked columns add 0).
+    one per rank. The result equals the per-rank slices exactly (the masked columns add 0); the C op
+    (cpu_gemm.c) also skips the column blocks and rank chunks above each row's own rank.
 
 Either way the step reads each adapter's weights at most once, at the largest rank it serves in that
 step: a step of only rank-1 requests reads 1/64 of what rank 64 reads.

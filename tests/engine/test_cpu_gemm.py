@@ -149,3 +149,28 @@ def test_bf16_adapter_panels_give_the_float32_panels_bits(lib, group, row_ranks)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     members = {k: (a + 1e-4, b) for k, (a, b) in members.items()}  # no longer bfloat16 values
     assert not cpu_kernels.PanelLoRA.pack(fuse_group(SMOLLM2, group, members, 64)).bf16
+
+
+@pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
+@pytest.mark.parametrize("row_ranks", [[1, 1, 1, 64], [1, 2, 4, 8, 16, 32, 64], [3, 20, 20, 33, 64]])
+def test_a_row_in_a_masked_group_gives_its_bits_alone(c_ops, group, row_ranks):
+    """Rows ordered by rank compute only up to their own rank, in fixed rank chunks: each row's output is
+    the bits of the same row in a group of its own (a rank-1 row beside rank-64 rows pays for rank 1)."""
+    from matryoshka_lora.engine.adapter_slots import GROUP_MEMBERS, fuse_group, member_columns
+    from matryoshka_lora.engine.lora_batch import build_groups, build_segments
+
+    gen = torch.Generator().manual_seed(len(row_ranks))
+    members = {}
+    for name in GROUP_MEMBERS[group]:
+        i, o = SMOLLM2.module_shape(name)
+        members[name] = (torch.randn(i, 64, generator=gen), torch.randn(64, o, generator=gen) * 0.1)
+    panels = [cpu_kernels.PanelLoRA.pack(fuse_group(SMOLLM2, group, members, 64))]
+    in_f = SMOLLM2.module_shape(GROUP_MEMBERS[group][0])[0]
+    out_f = max(c1 for _, c1 in member_columns(SMOLLM2, group).values())
+    x = torch.randn(len(row_ranks), in_f, generator=gen)
+    groups = build_groups(build_segments([(t, t + 1, 0, r, 0.5) for t, r in enumerate(row_ranks)]))
+    assert len(groups) == 1 and groups[0].row_ranks is not None  # one masked group
+    together = c_ops.lora_grouped_(torch.zeros(len(row_ranks), out_f), x, groups, panels)
+    for t, r in enumerate(row_ranks):
+        alone = build_groups(build_segments([(0, 1, 0, r, 0.5)]))
+        assert torch.equal(together[t], c_ops.lora_grouped_(torch.zeros(1, out_f), x[t : t + 1], alone, panels)[0])

@@ -1,8 +1,10 @@
-"""What arrives, for the budget predictions: prompt tokens/s and output tokens/s asked for, as decaying rates.
+"""What arrives, for the budget predictions: prefill seconds/s and output tokens/s asked for, as decaying rates.
 
     rate(now) = sum over arrivals of amount x exp(-age / window_s) / window_s
-The cost model (cost_model.py) turns them into the prefill share of the machine (rho_p) and the decode
-batch's sustained rows (Little's law).
+Each admitted request adds the seconds its prefill adds to the machine's work (the cost model's
+`marginal_prefill_s` at the rank it got), so the prefill rate is the share of the machine arriving
+prompts take (rho_p); the cost model turns it and the output demand into the prediction's stretch and
+the decode batch's sustained rows (Little's law).
 """
 
 from __future__ import annotations
@@ -27,17 +29,18 @@ class RateMeter:
 
 
 class Arrivals:
-    """What arrives, for the budget predictions: prompt tokens/s and output tokens/s asked for.
+    """What arrives, for the budget predictions: prefill seconds/s and output tokens/s asked for.
 
     The output demand counts each request's max_tokens times `output_fill`, the EMA of generated / asked
     over finished requests (requests that stop at EOS ask for less than their max_tokens)."""
 
     def __init__(self, window_s: float = 20.0, ema: float = 0.1):
-        self.prompt_tokens, self.decode_tokens = RateMeter(window_s), RateMeter(window_s)
+        self.prefill_seconds, self.decode_tokens = RateMeter(window_s), RateMeter(window_s)
         self.output_fill, self.ema = 1.0, ema
 
-    def add(self, num_prompt_tokens: int, max_tokens: int, now: float) -> None:
-        self.prompt_tokens.add(num_prompt_tokens, now)
+    def add(self, prefill_s: float, max_tokens: int, now: float) -> None:
+        """An admitted request: the seconds its prefill adds (predicted) and the output tokens it asks for."""
+        self.prefill_seconds.add(prefill_s, now)
         self.decode_tokens.add(max_tokens * self.output_fill, now)
 
     def finished(self, num_generated: int, num_asked: int) -> None:

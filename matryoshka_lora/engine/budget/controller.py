@@ -1,7 +1,8 @@
 """The latency-budget controller: the engine's one door to the budget machinery.
 
     choose(request)                            at admission: the adapter slot and rank (rank_policy),
-                                               then the request counts as an arrival (arrivals)
+                                               then the request counts as an arrival (arrivals): its
+                                               prefill's seconds at that rank, its output tokens
     observe_step(items, lora_groups, seconds)  after every forward: refines the cost model
     observe_finished(done, now)                after every step: the latency margin learns from the
                                                promised requests, running and finished (latency_margin)
@@ -20,7 +21,7 @@ from matryoshka_lora.engine.adapter_slots import AdapterSlots
 from matryoshka_lora.engine.budget.arrivals import Arrivals
 from matryoshka_lora.engine.budget.cost_model import CostModel
 from matryoshka_lora.engine.budget.latency_margin import in_flight_ratios
-from matryoshka_lora.engine.budget.rank_policy import RankChoice, resolve_rank
+from matryoshka_lora.engine.budget.rank_policy import RankChoice, load_snapshot, resolve_rank
 from matryoshka_lora.engine.budget.step_features import step_features
 from matryoshka_lora.engine.config import check_layers_off
 from matryoshka_lora.engine.scheduler import Scheduler
@@ -44,16 +45,16 @@ class BudgetController:
         self.max_model_len = max_model_len
         layers_off = check_layers_off(layers_off)
         self.cost_model = CostModel(refuse_on_typical="typical" not in layers_off, max_one_call_rows=max_one_call_rows)
-        self.arrivals = Arrivals()  # prompt and output tokens/s arriving, for the predictions
+        self.arrivals = Arrivals()  # prefill seconds/s and output tokens/s arriving, for the predictions
 
     def choose(self, request: GenerationRequest) -> RankChoice:
         """The request's adapter slot and rank; raises (unknown adapter, bad rank, budget refused)."""
-        choice = resolve_rank(
-            request, self.adapters, self.cost_model, self.scheduler, self.max_model_len, self.arrivals
-        )
+        load = load_snapshot(self.scheduler, self.arrivals)
+        choice = resolve_rank(request, self.adapters, self.cost_model, load, self.max_model_len)
         num_prompt = len(request.prompt_token_ids)
         max_tokens = min(request.sampling.max_tokens, self.max_model_len - num_prompt)
-        self.arrivals.add(num_prompt, max_tokens, time.perf_counter())
+        prefill_s = self.cost_model.marginal_prefill_s(load, num_prompt, choice.rank)
+        self.arrivals.add(prefill_s, max_tokens, time.perf_counter())
         return choice
 
     def observe_step(self, items, lora_groups, seconds: float) -> None:

@@ -14,11 +14,13 @@ A request's end-to-end latency at rank r of adapter slot a, under the current lo
   + decode      (max_tokens - 1 steps of the active set plus it, contexts growing)
 where the active set is the running sequences plus the waiting ones that free slots admit first.
 Requests arriving during this one's life are counted from two arrival rates (arrivals.py):
-  * prompts: prefill and decode are stretched by 1 / (1 - rho_p), rho_p = prompt tokens/s arriving x
-    the fitted per-token cost (later arrivals' prefill chunks share this request's steps);
+  * prompts: prefill and decode are stretched by 1 / (1 - rho_p), rho_p = the prefill seconds arriving
+    per second, each admitted prompt counted at `marginal_prefill_s` (later arrivals' prefill chunks
+    share this request's steps, and each turns a one-call decode step into a per-call one);
   * decode demand D (output tokens/s asked for): by Little's law the decode batch settles at N rows
     with N = D * t(N) / (1 - rho_p), t(N) the step time at N rows; this request's decode steps are
-    predicted at max(active set + 1, N) rows. When even max_num_seqs rows cannot serve D
+    predicted at its mean rows over its life (`mean_rows`): 1 + the active set while it lasts
+    (active x min(mean remaining, steps) / steps) + N / 2 (the arrivals, growing towards N). When even max_num_seqs rows cannot serve D
     (D * t(S) / S >= 1 - rho_p) the machine is saturated: the queue grows for as long as the overload
     lasts, no rank can promise a budget, and the prediction is multiplied by MAX_STRETCH.
 The active set's decode rows of one adapter form one group at the largest rank among them, as the op
@@ -37,7 +39,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from matryoshka_lora.engine.budget.latency_margin import LatencyMargin
-from matryoshka_lora.engine.budget.step_features import FEATURES, PendingPrompt, StepFeatures, plan_prefill
+from matryoshka_lora.engine.budget.step_features import (
+    FEATURES,
+    PendingPrompt,
+    StepFeatures,
+    plan_prefill,
+    row_cost_rank,
+)
 from matryoshka_lora.engine.lora_batch import MAX_MASKED_ROWS
 
 log = logging.getLogger(__name__)
@@ -51,14 +59,14 @@ class LoadSnapshot:
     num_waiting: int
     max_num_seqs: int
     # The active set: the running sequences and the waiting ones free slots admit next (`num_admitted`).
-    adapters: tuple[tuple[int, int, int], ...]  # (adapter slot, active sequences, largest rank) per adapter
+    adapters: tuple[tuple[int, tuple[int, ...]], ...]  # (adapter slot, its active sequences' ranks) per adapter
     context_sum: int  # sum of the active sequences' current lengths
     mean_remaining: float  # mean output tokens the active sequences still have to produce
     max_num_batched_tokens: int
     num_admitted: int = 0
     pending_prompts: tuple[PendingPrompt, ...] = ()  # the active set's prompts not computed yet, in order
     num_prefilling: int = 0  # running sequences among them (not decode rows yet)
-    prompt_tokens_per_s: float = 0.0  # recent arrival rate of prompt tokens (arrivals.RateMeter)
+    prefill_share: float = 0.0  # rho_p: prefill seconds arriving per second (arrivals.RateMeter)
     decode_tokens_per_s: float = 0.0  # recent arrival rate of output tokens asked for (arrivals.RateMeter)
 
     @property
@@ -97,18 +105,21 @@ class LatencyParts:
         )
 
 
-def decode_lora(adapters: tuple[tuple[int, int, int], ...], slot: int, rank: int) -> tuple[int, int, int]:
+def decode_lora(adapters: tuple[tuple[int, tuple[int, ...]], ...], slot: int, rank: int) -> tuple[int, int, int]:
     """(lora_flops, lora_reads, num_groups) of a decode step of the running set plus one row of `slot`
-    at `rank` (rank 0: a base-model row): each adapter's rows are groups of up to MAX_MASKED_ROWS rows
-    at the adapter's largest rank."""
-    per = {s: (n, r) for s, n, r in adapters}
+    at `rank` (rank 0: a base-model row): each adapter's rows, ordered by rank, are groups of up to
+    MAX_MASKED_ROWS rows, each read at its largest rank, each row computed at row_cost_rank."""
+    per = {s: list(ranks) for s, ranks in adapters}
     if rank > 0:
-        n, r = per.get(slot, (0, 0))
-        per[slot] = (n + 1, max(r, rank))
+        per.setdefault(slot, []).append(rank)
     flops = reads = groups = 0
-    for n, r in per.values():
-        g = math.ceil(n / MAX_MASKED_ROWS)
-        flops, reads, groups = flops + n * r, reads + g * r, groups + g
+    for ranks in per.values():
+        ranks.sort()
+        for i in range(0, len(ranks), MAX_MASKED_ROWS):
+            group = ranks[i : i + MAX_MASKED_ROWS]
+            top = group[-1]
+            flops += sum(row_cost_rank(r, top) for r in group)
+            reads, groups = reads + top, groups + 1
     return flops, reads, groups
 
 
@@ -226,10 +237,20 @@ class CostModel:
                 )
             )
 
-        stretch = self.arrival_stretch(load.prompt_tokens_per_s)
-        rows = sustained_rows(load.decode_tokens_per_s, 1.0 / stretch, active + 1, load.max_num_seqs, step_at)
+        stretch = self.arrival_stretch(load.prefill_share)
+        sustained = sustained_rows(load.decode_tokens_per_s, 1.0 / stretch, 1, load.max_num_seqs, step_at)
+        rows = None if sustained is None else self.mean_rows(load, steps, sustained)
         decode = steps * step_at(load.max_num_seqs if rows is None else rows)
         return LatencyParts(queue, prefill, decode, stretch, rows)
+
+    @staticmethod
+    def mean_rows(load: LoadSnapshot, steps: int, sustained: float) -> float:
+        """The decode rows over a new request's `steps` decode steps: itself, the active set's rows while
+        they last (each leaves after its remaining tokens, about mean_remaining), and the rows arriving
+        meanwhile, which grow from none towards the sustained level: half of it on average."""
+        active = load.num_running + load.num_admitted
+        staying = active * min(load.mean_remaining, steps) / steps if steps else float(active)
+        return min(float(load.max_num_seqs), 1.0 + staying + 0.5 * sustained)
 
     def _active_step_s(self, load: LoadSnapshot) -> float:
         """A decode step of the active set as it stands."""
@@ -253,10 +274,28 @@ class CostModel:
         )
         return sum(self.predict_step(f) for f in steps), len(steps)
 
-    def arrival_stretch(self, prompt_tokens_per_s: float) -> float:
-        """1 / (1 - rho), rho = prompt tokens/s arriving x seconds per prefill token (capped at MAX_STRETCH)."""
-        rho = prompt_tokens_per_s * self.coef[FEATURES.index("num_tokens")] * self.correction
-        return MAX_STRETCH if rho >= 1 - 1 / MAX_STRETCH else 1.0 / (1.0 - rho)
+    def marginal_prefill_s(self, load: LoadSnapshot, num_prompt_tokens: int, rank: int) -> float:
+        """The seconds a prompt adds to the machine's work: its prefill steps beside the running decode rows,
+        less the decode-only steps those rows would run anyway (at least 0)."""
+        decode_rows = load.num_running - load.num_prefilling
+        lora = decode_lora(load.adapters, -1, 0)
+        steps = plan_prefill(
+            (PendingPrompt(num_prompt_tokens, 0, rank),),
+            decode_rows,
+            lora,
+            load.context_sum,
+            load.max_num_batched_tokens,
+        )
+        with_prompt = sum(self.predict_step(f) for f in steps)
+        if decode_rows == 0:
+            return with_prompt
+        alone = StepFeatures(decode_rows, *lora, load.context_sum, decode_rows, self._per_call(decode_rows))
+        return max(with_prompt - len(steps) * self.predict_step(alone), 0.0)
+
+    @staticmethod
+    def arrival_stretch(prefill_share: float) -> float:
+        """1 / (1 - rho_p), rho_p = prefill seconds arriving per second (capped at MAX_STRETCH)."""
+        return MAX_STRETCH if prefill_share >= 1 - 1 / MAX_STRETCH else 1.0 / (1.0 - prefill_share)
 
     def choose_rank(
         self,

@@ -40,22 +40,21 @@ class RankChoice:
 
 def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None) -> LoadSnapshot:
     """The running set plus the waiting requests that free KV slots will admit next: they all
-    run together; and the recent arrival rates of prompt tokens and of output tokens asked for."""
+    run together; and the recent arrival rates of prefill seconds and of output tokens asked for."""
     running = scheduler.running
     admitted_seqs = scheduler.waiting_seqs()[: scheduler.kv.num_free_slots]
     active = running + admitted_seqs
     remaining = [max(s.max_len - len(s.token_ids), 0) for s in active]
-    adapters: dict[int, tuple[int, int]] = {}  # slot -> (sequences, largest rank)
+    adapters: dict[int, list[int]] = {}  # slot -> its sequences' ranks
     for s in active:
         if s.rank > 0:
-            n, r = adapters.get(s.adapter_slot, (0, 0))
-            adapters[s.adapter_slot] = (n + 1, max(r, s.rank))
+            adapters.setdefault(s.adapter_slot, []).append(s.rank)
     now = time.perf_counter()
     snapshot = LoadSnapshot(
         num_running=len(running),
         num_waiting=scheduler.num_waiting,
         max_num_seqs=scheduler.kv.max_num_seqs,
-        adapters=tuple((slot, n, r) for slot, (n, r) in sorted(adapters.items())),
+        adapters=tuple((slot, tuple(sorted(ranks))) for slot, ranks in sorted(adapters.items())),
         context_sum=sum(len(s.token_ids) for s in active),
         mean_remaining=statistics.fmean(remaining) if remaining else 0.0,
         max_num_batched_tokens=scheduler.max_num_batched_tokens,
@@ -71,7 +70,7 @@ def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None) -> Loa
         return snapshot
     return replace(
         snapshot,
-        prompt_tokens_per_s=arrivals.prompt_tokens.rate(now),
+        prefill_share=arrivals.prefill_seconds.rate(now),
         decode_tokens_per_s=arrivals.decode_tokens.rate(now),
     )
 
@@ -80,10 +79,10 @@ def resolve_rank(
     request: GenerationRequest,
     adapters: AdapterSlots,
     cost_model: CostModel,
-    scheduler: Scheduler,
+    load: LoadSnapshot,
     max_model_len: int,
-    arrivals: Arrivals | None = None,
 ) -> RankChoice:
+    """The request's adapter slot and rank (the module docstring's rules), `load` what the engine is doing."""
     if is_base_request(request):
         return RankChoice(None, 0, "base")
     entry = adapters.get(request.adapter)
@@ -96,7 +95,6 @@ def resolve_rank(
     num_prompt = len(request.prompt_token_ids)
     max_tokens = min(request.sampling.max_tokens, max_model_len - num_prompt)
     margin = cost_model.margin.value()
-    load = load_snapshot(scheduler, arrivals)
     rank, met, predicted, parts = cost_model.choose_rank(
         load,
         entry.slot,
@@ -111,7 +109,7 @@ def resolve_rank(
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
             "%s: budget %.2f s -> rank %d (%s): predicted %.2f s = margin %.2f x [%s]%s; running %d, "
-            "waiting %d, pending prefill %d, arriving %.0f prompt + %.0f output tokens/s, step correction %.2f",
+            "waiting %d, pending prefill %d, arriving prefill %.2f s/s + %.0f output tokens/s, step correction %.2f",
             request.request_id,
             request.latency_budget_ms / 1000.0,
             rank,
@@ -123,7 +121,7 @@ def resolve_rank(
             load.num_running,
             load.num_waiting,
             load.pending_prefill,
-            load.prompt_tokens_per_s,
+            load.prefill_share,
             load.decode_tokens_per_s,
             cost_model.correction,
         )

@@ -2,7 +2,7 @@
 prefill steps a prediction plans.
 
     num_tokens  = tokens computed (decode rows + prompt chunk tokens)
-    lora_flops  = sum over the step's LoRA groups of (group rows * group rank)
+    lora_flops  = sum over the step's LoRA groups and their rows of row_cost_rank(row rank, group rank)
     lora_reads  = sum over the groups of the group rank              (weights read, once per group)
     num_groups  = LoRA groups (lora_batch.build_groups): dispatches of the op
     attn_work   = sum over the step's items of (item tokens * (item position + item tokens))
@@ -25,6 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+MIN_ROW_RANK = 16  # a row of a masked group computes at least one 16-wide block and rank chunk (cpu_gemm.c)
+
+
+def row_cost_rank(rank: int, group_rank: int) -> int:
+    """The rank a row of a group at `group_rank` computes at: its own, at least one block, at most the group's."""
+    return min(group_rank, max(rank, MIN_ROW_RANK))
+
 
 FEATURES = (
     "const",
@@ -73,7 +81,12 @@ def step_features(items, lora_groups, max_one_call_rows: int = 0) -> StepFeature
     one_call = len(items) <= max_one_call_rows and all(len(it.token_ids) == 1 for it in items)
     return StepFeatures(
         num_tokens=sum(len(it.token_ids) for it in items),
-        lora_flops=sum((g.end - g.start) * g.rank for g in lora_groups),
+        lora_flops=sum(
+            (g.end - g.start) * g.rank
+            if g.row_ranks is None
+            else sum(row_cost_rank(int(r), g.rank) for r in g.row_ranks)
+            for g in lora_groups
+        ),
         lora_reads=sum(g.rank for g in lora_groups),
         num_groups=len(lora_groups),
         attn_work=sum(len(it.token_ids) * (it.position + len(it.token_ids)) for it in items),

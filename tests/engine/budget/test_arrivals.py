@@ -1,4 +1,4 @@
-"""The arrival meters: decaying rates of prompt and output tokens, the output share requests really use."""
+"""The arrival meters: decaying rates of prefill seconds and output tokens, the output share requests really use."""
 
 from __future__ import annotations
 
@@ -24,6 +24,6 @@ def test_arrivals_count_what_requests_generate():
     for _ in range(20):
         arrivals.finished(16, 64)
     assert arrivals.output_fill == pytest.approx(0.25, rel=1e-3)
-    arrivals.add(10, 64, now=0.0)
+    arrivals.add(0.04, 64, now=0.0)
     assert arrivals.decode_tokens.rate(0.0) == pytest.approx(0.25 * 64 / 10.0, rel=1e-3)
-    assert arrivals.prompt_tokens.rate(0.0) == pytest.approx(10 / 10.0)
+    assert arrivals.prefill_seconds.rate(0.0) == pytest.approx(0.04 / 10.0)

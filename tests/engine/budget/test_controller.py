@@ -48,9 +48,9 @@ def test_a_refused_request_counts_no_arrival(make_engine):
     engine = make_engine()
     with pytest.raises(UnknownAdapterError):
         engine.add_request(request(0, adapter="nope"), lambda e: None)
-    assert engine.budget.arrivals.prompt_tokens.rate(time.perf_counter()) == 0.0
+    assert engine.budget.arrivals.prefill_seconds.rate(time.perf_counter()) == 0.0
     engine.add_request(request(1, adapter="alpha"), lambda e: None)
-    assert engine.budget.arrivals.prompt_tokens.rate(time.perf_counter()) > 0
+    assert engine.budget.arrivals.prefill_seconds.rate(time.perf_counter()) > 0
 
 
 def test_the_warm_up_fits_the_cost_model_and_gives_its_scratch_back(make_engine):

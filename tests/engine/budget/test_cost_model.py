@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from matryoshka_lora.engine.budget.cost_model import CostModel, LoadSnapshot, nnls
+from matryoshka_lora.engine.budget.cost_model import CostModel, LoadSnapshot, decode_lora, nnls
 from matryoshka_lora.engine.budget.step_features import StepFeatures
 
 TRUE = np.array([4e-3, 2e-4, 5e-7, 2e-5, 1e-4, 3e-8, 6e-4, 2e-3, 3e-4, 4e-4])
@@ -56,7 +56,7 @@ def load(num_running=4, num_waiting=0, max_num_seqs=8) -> LoadSnapshot:
         num_running,
         num_waiting,
         max_num_seqs,
-        adapters=((0, 2, 8), (1, 2, 4)),
+        adapters=((0, (8, 8)), (1, (4, 4))),
         context_sum=4 * 50,
         mean_remaining=20.0,
         max_num_batched_tokens=256,
@@ -119,15 +119,14 @@ def test_choose_rank_uses_the_learned_margin_by_default():
     [
         ((), 0, 0, (0, 0, 0)),  # base only
         ((), 0, 8, (8, 8, 1)),  # the first LoRA row: one group at its rank
-        (((0, 3, 64),), 0, 1, (4 * 64, 64, 1)),  # joins a rank-64 group: computed at 64
-        (((0, 3, 8),), 0, 32, (4 * 32, 32, 1)),  # raises its adapter's group to 32
-        (((0, 3, 8),), 1, 2, (3 * 8 + 2, 8 + 2, 2)),  # another adapter: a group of its own
-        (((0, 64, 4),), 0, 4, (65 * 4, 2 * 4, 2)),  # past MAX_MASKED_ROWS rows: two groups
+        (((0, (64, 64, 64)),), 0, 1, (3 * 64 + 16, 64, 1)),  # joins a rank-64 group: read at 64, computed at 16
+        (((0, (8, 8, 8)),), 0, 32, (3 * 16 + 32, 32, 1)),  # raises its adapter's group to 32
+        (((0, (8, 8, 8)),), 1, 2, (3 * 8 + 2, 8 + 2, 2)),  # another adapter: a group of its own
+        (((0, (4,) * 64),), 0, 4, (65 * 4, 2 * 4, 2)),  # past MAX_MASKED_ROWS rows: two groups
+        (((0, (1,) * 63 + (64,)),), 0, 1, (64 + 64, 1 + 64, 2)),  # ordered by rank: 64 rank-1 rows, then the 64
     ],
 )
 def test_decode_lora_follows_the_op_grouping(adapters, slot, rank, expected):
-    from matryoshka_lora.engine.budget.cost_model import decode_lora
-
     assert decode_lora(adapters, slot, rank) == expected
 
 
@@ -142,16 +141,39 @@ def test_refits_on_observed_steps():
     assert model.predict_step(f) == pytest.approx(float(f.vector() @ slow), rel=0.2)
 
 
-@pytest.mark.parametrize("tokens_per_s, expected", [(0.0, 1.0), (0.5 / TRUE[1], 2.0), (1.0 / TRUE[1], 20.0)])
-def test_arrivals_stretch_the_prediction(tokens_per_s, expected):
-    """rho = arriving prompt tokens/s x s per token: half the machine taken by arrivals doubles the time."""
+@pytest.mark.parametrize("prefill_share, expected", [(0.0, 1.0), (0.5, 2.0), (0.99, 20.0)])
+def test_arrivals_stretch_the_prediction(prefill_share, expected):
+    """rho_p = prefill seconds arriving per second: half the machine taken by arrivals doubles the time."""
     from dataclasses import replace
 
     model = CostModel(coef=TRUE.copy())
     quiet = model.predict_latency(load(), 2, 20, 32, 8)
-    busy = model.predict_latency(replace(load(), prompt_tokens_per_s=tokens_per_s), 2, 20, 32, 8)
-    assert model.arrival_stretch(tokens_per_s) == pytest.approx(expected)
+    busy = model.predict_latency(replace(load(), prefill_share=prefill_share), 2, 20, 32, 8)
+    assert model.arrival_stretch(prefill_share) == pytest.approx(expected)
     assert busy == pytest.approx(quiet * expected)  # no queue in load(): all of it is stretched
+
+
+@pytest.mark.parametrize("num_running", [0, 4])
+@pytest.mark.parametrize("rank", [0, 8])
+def test_marginal_prefill_is_what_a_prompt_adds_to_the_steps(num_running, rank):
+    """Alone: its prefill steps' time; beside decode rows: those steps less the decode-only steps they replace."""
+    from dataclasses import replace
+
+    from matryoshka_lora.engine.budget.step_features import PendingPrompt, plan_prefill
+
+    model = CostModel(coef=TRUE.copy(), max_one_call_rows=16)
+    snap = replace(load(num_running=num_running), max_num_batched_tokens=64)
+    if num_running == 0:
+        snap = replace(snap, adapters=(), context_sum=0)
+    steps = plan_prefill(
+        (PendingPrompt(150, 0, rank),), num_running, decode_lora(snap.adapters, -1, 0), snap.context_sum, 64
+    )
+    assert len(steps) == 3  # 150 tokens in chunks of 64 less the decode rows
+    with_prompt = sum(model.predict_step(f) for f in steps)
+    decode_only = StepFeatures(num_running, *decode_lora(snap.adapters, -1, 0), snap.context_sum, num_running, 0)
+    want = with_prompt - (3 * model.predict_step(decode_only) if num_running else 0.0)
+    assert model.marginal_prefill_s(snap, 150, rank) == pytest.approx(want)
+    assert model.marginal_prefill_s(snap, 150, 8) >= model.marginal_prefill_s(snap, 150, 0) > 0
 
 
 def linear_step(t0: float, per_row: float):
@@ -205,9 +227,25 @@ def test_the_parts_add_up_to_the_prediction():
     from dataclasses import replace
 
     model = CostModel(coef=TRUE.copy())
-    snap = replace(load(num_running=4, num_waiting=2), prompt_tokens_per_s=500.0, decode_tokens_per_s=50.0)
+    snap = replace(load(num_running=4, num_waiting=2), prefill_share=0.3, decode_tokens_per_s=50.0)
     parts = model.predict_parts(snap, 2, 20, 32, 8)
     assert parts.rows is not None and parts.stretch > 1.0 and parts.prefill > 0 and parts.decode > 0
     assert parts.total == pytest.approx(parts.queue + (parts.prefill + parts.decode) * parts.stretch)
     assert model.predict_latency(snap, 2, 20, 32, 8) == parts.total
     assert "stretch" in parts.describe()
+
+
+@pytest.mark.parametrize(
+    "num_running, mean_remaining, sustained, expected",
+    [
+        (0, 0.0, 4.0, 3.0),  # quiet: itself and the arrivals growing towards 4 rows, half of them on average
+        (4, 31.5, 0.0, 3.0),  # four running, each gone halfway through its 63 steps, nothing arriving
+        (4, 200.0, 2.0, 6.0),  # they outlast it: all four throughout
+        (30, 200.0, 8.0, 32.0),  # never more than max_num_seqs
+    ],
+)
+def test_mean_rows_over_a_requests_life(num_running, mean_remaining, sustained, expected):
+    from dataclasses import replace
+
+    snap = replace(load(num_running=num_running, max_num_seqs=32), mean_remaining=mean_remaining)
+    assert CostModel.mean_rows(snap, 63, sustained) == pytest.approx(expected)
