@@ -1,4 +1,4 @@
-"""A/B of the budget controller's optional layers: what the typical-margin refusals buy.
+"""A/B of the budget controller's optional layers: what the typical-margin refusals and the headroom rule buy.
 
 Runs `matryoshka-lora loadtest budget --budget-unmet refuse` once per variant per repeat, the variants
 interleaved (all, then each in turn, `--repeats` times) so that the VM's drift falls on every variant
@@ -9,6 +9,7 @@ the runs compare the controllers, not their probes). A variant switches layers o
 
     all          every layer
     no-typical   a refusal is decided on the margin's prediction instead of the typical (median) one
+    no-headroom  the highest rank that fits, whatever it leaves a next request (no `leaves_headroom`)
 
 Per variant and rate step it prints the mean and the range over repeats of: hit rate (answered 200
 within the budget, over all requests offered: refused ones count as misses), refused share, and the
@@ -16,6 +17,7 @@ hit rate of the requests served at a rank predicted to fit.
 
     .venv/bin/python benchmarks/ab_budget_layers.py --out runs/ab-budget              # ~2.5 min per run, 6 runs
     .venv/bin/python benchmarks/ab_budget_layers.py --repeats 1 --variants all,no-typical
+    .venv/bin/python benchmarks/ab_budget_layers.py --variants all,no-headroom --budget-ms 1300 --rates 3.1,4.7
 
 Each run's loadtest output stays under OUT/VARIANT-REPEAT; OUT/summary.json holds every row.
 """
@@ -33,7 +35,7 @@ from pathlib import Path
 
 log = logging.getLogger("ab_budget_layers")
 
-VARIANTS = {"all": "", "no-typical": "typical"}
+VARIANTS = {"all": "", "no-typical": "typical", "no-headroom": "headroom"}
 METRICS = ("hit_rate", "refused_share", "hit_rate_when_predicted")
 
 

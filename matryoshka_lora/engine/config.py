@@ -9,8 +9,9 @@ from matryoshka_lora.errors import ConfigError, check_count
 DEFAULT_MAX_MODEL_LEN = 2048
 WEIGHT_FORMATS = ("auto", "gguf", "gguf+bf16", "float32")
 # Budget-controller layers that can be switched off, for A/B runs of what each one buys:
-#   typical  `--budget-unmet refuse` refuses on the typical (median) prediction instead of the margin's
-BUDGET_LAYERS = ("typical",)
+#   typical   `--budget-unmet refuse` refuses on the typical (median) prediction instead of the margin's
+#   headroom  a rank above the lowest only while a next request like this one would still fit at the lowest
+BUDGET_LAYERS = ("typical", "headroom")
 
 
 def check_layers_off(layers_off) -> tuple[str, ...]:

@@ -88,11 +88,11 @@ class ServerSettings(BaseSettings):
         "within what the admitted budgets allow (shedding by deadline). Refuse sheds only what even the typical "
         "case (the median of observed / predicted latency) would serve late; the rest is served at the lowest rank.",
     )
-    budget_layers_off: Annotated[list[Literal["typical"]], NoDecode] = Field(
+    budget_layers_off: Annotated[list[Literal["typical", "headroom"]], NoDecode] = Field(
         default_factory=list,
         description="Native engine, for A/B runs of the budget controller (environment only, "
-        "MATRYOSHKA_BUDGET_LAYERS_OFF=typical): typical = refuse decides on the margin's prediction, not the "
-        "typical one.",
+        "MATRYOSHKA_BUDGET_LAYERS_OFF=typical,headroom): typical = refuse decides on the margin's prediction, "
+        "not the typical one; headroom = the highest rank that fits, whatever it leaves the next request.",
     )
     seed: int = Field(0, description="Seed of requests that carry none.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

@@ -39,6 +39,8 @@ def test_env_then_flags(monkeypatch, tmp_path):
     assert (s.port, s.max_num_seqs) == (9002, 4)
     monkeypatch.setenv("MATRYOSHKA_BUDGET_LAYERS_OFF", " typical ")
     assert load_settings().budget_layers_off == ["typical"]
+    monkeypatch.setenv("MATRYOSHKA_BUDGET_LAYERS_OFF", "typical,headroom")
+    assert load_settings().budget_layers_off == ["typical", "headroom"]
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,11 @@ class BudgetController:
         self.adapters = adapters
         self.max_model_len = max_model_len
         layers_off = check_layers_off(layers_off)
-        self.cost_model = CostModel(refuse_on_typical="typical" not in layers_off, max_one_call_rows=max_one_call_rows)
+        self.cost_model = CostModel(
+            refuse_on_typical="typical" not in layers_off,
+            headroom="headroom" not in layers_off,
+            max_one_call_rows=max_one_call_rows,
+        )
         self.arrivals = Arrivals()  # prefill seconds/s and output tokens/s arriving, for the predictions
 
     def choose(self, request: GenerationRequest) -> RankChoice:

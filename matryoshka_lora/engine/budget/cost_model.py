@@ -34,7 +34,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -161,6 +161,7 @@ class CostModel:
         refit_every: int = 128,
         max_recent: int = 512,
         refuse_on_typical: bool = True,
+        headroom: bool = True,
         max_one_call_rows: int = 0,
     ):
         # An uncalibrated default (seconds) so that predictions exist before warm-up.
@@ -173,6 +174,7 @@ class CostModel:
         self._since_refit = 0
         self.margin = LatencyMargin()
         self.refuse_on_typical = refuse_on_typical  # False: a refusal is decided on the margin's prediction
+        self.headroom = headroom  # False: the highest rank that fits, whatever it costs the next request
 
     def fit(self, samples: list[tuple[StepFeatures, float]]) -> None:
         """Fit on warm-up samples (kept: every later refit includes them)."""
@@ -307,12 +309,56 @@ class CostModel:
         budget_s: float,
         margin: float | None = None,
     ) -> tuple[int, bool, float, LatencyParts]:
-        """(rank, met, predicted seconds, its terms): the highest candidate predicted within budget, else the
-        lowest. Predictions are scaled by `margin` (default: the learned one, `self.margin.value()`); the
-        terms are the chosen rank's, before the margin."""
+        """(rank, met, predicted seconds, its terms): the highest candidate predicted within budget that
+        leaves headroom (`leaves_headroom`), else the lowest. Predictions are scaled by `margin` (default:
+        the learned one, `self.margin.value()`); the terms are the chosen rank's, before the margin."""
         ranks = sorted(set(candidates))
         margin = self.margin.value() if margin is None else margin
         parts = {r: self.predict_parts(load, slot, num_prompt_tokens, max_tokens, r) for r in ranks}
         meeting = [r for r in ranks if margin * parts[r].total <= budget_s]
-        rank = meeting[-1] if meeting else ranks[0]
+        rank = ranks[0]
+        for r in reversed(meeting):
+            if r == ranks[0] or self.leaves_headroom(
+                load, slot, num_prompt_tokens, max_tokens, r, ranks[0], budget_s / margin
+            ):
+                rank = r
+                break
         return rank, bool(meeting), margin * parts[rank].total, parts[rank]
+
+    def leaves_headroom(
+        self,
+        load: LoadSnapshot,
+        slot: int,
+        num_prompt_tokens: int,
+        max_tokens: int,
+        rank: int,
+        lowest: int,
+        budget_s: float,
+    ) -> bool:
+        """Whether a next request like this one, arriving once this one is admitted at `rank`, is still predicted
+        within `budget_s` at the `lowest` rank: a high rank is served only while it does not take the room the
+        requests after it need (always True with headroom off)."""
+        if not self.headroom:
+            return True
+        after = with_request(load, slot, num_prompt_tokens, max_tokens, rank)
+        return self.predict_latency(after, slot, num_prompt_tokens, max_tokens, lowest) <= budget_s
+
+
+def with_request(load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, rank: int) -> LoadSnapshot:
+    """`load` once a request (its prompt, max_tokens, at `rank` of adapter `slot`) is enqueued: it waits, and
+    with a KV slot free it is among the admitted next (the active set), its prompt pending."""
+    if load.num_running + load.num_admitted >= load.max_num_seqs:
+        return replace(load, num_waiting=load.num_waiting + 1)
+    active = load.num_running + load.num_admitted
+    adapters = dict(load.adapters)
+    if rank > 0:
+        adapters[slot] = tuple(sorted((*adapters.get(slot, ()), rank)))
+    return replace(
+        load,
+        num_admitted=load.num_admitted + 1,
+        num_waiting=load.num_waiting + 1,
+        adapters=tuple(sorted(adapters.items())),
+        context_sum=load.context_sum + num_prompt_tokens,
+        mean_remaining=(load.mean_remaining * active + max_tokens) / (active + 1),
+        pending_prompts=(*load.pending_prompts, PendingPrompt(num_prompt_tokens, 0, rank)),
+    )

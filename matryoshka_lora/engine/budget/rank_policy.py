@@ -3,7 +3,8 @@
 adapter None                 -> rank 0, "base"
 rank given                   -> that rank (1..min(r_max, max_rank)), "requested"
 latency_budget_ms given      -> highest candidate rank (train ranks <= max_rank) predicted by the
-                                cost model (times its learned margin) to meet the budget, "budget";
+                                cost model (times its learned margin) to meet the budget while a next
+                                request like it would still meet it at the lowest rank, "budget";
                                 else the lowest, "budget_unmet"
                                 (or BudgetUnmetError when the request refuses to be served late and
                                 the typical margin's prediction at the lowest rank misses too)

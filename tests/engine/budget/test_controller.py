@@ -63,7 +63,10 @@ def test_the_warm_up_fits_the_cost_model_and_gives_its_scratch_back(make_engine)
     assert engine.adapters.names() == names_before
 
 
-@pytest.mark.parametrize("layers_off, ok", [((), True), (("typical",), True), (("hold",), False), (("cache",), False)])
+@pytest.mark.parametrize(
+    "layers_off, ok",
+    [((), True), (("typical",), True), (("headroom",), True), (("typical", "headroom"), True), (("hold",), False)],
+)
 def test_budget_layers_off_are_checked_where_they_enter(layers_off, ok):
     from matryoshka_lora.engine.config import BUDGET_LAYERS, EngineConfig
     from matryoshka_lora.errors import ConfigError

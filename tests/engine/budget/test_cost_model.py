@@ -81,7 +81,7 @@ def test_latency_grows_with_rank_and_load():
     ],
 )
 def test_choose_rank(budget_factor, expected_rank, met):
-    model = CostModel(coef=TRUE.copy())
+    model = CostModel(coef=TRUE.copy(), headroom=False)  # the plain rule: the highest rank that fits
     snap = load()
     budget = model.predict_latency(snap, 2, 20, 32, 8) * budget_factor
     rank, ok, predicted, _ = model.choose_rank(snap, 2, 20, 32, [1, 2, 4, 8, 16, 32, 64], budget)
@@ -97,7 +97,7 @@ def test_choose_rank(budget_factor, expected_rank, met):
     ],
 )
 def test_choose_rank_scales_predictions_by_the_margin(margin, expected_rank, met):
-    model = CostModel(coef=TRUE.copy())
+    model = CostModel(coef=TRUE.copy(), headroom=False)
     snap = load()
     budget = model.predict_latency(snap, 2, 20, 32, 8)
     rank, ok, predicted, _ = model.choose_rank(snap, 2, 20, 32, [1, 8, 64], budget, margin)
@@ -249,3 +249,32 @@ def test_mean_rows_over_a_requests_life(num_running, mean_remaining, sustained, 
 
     snap = replace(load(num_running=num_running, max_num_seqs=32), mean_remaining=mean_remaining)
     assert CostModel.mean_rows(snap, 63, sustained) == pytest.approx(expected)
+
+
+def test_a_high_rank_only_with_headroom_for_the_next_request():
+    """Rank 64 fits this request, but a next one like it would then miss at rank 1: it gets the highest rank
+    that leaves that room; with room to spare it gets 64."""
+    from matryoshka_lora.engine.budget.cost_model import with_request
+
+    model = CostModel(coef=TRUE.copy())
+    snap = load(num_running=6, max_num_seqs=16)
+    ranks = [1, 2, 4, 8, 16, 32, 64]
+    after = {r: model.predict_latency(with_request(snap, 0, 64, 32, r), 0, 64, 32, 1) for r in ranks}
+    assert after[1] < after[64]  # a rank-64 neighbour slows the next request
+    budget = (after[1] + after[64]) / 2
+    assert model.predict_latency(snap, 0, 64, 32, 64) <= budget  # rank 64 fits this request
+    rank, met, _, _ = model.choose_rank(snap, 0, 64, 32, ranks, budget, margin=1.0)
+    assert met and rank < 64 and after[rank] <= budget
+    assert model.choose_rank(snap, 0, 64, 32, ranks, 10 * after[64], margin=1.0)[0] == 64
+    assert CostModel(coef=TRUE.copy(), headroom=False).choose_rank(snap, 0, 64, 32, ranks, budget, margin=1.0)[0] == 64
+
+
+def test_with_request_adds_it_to_the_active_set_or_the_queue():
+    from matryoshka_lora.engine.budget.cost_model import with_request
+
+    snap = load(num_running=4, max_num_seqs=8)
+    joined = with_request(snap, 0, 20, 32, 64)
+    assert (joined.num_admitted, joined.num_waiting) == (1, 1)
+    assert dict(joined.adapters)[0] == (8, 8, 64) and joined.pending_prompts[-1].num_left == 20
+    full = with_request(load(num_running=8, max_num_seqs=8), 0, 20, 32, 64)
+    assert (full.num_admitted, full.num_waiting, full.adapters) == (0, 1, load(num_running=8).adapters)
