@@ -228,13 +228,18 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
     /* fewer shrink blocks than threads (a low rank): each block's rows in `parts` runs of whole MR tiles */
     const int64_t parts = shrink_blocks < threads ? min64(threads, (rows + MR - 1) / MR) : 1;
     const int64_t part_rows = ((rows + parts - 1) / parts + MR - 1) / MR * MR;
+    /* the first row each shrink block and each expand rank chunk runs for (0 unless masked), found once */
+    int64_t block_first[shrink_blocks], chunk_first[64], num_chunks = 0;
+    for (int64_t b = 0; b < shrink_blocks; b++) block_first[b] = first_needing(row_ranks, rows, k, b * NR);
+    for (int64_t lo = 0; lo < rank; lo = chunk_end(lo))
+        chunk_first[num_chunks++] = first_needing(row_ranks, rows, 1, lo);
 #pragma omp parallel num_threads(threads)
     {
         /* shrink: block b (columns b*16 ..) for the rows whose rank reaches it (the others mask it to 0) */
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < shrink_blocks * parts; i++) {
-            const int64_t b = i / parts, first = first_needing(row_ranks, rows, k, b * NR);
-            const int64_t r0 = max64((i % parts) * part_rows, first), r1 = min64((i % parts + 1) * part_rows, rows);
+            const int64_t b = i / parts, r1 = min64((i % parts + 1) * part_rows, rows);
+            const int64_t r0 = max64((i % parts) * part_rows, block_first[b]);
             const char *w = (const char *)a_panels + b * in_features * NR * item;
             if (r1 > r0)
                 tile_gemm(r1 - r0, in_features, x + r0 * x_stride, x_stride, w, min64(width - b * NR, NR),
@@ -257,8 +262,8 @@ void ml_lora_group(const float *x, int64_t x_stride, int64_t rows, int64_t in_fe
             while (panel >= num_blocks(c1[m] - c0[m])) panel -= num_blocks(c1[m] - c0[m]), m++;
             const int64_t out_m = c1[m] - c0[m], col = panel * NR;
             const char *w = (const char *)(intptr_t)b_panels[m] + panel * r_max * NR * item;
-            for (int64_t lo = 0; lo < rank; lo = chunk_end(lo)) {
-                const int64_t first = first_needing(row_ranks, rows, 1, lo), kc = min64(chunk_end(lo), rank) - lo;
+            for (int64_t c = 0, lo = 0; c < num_chunks; c++, lo = chunk_end(lo)) {
+                const int64_t first = chunk_first[c], kc = min64(chunk_end(lo), rank) - lo;
                 if (first < rows)
                     tile_gemm(rows - first, kc, hm + (m * rows + first) * rank + lo, rank, w + lo * NR * item,
                               min64(out_m - col, NR), lo == 0 && col + NR < out_m ? w + r_max * NR * item : NULL,

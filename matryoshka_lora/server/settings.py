@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from matryoshka_lora.engine.config import BUDGET_LAYERS, WEIGHT_FORMATS
 from matryoshka_lora.errors import ConfigError
 
 SHIPPED_ADAPTERS_DIR = Path("adapters")
@@ -73,7 +74,7 @@ class ServerSettings(BaseSettings):
         description="Native engine: the linears, decode LoRA groups, RMSNorm, RoPE + KV write and decode attention as C "
         "kernels (built once with the system C compiler; torch ops when there is none).",
     )
-    weight_format: Literal["auto", "gguf", "gguf+bf16", "float32"] = Field(
+    weight_format: Literal[WEIGHT_FORMATS] = Field(
         "auto",
         description="Native engine with the C kernels: compute the base linears on the GGUF file's own Q4_1 / "
         "Q8_0 blocks (gguf: the same results as float32 with ~5.6x fewer bytes per decode step), on the blocks for "
@@ -88,7 +89,7 @@ class ServerSettings(BaseSettings):
         "within what the admitted budgets allow (shedding by deadline). Refuse sheds only what even the typical "
         "case (the median of observed / predicted latency) would serve late; the rest is served at the lowest rank.",
     )
-    budget_layers_off: Annotated[list[Literal["typical", "headroom"]], NoDecode] = Field(
+    budget_layers_off: Annotated[list[Literal[BUDGET_LAYERS]], NoDecode] = Field(
         default_factory=list,
         description="Native engine, for A/B runs of the budget controller (environment only, "
         "MATRYOSHKA_BUDGET_LAYERS_OFF=typical,headroom): typical = refuse decides on the margin's prediction, "

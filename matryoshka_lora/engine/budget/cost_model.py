@@ -20,13 +20,15 @@ Requests arriving during this one's life are counted from two arrival rates (arr
   * decode demand D (output tokens/s asked for): by Little's law the decode batch settles at N rows
     with N = D * t(N) / (1 - rho_p), t(N) the step time at N rows; this request's decode steps are
     predicted at its mean rows over its life (`mean_rows`): 1 + the active set while it lasts
-    (active x min(mean remaining, steps) / steps) + N / 2 (the arrivals, growing towards N). When even max_num_seqs rows cannot serve D
-    (D * t(S) / S >= 1 - rho_p) the machine is saturated: the queue grows for as long as the overload
-    lasts, no rank can promise a budget, and the prediction is multiplied by MAX_STRETCH.
-The active set's decode rows of one adapter form one group at the largest rank among them, as the op
-computes them (so joining an adapter already served at rank 64 costs rank 64 whatever its rank).
-`choose_rank` serves the highest candidate rank predicted to meet the budget, its predictions scaled by
-`margin` (latency_margin.py: learned from how long the requests predicted to fit really took).
+    (active x min(mean remaining, steps) / steps) + N / 2 (the arrivals, growing towards N). When even
+    max_num_seqs rows cannot serve D (D * t(S) / S >= 1 - rho_p) the machine is saturated: the queue
+    grows for as long as the overload lasts, no rank can promise a budget, and the prediction is
+    multiplied by MAX_STRETCH.
+The active set's decode rows of one adapter form one group read at the largest rank among them, each row
+computed at row_cost_rank (its own rank, at least 16, at most the group's), as the C op computes them.
+`choose_rank` serves the highest candidate rank predicted to meet the budget that leaves headroom (a next
+request like it, this one admitted, still predicted within the budget at the lowest rank), its predictions
+scaled by `margin` (latency_margin.py: learned from how long the requests predicted to fit really took).
 """
 
 from __future__ import annotations
@@ -347,9 +349,9 @@ class CostModel:
 def with_request(load: LoadSnapshot, slot: int, num_prompt_tokens: int, max_tokens: int, rank: int) -> LoadSnapshot:
     """`load` once a request (its prompt, max_tokens, at `rank` of adapter `slot`) is enqueued: it waits, and
     with a KV slot free it is among the admitted next (the active set), its prompt pending."""
-    if load.num_running + load.num_admitted >= load.max_num_seqs:
-        return replace(load, num_waiting=load.num_waiting + 1)
     active = load.num_running + load.num_admitted
+    if active >= load.max_num_seqs:
+        return replace(load, num_waiting=load.num_waiting + 1)
     adapters = dict(load.adapters)
     if rank > 0:
         adapters[slot] = tuple(sorted((*adapters.get(slot, ()), rank)))

@@ -84,7 +84,7 @@ def step_features(items, lora_groups, max_one_call_rows: int = 0) -> StepFeature
         lora_flops=sum(
             (g.end - g.start) * g.rank
             if g.row_ranks is None
-            else sum(row_cost_rank(int(r), g.rank) for r in g.row_ranks)
+            else sum(row_cost_rank(r, g.rank) for r in g.row_ranks.tolist())
             for g in lora_groups
         ),
         lora_reads=sum(g.rank for g in lora_groups),
