@@ -59,10 +59,17 @@ void ml_rms_norm(const float *x, int64_t x_stride, const float *w, float *out, i
 }
 
 void ml_silu_mul(const float *gu, int64_t rows, int64_t n, float *out) {
+    /* exp in one loop, the division in another: fused, the compiler computes the clamped lanes'
+       g / (1 + exp(88)) for every lane and blends, and those subnormal quotients cost ~10x the loop */
+    float e[256];
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gu + r * 2 * n, *u = g + n;
         float *o = out + r * n;
-        for (int64_t j = 0; j < n; j++) o[j] = g[j] / (1.0f + exp_poly(-g[j])) * u[j];
+        for (int64_t j0 = 0; j0 < n; j0 += 256) {
+            const int64_t len = n - j0 < 256 ? n - j0 : 256;
+            for (int64_t j = 0; j < len; j++) e[j] = exp_poly(-g[j0 + j]);
+            for (int64_t j = 0; j < len; j++) o[j0 + j] = g[j0 + j] / (1.0f + e[j]) * u[j0 + j];
+        }
     }
 }
 
