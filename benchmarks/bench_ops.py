@@ -163,7 +163,7 @@ def bench_kernels(r_max: int = 64) -> None:
         "16 rows at rank 64": [(0, 16, 0, 64, 1.0)],
         "4 rows at rank 64": [(0, 4, 0, 64, 1.0)],
         "8 rows at ranks 1/8/32/64 (masked)": [(2 * j, 2 * j + 2, 0, r, 1.0) for j, r in enumerate((1, 8, 32, 64))],
-        **{f"{n} rows at rank {r} (prefill)": [(0, n, 0, r, 1.0)] for n in (128, 512) for r in (1, 8, 64)},
+        **{f"{n} rows at rank {r} (prefill)": [(0, n, 0, r, 1.0)] for n in (32, 64, 128, 512) for r in (1, 8, 64)},
     }
     for case, rows in cases.items():
         groups = build_groups(build_segments(rows))

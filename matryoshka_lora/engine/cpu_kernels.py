@@ -30,14 +30,20 @@ from pathlib import Path
 import torch
 
 from matryoshka_lora.engine.attention import AttentionMeta
-from matryoshka_lora.engine.cpu_linear import BlockLinear, PanelLinear, pack_panels
+from matryoshka_lora.engine.cpu_linear import BlockLinear, PanelLinear, pack_panels, unpack_panels
 from matryoshka_lora.engine.gguf_weights import BlockWeight
 from matryoshka_lora.engine.kv_cache import KVCache
-from matryoshka_lora.engine.lora_ops import FusedLoRA, LoRAGroup
+from matryoshka_lora.engine.lora_ops import FusedLoRA, LoRAGroup, lora_grouped_
 from matryoshka_lora.engine.torch_ops import TorchOps
 from matryoshka_lora.engine.weights import ModelSpec
 
 log = logging.getLogger(__name__)
+
+# From this many rows a LoRA group of one rank (a prefill chunk) runs faster as two MKL matmuls on plain
+# float32 weights than in ml_lora_group (in the engine, the shipped bf16 r32 adapter, 2 threads: at 128
+# rows the C kernel is ahead at ranks 1-8, at 256 rows MKL at ranks 1-32; benchmarks/bench_ops.py, "LoRA
+# layer, N rows at rank r (prefill)", shows the same crossing on cache-cold float32 weights).
+MIN_MKL_LORA_ROWS = 256
 
 SOURCES = tuple(
     Path(__file__).with_name(n)
@@ -175,6 +181,8 @@ class PanelLoRA:
         bfloat16, half the bytes a step reads, and widened exactly in registers; else float32.
     pointers: the addresses ml_lora_group takes (a_panels, b_table's three rows), read once here rather
         than on each of a decode step's 120 calls.
+    fused(): the same weights as a float32 FusedLoRA (what the MKL path of wide groups reads), unpacked on
+        first use and kept: twice a bf16 adapter's bytes more, only for adapters that serve wide groups.
     """
 
     a_panels: torch.Tensor
@@ -184,10 +192,23 @@ class PanelLoRA:
     r_max: int
     bf16: bool = False
     pointers: tuple[int, int, int, int] = field(init=False)
+    _fused: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
         rows = [self.b_table[i].data_ptr() for i in range(3)]
         object.__setattr__(self, "pointers", (self.a_panels.data_ptr(), *rows))
+
+    def fused(self) -> FusedLoRA:
+        """The FusedLoRA this was packed from, in float32 (pack's inverse; exact)."""
+        if not self._fused:
+            lora_A = unpack_panels(self.a_panels, self.num_members * self.r_max).t().float().contiguous()
+            c0s, c1s = self.b_table[1].tolist(), self.b_table[2].tolist()
+            lora_B = tuple(
+                (unpack_panels(b, c1 - c0).t().float().contiguous(), c0, c1)
+                for b, c0, c1 in zip(self.b_panels, c0s, c1s)
+            )
+            self._fused.append(FusedLoRA(lora_A, lora_B))
+        return self._fused[0]
 
     @classmethod
     def pack(cls, w: FusedLoRA, allow_bf16: bool = True) -> PanelLoRA:
@@ -213,13 +234,18 @@ class CKernelOps(TorchOps):
 
     num_threads: the OpenMP threads of decode attention, the LoRA groups and the linears; None follows
     torch.get_num_threads() at each call (the engine's num_threads).
+    min_mkl_lora_rows: LoRA groups of one rank and at least this many rows run lora_ops.lora_grouped_ on
+    PanelLoRA.fused() (MKL's float32 matmuls; the same sums in another order); None: every group in C.
     """
 
     name = "c-kernels"
 
-    def __init__(self, lib: ctypes.CDLL, num_threads: int | None = None):
+    def __init__(
+        self, lib: ctypes.CDLL, num_threads: int | None = None, min_mkl_lora_rows: int | None = MIN_MKL_LORA_ROWS
+    ):
         self.lib = lib
         self.num_threads = num_threads
+        self.min_mkl_lora_rows = min_mkl_lora_rows
         self.vectorized = bool(lib.ml_gemm_vectorized())  # the AVX2 + FMA GEMMs, else oneDNN's linears
         self._h = torch.empty(0)  # the LoRA groups' scratch (_scratch)
 
@@ -325,10 +351,17 @@ class CKernelOps(TorchOps):
     def lora_grouped_(
         self, y: torch.Tensor, x: torch.Tensor, groups: list[LoRAGroup], weights: list[PanelLoRA | None]
     ) -> torch.Tensor:
-        """lora_ops.lora_grouped_ over packed weights (pack_lora), one C call per group."""
+        """lora_ops.lora_grouped_ over packed weights (pack_lora): one C call per group, or MKL's matmuls for
+        a wide group of one rank (min_mkl_lora_rows)."""
         todo = [(g, weights[g.slot]) for g in groups if weights[g.slot] is not None]
         if not todo:  # no adapter of this step has this module group: nothing to read
             return y
+        if self.min_mkl_lora_rows is not None:
+            wide = [g.row_ranks is None and g.end - g.start >= self.min_mkl_lora_rows for g, _ in todo]
+            for (g, w), on_mkl in zip(todo, wide):
+                if on_mkl:
+                    lora_grouped_(y, x, [g], {g.slot: w.fused()})
+            todo = [gw for gw, on_mkl in zip(todo, wide) if not on_mkl]
         threads = self.threads()
         x_ptr, x_stride, y_ptr, y_stride = x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)
         in_features, item = x.shape[1], x.element_size()

@@ -45,6 +45,12 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.reshape(num_panels, PANEL, in_features).transpose(1, 2).contiguous()
 
 
+def unpack_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """pack_panels' inverse: panels [num_panels, in, 16] -> W [out_features, in] (padding dropped)."""
+    num_panels, in_features, _ = panels.shape
+    return panels.transpose(1, 2).reshape(num_panels * PANEL, in_features)[:out_features].contiguous()
+
+
 def _by_panel(t: torch.Tensor) -> torch.Tensor:
     """[out, ...] -> [num_panels, 16, ...], zero-padded to whole panels."""
     num_panels = -(-t.shape[0] // PANEL)

@@ -114,9 +114,63 @@ def test_lora_group_at_every_thread_count_equals_torch(lib, group, row_ranks):
     groups = build_groups(build_segments([(t, t + 1, 0, r, 0.5 / r) for t, r in enumerate(row_ranks)]))
     want = lora_grouped_(torch.zeros(len(row_ranks), out_f), x, groups, fused)
     panels = [cpu_kernels.PanelLoRA.pack(w) for w in fused]
-    got = [cpu_kernels.CKernelOps(lib, n).lora_grouped_(torch.zeros_like(want), x, groups, panels) for n in (1, 2, 3)]
-    for result in got:
-        torch.testing.assert_close(result, want, atol=1e-3, rtol=1e-4)
+    for n in (1, 2, 3):  # every group in C, however wide
+        got = cpu_kernels.CKernelOps(lib, n, None).lora_grouped_(torch.zeros_like(want), x, groups, panels)
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
+def test_panels_unpack_to_the_fused_weights(group, bf16):
+    """PanelLoRA.fused() is pack's inverse, bit for bit, for float32 and bfloat16 adapters (the MKL path
+    of wide groups reads it)."""
+    from matryoshka_lora.engine.adapter_slots import GROUP_MEMBERS, fuse_group
+
+    gen = torch.Generator().manual_seed(3)
+    members = {}
+    for name in GROUP_MEMBERS[group]:
+        i, o = SMOLLM2.module_shape(name)
+        a, b = torch.randn(i, 24, generator=gen), torch.randn(24, o, generator=gen)
+        members[name] = (a.bfloat16().float(), b.bfloat16().float()) if bf16 else (a, b)
+    fused = fuse_group(SMOLLM2, group, members, 24)
+    panels = cpu_kernels.PanelLoRA.pack(fused)
+    assert panels.bf16 == bf16
+    back = panels.fused()
+    assert back is panels.fused()  # unpacked once
+    assert back.lora_A.dtype == torch.float32 and torch.equal(back.lora_A, fused.lora_A)
+    for (b, c0, c1), (want, w0, w1) in zip(back.lora_B, fused.lora_B):
+        assert (c0, c1) == (w0, w1) and torch.equal(b, want)
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [[(0, 300, 0, 8)], [(0, 5, 0, 3), (5, 305, 1, 32), (305, 309, 1, 64)], [(0, 260, 1, 1), (260, 520, 0, 64)]],
+    ids=["one-wide", "narrow-wide-narrow", "two-wide"],
+)
+def test_wide_groups_on_mkl_equal_the_c_kernel(c_ops, segments):
+    """Groups of one rank from min_mkl_lora_rows rows run lora_ops.lora_grouped_ on PanelLoRA.fused(), the
+    others in C, in one call; each row's result equals the all-C one to float32 rounding."""
+    from matryoshka_lora.engine.adapter_slots import GROUP_MEMBERS, fuse_group, member_columns
+    from matryoshka_lora.engine.lora_batch import build_groups, build_segments
+
+    gen = torch.Generator().manual_seed(len(segments))
+    panels = []
+    for _ in range(2):  # two adapters, slots 0 and 1
+        members = {}
+        for name in GROUP_MEMBERS["qkv"]:
+            i, o = SMOLLM2.module_shape(name)
+            members[name] = (torch.randn(i, 64, generator=gen), torch.randn(64, o, generator=gen) * 0.1)
+        panels.append(cpu_kernels.PanelLoRA.pack(fuse_group(SMOLLM2, "qkv", members, 64)))
+    rows = segments[-1][1]
+    out_f = max(c1 for _, c1 in member_columns(SMOLLM2, "qkv").values())
+    x = torch.randn(rows, SMOLLM2.hidden_size, generator=gen)
+    groups = build_groups(build_segments([(s, e, slot, r, 0.5 / r) for s, e, slot, r in segments]))
+    on_c = cpu_kernels.CKernelOps(c_ops.lib, 2, None)
+    mixed = cpu_kernels.CKernelOps(c_ops.lib, 2, 256)
+    want = on_c.lora_grouped_(torch.zeros(rows, out_f), x, groups, panels)
+    got = mixed.lora_grouped_(torch.zeros(rows, out_f), x, groups, panels)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert all(bool(p._fused) == any(g.slot == i and g.end - g.start >= 256 for g in groups) for i, p in enumerate(panels))
 
 
 @pytest.mark.parametrize("group", ["qkv", "down"])
