@@ -170,7 +170,9 @@ def test_wide_groups_on_mkl_equal_the_c_kernel(c_ops, segments):
     want = on_c.lora_grouped_(torch.zeros(rows, out_f), x, groups, panels)
     got = mixed.lora_grouped_(torch.zeros(rows, out_f), x, groups, panels)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
-    assert all(bool(p._fused) == any(g.slot == i and g.end - g.start >= 256 for g in groups) for i, p in enumerate(panels))
+    assert all(
+        bool(p._fused) == any(g.slot == i and g.end - g.start >= 256 for g in groups) for i, p in enumerate(panels)
+    )
 
 
 @pytest.mark.parametrize("group", ["qkv", "down"])
