@@ -9,8 +9,10 @@
    vs one B per member (k matmuls), rank 8 and 64, 16 rows.
 3. the C kernels (engine/cpu_kernels.c, cpu_gemm.c) on 1 and on --threads OpenMP threads vs the torch
    ops they replace, per call: RMSNorm at 16 rows, decode attention of 16 sequences at context ~100
-   over 30 layers' caches, the grouped LoRA op (4 module groups of one layer, all-module r_max 64,
-   cache-cold) for uniform and mixed-rank decode groups and for prefill chunks of 128 and 512 rows.
+   over 30 layers' caches, the grouped LoRA op (the qkv, gate_up and down groups of one layer, all-module
+   r_max 64, cache-cold) for uniform and mixed-rank decode groups and for prefill chunks of 32-512 rows
+   (the C columns: every group in C; the engine sends groups of one rank from 256 rows to MKL, the torch
+   column: cpu_kernels.MIN_MKL_LORA_ROWS).
 4. `--step`: whole decode steps of 16 sequences on the real default model (ModelRunner.execute on fixed
    items, median of 10 after 2), with random all-module adapters at r_max 64: base, rank 1, rank 64,
    and the mixed batch (2 adapters x ranks 1/8/32/64) with masked groups vs one group per rank, each
@@ -126,7 +128,10 @@ def bench_kernels(r_max: int = 64) -> None:
     if fused.name == "torch":
         print("\n3. C kernels: not available here (see the log)")
         return
-    serial, threads = CKernelOps(fused.lib, 1), torch.get_num_threads()
+    # the C kernels alone: every LoRA group in ml_lora_group, however wide (the engine's default op set sends
+    # groups of one rank from MIN_MKL_LORA_ROWS rows to MKL, which is the torch column)
+    serial, threads = CKernelOps(fused.lib, 1, None), torch.get_num_threads()
+    fused = CKernelOps(fused.lib, None, None)
     print(f"\n3. fused C kernels (1 thread, {threads} threads) vs torch ops, µs per call")
     print(f"{'':44s} {'torch':>7s} {'C 1 thr':>8s} {f'C {threads} thr':>8s}")
     x, w = torch.randn(16, HIDDEN), torch.randn(HIDDEN)

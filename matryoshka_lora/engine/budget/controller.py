@@ -21,7 +21,7 @@ from matryoshka_lora.engine.adapter_slots import AdapterSlots
 from matryoshka_lora.engine.budget.arrivals import Arrivals
 from matryoshka_lora.engine.budget.cost_model import CostModel
 from matryoshka_lora.engine.budget.latency_margin import in_flight_ratios
-from matryoshka_lora.engine.budget.rank_policy import RankChoice, load_snapshot, resolve_rank
+from matryoshka_lora.engine.budget.rank_policy import RankChoice, load_snapshot, request_lengths, resolve_rank
 from matryoshka_lora.engine.budget.step_features import step_features
 from matryoshka_lora.engine.config import check_layers_off
 from matryoshka_lora.engine.scheduler import Scheduler
@@ -55,8 +55,7 @@ class BudgetController:
         """The request's adapter slot and rank; raises (unknown adapter, bad rank, budget refused)."""
         load = load_snapshot(self.scheduler, self.arrivals)
         choice = resolve_rank(request, self.adapters, self.cost_model, load, self.max_model_len)
-        num_prompt = len(request.prompt_token_ids)
-        max_tokens = min(request.sampling.max_tokens, self.max_model_len - num_prompt)
+        num_prompt, max_tokens = request_lengths(request, self.max_model_len)
         prefill_s = self.cost_model.marginal_prefill_s(load, num_prompt, choice.rank)
         self.arrivals.add(prefill_s, max_tokens, time.perf_counter())
         return choice

@@ -76,6 +76,12 @@ def load_snapshot(scheduler: Scheduler, arrivals: Arrivals | None = None) -> Loa
     )
 
 
+def request_lengths(request: GenerationRequest, max_model_len: int) -> tuple[int, int]:
+    """(prompt tokens, the most output tokens it can get: max_tokens within max_model_len)."""
+    num_prompt = len(request.prompt_token_ids)
+    return num_prompt, min(request.sampling.max_tokens, max_model_len - num_prompt)
+
+
 def resolve_rank(
     request: GenerationRequest,
     adapters: AdapterSlots,
@@ -93,8 +99,7 @@ def resolve_rank(
     if decision.rank is not None:
         return RankChoice(entry, decision.rank, decision.reason)
     candidates = list(decision.candidates)
-    num_prompt = len(request.prompt_token_ids)
-    max_tokens = min(request.sampling.max_tokens, max_model_len - num_prompt)
+    num_prompt, max_tokens = request_lengths(request, max_model_len)
     margin = cost_model.margin.value()
     rank, met, predicted, parts = cost_model.choose_rank(
         load,
