@@ -76,6 +76,8 @@ class LLMEngine:
         self.kv = KVCache(self.weights.spec, config.max_num_seqs, self.max_model_len)
         self.adapters = AdapterSlots(self.weights.spec, config.max_adapters)
         self.runner = ModelRunner(self.weights, self.kv, self.adapters.table, ops)
+        if self.weight_format == "gguf+bf16":  # wide steps in bf16: the prefill chunks' attention too
+            self.runner.prefill_dtype = torch.bfloat16
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_queue_len)
         self.budget = BudgetController(
             self.scheduler,

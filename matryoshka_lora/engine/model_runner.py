@@ -67,6 +67,7 @@ class ModelRunner:
         self.weights, self.kv, self.lora_table, self.ops = weights, kv, lora_table, ops
         self.cos, self.sin = rope_tables(weights, kv.max_model_len)
         self.max_masked_rows = MAX_MASKED_ROWS
+        self.prefill_dtype = torch.float32  # the prefill chunks' attention (attention.AttentionMeta)
         # decode-only steps as one C call where the ops and linears allow (cpu_decode; None: llama.forward)
         self.decode_layers = DecodeLayers.build(ops, weights, kv)
 
@@ -109,6 +110,7 @@ class ModelRunner:
             prefills=prefills,
             decode=build_decode_meta(dec_rows, dec_slots, dec_lens) if dec_rows else None,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long),
+            prefill_dtype=self.prefill_dtype,
         )
         groups = build_groups(build_segments(row_groups), self.max_masked_rows)
         lora = (
