@@ -14,7 +14,8 @@
 
      ml_silu_mul:        out[r, j] = silu(gu[r, j]) * gu[r, n + j],  silu(g) = g / (1 + exp(-g))
 
-   Loops are written for the auto-vectoriser (-O3 -march=native, reassociation allowed); exp is a
+   Loops are written for the auto-vectoriser (-O3 -march=native, reassociation allowed; with AVX-512,
+   decode attention's query-key dots are intrinsics, qk16_d64); exp is a
    Cephes-style polynomial that vectorises (relative error ~2e-7), so results match torch to float
    rounding, not bit for bit.
 
