@@ -572,6 +572,15 @@ def serve(
             "[MATRYOSHKA_WEIGHT_FORMAT; auto].",
         ),
     ] = None,
+    adapter_dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--adapter-dtype",
+            help="Native engine: auto | bfloat16: the adapters' weights as saved (bfloat16 for an adapter "
+            "saved in bfloat16, else float32), or rounded to bfloat16 at load (half the bytes a step reads of a "
+            "float32 adapter) [MATRYOSHKA_ADAPTER_DTYPE; auto].",
+        ),
+    ] = None,
     budget_unmet: Annotated[
         Optional[str],
         typer.Option(
@@ -639,6 +648,7 @@ def serve(
         num_threads=num_threads,
         fused_kernels=fused_kernels,
         weight_format=weight_format,
+        adapter_dtype=adapter_dtype,
         budget_unmet=budget_unmet,
         seed=seed,
         log_level=log_level,

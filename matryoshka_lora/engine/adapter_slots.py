@@ -82,6 +82,12 @@ def fuse_group(
     return FusedLoRA(lora_A, tuple(lora_B))
 
 
+def rounded_to_bf16(weights: dict) -> dict:
+    """Module path -> (A, B), every weight rounded to the nearest bfloat16 value (kept as float32 tensors):
+    EngineConfig.adapter_dtype "bfloat16", which the C kernels then store in bfloat16 panels."""
+    return {path: (a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()) for path, (a, b) in weights.items()}
+
+
 def fuse_adapter(spec: ModelSpec, weights: dict, r_max: int, pack_lora: Callable) -> list[dict]:
     """Module path -> (A, B) dict of the core's Adapter -> per layer {group: pack_lora(FusedLoRA)}, in the
     layout of the op set whose `pack_lora` is given: each group packed as soon as it is fused, so that the

@@ -23,7 +23,13 @@ from contextlib import contextmanager
 import torch
 
 from matryoshka_lora.adapters.store import adapter_dirs
-from matryoshka_lora.engine.adapter_slots import AdapterSlots, SlotEntry, fuse_adapter, install_warmup_adapters
+from matryoshka_lora.engine.adapter_slots import (
+    AdapterSlots,
+    SlotEntry,
+    fuse_adapter,
+    install_warmup_adapters,
+    rounded_to_bf16,
+)
 from matryoshka_lora.engine.bf16_linear import split_packer
 from matryoshka_lora.engine.budget.controller import BudgetController
 from matryoshka_lora.engine.config import EngineConfig
@@ -111,8 +117,11 @@ class LLMEngine:
 
         adapter = load_adapter(path, base_fingerprint=self.fingerprint)
         name = name or adapter.manifest.name
+        weights = adapter.weights
+        if self.config.adapter_dtype == "bfloat16":
+            weights = rounded_to_bf16(weights)
         # the heavy part, off the engine loop and without the lock: fused, then packed for the op set
-        fused = fuse_adapter(self.weights.spec, adapter.weights, adapter.manifest.r_max, self.runner.ops.pack_lora)
+        fused = fuse_adapter(self.weights.spec, weights, adapter.manifest.r_max, self.runner.ops.pack_lora)
         with self.lock:
             if name in self.adapters.entries:
                 self._retire(self.adapters.unregister(name))

@@ -76,6 +76,7 @@ def build_backend(settings: ServerSettings) -> EngineBackend:
         num_threads=settings.num_threads,
         fused_kernels=settings.fused_kernels,
         weight_format=settings.weight_format,
+        adapter_dtype=settings.adapter_dtype,
         seed=settings.seed,
         budget_layers_off=tuple(settings.budget_layers_off),
     )

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from matryoshka_lora.engine.config import BUDGET_LAYERS, WEIGHT_FORMATS
+from matryoshka_lora.engine.config import ADAPTER_DTYPES, BUDGET_LAYERS, WEIGHT_FORMATS
 from matryoshka_lora.errors import ConfigError
 
 SHIPPED_ADAPTERS_DIR = Path("adapters")
@@ -81,6 +81,12 @@ class ServerSettings(BaseSettings):
         "steps of few rows and a packed bfloat16 copy for wide ones (gguf+bf16: prefill and many sequences on the "
         "CPU's AMX tiles, ~0.3 % error per linear), on float32 panels (float32, the reference), or on gguf+bf16 "
         "where the CPU has AMX, else the blocks, where the model has a GGUF file (auto).",
+    )
+    adapter_dtype: Literal[ADAPTER_DTYPES] = Field(
+        "auto",
+        description="Native engine: store the adapters' weights as saved (auto: bfloat16 for an adapter saved in "
+        "bfloat16, else float32) or rounded to bfloat16 at load (bfloat16: half the bytes a decode step reads "
+        "of a float32 adapter; each weight within 2^-9 of itself).",
     )
     budget_unmet: Literal["serve", "refuse"] = Field(
         "serve",

@@ -263,3 +263,33 @@ def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(
     events = run(engine, [req])[req.request_id]
     assert events[0].rank_reason == outcome and events[-1].finish_reason == "length"
     assert (events[0].rank == lowest) == (outcome == "budget_unmet")
+
+
+def test_adapter_dtype_bfloat16_rounds_each_weight_at_load(make_engine, engine_adapters):
+    """adapter_dtype "bfloat16": a float32 adapter is held as the nearest bfloat16 values (bf16 panels for the
+    C kernels: half the bytes); "auto" holds it as saved."""
+    from matryoshka_lora.engine.cpu_kernels import PanelLoRA
+
+    def held(engine):
+        entry = engine.load_adapter(str(engine_adapters["gamma"]))
+        weights = [w[entry.slot] for layer in engine.adapters.table for w in layer.values() if w[entry.slot]]
+        return [w.fused() if isinstance(w, PanelLoRA) else w for w in weights], weights
+
+    as_saved, saved_layout = held(make_engine())
+    rounded, rounded_layout = held(make_engine(adapter_dtype="bfloat16"))
+    assert len(as_saved) == len(rounded) > 0
+    assert not all(torch.equal(a.lora_A, a.lora_A.bfloat16().float()) for a in as_saved)  # a float32 adapter
+    for a, b in zip(as_saved, rounded):
+        assert torch.equal(b.lora_A, a.lora_A.bfloat16().float())
+        for (b_m, *cols), (a_m, *want_cols) in zip(b.lora_B, a.lora_B):
+            assert cols == want_cols and torch.equal(b_m, a_m.bfloat16().float())
+    if isinstance(rounded_layout[0], PanelLoRA):
+        assert all(w.bf16 for w in rounded_layout) and not all(w.bf16 for w in saved_layout)
+
+
+def test_unknown_adapter_dtype_is_refused():
+    from matryoshka_lora.engine.config import EngineConfig
+    from matryoshka_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="adapter_dtype.*float16.*bfloat16"):
+        EngineConfig(adapter_dtype="float16")

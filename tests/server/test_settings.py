@@ -49,6 +49,7 @@ def test_env_then_flags(monkeypatch, tmp_path):
         (dict(port=70000), "port"),
         (dict(backend="tgi"), "backend"),
         (dict(budget_unmet="drop"), "budget_unmet"),
+        (dict(adapter_dtype="float16"), "adapter_dtype"),
         (dict(budget_layers_off=["cache"]), "budget_layers_off"),
         (dict(max_num_seqs=0), "max_num_seqs"),
         (dict(adapters=["missing-dir"]), "adapter directories not found"),
