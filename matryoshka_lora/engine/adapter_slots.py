@@ -3,7 +3,7 @@
 Each adapter occupies a slot 0..max_adapters-1. For every layer and fused group
 (qkv = q,k,v; o; gate_up = gate,up; down) the table holds one adapter group per slot, or None where
 the adapter does not target that group: a `FusedLoRA` (lora_ops) packed by the op set's `pack_lora`
-(the torch ops keep it as it is, the C kernels turn it into `cpu_kernels.PanelLoRA`; one copy either
+(the torch ops keep it as it is, the C kernels turn it into `lora_panels.PanelLoRA`; one copy either
 way). A rank is never a copy: a request at rank r reads the first k * r columns of A and the first r
 rows of each member's B.
 """

@@ -28,10 +28,11 @@ import torch
 from matryoshka_lora.engine.adapter_slots import GROUPS
 from matryoshka_lora.engine.attention import AttentionMeta
 from matryoshka_lora.engine.bf16_linear import SplitLinear
-from matryoshka_lora.engine.cpu_kernels import CKernelOps, PanelLoRA
+from matryoshka_lora.engine.cpu_kernels import CKernelOps
 from matryoshka_lora.engine.cpu_linear import BLOCK_KINDS, BlockLinear, PanelLinear
 from matryoshka_lora.engine.kv_cache import KVCache
 from matryoshka_lora.engine.lora_ops import LoRAGroup
+from matryoshka_lora.engine.lora_panels import PanelLoRA
 from matryoshka_lora.engine.weights import ModelWeights
 
 KIND_PANELS = 2  # cpu_decode.c: a float32 PanelLinear (BLOCK_KINDS: GGUF block records)

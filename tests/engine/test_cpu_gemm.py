@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matryoshka_lora.engine import cpu_kernels
+from matryoshka_lora.engine import cpu_kernels, lora_panels
 from matryoshka_lora.engine.cpu_linear import PanelLinear, pack_panels
 from matryoshka_lora.engine.weights import ModelSpec
 
@@ -113,7 +113,7 @@ def test_lora_group_at_every_thread_count_equals_torch(lib, group, row_ranks):
     x = torch.randn(len(row_ranks), in_f, generator=gen)
     groups = build_groups(build_segments([(t, t + 1, 0, r, 0.5 / r) for t, r in enumerate(row_ranks)]))
     want = lora_grouped_(torch.zeros(len(row_ranks), out_f), x, groups, fused)
-    panels = [cpu_kernels.PanelLoRA.pack(w) for w in fused]
+    panels = [lora_panels.PanelLoRA.pack(w) for w in fused]
     for n in (1, 2, 3):  # every group in C, however wide
         got = cpu_kernels.CKernelOps(lib, n, None).lora_grouped_(torch.zeros_like(want), x, groups, panels)
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
@@ -133,7 +133,7 @@ def test_panels_unpack_to_the_fused_weights(group, bf16):
         a, b = torch.randn(i, 24, generator=gen), torch.randn(24, o, generator=gen)
         members[name] = (a.bfloat16().float(), b.bfloat16().float()) if bf16 else (a, b)
     fused = fuse_group(SMOLLM2, group, members, 24)
-    panels = cpu_kernels.PanelLoRA.pack(fused)
+    panels = lora_panels.PanelLoRA.pack(fused)
     assert panels.bf16 == bf16
     back = panels.fused()
     assert back is panels.fused()  # unpacked once
@@ -160,7 +160,7 @@ def test_wide_groups_on_mkl_equal_the_c_kernel(c_ops, segments):
         for name in GROUP_MEMBERS["qkv"]:
             i, o = SMOLLM2.module_shape(name)
             members[name] = (torch.randn(i, 64, generator=gen), torch.randn(64, o, generator=gen) * 0.1)
-        panels.append(cpu_kernels.PanelLoRA.pack(fuse_group(SMOLLM2, "qkv", members, 64)))
+        panels.append(lora_panels.PanelLoRA.pack(fuse_group(SMOLLM2, "qkv", members, 64)))
     rows = segments[-1][1]
     out_f = max(c1 for _, c1 in member_columns(SMOLLM2, "qkv").values())
     x = torch.randn(rows, SMOLLM2.hidden_size, generator=gen)
@@ -190,7 +190,7 @@ def test_bf16_adapter_panels_give_the_float32_panels_bits(lib, group, row_ranks)
         a, b = torch.randn(i, 64, generator=gen), torch.randn(64, o, generator=gen) * 0.1
         members[name] = (a.bfloat16().float(), b.bfloat16().float())  # as loaded from a bfloat16 file
     fused = fuse_group(SMOLLM2, group, members, 64)
-    as_bf16, as_f32 = cpu_kernels.PanelLoRA.pack(fused), cpu_kernels.PanelLoRA.pack(fused, allow_bf16=False)
+    as_bf16, as_f32 = lora_panels.PanelLoRA.pack(fused), lora_panels.PanelLoRA.pack(fused, allow_bf16=False)
     assert as_bf16.bf16 and as_bf16.a_panels.dtype == torch.bfloat16 and not as_f32.bf16
     in_f = SMOLLM2.module_shape(GROUP_MEMBERS[group][0])[0]
     out_f = max(c1 for _, c1 in member_columns(SMOLLM2, group).values())
@@ -204,7 +204,7 @@ def test_bf16_adapter_panels_give_the_float32_panels_bits(lib, group, row_ranks)
     else:  # plain C loops, which -fassociative-math may vectorise differently
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     members = {k: (a + 1e-4, b) for k, (a, b) in members.items()}  # no longer bfloat16 values
-    assert not cpu_kernels.PanelLoRA.pack(fuse_group(SMOLLM2, group, members, 64)).bf16
+    assert not lora_panels.PanelLoRA.pack(fuse_group(SMOLLM2, group, members, 64)).bf16
 
 
 @pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
@@ -220,7 +220,7 @@ def test_a_row_in_a_masked_group_gives_its_bits_alone(c_ops, group, row_ranks):
     for name in GROUP_MEMBERS[group]:
         i, o = SMOLLM2.module_shape(name)
         members[name] = (torch.randn(i, 64, generator=gen), torch.randn(64, o, generator=gen) * 0.1)
-    panels = [cpu_kernels.PanelLoRA.pack(fuse_group(SMOLLM2, group, members, 64))]
+    panels = [lora_panels.PanelLoRA.pack(fuse_group(SMOLLM2, group, members, 64))]
     in_f = SMOLLM2.module_shape(GROUP_MEMBERS[group][0])[0]
     out_f = max(c1 for _, c1 in member_columns(SMOLLM2, group).values())
     x = torch.randn(len(row_ranks), in_f, generator=gen)

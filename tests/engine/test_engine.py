@@ -132,7 +132,7 @@ def test_hot_load_and_unload_with_request_in_flight(make_engine, engine_adapters
 def test_a_loaded_adapter_is_held_once_in_the_op_sets_layout(make_engine, engine_adapters, c_ops):
     """The C kernels' engine holds an adapter as panels only, packed at load (not in its first step), and
     none of its fused torch tensors."""
-    from matryoshka_lora.engine.cpu_kernels import PanelLoRA
+    from matryoshka_lora.engine.lora_panels import PanelLoRA
 
     engine = make_engine()
     if engine.runner.ops.name != "c-kernels":
@@ -268,7 +268,7 @@ def test_refuse_unmet_budget_refuses_only_what_the_typical_case_misses(
 def test_adapter_dtype_bfloat16_rounds_each_weight_at_load(make_engine, engine_adapters):
     """adapter_dtype "bfloat16": a float32 adapter is held as the nearest bfloat16 values (bf16 panels for the
     C kernels: half the bytes); "auto" holds it as saved."""
-    from matryoshka_lora.engine.cpu_kernels import PanelLoRA
+    from matryoshka_lora.engine.lora_panels import PanelLoRA
 
     def held(engine):
         entry = engine.load_adapter(str(engine_adapters["gamma"]))
