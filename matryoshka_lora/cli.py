@@ -581,6 +581,14 @@ def serve(
             "float32 adapter) [MATRYOSHKA_ADAPTER_DTYPE; auto].",
         ),
     ] = None,
+    kv_cache_dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--kv-cache-dtype",
+            help="Native engine: auto (float32) | float32 | bfloat16: the KV cache's element type; bfloat16 halves "
+            "its memory and the bytes a decode step reads per token of context [MATRYOSHKA_KV_CACHE_DTYPE; auto].",
+        ),
+    ] = None,
     budget_unmet: Annotated[
         Optional[str],
         typer.Option(
@@ -649,6 +657,7 @@ def serve(
         fused_kernels=fused_kernels,
         weight_format=weight_format,
         adapter_dtype=adapter_dtype,
+        kv_cache_dtype=kv_cache_dtype,
         budget_unmet=budget_unmet,
         seed=seed,
         log_level=log_level,

@@ -79,7 +79,8 @@ def prefill_attention(
     """q [n, heads, d]; k, v [kv_heads, position + n, d] -> [n, heads, d], causal with offset `position`;
     computed in `dtype` (default q's), returned in q's."""
     n, ctx = q.shape[0], k.shape[1]
-    if dtype is not None and dtype != q.dtype:
+    dtype = q.dtype if dtype is None else dtype
+    if dtype != q.dtype or k.dtype != dtype:  # (k, v read from a bfloat16 cache)
         return prefill_attention(q.to(dtype), k.to(dtype), v.to(dtype), position).to(q.dtype)
     qt, kt, vt = q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     if position == 0:

@@ -9,6 +9,7 @@ from matryoshka_lora.errors import ConfigError, check_count
 DEFAULT_MAX_MODEL_LEN = 2048
 WEIGHT_FORMATS = ("auto", "gguf", "gguf+bf16", "float32")
 ADAPTER_DTYPES = ("auto", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 # Budget-controller layers that can be switched off, for A/B runs of what each one buys:
 #   typical   `--budget-unmet refuse` refuses on the typical (median) prediction instead of the margin's
 #   headroom  a rank above the lowest only while a next request like this one would still fit at the lowest
@@ -49,6 +50,9 @@ class EngineConfig:
     adapter_dtype: how the adapters' weights are stored: "auto" as saved (bfloat16 where every weight of
         a module group is a bfloat16 value, else float32), "bfloat16" every weight rounded to bfloat16 at
         load (half the bytes a step reads of a float32 adapter; each weight within 2^-9 of itself).
+    kv_cache_dtype: what the KV cache stores: "float32", or "bfloat16" (half the bytes a decode step reads
+        per token of context; K and V rounded to bfloat16 as they are written, attention computed in
+        float32); "auto" = float32.
     seed: seeds the sampler of requests that carry no seed.
     budget_layers_off: budget-controller layers switched off, for A/B runs (BUDGET_LAYERS).
     warmup: run the warm-up and cost-model calibration at start.
@@ -65,6 +69,7 @@ class EngineConfig:
     fused_kernels: bool = True
     weight_format: str = "auto"
     adapter_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     seed: int = 0
     budget_layers_off: tuple[str, ...] = ()
     warmup: bool = True
@@ -79,6 +84,8 @@ class EngineConfig:
             raise ConfigError("weight_format", self.weight_format, list(WEIGHT_FORMATS))
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ConfigError("adapter_dtype", self.adapter_dtype, list(ADAPTER_DTYPES))
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError("kv_cache_dtype", self.kv_cache_dtype, list(KV_CACHE_DTYPES))
         check_count("num_threads", self.num_threads, allow_none=True)
         self.budget_layers_off = check_layers_off(self.budget_layers_off)
 

@@ -75,7 +75,8 @@ static void add_rows(float *x, const float *t, int64_t n) {
 }
 
 int ml_decode_layers(float *x, int64_t rows, int64_t num_layers, const int64_t *layers, const int64_t *dims, float eps,
-                     float *cache, int64_t layer_stride, int64_t kv_stride, int64_t slot_stride, int64_t max_len,
+                     void *cache, int64_t cache_bf16, int64_t layer_stride, int64_t kv_stride, int64_t slot_stride,
+                     int64_t max_len,
                      const int64_t *slots, const int64_t *positions, const int64_t *lengths, const float *cos,
                      const float *sin, int64_t num_groups, const int64_t *groups, const float *group_scales,
                      float attn_scale, float *scratch, float *lora_scratch, int64_t num_threads) {
@@ -88,14 +89,15 @@ int ml_decode_layers(float *x, int64_t rows, int64_t num_layers, const int64_t *
     for (int64_t r = 0; r < rows; r++) row_index[r] = r;
     for (int64_t l = 0; l < num_layers; l++) {
         const int64_t *row = layers + l * LAYER_FIELDS;
-        float *k_cache = cache + l * layer_stride, *v_cache = k_cache + kv_stride;
+        const int64_t item = cache_bf16 ? 2 : 4; /* bytes per cache element; the strides count elements */
+        char *k_cache = (char *)cache + l * layer_stride * item, *v_cache = k_cache + kv_stride * item;
         ml_rms_norm(x, hidden, (const float *)(intptr_t)row[0], h, rows, hidden, eps);
         linear_lora(row, l, QKV, h, rows, hidden, width, qkv, &lora);
         ml_rope_and_cache(qkv, rows, width, num_heads, num_kv_heads, head_dim, cos, sin, k_cache, v_cache, slots,
-                          positions, slot_stride, max_len);
+                          positions, slot_stride, max_len, cache_bf16);
         const int status = ml_decode_attention(qkv, width, k_cache, v_cache, row_index, slots, lengths, a, q_size, rows,
                                                num_heads, num_kv_heads, head_dim, slot_stride, max_len, attn_scale,
-                                               num_threads);
+                                               num_threads, cache_bf16);
         if (status != 0)
             return status;
         linear_lora(row, l, O, a, rows, q_size, hidden, t, &lora);

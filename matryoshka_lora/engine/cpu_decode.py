@@ -76,7 +76,7 @@ class DecodeLayers:
     @classmethod
     def build(cls, ops, weights: ModelWeights, kv: KVCache) -> DecodeLayers | None:
         """DecodeLayers where ops are the C kernels and every layer's linears are C linears, else None."""
-        if not isinstance(ops, CKernelOps) or kv.cache.dtype != torch.float32:
+        if not isinstance(ops, CKernelOps) or kv.cache.dtype not in (torch.float32, torch.bfloat16):
             return None
         rows, bounds = [], []
         for lw in weights.layers:
@@ -173,6 +173,7 @@ class DecodeLayers:
             self.dims.data_ptr(),
             spec.rms_norm_eps,
             cache.data_ptr(),
+            cache.dtype == torch.bfloat16,
             cache.stride(0),
             cache.stride(1),
             cache.stride(2),

@@ -74,9 +74,35 @@ void ml_silu_mul(const float *gu, int64_t rows, int64_t n, float *out) {
     }
 }
 
+/* float32 -> bfloat16, rounded to nearest even (NaN stays NaN) */
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* n floats into the cache at element `at`: float32, or rounded to bfloat16 (cache_bf16) */
+static inline void cache_store(void *cache, int64_t at, const float *x, int64_t n, int64_t cache_bf16) {
+    if (cache_bf16) {
+        uint16_t *c = (uint16_t *)cache + at;
+        for (int64_t i = 0; i < n; i++) c[i] = to_bf16(x[i]);
+    } else {
+        memcpy((float *)cache + at, x, n * sizeof(float));
+    }
+}
+
 void ml_rope_and_cache(float *qkv, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t num_kv_heads,
-                       int64_t head_dim, const float *cos, const float *sin, float *k_cache, float *v_cache,
-                       const int64_t *slots, const int64_t *positions, int64_t slot_stride, int64_t max_len) {
+                       int64_t head_dim, const float *cos, const float *sin, void *k_cache, void *v_cache,
+                       const int64_t *slots, const int64_t *positions, int64_t slot_stride, int64_t max_len,
+                       int64_t cache_bf16) {
     const int64_t half = head_dim / 2;
     for (int64_t r = 0; r < rows; r++) {
         float *row = qkv + r * row_stride;
@@ -92,8 +118,8 @@ void ml_rope_and_cache(float *qkv, int64_t rows, int64_t row_stride, int64_t num
         const int64_t base = slots[r] * slot_stride + positions[r] * head_dim;
         for (int64_t h = 0; h < num_kv_heads; h++) {
             const int64_t at = base + h * max_len * head_dim;
-            memcpy(k_cache + at, row + (num_heads + h) * head_dim, head_dim * sizeof(float));
-            memcpy(v_cache + at, row + (num_heads + num_kv_heads + h) * head_dim, head_dim * sizeof(float));
+            cache_store(k_cache, at, row + (num_heads + h) * head_dim, head_dim, cache_bf16);
+            cache_store(v_cache, at, row + (num_heads + num_kv_heads + h) * head_dim, head_dim, cache_bf16);
         }
     }
 }
@@ -104,16 +130,23 @@ void ml_rope_and_cache(float *qkv, int64_t rows, int64_t row_stride, int64_t num
 /* scores[j] = scale * (q . K[j]) for 16 rows of K [16][64]: 16 dot products whose 16-lane partial sums are
    reduced together (a transpose-add, ~3 operations a dot instead of ~8 for reducing each on its own).
    The sums run in another order than the scalar loop's: equal to float rounding. */
-static inline void qk16_d64(const float *q, const float *K, float scale, float *scores) {
+static inline __m512 load16(const void *p, int64_t i, const int bf16) { /* 16 floats from element i */
+    if (bf16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
+static inline __attribute__((always_inline)) void qk16_d64(const float *q, const void *K, const int bf16, float scale,
+                                                           float *scores) {
     const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16), q2 = _mm512_loadu_ps(q + 32),
                  q3 = _mm512_loadu_ps(q + 48);
     __m512 v[16];
     for (int j = 0; j < 16; j++) {
-        const float *k = K + 64 * j;
-        __m512 a = _mm512_mul_ps(q0, _mm512_loadu_ps(k));
-        __m512 b = _mm512_mul_ps(q1, _mm512_loadu_ps(k + 16));
-        a = _mm512_fmadd_ps(q2, _mm512_loadu_ps(k + 32), a);
-        b = _mm512_fmadd_ps(q3, _mm512_loadu_ps(k + 48), b);
+        __m512 a = _mm512_mul_ps(q0, load16(K, 64 * j, bf16));
+        __m512 b = _mm512_mul_ps(q1, load16(K, 64 * j + 16, bf16));
+        a = _mm512_fmadd_ps(q2, load16(K, 64 * j + 32, bf16), a);
+        b = _mm512_fmadd_ps(q3, load16(K, 64 * j + 48, bf16), b);
         v[j] = _mm512_add_ps(a, b);
     }
     __m512 t[8], u[4];
@@ -136,23 +169,30 @@ static inline void qk16_d64(const float *q, const float *K, float scale, float *
    thread's scratch. Inlined with d = 64 (SmolLM2, Llama) as a constant, so that the loops over d unroll:
    each K row is loaded once for the group's query heads, and each output row sums over t in registers
    (64 floats) instead of a read-modify-write of memory per t. */
-static inline __attribute__((always_inline)) void attend_d(const float *qh, const float *K, const float *V,
-                                                           int64_t len, int64_t group, const int64_t d,
-                                                           int64_t max_len, float scale, float *scores, float *o) {
+static inline __attribute__((always_inline)) void attend_d(const float *qh, const void *K, const void *V,
+                                                           const int bf16, int64_t len, int64_t group,
+                                                           const int64_t d, int64_t max_len, float scale,
+                                                           float *scores, float *o) {
+    const float *Kf = (const float *)K, *Vf = (const float *)V;
+    const uint16_t *Kh = (const uint16_t *)K, *Vh = (const uint16_t *)V;
     int64_t t0 = 0;
 #ifdef HAVE_QK16
     if (d == 64) {
         for (int64_t g = 0; g < group; g++)
-            for (int64_t t = 0; t + 16 <= len; t += 16) qk16_d64(qh + g * d, K + t * d, scale, scores + g * max_len + t);
+            for (int64_t t = 0; t + 16 <= len; t += 16)
+                qk16_d64(qh + g * d, bf16 ? (const void *)(Kh + t * d) : (const void *)(Kf + t * d), bf16, scale,
+                         scores + g * max_len + t);
         t0 = len / 16 * 16;
     }
 #endif
     for (int64_t t = t0; t < len; t++) {
-        const float *kt = K + t * d;
         for (int64_t g = 0; g < group; g++) {
             const float *qg = qh + g * d;
             float dot = 0.0f;
-            for (int64_t i = 0; i < d; i++) dot += qg[i] * kt[i];
+            if (bf16)
+                for (int64_t i = 0; i < d; i++) dot += qg[i] * from_bf16(Kh[t * d + i]);
+            else
+                for (int64_t i = 0; i < d; i++) dot += qg[i] * Kf[t * d + i];
             scores[g * max_len + t] = dot * scale;
         }
     }
@@ -170,25 +210,31 @@ static inline __attribute__((always_inline)) void attend_d(const float *qh, cons
         for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
         for (int64_t t = 0; t < len; t++) {
             const float p = sg[t];
-            const float *vt = V + t * d;
-            for (int64_t i = 0; i < d; i++) acc[i] += p * vt[i];
+            if (bf16)
+                for (int64_t i = 0; i < d; i++) acc[i] += p * from_bf16(Vh[t * d + i]);
+            else
+                for (int64_t i = 0; i < d; i++) acc[i] += p * Vf[t * d + i];
         }
         for (int64_t i = 0; i < d; i++) o[g * d + i] = acc[i] * inv;
     }
 }
 
-static void attend_one(const float *qh, const float *K, const float *V, int64_t len, int64_t group,
-                       int64_t head_dim, int64_t max_len, float scale, float *scores, float *o) {
-    if (head_dim == 64)
-        attend_d(qh, K, V, len, group, 64, max_len, scale, scores, o);
+static void attend_one(const float *qh, const void *K, const void *V, int64_t cache_bf16, int64_t len,
+                       int64_t group, int64_t head_dim, int64_t max_len, float scale, float *scores, float *o) {
+    if (head_dim == 64 && cache_bf16)
+        attend_d(qh, K, V, 1, len, group, 64, max_len, scale, scores, o);
+    else if (head_dim == 64)
+        attend_d(qh, K, V, 0, len, group, 64, max_len, scale, scores, o);
     else
-        attend_d(qh, K, V, len, group, head_dim, max_len, scale, scores, o);
+        attend_d(qh, K, V, cache_bf16 != 0, len, group, head_dim, max_len, scale, scores, o);
 }
 
-int ml_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+int ml_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                         const int64_t *rows, const int64_t *slots, const int64_t *lengths, float *out,
                         int64_t out_stride, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
-                        int64_t head_dim, int64_t slot_stride, int64_t max_len, float scale, int64_t num_threads) {
+                        int64_t head_dim, int64_t slot_stride, int64_t max_len, float scale, int64_t num_threads,
+                        int64_t cache_bf16) {
+    const int64_t item = cache_bf16 ? 2 : 4; /* bytes per cache element */
     const int64_t group = num_heads / num_kv_heads;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(|| : failed)
@@ -201,8 +247,9 @@ int ml_decode_attention(const float *q, int64_t q_stride, const float *k_cache, 
             for (int64_t b = 0; b < batch; b++) {
                 for (int64_t h = 0; h < num_kv_heads; h++) {
                     const int64_t at = slots[b] * slot_stride + h * max_len * head_dim;
-                    attend_one(q + rows[b] * q_stride + h * group * head_dim, k_cache + at, v_cache + at,
-                               lengths[b], group, head_dim, max_len, scale, scores,
+                    attend_one(q + rows[b] * q_stride + h * group * head_dim, (const char *)k_cache + at * item,
+                               (const char *)v_cache + at * item, cache_bf16, lengths[b], group, head_dim, max_len,
+                               scale, scores,
                                out + rows[b] * out_stride + h * group * head_dim);
                 }
             }

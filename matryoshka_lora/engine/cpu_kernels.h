@@ -10,12 +10,14 @@
 void ml_rms_norm(const float *x, int64_t x_stride, const float *w, float *out, int64_t rows, int64_t dim, float eps);
 void ml_silu_mul(const float *gu, int64_t rows, int64_t n, float *out);
 void ml_rope_and_cache(float *qkv, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t num_kv_heads,
-                       int64_t head_dim, const float *cos, const float *sin, float *k_cache, float *v_cache,
-                       const int64_t *slots, const int64_t *positions, int64_t slot_stride, int64_t max_len);
-int ml_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                       int64_t head_dim, const float *cos, const float *sin, void *k_cache, void *v_cache,
+                       const int64_t *slots, const int64_t *positions, int64_t slot_stride, int64_t max_len,
+                       int64_t cache_bf16);
+int ml_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                         const int64_t *rows, const int64_t *slots, const int64_t *lengths, float *out,
                         int64_t out_stride, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
-                        int64_t head_dim, int64_t slot_stride, int64_t max_len, float scale, int64_t num_threads);
+                        int64_t head_dim, int64_t slot_stride, int64_t max_len, float scale, int64_t num_threads,
+                        int64_t cache_bf16);
 
 /* cpu_gemm.c */
 void ml_linear(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const float *panels,

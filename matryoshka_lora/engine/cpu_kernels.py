@@ -65,10 +65,10 @@ i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     "ml_rms_norm": (None, [ptr, i64, ptr, ptr, i64, i64, f32]),
     "ml_silu_mul": (None, [ptr, i64, i64, ptr]),
-    "ml_rope_and_cache": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]),
+    "ml_rope_and_cache": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]),
     "ml_decode_attention": (
         ctypes.c_int,
-        [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32, i64],
+        [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32, i64, i64],
     ),
     "ml_lora_group": (
         None,
@@ -78,8 +78,8 @@ SIGNATURES = {
     "ml_linear_blocks": (None, [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64]),
     "ml_decode_layers": (
         ctypes.c_int,
-        [ptr, i64, i64, ptr, ptr, f32, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, f32, ptr, ptr]
-        + [i64],
+        [ptr, i64, i64, ptr, ptr, f32, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, f32, ptr]
+        + [ptr, i64],
     ),
     "ml_gemm_vectorized": (ctypes.c_int, []),
     "ml_blocks_max_int8_rows": (ctypes.c_int, []),
@@ -252,6 +252,7 @@ class CKernelOps(TorchOps):
             meta.positions.data_ptr(),
             slot_stride,
             kv.max_model_len,
+            kv.cache.dtype == torch.bfloat16,
         )
         return self.split_qkv(qkv, spec)
 
@@ -278,6 +279,7 @@ class CKernelOps(TorchOps):
             kv.max_model_len,
             kv.head_dim**-0.5,
             self.threads(),
+            kv.cache.dtype == torch.bfloat16,
         )
         if status != 0:
             raise MemoryError("ml_decode_attention could not allocate its scratch buffers")

@@ -79,7 +79,8 @@ class LLMEngine:
         self.fingerprint = model_fingerprint(hf_model)
         self.eos_ids = eos_token_ids(hf_model, tokenizer)
         self.max_model_len = config.resolve_max_model_len(self.weights.spec.max_position_embeddings)
-        self.kv = KVCache(self.weights.spec, config.max_num_seqs, self.max_model_len)
+        kv_dtype = torch.bfloat16 if config.kv_cache_dtype == "bfloat16" else torch.float32
+        self.kv = KVCache(self.weights.spec, config.max_num_seqs, self.max_model_len, kv_dtype)
         self.adapters = AdapterSlots(self.weights.spec, config.max_adapters)
         self.runner = ModelRunner(self.weights, self.kv, self.adapters.table, ops)
         if self.weight_format == "gguf+bf16":  # wide steps in bf16: the prefill chunks' attention too

@@ -23,6 +23,8 @@ from matryoshka_lora.errors import ConfigError
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor whose memory is committed page by page as it is written (numpy's calloc)."""
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: its bits as uint16 zeros (0x0000 is +0.0)
+        return torch.from_numpy(np.zeros(shape, dtype=np.uint16)).view(torch.bfloat16)
     np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}.get(dtype)
     if np_dtype is None:
         return torch.zeros(shape, dtype=dtype)
@@ -77,8 +79,8 @@ class KVCache:
     def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [T, kv_heads, head_dim] into their rows from `write_rows`."""
         k_flat, v_flat = self._flat[layer]
-        k_flat.index_copy_(0, rows, k.reshape(-1, self.head_dim))
-        v_flat.index_copy_(0, rows, v.reshape(-1, self.head_dim))
+        k_flat.index_copy_(0, rows, k.reshape(-1, self.head_dim).to(k_flat.dtype))
+        v_flat.index_copy_(0, rows, v.reshape(-1, self.head_dim).to(v_flat.dtype))
 
     def seq_view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of one sequence's first `length` positions: [kv_heads, length, head_dim] views."""

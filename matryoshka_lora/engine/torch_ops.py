@@ -83,4 +83,6 @@ class TorchOps:
     ) -> None:
         d = meta.decode
         kc, vc = kv.range_view(layer, d.lo, d.hi, d.length)
+        if kc.dtype != q.dtype:  # a bfloat16 cache: its values widened (exactly) for the float32 matmuls
+            kc, vc = kc.to(q.dtype), vc.to(q.dtype)
         out.index_copy_(0, d.rows, decode_attention(q.index_select(0, d.rows), kc, vc, d))

@@ -77,6 +77,7 @@ def build_backend(settings: ServerSettings) -> EngineBackend:
         fused_kernels=settings.fused_kernels,
         weight_format=settings.weight_format,
         adapter_dtype=settings.adapter_dtype,
+        kv_cache_dtype=settings.kv_cache_dtype,
         seed=settings.seed,
         budget_layers_off=tuple(settings.budget_layers_off),
     )

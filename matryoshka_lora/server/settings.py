@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from matryoshka_lora.engine.config import ADAPTER_DTYPES, BUDGET_LAYERS, WEIGHT_FORMATS
+from matryoshka_lora.engine.config import ADAPTER_DTYPES, BUDGET_LAYERS, KV_CACHE_DTYPES, WEIGHT_FORMATS
 from matryoshka_lora.errors import ConfigError
 
 SHIPPED_ADAPTERS_DIR = Path("adapters")
@@ -87,6 +87,11 @@ class ServerSettings(BaseSettings):
         description="Native engine: store the adapters' weights as saved (auto: bfloat16 for an adapter saved in "
         "bfloat16, else float32) or rounded to bfloat16 at load (bfloat16: half the bytes a decode step reads "
         "of a float32 adapter; each weight within 2^-9 of itself).",
+    )
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(
+        "auto",
+        description="Native engine: the KV cache in float32 (auto) or bfloat16 (half its memory and of the bytes "
+        "a decode step reads per token of context; K and V rounded as they are written).",
     )
     budget_unmet: Literal["serve", "refuse"] = Field(
         "serve",

@@ -53,9 +53,14 @@ def engine_on(gguf_model_dir, c_ops):
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
 
-    def make(weight_format):
+    def make(weight_format, kv_cache_dtype="auto"):
         config = EngineConfig(
-            model=str(gguf_model_dir), max_num_seqs=16, max_model_len=64, warmup=False, weight_format=weight_format
+            model=str(gguf_model_dir),
+            max_num_seqs=16,
+            max_model_len=64,
+            warmup=False,
+            weight_format=weight_format,
+            kv_cache_dtype=kv_cache_dtype,
         )
         engine = LLMEngine(config)
         manifest = SimpleNamespace(r_max=R_MAX, train_ranks=(1, 2, 4, 8), scaling="none", alpha=1.0)
@@ -100,10 +105,12 @@ def narrow_linears_only(engine):
             lin.min_rows = min_rows
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("weight_format", FORMATS)
 @pytest.mark.parametrize("step", list(STEPS))
-def test_decode_layers_give_llama_forwards_bits(engine_on, weight_format, step):
-    engine, entries = engine_on(weight_format)
+def test_decode_layers_give_llama_forwards_bits(engine_on, weight_format, step, kv_cache_dtype):
+    engine, entries = engine_on(weight_format, kv_cache_dtype)
+    assert engine.kv.cache.dtype == getattr(torch, kv_cache_dtype)
     runner = engine.runner
     assert runner.decode_layers is not None
     items = decode_items(engine, entries, STEPS[step])

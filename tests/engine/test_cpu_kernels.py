@@ -28,10 +28,17 @@ def test_rms_norm_equals_torch(c_ops, rows, dim, stride_pad):
     )
 
 
-def _step(spec: ModelSpec, max_num_seqs: int, max_model_len: int, items: list[tuple[int, int, int]], seed: int):
+def _step(
+    spec: ModelSpec,
+    max_num_seqs: int,
+    max_model_len: int,
+    items: list[tuple[int, int, int]],
+    seed: int,
+    cache_dtype: torch.dtype = torch.float32,
+):
     """A step of items (slot, first position, num tokens) on a cache with random contents: (qkv, meta, kv)."""
     gen = torch.Generator().manual_seed(seed)
-    kv = KVCache(spec, max_num_seqs, max_model_len)
+    kv = KVCache(spec, max_num_seqs, max_model_len, cache_dtype)
     kv.cache.copy_(torch.randn(kv.cache.shape, generator=gen))
     slots, positions, dec_rows, dec_slots, dec_lens = [], [], [], [], []
     for slot, start, n in items:
@@ -67,16 +74,18 @@ STEPS = {  # (slot, first position, num tokens) per item: decode rows (n = 1) an
 }
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["float32-cache", "bf16-cache"])
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
 @pytest.mark.parametrize("step", STEPS, ids=list(STEPS))
 @pytest.mark.parametrize("shape", SPECS, ids=list(SPECS))
-def test_rope_cache_and_decode_attention_equal_torch(c_ops, shape, step, num_threads):
-    """At any OpenMP thread count (3: more threads than this machine's cores, an uneven split)."""
+def test_rope_cache_and_decode_attention_equal_torch(c_ops, shape, step, num_threads, cache_dtype):
+    """At any OpenMP thread count (3: more threads than this machine's cores, an uneven split), on a float32
+    and on a bfloat16 cache (the same rounded values written: the caches equal bit for bit)."""
     heads, kv_heads, head_dim = SPECS[shape]
     spec = ModelSpec(1, heads * head_dim, heads, kv_heads, head_dim, 64, 32, 1e-5, 32)
     results = []
     for ops in (TorchOps(), cpu_kernels.CKernelOps(c_ops.lib, num_threads)):
-        qkv, meta, kv = _step(spec, 6, 32, STEPS[step], seed=7)
+        qkv, meta, kv = _step(spec, 6, 32, STEPS[step], seed=7, cache_dtype=cache_dtype)
         q, k, v = ops.rope_and_cache(qkv, spec, 0, meta, kv)
         out = torch.zeros(q.shape)
         if meta.decode is not None:

@@ -287,9 +287,28 @@ def test_adapter_dtype_bfloat16_rounds_each_weight_at_load(make_engine, engine_a
         assert all(w.bf16 for w in rounded_layout) and not all(w.bf16 for w in saved_layout)
 
 
-def test_unknown_adapter_dtype_is_refused():
+@pytest.mark.parametrize(
+    "field, value", [("adapter_dtype", "float16"), ("kv_cache_dtype", "fp8"), ("kv_cache_dtype", "float16")]
+)
+def test_unknown_dtypes_are_refused(field, value):
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="adapter_dtype.*float16.*bfloat16"):
-        EngineConfig(adapter_dtype="float16")
+    with pytest.raises(ConfigError, match=f"{field}.*{value}.*bfloat16"):
+        EngineConfig(**{field: value})
+
+
+def test_a_bf16_kv_cache_holds_the_float32_values_rounded(make_engine):
+    """kv_cache_dtype "bfloat16": the cache is bfloat16 (half the bytes); a prompt's K/V (computed alike in
+    both engines: its prefill attends to the step's own K/V) are written as the float32 engine's rounded to
+    bfloat16, and decoding reads them back to the requested length."""
+    prompt = list(range(5, 25))
+    caches, outputs = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        engine = make_engine(kv_cache_dtype=dtype)
+        outputs[dtype] = tokens(run(engine, [request(0, prompt=prompt, max_tokens=4)])["req-0"])
+        caches[dtype] = engine.kv.cache[:, :, 0, :, : len(prompt)].clone()  # slot 0: the one request
+    assert caches["bfloat16"].dtype == torch.bfloat16 and caches["float32"].dtype == torch.float32
+    assert torch.equal(caches["bfloat16"], caches["float32"].to(torch.bfloat16))
+    assert caches["float32"].abs().sum() > 0
+    assert len(outputs["bfloat16"]) == len(outputs["float32"]) == 4

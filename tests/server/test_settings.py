@@ -50,6 +50,7 @@ def test_env_then_flags(monkeypatch, tmp_path):
         (dict(backend="tgi"), "backend"),
         (dict(budget_unmet="drop"), "budget_unmet"),
         (dict(adapter_dtype="float16"), "adapter_dtype"),
+        (dict(kv_cache_dtype="fp8"), "kv_cache_dtype"),
         (dict(budget_layers_off=["cache"]), "budget_layers_off"),
         (dict(max_num_seqs=0), "max_num_seqs"),
         (dict(adapters=["missing-dir"]), "adapter directories not found"),
