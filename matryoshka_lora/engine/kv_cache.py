@@ -7,7 +7,8 @@ cache[l, :, s, h, p]. Slots are handed out lowest-first, so the running set stay
 end and decode attention reads the slot range [lo, hi) as a view whose [position, head_dim]
 matrices are contiguous: the batched matmuls take it as is, without copying K or V. The tensor is
 allocated with numpy's calloc-backed `zeros`, whose pages the OS maps lazily on first write: untouched
-slots and positions cost no memory (`torch.zeros` would write, and so commit, every page).
+slots and positions cost no memory (`torch.zeros` would write, and so commit, every page). The cache
+is float32, or bfloat16 (EngineConfig.kv_cache_dtype: K and V rounded as they are written).
 """
 
 from __future__ import annotations
