@@ -87,9 +87,9 @@ int ml_decode_layers(float *x, int64_t rows, int64_t num_layers, const int64_t *
     const lora_step lora = {num_groups, groups, group_scales, lora_scratch, num_threads};
     int64_t row_index[rows]; /* decode attention's rows: every row of the step, in order */
     for (int64_t r = 0; r < rows; r++) row_index[r] = r;
+    const int64_t item = cache_bf16 ? 2 : 4; /* bytes per cache element; the strides count elements */
     for (int64_t l = 0; l < num_layers; l++) {
         const int64_t *row = layers + l * LAYER_FIELDS;
-        const int64_t item = cache_bf16 ? 2 : 4; /* bytes per cache element; the strides count elements */
         char *k_cache = (char *)cache + l * layer_stride * item, *v_cache = k_cache + kv_stride * item;
         ml_rms_norm(x, hidden, (const float *)(intptr_t)row[0], h, rows, hidden, eps);
         linear_lora(row, l, QKV, h, rows, hidden, width, qkv, &lora);

@@ -102,9 +102,7 @@ static inline __attribute__((always_inline)) void micro16(const int mr, const in
     const int64_t row_bytes = NR * (bf16 ? 2 : 4);
     for (int64_t kk = 0; kk < k; kk++) {
         if (next) _mm_prefetch((const char *)next + kk * row_bytes, _MM_HINT_T0);
-        const __m512 b = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w + kk)), 16))
-                              : _mm512_loadu_ps((const float *)w + kk * NR);
+        const __m512 b = bf16 ? bf16x16_to_ps((const uint16_t *)w + kk * NR) : _mm512_loadu_ps((const float *)w + kk * NR);
         FMA_ROW16(0, c0) FMA_ROW16(1, c1) FMA_ROW16(2, c2) FMA_ROW16(3, c3) FMA_ROW16(4, c4) FMA_ROW16(5, c5)
         FMA_ROW16(6, c6) FMA_ROW16(7, c7) FMA_ROW16(8, c8) FMA_ROW16(9, c9) FMA_ROW16(10, c10) FMA_ROW16(11, c11)
     }
@@ -120,12 +118,7 @@ static inline void micro(const int mr, const int bf16, int64_t k, const float *x
     for (int i = 0; i < MR * NR; i++) acc[i] = 0.0f;
     for (int64_t kk = 0; kk < k; kk++) {
         for (int j = 0; j < NR; j++) {
-            if (bf16) {
-                const uint32_t bits = (uint32_t)((const uint16_t *)w)[kk * NR + j] << 16;
-                memcpy(&b[j], &bits, sizeof(float));
-            } else {
-                b[j] = ((const float *)w)[kk * NR + j];
-            }
+            b[j] = bf16 ? bf16_to_float(((const uint16_t *)w)[kk * NR + j]) : ((const float *)w)[kk * NR + j];
         }
         for (int r = 0; r < mr; r++) {
             const float a = x[r * x_stride + kk];

@@ -82,13 +82,6 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-static inline float from_bf16(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 /* n floats into the cache at element `at`: float32, or rounded to bfloat16 (cache_bf16) */
 static inline void cache_store(void *cache, int64_t at, const float *x, int64_t n, int64_t cache_bf16) {
     if (cache_bf16) {
@@ -125,16 +118,12 @@ void ml_rope_and_cache(float *qkv, int64_t rows, int64_t row_stride, int64_t num
 }
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
 #define HAVE_QK16 1
 /* scores[j] = scale * (q . K[j]) for 16 rows of K [16][64]: 16 dot products whose 16-lane partial sums are
    reduced together (a transpose-add, ~3 operations a dot instead of ~8 for reducing each on its own).
    The sums run in another order than the scalar loop's: equal to float rounding. */
 static inline __m512 load16(const void *p, int64_t i, const int bf16) { /* 16 floats from element i */
-    if (bf16)
-        return _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
-    return _mm512_loadu_ps((const float *)p + i);
+    return bf16 ? bf16x16_to_ps((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
 }
 
 static inline __attribute__((always_inline)) void qk16_d64(const float *q, const void *K, const int bf16, float scale,
@@ -190,7 +179,7 @@ static inline __attribute__((always_inline)) void attend_d(const float *qh, cons
             const float *qg = qh + g * d;
             float dot = 0.0f;
             if (bf16)
-                for (int64_t i = 0; i < d; i++) dot += qg[i] * from_bf16(Kh[t * d + i]);
+                for (int64_t i = 0; i < d; i++) dot += qg[i] * bf16_to_float(Kh[t * d + i]);
             else
                 for (int64_t i = 0; i < d; i++) dot += qg[i] * Kf[t * d + i];
             scores[g * max_len + t] = dot * scale;
@@ -211,7 +200,7 @@ static inline __attribute__((always_inline)) void attend_d(const float *qh, cons
         for (int64_t t = 0; t < len; t++) {
             const float p = sg[t];
             if (bf16)
-                for (int64_t i = 0; i < d; i++) acc[i] += p * from_bf16(Vh[t * d + i]);
+                for (int64_t i = 0; i < d; i++) acc[i] += p * bf16_to_float(Vh[t * d + i]);
             else
                 for (int64_t i = 0; i < d; i++) acc[i] += p * Vf[t * d + i];
         }

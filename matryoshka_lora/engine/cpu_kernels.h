@@ -1,10 +1,27 @@
 /* The step kernels cpu_decode.c chains (each also loaded on its own by cpu_kernels.py; semantics in the
-   comment at the top of its file). */
+   comment at the top of its file), and the bfloat16 widening the kernels share. */
 
 #ifndef ML_CPU_KERNELS_H
 #define ML_CPU_KERNELS_H
 
 #include <stdint.h>
+#include <string.h>
+
+/* bfloat16 -> float32, exact: the bits shifted into the high half */
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* 16 bfloat16 -> 16 float32, exact */
+static inline __m512 bf16x16_to_ps(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
 
 /* cpu_kernels.c */
 void ml_rms_norm(const float *x, int64_t x_stride, const float *w, float *out, int64_t rows, int64_t dim, float eps);
