@@ -18,21 +18,14 @@ import statistics
 import time
 
 import torch
+from bench_decode_step import decode  # this directory is on sys.path when a script here runs
 
 
 def burst(engine, prompt: list[int], num_requests: int, tokens: int, adapter, rank) -> tuple[float, float]:
     """(seconds for the whole burst, seconds per output token of the first request after its first)."""
-    from matryoshka_lora.types import GenerationRequest, SamplingParams
-
-    stamps: list[float] = []
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    for i in range(num_requests):
-        callback = (lambda event: stamps.append(time.perf_counter())) if i == 0 else (lambda event: None)
-        engine.add_request(GenerationRequest(f"c{i}-{time.perf_counter()}", prompt, params, adapter, rank), callback)
     started = time.perf_counter()
-    while engine.scheduler.has_work():
-        engine.step()
-    return time.perf_counter() - started, (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+    per_token = decode(engine, prompt, tokens, [(adapter, rank)] * num_requests)
+    return time.perf_counter() - started, per_token
 
 
 def main() -> None:
