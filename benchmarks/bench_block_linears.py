@@ -6,7 +6,9 @@ For each of qkv, o, gate_up, down (all 30 layers called in turn, so each call fi
 cache, as in a decode step) and the lm_head: ms per call and GB/s of the weight bytes it reads, for the
 GGUF blocks (cpu_linear.BlockLinear), the float32 panels (cpu_linear.PanelLinear) and the packed
 bfloat16 copy (bf16_linear.Bf16Linear, AMX where the CPU has it) of the same weights, best of
---repeats. The row count where bf16 overtakes the blocks sets bf16_linear.MIN_WIDE_ROWS. Compare with
+--repeats; where the blocks' int8 rows run on AMX tiles, also the blocks on the library built without
+them (-DML_NO_AMX: VNNI dot products, the same bits), which sets cpu_gemm_int8.c's MIN_AMX_ROWS. The row
+count where bf16 overtakes the blocks sets bf16_linear.MIN_WIDE_ROWS. Compare with
 benchmarks/bench_stream.py's read roof.
 """
 
@@ -26,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from matryoshka_lora.engine import cpu_kernels
     from matryoshka_lora.engine.bf16_linear import Bf16Linear, bf16_linear_supported
     from matryoshka_lora.engine.cpu_kernels import load_step_ops
     from matryoshka_lora.engine.cpu_linear import BlockLinear, PanelLinear
@@ -49,9 +52,11 @@ def main() -> None:
     }
     threads = lambda: args.threads  # noqa: E731
     print(f"{args.threads} threads; ms per call (GB/s of weights read)")
-    names = ["gguf", "float32"] + (["bf16"] if bf16_linear_supported() else [])
-    titles = {"gguf": "gguf blocks", "float32": "float32 panels", "bf16": "bf16 packed"}
-    print(f"{'linear':8s} {'rows':>4s} " + " ".join(f"{titles[n]:>20s}" for n in names) + "  f32/gguf  gguf/bf16")
+    vnni = cpu_kernels._load(cpu_kernels.build_library(("-DML_NO_AMX",))) if ops.lib.ml_blocks_min_amx_rows() else None
+    names = ["gguf", "float32"] + (["bf16"] if bf16_linear_supported() else []) + (["vnni"] if vnni else [])
+    titles = {"gguf": "gguf blocks", "float32": "float32 panels", "bf16": "bf16 packed", "vnni": "gguf, no AMX"}
+    header = "  f32/gguf  gguf/bf16" + ("  vnni/gguf" if vnni else "")
+    print(f"{'linear':8s} {'rows':>4s} " + " ".join(f"{titles[n]:>20s}" for n in names) + header)
     for name, weights in sets.items():
         formats = {
             "gguf": [BlockLinear(ops.lib, w, None, threads) for w in weights],
@@ -59,6 +64,8 @@ def main() -> None:
         }
         if "bf16" in names:
             formats["bf16"] = [Bf16Linear(w.dequantize()) for w in weights]
+        if vnni:
+            formats["vnni"] = [BlockLinear(vnni, w, None, threads) for w in weights]
         nbytes = {f: linears[0].num_bytes for f, linears in formats.items() if f != "float32"}
         nbytes["float32"] = formats["float32"][0].panels.numel() * 4
         for rows in map(int, args.rows.split(",")):
@@ -73,6 +80,7 @@ def main() -> None:
                     best[fmt] = min(best.get(fmt, elapsed), elapsed)
             cells = [f"{best[f] * 1e3:8.3f} ({nbytes[f] / best[f] / 1e9:5.1f})" for f in names]
             ratio = f"{best['gguf'] / best['bf16']:9.2f}x" if "bf16" in best else ""
+            ratio += f" {best['vnni'] / best['gguf']:9.2f}x" if "vnni" in best else ""
             line = f"{name:8s} {rows:4d} " + " ".join(f"{c:>20s}" for c in cells)
             print(f"{line}  {best['float32'] / best['gguf']:7.2f}x {ratio}")
 

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_decode_step.py [--adapter adapters/reverse-matryoshka@32] [--num-seqs 1]
 
-For each build of the C kernels (`default`; `float-row`: -DML_NO_INT8_ROW, one row on float activations
+For each build of the C kernels (`default`; `no-amx`: -DML_NO_AMX, the int8 rows on VNNI instead of AMX tiles;
+`float-row`: -DML_NO_INT8_ROW, one row on float activations
 instead of int8 and VNNI; `avx2-gemm`: -DML_NO_AVX512_GEMM, the float32 panels and LoRA groups on the
 AVX2 micro-kernel; `before`: both) the engine decodes --num-seqs requests of --tokens tokens after a
 16-token prompt each (greedy, EOS ignored), --repeats times, every linear, LoRA group and op on that
@@ -42,7 +43,12 @@ def block_linears(engine):
     return [lin for lin in narrow_linears(engine) if isinstance(lin, BlockLinear)]
 
 
-BUILDS = {"default": (), "float-row": ("-DML_NO_INT8_ROW",), "avx2-gemm": ("-DML_NO_AVX512_GEMM",)}
+BUILDS = {
+    "default": (),
+    "no-amx": ("-DML_NO_AMX",),
+    "float-row": ("-DML_NO_INT8_ROW",),
+    "avx2-gemm": ("-DML_NO_AVX512_GEMM",),
+}
 BUILDS["before"] = BUILDS["float-row"] + BUILDS["avx2-gemm"]
 
 

@@ -17,7 +17,8 @@ row count against the blocks: docs/performance.md, "Weight format".
     T >= min_rows:  wide(x)        Bf16Linear: compute-bound steps (prefill, many sequences)
 
 A narrow step's numbers are the file's own, bit for bit as the "gguf" format; a wide step's are
-within the bf16 error above. MIN_WIDE_ROWS is measured (benchmarks/bench_block_linears.py, cache-cold).
+within the bf16 error above. min_rows is MIN_WIDE_ROWS, or where the blocks run on AMX-INT8 tiles, one
+past their row bound (min_wide_rows); both measured (benchmarks/bench_block_linears.py, cache-cold).
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ import torch
 
 from matryoshka_lora.engine.linear import onednn_packing_available
 
-MIN_WIDE_ROWS = 13  # the row count from which bf16 beats the blocks on int8 rows (bench_block_linears.py)
+MIN_WIDE_ROWS = 13  # the row count from which bf16 beats the blocks on int8 VNNI rows (bench_block_linears.py)
+
+
+def min_wide_rows(ops) -> int:
+    """The row count from which a SplitLinear takes the bf16 copy: MIN_WIDE_ROWS, or, where the C kernels run
+    the blocks' int8 rows on AMX tiles (which beat bf16 up to their row bound), one past that bound."""
+    lib = getattr(ops, "lib", None)
+    if lib is not None and lib.ml_blocks_min_amx_rows():
+        return max(MIN_WIDE_ROWS, lib.ml_blocks_max_int8_rows() + 1)
+    return MIN_WIDE_ROWS
 
 
 def bf16_linear_supported() -> bool:

@@ -9,9 +9,9 @@ microseconds of Python and ctypes on top, as much as its bytes. For a step whose
 tokens, `DecodeLayers` hands the whole stack to C in one call: the embedding lookup, the final norm
 and the LM head stay in Python (one call each). The C loop calls the same kernels in the same order,
 so its output is llama.forward's to the bit (tested) where llama.forward runs the same linears: with
-the gguf+bf16 format it also takes decode steps of 13-16 rows, which llama.forward would run on bf16,
-on the blocks (int8 activations: as fast as bf16 at 16 rows, and the Python calls saved). Any step it
-does not take (a prefill chunk, more rows, torch ops) runs llama.forward.
+the gguf+bf16 format it also takes decode steps of 13-16 rows on VNNI-only CPUs, which llama.forward
+would run on bf16, on the blocks (int8 activations: as fast as bf16 at 16 rows, and the Python calls
+saved). Any step it does not take (a prefill chunk, more rows, torch ops) runs llama.forward.
 
 Built once per engine (`DecodeLayers.build`, None where a layer's linear is not a C linear), from
 tables of addresses: the layers' weights, and per adapter slot its LoRA groups' panels (`_slot_table`,
@@ -92,7 +92,7 @@ class DecodeLayers:
                     bounds.append(found[1] - 1)
             rows.append(row)
         # A SplitLinear's narrow side serves its rows below min_rows; here also up to the int8 row bound,
-        # where the blocks on int8 activations tie bf16 and the step saves its ~400 Python calls.
+        # where the blocks on int8 activations tie bf16 (VNNI) and the step saves its ~400 Python calls.
         max_rows = max(min(bounds) - 1, ops.lib.ml_blocks_max_int8_rows()) if bounds else None
         return cls(ops, weights, kv, rows, max_rows)
 

@@ -21,7 +21,7 @@ static inline int64_t threads_for(int64_t weight_floats, int64_t rows, int64_t n
 #define KIND_Q8_0 1
 #define Q4_1_BYTES (2 * NR * 2 + BLOCK_K * NR / 2) /* a record of 16 outputs x 32 inputs (cpu_gemm_blocks.c) */
 #define Q8_0_BYTES (NR * 2 + BLOCK_K * NR)
-#define MAX_INT8_ROWS 16 /* steps of up to this many rows run on int8 activations (bench_block_linears.py) */
+#define MAX_INT8_ROWS 16 /* steps of up to this many rows run on int8 VNNI rows (bench_block_linears.py) */
 
 static inline int64_t record_bytes(int kind) { return kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -45,7 +45,8 @@ static inline void store_rows(const float *acc, int mr, float *y, int64_t y_stri
 void ml_panel_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, const float *w, int64_t cols,
                    const float *next, float *y, int64_t y_stride, const float *bias, int accumulate);
 
-/* cpu_gemm_int8.c: the blocks on int8 activations for steps of up to MAX_INT8_ROWS rows; 0 where it does not run */
+/* cpu_gemm_int8.c: the blocks on int8 activations for steps of up to MAX_INT8_ROWS rows (more on AMX tiles); 0
+   where it does not run */
 int ml_linear_blocks_int8(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const uint8_t *panels,
                           int64_t kind, int64_t out_features, const float *bias, float *y, int64_t y_stride,
                           int64_t threads);

@@ -8,8 +8,8 @@
    the GGUF dequantiser (and so the engine's float32 path) computes: d * q is exact in float32 and the one
    rounding is the add, which an FMA does the same way. From 2 rows up the sum runs over k in the same
    order as cpu_gemm.c's float32 kernel, one accumulator per output, so both give the same bits. Where the
-   CPU has AVX512-VNNI, steps of up to MAX_INT8_ROWS rows (one user, a few sequences) instead run on x
-   quantised to int8 per block, as llama.cpp does (cpu_gemm_int8.c; ~0.5 % relative error on random data): the
+   CPU has AVX512-VNNI, steps of up to MAX_INT8_ROWS rows (one user, a few sequences; more on AMX-INT8 tiles)
+   instead run on x quantised to int8 per block, as llama.cpp does (cpu_gemm_int8.c; ~0.5 % relative error on random data): the
    dot products of each block in int32, scaled once, sum_b d_b dx_b (xq_b . q_b) + m_b sum(x_b). Otherwise
    one row sums each block's x . q first in float (two FMAs per 16 weights fewer than decoding, equal to
    float rounding).
@@ -238,8 +238,7 @@ void ml_linear_blocks(const float *x, int64_t x_stride, int64_t rows, int64_t in
     const int64_t panel_bytes = num_kb * record_bytes((int)kind);
     /* weight bytes / 4: the float32 count threads_for is written in */
     const int64_t threads = threads_for(num_panels * panel_bytes / 4, rows, num_threads);
-    if (rows <= MAX_INT8_ROWS && ml_linear_blocks_int8(x, x_stride, rows, in_features, panels, kind, out_features, bias, y,
-                                                       y_stride, threads))
+    if (ml_linear_blocks_int8(x, x_stride, rows, in_features, panels, kind, out_features, bias, y, y_stride, threads))
         return;
 #ifdef HAVE_ONE_ROW
     if (rows == 1) {

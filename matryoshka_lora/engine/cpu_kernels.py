@@ -83,6 +83,7 @@ SIGNATURES = {
     ),
     "ml_gemm_vectorized": (ctypes.c_int, []),
     "ml_blocks_max_int8_rows": (ctypes.c_int, []),
+    "ml_blocks_min_amx_rows": (ctypes.c_int, []),
 }
 
 

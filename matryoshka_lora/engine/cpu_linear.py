@@ -16,9 +16,9 @@ the same call; tests hold the two equal to nn.Linear.
     Q4_1: record[p, blk] = d[16] f16 | m[16] f16 | q[32][8] u8     q[kk][j] = q[p*16+j, k] | q[p*16+j+8, k] << 4
     Q8_0: record[p, blk] = d[16] f16 | q[32][16] i8                  (k = blk * 32 + kk)
 
-Where the CPU has AVX512-VNNI, steps of up to 16 rows (one user, a few sequences) run on x quantised to
-int8 per block of 32, as llama.cpp's dot products do (about 0.5 % relative error; each row's result
-independent of the other rows); above that, and everywhere without VNNI from 2 rows, it gives the same
+Where the CPU has AVX512-VNNI, steps of up to 16 rows (one user, a few sequences; 32 where AMX-INT8 tiles
+run them, from 8 rows) run on x quantised to int8 per block of 32, as llama.cpp's dot products do (about
+0.5 % relative error; each row's result independent of the other rows); above that, and everywhere without VNNI from 2 rows, it gives the same
 bits as PanelLinear on the dequantised weight, and one row without VNNI sums in another order, equal to
 float rounding. Tests hold each to its reference.
 """

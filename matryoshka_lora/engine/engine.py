@@ -30,7 +30,7 @@ from matryoshka_lora.engine.adapter_slots import (
     install_warmup_adapters,
     rounded_to_bf16,
 )
-from matryoshka_lora.engine.bf16_linear import split_packer
+from matryoshka_lora.engine.bf16_linear import min_wide_rows, split_packer
 from matryoshka_lora.engine.budget.controller import BudgetController
 from matryoshka_lora.engine.config import EngineConfig
 from matryoshka_lora.engine.cpu_kernels import load_step_ops
@@ -73,7 +73,11 @@ class LLMEngine:
         self.weights = fuse_weights(
             hf_model,
             batch_size_hint=min(config.max_num_seqs, 64),
-            pack_linear=split_packer(ops.pack_linear) if self.weight_format == "gguf+bf16" else ops.pack_linear,
+            pack_linear=(
+                split_packer(ops.pack_linear, min_wide_rows(ops))
+                if self.weight_format == "gguf+bf16"
+                else ops.pack_linear
+            ),
             blocks=blocks,
         )
         self.fingerprint = model_fingerprint(hf_model)

@@ -11,6 +11,7 @@ from matryoshka_lora.engine.bf16_linear import (
     Bf16Linear,
     SplitLinear,
     bf16_linear_supported,
+    min_wide_rows,
     split_packer,
 )
 
@@ -69,6 +70,30 @@ def test_split_linear_picks_by_row_count(rows, side):
     layer(torch.zeros(rows, 2))
     assert (narrow.calls, wide.calls) == (([rows], []) if side == "narrow" else ([], [rows]))
     assert layer.out_features == 3 and layer.num_bytes == narrow.num_bytes
+
+
+class FakeLib:
+    def __init__(self, min_amx_rows, max_int8_rows):
+        self.ml_blocks_min_amx_rows = lambda: min_amx_rows
+        self.ml_blocks_max_int8_rows = lambda: max_int8_rows
+
+
+@pytest.mark.parametrize(
+    "lib, expected",
+    [
+        (None, MIN_WIDE_ROWS),  # torch ops: no C kernels
+        (FakeLib(0, 16), MIN_WIDE_ROWS),  # VNNI rows only
+        (FakeLib(0, 0), MIN_WIDE_ROWS),  # no int8 rows
+        (FakeLib(8, 32), 33),  # AMX tiles up to 32 rows: the blocks until then
+        (FakeLib(8, 4), MIN_WIDE_ROWS),  # never below MIN_WIDE_ROWS
+    ],
+    ids=["torch-ops", "vnni", "no-int8", "amx", "amx-small-bound"],
+)
+def test_min_wide_rows_follows_the_blocks_row_bound_on_amx(lib, expected):
+    ops = type("Ops", (), {})()
+    if lib is not None:
+        ops.lib = lib
+    assert min_wide_rows(ops) == expected
 
 
 @needs_bf16

@@ -115,7 +115,7 @@ def test_one_row_equals_the_bit_exact_path(kind, shape):
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-@pytest.mark.parametrize("rows", [2, 8, 9, 16])
+@pytest.mark.parametrize("rows", [2, 8, 9, 16, 21, 32])
 def test_int8_rows_do_not_depend_on_the_other_rows(c_ops, kind, rows):
     """Each row of a multi-row int8 step gives the bits it gives alone (the one-user step's)."""
     if c_ops.lib.ml_blocks_max_int8_rows() < rows:
@@ -126,6 +126,28 @@ def test_int8_rows_do_not_depend_on_the_other_rows(c_ops, kind, rows):
     together = linear(x)
     for t in range(rows):
         assert torch.equal(together[t], linear(x[t : t + 1])[0])
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [3, 4, 5, 8, 13, 16, 17, 32])
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+def test_amx_tiles_give_the_vnni_bits(c_ops, kind, rows, shape):
+    """Steps on AMX tiles (from ml_blocks_min_amx_rows rows) equal the same library built with ML_NO_AMX (VNNI
+    dot products of the same int8 rows), bit for bit, partial panels and bias included."""
+    if not c_ops.lib.ml_blocks_min_amx_rows():
+        pytest.skip("no AMX-INT8 tiles here")
+    vnni = cpu_kernels._load(cpu_kernels.build_library(("-DML_NO_AMX",)))
+    assert not vnni.ml_blocks_min_amx_rows()
+    out_f, in_f = SHAPES[shape]
+    blocks = random_blocks(kind, out_f, in_f, seed=rows + 3 * out_f)
+    gen = torch.Generator().manual_seed(rows)
+    bias, x = torch.randn(out_f, generator=gen), torch.randn(rows, in_f, generator=gen)
+    got = BlockLinear(c_ops.lib, blocks, bias, lambda: 2)(x)
+    if rows <= vnni.ml_blocks_max_int8_rows():
+        assert torch.equal(got, BlockLinear(vnni, blocks, bias, lambda: 2)(x))
+    else:  # more rows than VNNI takes: each 16-row tile as VNNI computes those rows alone
+        want = torch.cat([BlockLinear(vnni, blocks, bias, lambda: 2)(x[m : m + 16]) for m in range(0, rows, 16)])
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
@@ -244,9 +266,9 @@ def test_without_the_avx2_gemm_the_linears_are_onednn(c_ops):
 
 @pytest.mark.skipif(not bf16_linear_supported(), reason="oneDNN has no bfloat16 linear on this CPU")
 def test_gguf_bf16_format_is_the_blocks_for_narrow_steps_and_bf16_for_wide(gguf_model_dir, c_ops):
-    """Every linear of the gguf+bf16 engine gives the gguf engine's bits below MIN_WIDE_ROWS rows and
-    float32's result within bf16 error from it."""
-    from matryoshka_lora.engine.bf16_linear import MIN_WIDE_ROWS, SplitLinear
+    """Every linear of the gguf+bf16 engine gives the gguf engine's bits below its min_rows rows (min_wide_rows)
+    and float32's result within bf16 error from it."""
+    from matryoshka_lora.engine.bf16_linear import SplitLinear, min_wide_rows
     from matryoshka_lora.engine.config import EngineConfig
     from matryoshka_lora.engine.engine import LLMEngine
 
@@ -260,13 +282,13 @@ def test_gguf_bf16_format_is_the_blocks_for_narrow_steps_and_bf16_for_wide(gguf_
         return [linear for group in layers for linear in group] + [engine.weights.lm_head]
 
     split, blocks, reference = linears("gguf+bf16"), linears("gguf"), linears("float32")
-    assert all(isinstance(linear, SplitLinear) for linear in split)
+    assert all(isinstance(linear, SplitLinear) and linear.min_rows == min_wide_rows(c_ops) for linear in split)
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for s, b, f in zip(split, blocks, reference):
-            narrow = torch.randn(MIN_WIDE_ROWS - 1, s.wide.in_features, generator=gen)
+            narrow = torch.randn(s.min_rows - 1, s.wide.in_features, generator=gen)
             assert torch.equal(s(narrow), b(narrow))
-            wide = torch.randn(MIN_WIDE_ROWS + 5, s.wide.in_features, generator=gen)
+            wide = torch.randn(s.min_rows + 5, s.wide.in_features, generator=gen)
             assert float((s(wide) - f(wide)).norm() / f(wide).norm()) < 1e-2
 
 
