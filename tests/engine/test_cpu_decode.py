@@ -25,6 +25,7 @@ STEPS = {
     "one user, bf16 LoRA": [("b", 4)],
     "mixed": [(None, 0), ("a", 1), ("a", 8), ("b", 3), ("b", 3), (None, 0)],
     "14 sequences": [(None, 0)] * 4 + [("a", 2)] * 5 + [("b", 8)] * 5,  # gguf+bf16: bf16 in llama.forward
+    "24 sequences": [(None, 0)] * 6 + [("a", 4)] * 9 + [("b", 1)] * 9,  # on AMX: two row tiles; else not taken
 }
 R_MAX = 8
 
@@ -56,7 +57,7 @@ def engine_on(gguf_model_dir, c_ops):
     def make(weight_format, kv_cache_dtype="auto"):
         config = EngineConfig(
             model=str(gguf_model_dir),
-            max_num_seqs=16,
+            max_num_seqs=24,
             max_model_len=64,
             warmup=False,
             weight_format=weight_format,
