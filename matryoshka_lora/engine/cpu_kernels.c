@@ -14,6 +14,9 @@
 
      ml_silu_mul:        out[r, j] = silu(gu[r, j]) * gu[r, n + j],  silu(g) = g / (1 + exp(-g))
 
+     ml_argmax_rows:     out[r] = the first j with x[r, j] = max_j x[r, j], a NaN counting as the max
+                         (torch.argmax's choice, exactly: greedy sampling's pick per row)
+
    Loops are written for the auto-vectoriser (-O3 -march=native, reassociation allowed; with AVX-512,
    decode attention's query-key dots are intrinsics, qk16_d64); exp is a
    Cephes-style polynomial that vectorises (relative error ~2e-7), so results match torch to float
@@ -72,6 +75,44 @@ void ml_silu_mul(const float *gu, int64_t rows, int64_t n, float *out) {
             for (int64_t j = 0; j < len; j++) o[j0 + j] = g[j0 + j] / (1.0f + e[j]) * u[j0 + j];
         }
     }
+}
+
+/* one row's argmax as ml_argmax_rows states it */
+static int64_t argmax_row(const float *x, int64_t n) {
+    int64_t j = 0, found = 0, has_nan = 0;
+    float best = -INFINITY;
+#ifdef __AVX512F__
+    if (n >= 16) { /* per lane: its first strict maximum; then the smallest index among the lanes at the max */
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        __m512i at = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __mmask16 nan = 0;
+        for (; j + 16 <= n; j += 16) {
+            const __m512 v = _mm512_loadu_ps(x + j);
+            const __mmask16 up = _mm512_cmp_ps_mask(v, top, _CMP_GT_OQ);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            top = _mm512_mask_mov_ps(top, up, v);
+            at = _mm512_mask_mov_epi32(at, up, idx);
+            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+        }
+        best = _mm512_reduce_max_ps(top);
+        found = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(top, _mm512_set1_ps(best), _CMP_EQ_OQ), at);
+        has_nan = nan != 0;
+    }
+#endif
+    for (; j < n; j++) {
+        if (x[j] != x[j]) has_nan = 1;
+        if (x[j] > best) best = x[j], found = j;
+    }
+    if (has_nan)
+        for (j = 0; j < n; j++)
+            if (x[j] != x[j]) return j;
+    return found;
+}
+
+void ml_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t x_stride, int64_t *out, int64_t num_threads) {
+    const int64_t threads = rows < num_threads ? rows : num_threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * x_stride, n);
 }
 
 /* float32 -> bfloat16, rounded to nearest even (NaN stays NaN) */

@@ -26,6 +26,7 @@ static inline __m512 bf16x16_to_ps(const uint16_t *p) {
 /* cpu_kernels.c */
 void ml_rms_norm(const float *x, int64_t x_stride, const float *w, float *out, int64_t rows, int64_t dim, float eps);
 void ml_silu_mul(const float *gu, int64_t rows, int64_t n, float *out);
+void ml_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t x_stride, int64_t *out, int64_t num_threads);
 void ml_rope_and_cache(float *qkv, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t num_kv_heads,
                        int64_t head_dim, const float *cos, const float *sin, void *k_cache, void *v_cache,
                        const int64_t *slots, const int64_t *positions, int64_t slot_stride, int64_t max_len,

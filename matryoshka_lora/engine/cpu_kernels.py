@@ -65,6 +65,7 @@ i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     "ml_rms_norm": (None, [ptr, i64, ptr, ptr, i64, i64, f32]),
     "ml_silu_mul": (None, [ptr, i64, i64, ptr]),
+    "ml_argmax_rows": (None, [ptr, i64, i64, i64, ptr, i64]),
     "ml_rope_and_cache": (None, [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]),
     "ml_decode_attention": (
         ctypes.c_int,
@@ -220,6 +221,15 @@ class CKernelOps(TorchOps):
         out = torch.empty((rows, dim), dtype=x.dtype)
         self.lib.ml_rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps)
         return out
+
+    def argmax_rows(self, logits: torch.Tensor) -> list[int]:
+        if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(-1) != 1:
+            return super().argmax_rows(logits)
+        out = torch.empty(logits.shape[0], dtype=torch.long)
+        self.lib.ml_argmax_rows(
+            logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(), self.threads()
+        )
+        return out.tolist()
 
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         rows, n = gu.shape[0], gu.shape[1] // 2

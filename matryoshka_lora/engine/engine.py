@@ -245,7 +245,12 @@ class LLMEngine:
         for s, n in work:
             s.num_computed += n
         sampled = [work[i][0] for i in idx]
-        tokens = sample(logits, [s.request.sampling for s in sampled], [s.generator for s in sampled])
+        tokens = sample(
+            logits,
+            [s.request.sampling for s in sampled],
+            [s.generator for s in sampled],
+            self.runner.ops.argmax_rows,
+        )
         self.budget.observe_step(items, batch.lora_groups, time.perf_counter() - (since or started))
         self.num_steps += 1
         done = [s for s, t in zip(sampled, tokens) if self._append_token(s, t)]

@@ -9,8 +9,11 @@ tokens whatever else shares its batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from matryoshka_lora.engine.torch_ops import TorchOps
 from matryoshka_lora.types import SamplingParams
 
 NUCLEUS_CANDIDATES = 1024  # look for the nucleus among the top-k first: a full vocabulary sort is slow
@@ -44,9 +47,15 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int((probs / noise).argmax())
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits [N, vocab] -> one token per row; greedy rows share one argmax call."""
-    greedy = logits.argmax(dim=-1).tolist()
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    argmax_rows: Callable[[torch.Tensor], list[int]] = TorchOps.argmax_rows,
+) -> list[int]:
+    """logits [N, vocab] -> one token per row; greedy rows share one argmax_rows call (the engine passes its
+    ops' fused one: TorchOps.argmax_rows semantics)."""
+    greedy = argmax_rows(logits)
     return [
         greedy[i] if p.temperature <= 0 or g is None else sample_one(logits[i], p, g)
         for i, (p, g) in enumerate(zip(params, generators))

@@ -62,6 +62,11 @@ class TorchOps:
         return F.silu(gu[:, :n]).mul_(gu[:, n:])
 
     @staticmethod
+    def argmax_rows(logits: torch.Tensor) -> list[int]:
+        """logits [N, vocab] -> each row's argmax (the first index of its max; a NaN counts as the max)."""
+        return logits.argmax(dim=-1).tolist()
+
+    @staticmethod
     def split_qkv(qkv: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = qkv.shape[0]
         q = qkv[:, : spec.q_size].view(t, spec.num_heads, spec.head_dim)

@@ -74,6 +74,58 @@ STEPS = {  # (slot, first position, num tokens) per item: decode rows (n = 1) an
 }
 
 
+def _logits(case: str) -> torch.Tensor:
+    """[rows, vocab] logits for each argmax case."""
+    gen = torch.Generator().manual_seed(0)
+    if case == "random":
+        return torch.randn(16, 49152, generator=gen)
+    if case == "one-row":
+        return torch.randn(1, 49152, generator=gen)
+    if case == "short-rows":  # shorter than one vector, and a tail after the vectors
+        return torch.randn(5, 37, generator=gen)
+    if case == "ties":  # the max at several places: in lanes of one vector, across vectors, in the tail
+        x = torch.randn(4, 100, generator=gen)
+        x[0, [3, 7, 40]] = 9.0
+        x[1, [17, 1]] = 9.0
+        x[2, [99, 98]] = 9.0
+        x[3] = 1.0
+        return x
+    if case == "infinities":
+        x = torch.full((3, 50), -float("inf"))
+        x[1, 20] = float("inf")
+        x[2, [10, 45]] = float("inf")
+        return x
+    if case == "nan":  # torch counts a NaN as the max: its first NaN
+        x = torch.randn(3, 64, generator=gen)
+        x[0, 33] = float("nan")
+        x[1, [5, 60]] = float("nan")
+        x[2, 63] = float("nan")
+        return x
+    if case == "strided":  # rows of a wider buffer
+        return torch.randn(6, 1000, generator=gen)[:, :900]
+    raise ValueError(case)
+
+
+@pytest.fixture(scope="module", params=["native", "no-avx512"])
+def argmax_ops(request, c_ops):
+    """The engine's C ops, and the same built without AVX-512 (the scalar loop)."""
+    if request.param == "native":
+        return c_ops
+    return cpu_kernels.CKernelOps(cpu_kernels._load(cpu_kernels.build_library(("-mno-avx512f",))))
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("case", ["random", "one-row", "short-rows", "ties", "infinities", "nan", "strided"])
+def test_argmax_rows_equals_torch(argmax_ops, case, num_threads):
+    """ml_argmax_rows gives torch.argmax's index on every row: the first max, a NaN counting as the max."""
+    logits = _logits(case)
+    saved, argmax_ops.num_threads = argmax_ops.num_threads, num_threads
+    try:
+        assert argmax_ops.argmax_rows(logits) == TorchOps.argmax_rows(logits)
+    finally:
+        argmax_ops.num_threads = saved
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["float32-cache", "bf16-cache"])
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
 @pytest.mark.parametrize("step", STEPS, ids=list(STEPS))
