@@ -180,8 +180,8 @@ def main() -> None:
     parser.add_argument("--skip-peers", action="store_true", help="only the native engine")
     parser.add_argument(
         "--weight-formats",
-        default="gguf,float32",
-        help="engine weight formats to run, comma-separated (gguf: the GGUF file's blocks; float32)",
+        help="engine weight formats to run, comma-separated (gguf+bf16, gguf: the GGUF file's blocks; float32); "
+        "default: what `serve` picks on this CPU (weight_format.auto_formats()[0])",
     )
     parser.add_argument("--single-tokens", type=int, default=128, help="output tokens of the one-user row")
     parser.add_argument("--model", help="a local HF model directory instead of the default model")
@@ -225,7 +225,9 @@ def main() -> None:
     )
     rows = []
     n = args.num_requests
-    for weight_format in args.weight_formats.split(","):
+    from matryoshka_lora.engine.weight_format import auto_formats
+
+    for weight_format in (args.weight_formats or auto_formats()[0]).split(","):
         engine = LLMEngine(
             EngineConfig(
                 adapters=[str(p) for p in paths],

@@ -22,6 +22,9 @@ static inline int64_t threads_for(int64_t weight_floats, int64_t rows, int64_t n
 #define Q4_1_BYTES (2 * NR * 2 + BLOCK_K * NR / 2) /* a record of 16 outputs x 32 inputs (cpu_gemm_blocks.c) */
 #define Q8_0_BYTES (NR * 2 + BLOCK_K * NR)
 #define MAX_INT8_ROWS 16 /* steps of up to this many rows run on int8 VNNI rows (bench_block_linears.py) */
+#define AMX_ROWS 16      /* rows per AMX-INT8 tile (cpu_gemm_amx.c) */
+#define MIN_AMX_ROWS 8   /* from this many rows the tiles beat VNNI (bench_block_linears.py) */
+#define MAX_AMX_ROWS 32  /* and up to this many they beat the bf16 copy */
 
 static inline int64_t record_bytes(int kind) { return kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -50,5 +53,12 @@ void ml_panel_gemm(int64_t rows, int64_t k, const float *x, int64_t x_stride, co
 int ml_linear_blocks_int8(const float *x, int64_t x_stride, int64_t rows, int64_t in_features, const uint8_t *panels,
                           int64_t kind, int64_t out_features, const float *bias, float *y, int64_t y_stride,
                           int64_t threads);
+
+/* cpu_gemm_amx.c: MIN_AMX_ROWS where the int8 rows run on AMX tiles here, else 0; the panels on them, called by
+   every thread of a parallel region */
+int ml_blocks_min_amx_rows(void);
+void ml_amx_panels(int64_t rows, int kind, int64_t num_kb, const uint8_t *x8, int64_t x_stride, const float *dx,
+                   const float *xsum, const uint8_t *panels, int64_t panel_bytes, int64_t num_panels,
+                   const uint8_t *perm, int64_t out_features, const float *bias, float *y, int64_t y_stride);
 
 #endif

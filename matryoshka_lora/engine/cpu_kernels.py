@@ -47,7 +47,7 @@ MIN_MKL_LORA_ROWS = 256
 
 SOURCES = tuple(
     Path(__file__).with_name(n)
-    for n in ("cpu_kernels.c", "cpu_gemm.c", "cpu_gemm_blocks.c", "cpu_gemm_int8.c", "cpu_decode.c")
+    for n in ("cpu_kernels.c", "cpu_gemm.c", "cpu_gemm_blocks.c", "cpu_gemm_int8.c", "cpu_gemm_amx.c", "cpu_decode.c")
 )
 HEADERS = tuple(Path(__file__).with_name(n) for n in ("cpu_gemm.h", "cpu_kernels.h"))
 FLAGS = (
