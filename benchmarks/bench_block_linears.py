@@ -7,7 +7,7 @@ cache, as in a decode step) and the lm_head: ms per call and GB/s of the weight 
 GGUF blocks (cpu_linear.BlockLinear), the float32 panels (cpu_linear.PanelLinear) and the packed
 bfloat16 copy (bf16_linear.Bf16Linear, AMX where the CPU has it) of the same weights, best of
 --repeats; where the blocks' int8 rows run on AMX tiles, also the blocks on the library built without
-them (-DML_NO_AMX: VNNI dot products, the same bits), which sets cpu_gemm_int8.c's MIN_AMX_ROWS. The row
+them (-DML_NO_AMX: VNNI dot products, the same bits), which sets cpu_gemm.h's MIN_AMX_ROWS. The row
 count where bf16 overtakes the blocks sets bf16_linear.MIN_WIDE_ROWS. Compare with
 benchmarks/bench_stream.py's read roof.
 """

@@ -4,7 +4,8 @@ Modules, one job each:
     config          EngineConfig
     weights         HF checkpoint -> the fused layout; gguf_weights: the GGUF file's own blocks
     weight_format   which weights the linears compute on (float32 | gguf | gguf+bf16), decided at load
-    linear          frozen linears for oneDNN; cpu_linear (+ cpu_gemm.c, cpu_gemm_blocks.c, cpu_gemm_int8.c): the C GEMMs;
+    linear          frozen linears for oneDNN; cpu_linear (+ cpu_gemm.c, cpu_gemm_blocks.c, cpu_gemm_int8.c,
+                    cpu_gemm_amx.c): the C GEMMs;
                     bf16_linear: wide steps on a packed bfloat16 copy (AMX), narrow ones on the blocks
     torch_ops       the step's small ops in torch (the reference); cpu_kernels (+ cpu_kernels.c): in C
     llama, attention the forward as plain functions; cpu_decode (+ cpu_decode.c): a decode-only step's
