@@ -120,7 +120,6 @@ static void tile_int8(int64_t rows, int kind, int64_t num_kb, const uint8_t *x8,
     }
 }
 
-
 /* perm[0:64], perm[64:128]: Q4_1's lanes for k = 0-3 and 4-7 of a 64-byte chunk (k-major, 8 bytes per k,
    low nibble column j, high column j + 8) as vpermt2b indices into (low nibbles, high nibbles);
    perm[128:192]: Q8_0's chunk (k-major, 16 bytes per k) to lanes. Lane byte 4 j + t = column j, k = t. */
@@ -166,32 +165,25 @@ int ml_linear_blocks_int8(const float *x, int64_t x_stride, int64_t rows, int64_
     uint8_t perm[192];
     int8_row_permutes(perm);
     const int shift = kind == KIND_Q8_0 && !amx ? 128 : 0;
-#define QUANTIZE_ROWS                                                                                          \
-    _Pragma("omp for schedule(static)") for (int64_t t = 0; t < rows; t++)                                     \
-        quantize_row(x + t * x_stride, num_kb, shift, x8 + t * in_features, dx + t * num_kb, xsum + t * num_kb)
-    if (amx) {
-#pragma omp parallel num_threads(threads)
-        {
-            QUANTIZE_ROWS;
-            ml_amx_panels(rows, (int)kind, num_kb, x8, in_features, dx, xsum, panels, panel_bytes, num_panels, perm,
-                          out_features, bias, y, y_stride);
-        }
-        free(x8);
-        return 1;
-    }
 #pragma omp parallel num_threads(threads)
     {
-        QUANTIZE_ROWS;
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < num_panels; p++) {
-            const uint8_t *w = panels + p * panel_bytes;
-            const int64_t c0 = p * NR;
-            tile_int8(rows, (int)kind, num_kb, x8, in_features, dx, xsum, w,
-                      p + 1 < num_panels ? w + panel_bytes : NULL, perm, min64(out_features - c0, NR), y + c0,
-                      y_stride, bias ? bias + c0 : NULL);
+        for (int64_t t = 0; t < rows; t++)
+            quantize_row(x + t * x_stride, num_kb, shift, x8 + t * in_features, dx + t * num_kb, xsum + t * num_kb);
+        if (amx) { /* the same for every thread, so each meets the same worksharing loops */
+            ml_amx_panels(rows, (int)kind, num_kb, x8, in_features, dx, xsum, panels, panel_bytes, num_panels, perm,
+                          out_features, bias, y, y_stride);
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < num_panels; p++) {
+                const uint8_t *w = panels + p * panel_bytes;
+                const int64_t c0 = p * NR;
+                tile_int8(rows, (int)kind, num_kb, x8, in_features, dx, xsum, w,
+                          p + 1 < num_panels ? w + panel_bytes : NULL, perm, min64(out_features - c0, NR), y + c0,
+                          y_stride, bias ? bias + c0 : NULL);
+            }
         }
     }
-#undef QUANTIZE_ROWS
     free(x8);
     return 1;
 }
